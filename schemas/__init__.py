@@ -1,0 +1,21 @@
+"""Pydantic configuration of str-hooks: the one source of truth for Python, YAML, JSON and Axolotl."""
+
+from __future__ import annotations
+
+from str_hooks.schemas.config import (
+    LoggingConfig,
+    PenaltyConfig,
+    ReferenceConfig,
+    STRConfig,
+    TokensConfig,
+    load_config,
+)
+
+__all__ = [
+    "LoggingConfig",
+    "PenaltyConfig",
+    "ReferenceConfig",
+    "STRConfig",
+    "TokensConfig",
+    "load_config",
+]

@@ -1,0 +1,322 @@
+"""`STRConfig`: every option of Safety Token Regularization, validated before any training step.
+
+Validation has two phases. Shape, ranges and cross-field rules are checked here, when the config is
+built (from a dict, a YAML or JSON file, or an Axolotl `str:` block). Checks that need the model (does it
+have adapters, does its forward build logits) run when the hook attaches, still before the first step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TokenMethod = Literal["frequency", "contrastive", "list"]
+PenaltyForm = Literal["mse", "hinge", "logprob"]
+PositionMode = Literal["supervised", "all", "first_n"]
+ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
+NonFiniteAction = Literal["raise", "skip"]
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, with a did-you-mean hint."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        unknown = [key for key in data if key not in known]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ValueError(
+                f"unknown key `{key}` (value {data[key]!r}) in {cls.__name__}.{hint} "
+                f"Known keys: {', '.join(sorted(known))}."
+            )
+        return data
+
+
+class TokensConfig(_Section):
+    """Which safety tokens are regularized and how they are found."""
+
+    method: TokenMethod = Field(
+        default="frequency",
+        description=(
+            "How safety tokens are mined. `frequency`: position-weighted token frequency over refusal "
+            "templates (needs only the tokenizer). `contrastive`: tokens whose first-response log-prob "
+            "the aligned model raises on harmful versus benign prompts (needs the model). `list`: the "
+            "tokens named in `strings`."
+        ),
+    )
+    k: int = Field(default=32, description="Number of safety tokens to keep. Must be >= 1.")
+    templates: str | None = Field(
+        default=None,
+        description=(
+            "Path to a file of refusal templates (one per line, or a JSON list of strings). None uses the "
+            "package's own default templates."
+        ),
+    )
+    strings: list[str | int] | None = Field(
+        default=None,
+        description="For method `list`: token strings (each must be one token) or token ids.",
+    )
+    path: str | None = Field(
+        default=None,
+        description=(
+            "Path to a saved SafetyTokens JSON (from `str-hooks mine` or `SafetyTokens.save`). When set, "
+            "the tokens are loaded from it instead of mined, and checked against the tokenizer."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TokensConfig:
+        if self.k < 1:
+            raise ValueError(f"`tokens.k` must be >= 1, got {self.k}: set a positive number of tokens, e.g. 32.")
+        if self.method == "list" and not self.strings and self.path is None:
+            raise ValueError(
+                "`tokens.method` is 'list' but `tokens.strings` is empty: name the tokens, e.g. "
+                "strings: ['Sorry', 'cannot'], or use method 'frequency'."
+            )
+        if self.strings and self.method != "list":
+            raise ValueError(
+                f"`tokens.strings` is set but `tokens.method` is {self.method!r}: strings are only used by "
+                "method 'list'; set method: list or remove strings."
+            )
+        return self
+
+
+class PenaltyConfig(_Section):
+    """The penalty on the safety-token logits and where it is applied."""
+
+    form: PenaltyForm = Field(
+        default="mse",
+        description=(
+            "`mse`: (z - r)^2, anchors the safety logits both ways. `hinge`: relu(-(z - r + margin))^2, only "
+            "forbids them falling more than `margin` below the reference. `logprob`: (z - r)^2 on log-softmax "
+            "values; needs full-vocabulary logits from the training forward and a reference forward "
+            "(source `adapter` or `model`)."
+        ),
+    )
+    margin: float = Field(
+        default=0.0,
+        description="For form `hinge`: how far (in logits) a safety logit may fall before it is penalized. >= 0.",
+    )
+    positions: PositionMode = Field(
+        default="supervised",
+        description=(
+            "Where the penalty is evaluated on training batches. `supervised`: positions whose next-token "
+            "label is not -100 (shifted exactly like the causal-LM loss). `all`: every non-padding position. "
+            "`first_n`: the first `first_n` supervised positions of each sequence (the decision point)."
+        ),
+    )
+    first_n: int = Field(default=1, description="For positions `first_n`: how many positions per sequence. >= 1.")
+    on_nonfinite: NonFiniteAction = Field(
+        default="raise",
+        description=(
+            "What to do when the projected safety logits or the penalty are NaN/inf: `raise` an error, or "
+            "`skip` the penalty for that step with a warning (the count is in `metrics()['skipped']`)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PenaltyConfig:
+        if self.margin < 0:
+            raise ValueError(f"`penalty.margin` must be >= 0, got {self.margin}: use 0 or a positive margin.")
+        if self.margin != 0 and self.form != "hinge":
+            raise ValueError(
+                f"`penalty.margin` is {self.margin} but `penalty.form` is {self.form!r}: the margin is only "
+                "used by form 'hinge'; set form: hinge or remove margin."
+            )
+        if self.first_n < 1:
+            raise ValueError(f"`penalty.first_n` must be >= 1, got {self.first_n}.")
+        if self.first_n != 1 and self.positions != "first_n":
+            raise ValueError(
+                f"`penalty.first_n` is {self.first_n} but `penalty.positions` is {self.positions!r}: set "
+                "positions: first_n or remove first_n."
+            )
+        return self
+
+
+class ReferenceConfig(_Section):
+    """Where the reference (aligned-model) safety logits come from."""
+
+    source: ReferenceSource = Field(
+        default="adapter",
+        description=(
+            "`adapter`: the same PEFT model with adapters disabled, one no-grad forward per step (exact). "
+            "`model`: a separate frozen reference model (passed as `reference_model=` or `model_path`). "
+            "`cache`: reference logits precomputed over the training set (`str-hooks cache`), looked up "
+            "per example, no extra forward. `anchors`: a fixed set of harmful prompts whose reference "
+            "logits at the decision point are computed once at attach; the penalty is evaluated on them."
+        ),
+    )
+    model_path: str | None = Field(
+        default=None,
+        description="For source `model`: a local path loaded with `AutoModelForCausalLM.from_pretrained`.",
+    )
+    cache_path: str | None = Field(
+        default=None, description="For source `cache`: the `.safetensors` file written by `build_reference_cache`."
+    )
+    anchors_path: str | None = Field(
+        default=None,
+        description=(
+            "For source `anchors`: a file of harmful prompts (text, one per line; JSON list; CSV or JSONL with "
+            "`anchors_column`). None uses the package's own anchor prompts."
+        ),
+    )
+    anchors_column: str | None = Field(
+        default=None, description="Column holding the prompt when `anchors_path` is a CSV or JSONL file."
+    )
+    anchor_batch_size: int = Field(default=8, description="Anchor prompts per anchor forward. >= 1.")
+    anchor_every: int = Field(
+        default=1, description="Run the anchor forward every this many optimizer steps (amortizes its cost). >= 1."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReferenceConfig:
+        if self.source == "cache" and not self.cache_path:
+            raise ValueError(
+                "`reference.source` is 'cache' but `reference.cache_path` is not set: build a cache with "
+                "`str-hooks cache` and set cache_path to its file."
+            )
+        if self.cache_path and self.source != "cache":
+            raise ValueError(
+                f"`reference.cache_path` is set but `reference.source` is {self.source!r}: set source: cache "
+                "or remove cache_path."
+            )
+        if self.model_path and self.source != "model":
+            raise ValueError(
+                f"`reference.model_path` is set but `reference.source` is {self.source!r}: set source: model "
+                "or remove model_path."
+            )
+        anchor_fields_set = {"anchors_path", "anchors_column", "anchor_batch_size", "anchor_every"} & (
+            self.model_fields_set
+        )
+        if anchor_fields_set and self.source != "anchors":
+            raise ValueError(
+                f"`reference.{sorted(anchor_fields_set)[0]}` is set but `reference.source` is {self.source!r}: "
+                "anchor options are only used by source 'anchors'."
+            )
+        if self.anchor_batch_size < 1:
+            raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")
+        if self.anchor_every < 1:
+            raise ValueError(f"`reference.anchor_every` must be >= 1, got {self.anchor_every}.")
+        return self
+
+
+class LoggingConfig(_Section):
+    """What `STRHandle.metrics()` reports and how integrations name it."""
+
+    prefix: str = Field(default="str/", description="Prefix of metric names in trainer logs.")
+    top_tokens: int = Field(
+        default=3, description="Report the drift of this many highest-weight safety tokens separately. >= 0."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LoggingConfig:
+        if self.top_tokens < 0:
+            raise ValueError(f"`logging.top_tokens` must be >= 0, got {self.top_tokens}.")
+        return self
+
+
+class STRConfig(_Section):
+    """Configuration of Safety Token Regularization.
+
+    Build it from a dict (`STRConfig.model_validate({...})`), a YAML or JSON file (`load_config(path)`),
+    or an Axolotl `str:` block. Unknown keys are errors. Round-trips through JSON
+    (`STRConfig.model_validate_json(cfg.model_dump_json())`).
+
+    Example:
+        >>> cfg = STRConfig.model_validate({"coef": 0.1, "penalty": {"form": "mse"}})
+        >>> cfg.reference.source
+        'adapter'
+    """
+
+    coef: float = Field(
+        default=1.0,
+        description=(
+            "Strength of the penalty: the loss gains `coef * pen_sum / N`, N normalized like the host's "
+            "cross-entropy. >= 0; 0 keeps the hook (metrics) but adds nothing."
+        ),
+    )
+    warmup_steps: int = Field(
+        default=0,
+        description="Ramp coef linearly from 0 to `coef` over this many optimizer steps (`handle.step()` calls).",
+    )
+    verify_projection: bool = Field(
+        default=True,
+        description=(
+            "At attach, check once that the safety logits projected from hidden states equal the model's own "
+            "logits (catches a logit transform str-hooks does not know)."
+        ),
+    )
+    tokens: TokensConfig = Field(default_factory=TokensConfig, description="Safety-token selection.")
+    penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Penalty form and positions.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference logits source.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics.")
+
+    @model_validator(mode="after")
+    def _check(self) -> STRConfig:
+        if self.coef < 0 or self.coef != self.coef or self.coef == float("inf"):
+            raise ValueError(f"`coef` must be a finite number >= 0, got {self.coef}: use e.g. 0.1 or 1.0.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        if self.penalty.form == "logprob" and self.reference.source in ("cache", "anchors"):
+            raise ValueError(
+                f"`penalty.form` 'logprob' needs full-vocabulary reference logits, which "
+                f"`reference.source` {self.reference.source!r} does not keep: use form 'mse' or 'hinge', or "
+                "source 'adapter' or 'model'."
+            )
+        if self.reference.source == "anchors" and "positions" in self.penalty.model_fields_set:
+            raise ValueError(
+                "`penalty.positions` is set but `reference.source` is 'anchors': anchors are penalized at "
+                "their decision point (the last prompt position); remove positions or pick another source."
+            )
+        return self
+
+
+def load_config(source: STRConfig | dict[str, Any] | str | Path) -> STRConfig:
+    """Build an `STRConfig` from a config, a dict, or a YAML / JSON file path.
+
+    A file may hold the config itself or an Axolotl-style document with the config under `str:`.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        pydantic.ValidationError: a key or value is invalid (the message names it).
+        ValueError: the file is not valid YAML/JSON or not a mapping.
+    """
+    if isinstance(source, STRConfig):
+        return source
+    if isinstance(source, dict):
+        return STRConfig.model_validate(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"STR config file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    data: Any
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"STR config file {str(path)!r} is not valid JSON/YAML: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
+        raise ValueError(f"STR config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and set(data) == {"str"}:
+        data = data["str"]
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"STR config file {str(path)!r} must hold a mapping of options, got {type(data).__name__}."
+        )
+    return STRConfig.model_validate(data)

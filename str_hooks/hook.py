@@ -1,0 +1,474 @@
+"""`register_str_hook` and `STRHandle`: the plain-PyTorch entry point every integration builds on."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.anchors import AnchorSet
+from str_hooks.cache import ReferenceCache, model_fingerprint
+from str_hooks.errors import STRAttachError, STRError, STRNonFiniteError
+from str_hooks.mining import mine_safety_tokens
+from str_hooks.penalty import coef_at, penalty_positions, weighted_penalty_sum
+from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
+from str_hooks.reference import (
+    AdapterReference,
+    CacheReference,
+    ModelReference,
+    ReferenceSource,
+    safety_logprobs,
+)
+from str_hooks.schemas.config import STRConfig, load_config
+from str_hooks.tap import ModelTap
+from str_hooks.tokens import SafetyTokens
+
+# Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
+_ATTACHED_ATTR = "_str_hooks_handle"
+STATE_VERSION = 1
+
+
+def register_str_hook(
+    model: nn.Module,
+    config: STRConfig | dict[str, Any] | str | Path | None = None,
+    *,
+    tokens: SafetyTokens | None = None,
+    tokenizer: Any = None,
+    reference_model: nn.Module | None = None,
+    decoder: ModuleSpec = None,
+    head: ModuleSpec = None,
+) -> STRHandle:
+    """Attach Safety Token Regularization to a causal LM. Call it after PEFT wrapping.
+
+    Args:
+        model: the model being fine-tuned (plain `*ForCausalLM`, PEFT model, or a DDP/FSDP wrapper).
+        config: an `STRConfig`, a dict, a YAML/JSON path, or None for the defaults.
+        tokens: safety tokens; None mines them with `tokenizer` as `config.tokens` says (or loads
+            `config.tokens.path`).
+        tokenizer: the model's tokenizer (needed to mine, for anchors, and to check a token file).
+        reference_model: the frozen aligned model, for `reference.source: model`.
+        decoder, head: overrides when they cannot be found (module, attribute path, or callable).
+
+    Returns:
+        The attached `STRHandle`.
+
+    Raises:
+        STRAttachError: already attached, no decoder/head, `adapter` source on a model without adapters,
+            `logprob` on a model that builds no logits, a projection that does not match the logits.
+        STRTokensError, STRCacheError, pydantic.ValidationError: bad tokens, cache or config.
+
+    Example:
+        >>> handle = register_str_hook(model, {"coef": 0.1}, tokenizer=tok)  # doctest: +SKIP
+        >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)  # doctest: +SKIP
+        >>> (out.loss + handle.loss()).backward()  # doctest: +SKIP
+    """
+    return STRHandle(
+        model,
+        load_config(config if config is not None else STRConfig()),
+        tokens=tokens,
+        tokenizer=tokenizer,
+        reference_model=reference_model,
+        decoder=decoder,
+        head=head,
+    )
+
+
+class STRHandle:
+    """An attached STR hook: builds the penalty from the last training forward.
+
+    Use `loss()` after each training forward, `step()` after each optimizer step, `metrics()` to log,
+    `remove()` (or a `with` block) to detach. Create it with `register_str_hook`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: STRConfig,
+        *,
+        tokens: SafetyTokens | None,
+        tokenizer: Any,
+        reference_model: nn.Module | None,
+        decoder: ModuleSpec,
+        head: ModuleSpec,
+    ) -> None:
+        self.config = config
+        causal_lm = unwrap_model(model)
+        existing = getattr(causal_lm, _ATTACHED_ATTR, None)
+        if existing is not None:
+            raise STRAttachError(
+                f"{type(causal_lm).__name__} already has an STR hook attached; call handle.remove() on it "
+                "before attaching another."
+            )
+        peft_model = peft_model_of(model)
+        source = config.reference.source
+        if source == "adapter" and peft_model is None:
+            raise STRAttachError(
+                f"`reference.source` is 'adapter' but {type(model).__name__} has no PEFT adapters to disable: wrap "
+                "it with peft.get_peft_model first, or use source 'model' (with reference_model=...), 'cache' or "
+                "'anchors'."
+            )
+        if reference_model is None and config.reference.model_path is not None:
+            reference_model = _load_reference_model(config.reference.model_path)
+        if source == "model" and reference_model is None:
+            raise STRAttachError(
+                "`reference.source` is 'model' but no reference model was given: pass reference_model=... to "
+                "register_str_hook or set `reference.model_path`."
+            )
+        if reference_model is not None and source != "model":
+            raise STRAttachError(
+                f"a reference_model was given but `reference.source` is {source!r}: set source 'model' to use it."
+            )
+        self.tokens = self._resolve_tokens(model, peft_model, tokens, tokenizer)
+        self.tap = ModelTap(model, self.tokens.ids, decoder=decoder, head=head)
+        self.peft_model = peft_model
+        self.reference: ReferenceSource | None = None
+        self.tap.attach()
+        try:
+            self._setup(config, tokenizer, reference_model)
+        except BaseException:
+            # Nothing is left behind when attaching fails.
+            self.tap.detach()
+            if self.reference is not None:
+                self.reference.detach()
+            raise
+        self._step = 0
+        self._anchor_cursor = 0
+        self._anchor_done_at: int | None = None
+        self._loss_calls = 0
+        self._skipped = 0
+        self._last: dict[str, torch.Tensor] = {}
+        self._warned_no_step = False
+        self._attached = True
+        setattr(self.tap.causal_lm, _ATTACHED_ATTR, self)
+
+    def _setup(self, config: STRConfig, tokenizer: Any, reference_model: nn.Module | None) -> None:
+        source = config.reference.source
+        peft_model = self.peft_model
+        self._token_ids = torch.tensor(self.tokens.ids, dtype=torch.long)
+        self._weights = torch.tensor(self.tokens.weights, dtype=torch.float32)
+        self.projection_verified: bool | None = None
+        if config.verify_projection or config.penalty.form == "logprob":
+            self.projection_verified = self._verify(self.tap, strict=config.verify_projection)
+        if config.penalty.form == "logprob" and self.projection_verified is None:
+            raise STRAttachError(
+                f"`penalty.form` is 'logprob' but {type(self.tap.causal_lm).__name__}'s forward builds no logits "
+                "(a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from hidden states."
+            )
+        self.anchors: AnchorSet | None = None
+        self.cache_identity: dict[str, Any] | None = None
+        if source == "adapter":
+            assert peft_model is not None  # checked above
+            self.reference = AdapterReference(self.tap, peft_model)
+        elif source == "model":
+            assert reference_model is not None  # checked above
+            reference = ModelReference(ModelTap(reference_model, self.tokens.ids))
+            self.reference = reference
+            if config.verify_projection:
+                self._verify(reference.tap, strict=True)
+        elif source == "cache":
+            assert config.reference.cache_path is not None  # the schema guarantees it
+            cache = ReferenceCache(config.reference.cache_path)
+            with self._adapters_off(), torch.no_grad():
+                cache.check_compatible(self.tokens.ids, model_fingerprint(self.tap))
+            self.reference = CacheReference(cache)
+            self.cache_identity = {"path": str(cache.path), "model_fingerprint": cache.model_fingerprint}
+        else:
+            if tokenizer is None:
+                raise STRAttachError("`reference.source` 'anchors' needs the tokenizer: pass tokenizer=... .")
+            self.anchors = AnchorSet(
+                tokenizer,
+                config.reference.anchors_path,
+                column=config.reference.anchors_column,
+                batch_size=config.reference.anchor_batch_size,
+            )
+            self.anchors.compute_reference(self.tap, peft_model)
+
+    # -- setup helpers -------------------------------------------------------------------------------
+    def _resolve_tokens(
+        self, model: nn.Module, peft_model: nn.Module | None, tokens: SafetyTokens | None, tokenizer: Any
+    ) -> SafetyTokens:
+        cfg = self.config.tokens
+        if tokens is not None:
+            if tokenizer is not None:
+                tokens.check_tokenizer(tokenizer)
+            return tokens
+        if cfg.path is not None:
+            return SafetyTokens.load(cfg.path, tokenizer=tokenizer)
+        if tokenizer is None:
+            raise STRAttachError(
+                "no safety tokens were given and no tokenizer to mine them with: pass tokens=... "
+                "(from mine_safety_tokens or SafetyTokens.load), tokenizer=..., or set `tokens.path`."
+            )
+        mining_model = None
+        if cfg.method == "contrastive":
+            mining_model = unwrap_model(model)
+        with self._adapters_off(peft_model):
+            return mine_safety_tokens(
+                tokenizer,
+                templates=cfg.templates,
+                k=cfg.k,
+                method=cfg.method,
+                model=mining_model,
+                strings=cfg.strings,
+            )
+
+    def _adapters_off(self, peft_model: nn.Module | None = None) -> Any:
+        peft = peft_model if peft_model is not None else getattr(self, "peft_model", None)
+        if peft is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return peft.disable_adapter()
+
+    def _verify(self, tap: ModelTap, strict: bool) -> bool | None:
+        """True when the projection matches the logits, None when the model builds none. With
+        `strict=False` (only asking whether logits exist) a mismatch is not an error."""
+        probe = (self.tokens.ids * 2)[:16]
+        try:
+            return tap.verify_projection(probe)
+        except STRAttachError:
+            if strict:
+                raise
+            return True
+
+    # -- training-time API ---------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen through `step()` (drives warm-up and the anchor interval)."""
+        return self._step
+
+    def current_coef(self) -> float:
+        return coef_at(self._step, self.config.coef, self.config.warmup_steps)
+
+    def step(self) -> None:
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule."""
+        self._step += 1
+
+    def loss(
+        self, num_items_in_batch: int | torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The penalty term for the last training forward: `coef * pen_sum / N`.
+
+        Args:
+            num_items_in_batch: the host's cross-entropy normalizer (e.g. the Trainer's count of supervised
+                tokens over all micro-batches of the optimizer step). None divides by the number of
+                penalized positions in this micro-batch, like HF's mean cross-entropy.
+            labels: labels, when the forward was called without them (needed by positions `supervised`
+                and `first_n`).
+
+        Returns:
+            A 0-dim float32 tensor to add to the loss. Zero when the model was in eval mode, or when an
+            anchor forward is not due this step (source `anchors`). For source `anchors` the term is the
+            mean over the anchor batch (`num_items_in_batch` does not apply), added on the first call of
+            each optimizer step where one is due.
+
+        Raises:
+            STRError: no training forward since the last call, or the handle was removed.
+            STRNonFiniteError: NaN/inf in the safety logits (when `penalty.on_nonfinite` is 'raise').
+        """
+        if not self._attached:
+            raise STRError("this STR handle was removed; register a new one with register_str_hook.")
+        self._loss_calls += 1
+        self._check_step_calls()
+        sink = self.tap.take()
+        if self.anchors is not None:
+            return self._anchor_loss()
+        if sink.hidden is None:
+            raise STRError(
+                "handle.loss() found no forward pass since the last call: run the model on the training batch "
+                "first (out = model(...)), then call handle.loss()."
+            )
+        device = sink.hidden.device
+        if not sink.training:
+            return torch.zeros((), device=device)
+        logprob = self.config.penalty.form == "logprob"
+        labels = labels if labels is not None else sink.get("labels")
+        mask = sink.get("attention_mask")
+        batch, width = sink.hidden.shape[:2]
+        positions = penalty_positions(
+            self.config.penalty.positions,
+            (batch, width),
+            device,
+            labels=labels,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            first_n=self.config.penalty.first_n,
+        )
+        if logprob:
+            if sink.logits is None or sink.logits.shape[1] != width:
+                raise STRAttachError(
+                    "`penalty.form` 'logprob' needs the full logits of the training forward, but it returned "
+                    "none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge'."
+                )
+            policy = safety_logprobs(sink.logits, positions, self._token_ids)
+        else:
+            policy = self.tap.rows.project(sink.hidden[positions])
+        assert self.reference is not None  # set for every source but anchors
+        reference = self.reference.logits(sink, positions, logprob).to(policy.device)
+        return self._finish(policy, reference, int(positions.sum()), num_items_in_batch)
+
+    def _anchor_loss(self) -> torch.Tensor:
+        assert self.anchors is not None and self.anchors.reference is not None
+        device = self.tap.device()
+        every = self.config.reference.anchor_every
+        if not self.tap.causal_lm.training or self._step % every != 0 or self._anchor_done_at == self._step:
+            return torch.zeros((), device=device)
+        self._anchor_done_at = self._step
+        indices = self.anchors.batch_indices(self._anchor_cursor)
+        self._anchor_cursor = (self._anchor_cursor + len(indices)) % len(self.anchors)
+        policy = self.anchors.decision_logits(self.tap, indices)
+        reference = self.anchors.reference[indices].to(policy.device)
+        return self._finish(policy, reference, len(indices), None)
+
+    def _finish(
+        self,
+        policy: torch.Tensor,
+        reference: torch.Tensor,
+        n_positions: int,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> torch.Tensor:
+        weights = self._weights.to(policy.device)
+        if not torch.isfinite(policy).all():
+            return self._nonfinite(policy)
+        pen_sum = weighted_penalty_sum(policy, reference, weights, self.config.penalty.form, self.config.penalty.margin)
+        if num_items_in_batch is None:
+            normalizer: int | torch.Tensor = max(n_positions, 1)
+        else:
+            normalizer = num_items_in_batch
+            if isinstance(normalizer, torch.Tensor):
+                normalizer = normalizer.to(pen_sum.device)
+        coef = self.current_coef()
+        value = coef * pen_sum / normalizer
+        with torch.no_grad():
+            drift = (policy.detach().float() - reference.float()) if n_positions else policy.new_zeros((0, policy.shape[-1]))
+            self._last = {
+                "penalty": value.detach(),
+                "pen_mean": pen_sum.detach() / max(n_positions, 1),
+                "drift_sum": drift.sum(dim=0),
+                "abs_drift_sum": drift.abs().sum(dim=0),
+                "count": torch.tensor(float(n_positions)),
+            }
+        return value
+
+    def _nonfinite(self, policy: torch.Tensor) -> torch.Tensor:
+        message = (
+            "NaN/inf in the projected safety logits (the model's hidden states or head are not finite; "
+            "check the learning rate and precision)."
+        )
+        if self.config.penalty.on_nonfinite == "raise":
+            raise STRNonFiniteError(message + " Set `penalty.on_nonfinite: skip` to skip such steps instead.")
+        self._skipped += 1
+        warnings.warn(message + " The STR penalty is skipped for this step.", RuntimeWarning, stacklevel=3)
+        return torch.zeros((), device=policy.device)
+
+    def _check_step_calls(self) -> None:
+        needs_steps = self.config.warmup_steps > 0 or (
+            self.anchors is not None and self.config.reference.anchor_every > 1
+        )
+        if needs_steps and self._step == 0 and self._loss_calls > 1000 and not self._warned_no_step:
+            self._warned_no_step = True
+            warnings.warn(
+                "handle.loss() was called 1000 times but handle.step() never: coef warm-up and the anchor "
+                "interval count optimizer steps; call handle.step() after each optimizer.step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats from the last `loss()` call: `penalty` (the added term), `pen_mean` (penalty per
+        position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>` for the
+        top-weighted tokens, `coef`, `positions`, `skipped`, `step`."""
+        out: dict[str, float] = {
+            "coef": float(self.current_coef()),
+            "skipped": float(self._skipped),
+            "step": float(self._step),
+        }
+        if not self._last:
+            return out
+        count = max(float(self._last["count"]), 1.0)
+        drift_sum = self._last["drift_sum"].float().cpu()
+        out["penalty"] = float(self._last["penalty"])
+        out["pen_mean"] = float(self._last["pen_mean"])
+        out["positions"] = float(self._last["count"])
+        out["drift"] = float(drift_sum.sum()) / (count * self.tokens.k)
+        out["abs_drift"] = float(self._last["abs_drift_sum"].float().sum().cpu()) / (count * self.tokens.k)
+        top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[: self.config.logging.top_tokens]
+        for i in top:
+            out[f"drift/{self.tokens.strings[i]}"] = float(drift_sum[i]) / count
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state: step (warm-up, anchor schedule), anchor position, tokens, config, cache identity."""
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "anchor_cursor": self._anchor_cursor,
+            "skipped": self._skipped,
+            "tokens": self.tokens.to_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "cache": self.cache_identity,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output. Raises STRError if it belongs to other tokens or another cache."""
+        if state.get("version") != STATE_VERSION:
+            raise STRError(f"STR state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume.")
+        saved = SafetyTokens.from_dict(state["tokens"], source="the STR checkpoint state")
+        if saved.ids != self.tokens.ids:
+            raise STRError(
+                f"the checkpoint's STR state is for safety tokens {saved.ids[:8]}..., not the attached "
+                f"{self.tokens.ids[:8]}...: resume with the same tokens (set `tokens.path` to the saved file)."
+            )
+        if (state.get("cache") or None) != (self.cache_identity or None):
+            raise STRError(
+                f"the checkpoint's STR state used reference cache {state.get('cache')}, not {self.cache_identity}: "
+                "resume with the same cache."
+            )
+        self._step = int(state["step"])
+        self._anchor_cursor = int(state["anchor_cursor"])
+        self._skipped = int(state.get("skipped", 0))
+
+    def remove(self) -> None:
+        """Detach every hook and marker; the model is left exactly as before. Safe to call twice."""
+        if not self._attached:
+            return
+        self.tap.detach()
+        if self.reference is not None:
+            self.reference.detach()
+        if getattr(self.tap.causal_lm, _ATTACHED_ATTR, None) is self:
+            delattr(self.tap.causal_lm, _ATTACHED_ATTR)
+        self._attached = False
+        self._last = {}
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def __enter__(self) -> STRHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"STRHandle(source={self.config.reference.source!r}, form={self.config.penalty.form!r}, "
+            f"k={self.tokens.k}, coef={self.config.coef}, attached={self._attached})"
+        )
+
+
+def _load_reference_model(path: str) -> nn.Module:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "`reference.model_path` loads the model with transformers: pip install 'str-hooks[hf]'"
+        ) from exc
+    if not Path(path).exists():
+        raise STRAttachError(f"`reference.model_path` {path!r} does not exist: give a local model directory.")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.requires_grad_(False)
+    return model.eval()  # type: ignore[no-any-return]

@@ -1,0 +1,82 @@
+"""Framework-free penalty math: which positions are penalized and how much.
+
+`pen_sum = sum_{t in P} sum_s w_s * phi(z_{t,s} - r_{t,s})` (DESIGN section 1); the caller divides by the
+host's normalizer and multiplies by coef.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from str_hooks.errors import STRConfigError
+
+IGNORE_INDEX = -100
+
+
+def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next-token label is supervised: `labels[:, t + 1] != -100`, like the causal-LM CE
+    (which shifts labels left by one). Shape [B, T], bool; the last position is never supervised."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def penalty_positions(
+    mode: str,
+    shape: tuple[int, int],
+    device: torch.device,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    first_n: int = 1,
+) -> torch.Tensor:
+    """Boolean [B, T] mask of the positions the penalty is evaluated at.
+
+    Args:
+        mode: `supervised`, `all` (non-padding positions) or `first_n` (first n supervised per row).
+        shape: (B, T) of the batch.
+        labels: [B, T] labels with -100 for unsupervised tokens (needed by `supervised`, `first_n`).
+        attention_mask: [B, T], 1 for real tokens (used by `all`; all positions when None).
+        first_n: for `first_n`.
+
+    Raises:
+        STRConfigError: a mode that needs labels got none, or an unknown mode.
+    """
+    if mode == "all":
+        if attention_mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        return attention_mask.to(device=device).bool()
+    if mode not in ("supervised", "first_n"):
+        raise STRConfigError(f"`penalty.positions` {mode!r} is unknown: use 'supervised', 'all' or 'first_n'.")
+    if labels is None:
+        raise STRConfigError(
+            f"`penalty.positions` is {mode!r}, which needs labels, but the forward got none: pass `labels=` to "
+            "the model (or `handle.loss(labels=...)`), or use positions 'all'."
+        )
+    mask = supervised_mask(labels.to(device))
+    if mode == "first_n":
+        mask = mask & (torch.cumsum(mask.long(), dim=1) <= first_n)
+    return mask
+
+
+def penalty_terms(diff: torch.Tensor, form: str, margin: float = 0.0) -> torch.Tensor:
+    """phi(d) elementwise. `mse` and `logprob`: d^2. `hinge`: relu(-(d + margin))^2."""
+    if form in ("mse", "logprob"):
+        return diff.square()
+    if form == "hinge":
+        return torch.relu(-(diff + margin)).square()
+    raise STRConfigError(f"`penalty.form` {form!r} is unknown: use 'mse', 'hinge' or 'logprob'.")
+
+
+def weighted_penalty_sum(
+    policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, form: str, margin: float = 0.0
+) -> torch.Tensor:
+    """`sum_t sum_s w_s phi(policy - reference)` over rows t of [N, k] inputs; a 0-dim float32 tensor."""
+    diff = policy.float() - reference.float()
+    return (penalty_terms(diff, form, margin) * weights.float()).sum()
+
+
+def coef_at(step: int, coef: float, warmup_steps: int) -> float:
+    """Linear warm-up of coef from 0 over `warmup_steps` optimizer steps."""
+    if warmup_steps <= 0:
+        return coef
+    return coef * min(1.0, step / warmup_steps)

@@ -1,0 +1,264 @@
+"""Finding a causal LM's decoder and head, and projecting only the safety rows of the head.
+
+`z_S = T(h @ W[S].T + b[S])` costs O(tokens * d * k) and never builds a [B, T, V] tensor, so it works
+where full logits are never built (fused cross-entropy kernels, `logits_to_keep`). This is the only
+module that knows about wrapper classes (PEFT, DDP, FSDP); it uses duck typing and imports neither.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.errors import STRAttachError
+
+DECODER_ATTRIBUTES = ("model", "transformer", "gpt_neox", "backbone", "decoder")
+HEAD_ATTRIBUTES = ("lm_head", "embed_out", "output")
+
+ModuleSpec = nn.Module | str | Callable[[nn.Module], nn.Module] | None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The innermost causal LM: through DDP/FSDP1 `.module` and PEFT's `get_base_model()`."""
+    current = model
+    for _ in range(8):
+        if hasattr(current, "get_base_model") and callable(current.get_base_model):
+            inner = current.get_base_model()
+        elif isinstance(getattr(current, "module", None), nn.Module) and type(current).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "FullyShardedDataParallel",
+        ):
+            inner = current.module
+        else:
+            return current
+        if inner is current:
+            return current
+        current = inner
+    return current
+
+
+def peft_model_of(model: nn.Module) -> nn.Module | None:
+    """The PEFT model (the object with `disable_adapter()`) inside `model`, or None."""
+    current: Any = model
+    for _ in range(4):
+        if hasattr(current, "disable_adapter") and hasattr(current, "get_base_model"):
+            return current  # type: ignore[no-any-return]
+        if isinstance(getattr(current, "module", None), nn.Module):
+            current = current.module
+        else:
+            return None
+    return None
+
+
+def _resolve(base: nn.Module, spec: ModuleSpec, what: str) -> nn.Module | None:
+    if spec is None:
+        return None
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        try:
+            found = functools.reduce(getattr, spec.split("."), base)
+        except AttributeError as exc:
+            raise STRAttachError(
+                f"`{what}={spec!r}`: {type(base).__name__} has no attribute path {spec!r} ({exc}); name the "
+                f"{what} module by its attribute path from the causal LM, e.g. 'model' or 'lm_head'."
+            ) from exc
+        if not isinstance(found, nn.Module):
+            raise STRAttachError(f"`{what}={spec!r}` resolves to a {type(found).__name__}, not a torch module.")
+        return found
+    if callable(spec):
+        found = spec(base)
+        if not isinstance(found, nn.Module):
+            raise STRAttachError(f"the `{what}` callable returned a {type(found).__name__}, not a torch module.")
+        return found
+    raise STRAttachError(f"`{what}` must be a module, an attribute path or a callable, got {type(spec).__name__}.")
+
+
+def find_decoder(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
+    """The decoder backbone whose output is the final normed hidden state."""
+    explicit = _resolve(base, spec, "decoder")
+    if explicit is not None:
+        return explicit
+    get_decoder = getattr(base, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            found = get_decoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            found = None
+        if isinstance(found, nn.Module) and found is not base:
+            return found
+    for name in DECODER_ATTRIBUTES:
+        found = getattr(base, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    raise STRAttachError(
+        f"could not find the decoder of {type(base).__name__}: looked for get_decoder() and the attributes "
+        f"{', '.join(DECODER_ATTRIBUTES)}. Pass `decoder=` (a module, an attribute path such as 'model', or a "
+        "callable taking the model) to register_str_hook."
+    )
+
+
+def find_head(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
+    """The LM head (output embeddings)."""
+    explicit = _resolve(base, spec, "head")
+    found: Any = explicit
+    if found is None:
+        get_output = getattr(base, "get_output_embeddings", None)
+        if callable(get_output):
+            try:
+                found = get_output()
+            except (AttributeError, NotImplementedError, TypeError):
+                found = None
+    if found is None:
+        for name in HEAD_ATTRIBUTES:
+            candidate = getattr(base, name, None)
+            if isinstance(candidate, nn.Module):
+                found = candidate
+                break
+    if found is None:
+        raise STRAttachError(
+            f"could not find the LM head of {type(base).__name__}: looked for get_output_embeddings() and the "
+            f"attributes {', '.join(HEAD_ATTRIBUTES)}. Pass `head=` (a module, an attribute path such as "
+            "'lm_head', or a callable taking the model) to register_str_hook."
+        )
+    weight = getattr(found, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise STRAttachError(
+            f"the LM head {type(found).__name__} has no 2-D `weight` [vocab, hidden]; str-hooks projects head "
+            "rows and supports Linear heads (plain, PEFT LoRA, PEFT modules_to_save). Pass `head=` to name one."
+        )
+    return found  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """The model's map from `h @ W.T + b` to its logits: `softcap * tanh(x / softcap)`, then `* scale`."""
+
+    softcap: float | None = None
+    scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        if config is None:
+            return cls()
+        softcap = getattr(config, "final_logit_softcapping", None)
+        scale = 1.0
+        logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+        if isinstance(logit_scale, (int, float)):
+            scale *= float(logit_scale)
+        logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides
+        if isinstance(logits_scaling, (int, float)) and logits_scaling:
+            scale /= float(logits_scaling)
+        return cls(softcap=float(softcap) if softcap else None, scale=scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.softcap is not None:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x
+
+
+def hidden_from_output(output: Any) -> torch.Tensor | None:
+    """The final hidden state from a decoder's output (ModelOutput, tuple or tensor)."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class HeadRows:
+    """Projects hidden states onto the k safety rows of an LM head, through the logit transform.
+
+    Frozen weights are read once (gathered from DTensor shards when sharded) and reused; a trainable
+    weight, or LoRA on the head, is read live each call so gradients reach it. The head is re-read on
+    every call, so PEFT's `disable_adapter()` (which swaps modules_to_save copies and turns LoRA off)
+    is honoured.
+    """
+
+    def __init__(self, head: nn.Module, token_ids: list[int], transform: LogitTransform) -> None:
+        self.head = head
+        self.transform = transform
+        self._ids_cpu = torch.tensor(token_ids, dtype=torch.long)
+        self._frozen_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        lora_layer = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
+        if lora_layer is not None and any(getattr(lora_layer, "use_dora", {}).values()):
+            raise STRAttachError("DoRA on the LM head is not supported by str-hooks; use plain LoRA on the head.")
+        self.lora_layer = lora_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight  # type: ignore[return-value]
+
+    def is_trainable(self) -> bool:
+        if self.weight.requires_grad:
+            return True
+        return self.lora_layer is not None and any(p.requires_grad for p in self.lora_layer.lora_B.parameters())
+
+    def _frozen_rows(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Keyed by the tensor's identity and version counter: an in-place update invalidates the copy.
+        key = (id(weight), weight._version)
+        cached = self._frozen_cache.get(key)
+        if cached is None:
+            with torch.no_grad():
+                full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+                ids = self._ids_cpu.to(full.device)
+                rows = full.index_select(0, ids).detach().clone()
+                bias_rows = None
+                if bias is not None:
+                    full_bias = bias.full_tensor() if hasattr(bias, "full_tensor") else bias
+                    bias_rows = full_bias.index_select(0, ids).detach().clone()
+            cached = (rows, bias_rows)
+            self._frozen_cache = {key: cached}
+        return cached
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W[S], b[S]) as the current forward would use them (adapters on or off)."""
+        weight = self.weight
+        bias = getattr(self.head, "bias", None)
+        bias = bias if isinstance(bias, torch.Tensor) else None
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            ids = self._ids_cpu.to(weight.device)
+            return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
+        return self._frozen_rows(weight, bias)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Safety logits [..., k] in float32 from hidden states [..., d]."""
+        weight_rows, bias_rows = self.rows()
+        out = hidden.to(weight_rows.dtype) @ weight_rows.to(hidden.device).T
+        if bias_rows is not None:
+            out = out + bias_rows.to(out.device)
+        out = out.float()
+        if self.lora_layer is not None:
+            out = out + self._lora_delta(hidden).float()
+        return self.transform(out)
+
+    def _lora_delta(self, hidden: torch.Tensor) -> torch.Tensor:
+        # PEFT's LoRA Linear exposes only the base weight; add scaling * B[S] (A dropout(h)) ourselves.
+        layer: Any = self.lora_layer
+        delta = torch.zeros((*hidden.shape[:-1], self._ids_cpu.numel()), device=hidden.device, dtype=torch.float32)
+        if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+            return delta
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            dropout = layer.lora_dropout[name]
+            x = dropout(hidden.to(lora_a.weight.dtype))
+            ids = self._ids_cpu.to(lora_b.weight.device)
+            b_rows = lora_b.weight.index_select(0, ids)
+            part = lora_a(x) @ b_rows.T
+            if getattr(lora_b, "bias", None) is not None:
+                part = part + lora_b.bias.index_select(0, ids)
+            delta = delta + part.float() * float(layer.scaling[name])
+        return delta

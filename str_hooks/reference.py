@@ -1,0 +1,120 @@
+"""Reference safety logits: what the aligned model says at the penalized positions.
+
+Each source answers `logits(sink, positions, logprob)` with a [N, k] float32 tensor for the N selected
+positions of the captured training batch. Anchors are different (the penalty is evaluated on the anchor
+prompts, not on the training batch) and live in `anchors.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from str_hooks.cache import ReferenceCache
+from str_hooks.errors import STRAttachError, STRCacheError
+from str_hooks.tap import ModelTap, Sink, eval_mode
+
+
+class ReferenceSource(Protocol):
+    name: str
+
+    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor: ...
+
+    def detach(self) -> None: ...
+
+
+def safety_logprobs(logits: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the full vocabulary at the selected positions, at the safety ids: [N, k]."""
+    selected = logits[positions].float()
+    return torch.log_softmax(selected, dim=-1).index_select(-1, token_ids.to(selected.device))
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+class _ForwardReference:
+    """Shared by `adapter` and `model`: re-run the captured inputs through a reference forward, no grad."""
+
+    name = "forward"
+
+    def __init__(self, tap: ModelTap) -> None:
+        self.tap = tap
+
+    def _context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor:
+        args, kwargs = self.tap.forward_inputs(sink, full_logits=logprob)
+        device = self.tap.device()
+        args = tuple(_move(a, device) for a in args)
+        kwargs = {k: _move(v, device) for k, v in kwargs.items()}
+        positions_here = positions.to(device)
+        with self._context(), torch.no_grad(), eval_mode(self.tap.causal_lm):
+            ref = self.tap.run(*args, **kwargs)
+            if logprob:
+                if ref.logits is None or ref.logits.shape[1] != positions.shape[1]:
+                    raise STRAttachError(
+                        "`penalty.form` 'logprob' needs full logits from the reference forward, but it returned "
+                        "none: use form 'mse' or 'hinge'."
+                    )
+                out = safety_logprobs(ref.logits, positions_here, self.tap.rows._ids_cpu)
+            else:
+                assert ref.hidden is not None  # tap.run guarantees it
+                out = self.tap.rows.project(ref.hidden[positions_here])
+        return out.to(positions.device)
+
+    def detach(self) -> None:
+        return None
+
+
+class AdapterReference(_ForwardReference):
+    """The same PEFT model with its adapters disabled (exact: PEFT also restores modules_to_save heads)."""
+
+    name = "adapter"
+
+    def __init__(self, tap: ModelTap, peft_model: nn.Module) -> None:
+        super().__init__(tap)
+        self.peft_model = peft_model
+
+    def _context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.peft_model.disable_adapter()  # type: ignore[operator, no-any-return]
+
+
+class ModelReference(_ForwardReference):
+    """A separate frozen reference model with its own hooks (any dtype, any device)."""
+
+    name = "model"
+
+    def __init__(self, reference_tap: ModelTap) -> None:
+        super().__init__(reference_tap)
+        reference_tap.attach()
+
+    def detach(self) -> None:
+        self.tap.detach()
+
+
+class CacheReference:
+    """Precomputed reference logits looked up by example hash: no extra forward."""
+
+    name = "cache"
+
+    def __init__(self, cache: ReferenceCache) -> None:
+        self.cache = cache
+
+    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor:
+        input_ids = sink.input_ids()
+        if input_ids is None:
+            raise STRCacheError(
+                "`reference.source` 'cache' keys examples by their token ids, but the forward got no input_ids "
+                "(inputs_embeds?): pass input_ids, or use source 'adapter'."
+            )
+        mask = sink.get("attention_mask")
+        table = self.cache.lookup(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+        return table[positions.to(table.device)]
+
+    def detach(self) -> None:
+        return None

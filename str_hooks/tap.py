@@ -1,0 +1,214 @@
+"""`ModelTap`: forward hooks that capture a causal LM's inputs, final hidden state and logits.
+
+One tap per model (the policy, and a separate reference model when there is one). The hooks write into
+the tap's current *sink*; `redirect()` swaps in a fresh sink so a nested forward (a reference or anchor
+forward inside `handle.loss()`) never overwrites the training forward's capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.errors import STRAttachError
+from str_hooks.projection import (
+    HeadRows,
+    LogitTransform,
+    ModuleSpec,
+    find_decoder,
+    find_head,
+    hidden_from_output,
+    unwrap_model,
+)
+
+# Forward kwargs that belong to the loss or the generation cache, not to the inputs of a reference forward.
+NON_INPUT_KWARGS = frozenset(
+    {
+        "labels",
+        "num_items_in_batch",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "use_cache",
+        "past_key_values",
+        "logits_to_keep",
+        "return_token_type_ids",
+    }
+)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode (no dropout), then restore each flag exactly."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class Sink:
+    """What one forward left behind."""
+
+    def __init__(self) -> None:
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+        self.hidden: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.training: bool = False
+        self.grad_enabled: bool = False
+
+    def input_ids(self) -> torch.Tensor | None:
+        ids = self.kwargs.get("input_ids")
+        if ids is None and self.args and isinstance(self.args[0], torch.Tensor):
+            ids = self.args[0]
+        return ids if isinstance(ids, torch.Tensor) else None
+
+    def get(self, name: str) -> Any:
+        return self.kwargs.get(name)
+
+
+class ModelTap:
+    """Hooks on one causal LM: inputs (pre-hook on the causal LM), hidden state (decoder output) and
+    logits (causal LM output), plus the projection onto the safety rows of its head.
+
+    Args:
+        model: the model as the user holds it (plain, PEFT-wrapped, or DDP/FSDP-wrapped).
+        token_ids: safety token ids.
+        decoder, head: optional overrides (module, attribute path from the causal LM, or callable).
+
+    Raises:
+        STRAttachError: the decoder or head cannot be found, or the head is not a Linear-like module.
+    """
+
+    def __init__(
+        self, model: nn.Module, token_ids: list[int], decoder: ModuleSpec = None, head: ModuleSpec = None
+    ) -> None:
+        self.model = model
+        self.causal_lm = unwrap_model(model)
+        self.decoder = find_decoder(self.causal_lm, decoder)
+        self.head = find_head(self.causal_lm, head)
+        vocab = int(self.head.weight.shape[0])  # type: ignore[union-attr]
+        bad = [i for i in token_ids if not 0 <= i < vocab]
+        if bad:
+            raise STRAttachError(
+                f"safety token ids {bad} are outside the head of {type(self.causal_lm).__name__} (vocab {vocab}): "
+                "the tokens were mined for another tokenizer; mine them with this model's tokenizer."
+            )
+        self.transform = LogitTransform.from_config(getattr(self.causal_lm, "config", None))
+        self.rows = HeadRows(self.head, token_ids, self.transform)
+        self.sink = Sink()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            params = inspect.signature(self.causal_lm.forward).parameters
+            self.accepts_logits_to_keep = "logits_to_keep" in params
+        except (TypeError, ValueError):
+            self.accepts_logits_to_keep = False
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self._handles.append(self.causal_lm.register_forward_pre_hook(self._on_inputs, with_kwargs=True))
+        self._handles.append(self.decoder.register_forward_hook(self._on_hidden))
+        self._handles.append(self.causal_lm.register_forward_hook(self._on_output))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.sink = Sink()
+
+    def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sink = Sink()
+        sink.args, sink.kwargs = args, dict(kwargs)
+        sink.training = module.training
+        sink.grad_enabled = torch.is_grad_enabled()
+        self.sink = sink
+
+    def _on_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.sink.hidden = hidden_from_output(output)
+
+    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        logits = getattr(output, "logits", None)
+        self.sink.logits = logits if isinstance(logits, torch.Tensor) else None
+
+    @contextlib.contextmanager
+    def redirect(self) -> Iterator[None]:
+        """Let a nested forward capture into its own sink; the previous capture is restored afterwards."""
+        saved = self.sink
+        try:
+            yield
+        finally:
+            self.sink = saved
+
+    def take(self) -> Sink:
+        """Hand over the current capture and forget it (frees the hidden state once the loss is built)."""
+        sink, self.sink = self.sink, Sink()
+        return sink
+
+    # -- forwards ------------------------------------------------------------------------------------
+    def device(self) -> torch.device:
+        return self.rows.weight.device
+
+    def forward_inputs(self, sink: Sink, full_logits: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Args for re-running the captured forward as a reference: no labels, and when only hidden states
+        are needed, `logits_to_keep=1` so no [B, T, V] logits are built."""
+        kwargs = {k: v for k, v in sink.kwargs.items() if k not in NON_INPUT_KWARGS}
+        if not full_logits and self.accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return sink.args, kwargs
+
+    def run(self, *args: Any, **kwargs: Any) -> Sink:
+        """Run the causal LM and return what it left in a fresh sink."""
+        with self.redirect():
+            self.causal_lm(*args, **kwargs)
+            sink = self.sink
+        if sink.hidden is None:
+            raise STRAttachError(
+                f"the decoder {type(self.decoder).__name__} of {type(self.causal_lm).__name__} did not yield a "
+                "hidden-state tensor; pass `decoder=` naming the module whose output is the final normed "
+                "hidden state."
+            )
+        return sink
+
+    def verify_projection(self, probe_ids: list[int], rtol: float = 1e-3) -> bool | None:
+        """Check once that projected safety logits equal the model's own logits at those ids.
+
+        Returns True when they match, None when the model builds no logits (fused kernels).
+
+        Raises:
+            STRAttachError: they differ (an unknown logit transform or a wrong head), or are not finite.
+        """
+        ids = torch.tensor([probe_ids], dtype=torch.long, device=self.device())
+        with torch.no_grad(), eval_mode(self.causal_lm):
+            sink = self.run(input_ids=ids, attention_mask=torch.ones_like(ids))
+            assert sink.hidden is not None  # run() guarantees it
+            projected = self.rows.project(sink.hidden)
+        if not torch.isfinite(projected).all():
+            raise STRAttachError(
+                "the projected safety logits are NaN/inf on a probe input: the model's weights are not finite."
+            )
+        if sink.logits is None:
+            return None
+        real = sink.logits[..., self.rows._ids_cpu.to(sink.logits.device)].float()
+        if real.shape != projected.shape:
+            return None
+        scale = real.abs().max().clamp_min(1.0)
+        # Tolerance follows the model's precision: bf16/fp16 logits carry ~3 significant digits.
+        dtype_tol = 2e-2 if sink.logits.dtype in (torch.bfloat16, torch.float16) else rtol
+        err = (real - projected.to(real.device)).abs().max()
+        if err > dtype_tol * scale:
+            raise STRAttachError(
+                f"safety logits projected from hidden states differ from {type(self.causal_lm).__name__}'s own "
+                f"logits by {float(err):.4g} (max |logit| {float(scale):.4g}): the model applies a logit "
+                f"transform str-hooks does not know (known: softcap={self.transform.softcap}, "
+                f"scale={self.transform.scale}), or `head=`/`decoder=` name the wrong modules. Set "
+                "`verify_projection: false` only if you have checked the projection yourself."
+            )
+        return True
