@@ -26,6 +26,19 @@ class _Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def _set_off_default(self, names: set[str]) -> list[str]:
+        """The fields among `names` given explicitly with a value other than their default, sorted.
+
+        A dump (`model_dump_json`) writes every field, defaults included; a field that only carries its
+        default must not count as "set", or a config would not round-trip through JSON.
+        """
+        fields = type(self).model_fields
+        return sorted(
+            name
+            for name in names & self.model_fields_set
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+        )
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
@@ -79,7 +92,9 @@ class TokensConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> TokensConfig:
         if self.k < 1:
-            raise ValueError(f"`tokens.k` must be >= 1, got {self.k}: set a positive number of tokens, e.g. 32.")
+            raise ValueError(
+                f"`tokens.k` must be >= 1, got {self.k}: set a positive number of tokens, e.g. 32."
+            )
         if self.method == "list" and not self.strings and self.path is None:
             raise ValueError(
                 "`tokens.method` is 'list' but `tokens.strings` is empty: name the tokens, e.g. "
@@ -87,7 +102,8 @@ class TokensConfig(_Section):
             )
         if self.strings and self.method != "list":
             raise ValueError(
-                f"`tokens.strings` is set but `tokens.method` is {self.method!r}: strings are only used by "
+                f"`tokens.strings` is set ({self.strings!r}) but `tokens.method` is {self.method!r}: strings "
+                "are only used by "
                 "method 'list'; set method: list or remove strings."
             )
         return self
@@ -117,7 +133,9 @@ class PenaltyConfig(_Section):
             "`first_n`: the first `first_n` supervised positions of each sequence (the decision point)."
         ),
     )
-    first_n: int = Field(default=1, description="For positions `first_n`: how many positions per sequence. >= 1.")
+    first_n: int = Field(
+        default=1, description="For positions `first_n`: how many positions per sequence. >= 1."
+    )
     on_nonfinite: NonFiniteAction = Field(
         default="raise",
         description=(
@@ -163,7 +181,8 @@ class ReferenceConfig(_Section):
         description="For source `model`: a local path loaded with `AutoModelForCausalLM.from_pretrained`.",
     )
     cache_path: str | None = Field(
-        default=None, description="For source `cache`: the `.safetensors` file written by `build_reference_cache`."
+        default=None,
+        description="For source `cache`: the `.safetensors` file written by `build_reference_cache`.",
     )
     anchors_path: str | None = Field(
         default=None,
@@ -177,7 +196,8 @@ class ReferenceConfig(_Section):
     )
     anchor_batch_size: int = Field(default=8, description="Anchor prompts per anchor forward. >= 1.")
     anchor_every: int = Field(
-        default=1, description="Run the anchor forward every this many optimizer steps (amortizes its cost). >= 1."
+        default=1,
+        description="Run the anchor forward every this many optimizer steps (amortizes its cost). >= 1.",
     )
 
     @model_validator(mode="after")
@@ -189,21 +209,24 @@ class ReferenceConfig(_Section):
             )
         if self.cache_path and self.source != "cache":
             raise ValueError(
-                f"`reference.cache_path` is set but `reference.source` is {self.source!r}: set source: cache "
+                f"`reference.cache_path` is set ({self.cache_path!r}) but `reference.source` is "
+                f"{self.source!r}: set source: cache "
                 "or remove cache_path."
             )
         if self.model_path and self.source != "model":
             raise ValueError(
-                f"`reference.model_path` is set but `reference.source` is {self.source!r}: set source: model "
+                f"`reference.model_path` is set ({self.model_path!r}) but `reference.source` is "
+                f"{self.source!r}: set source: model "
                 "or remove model_path."
             )
-        anchor_fields_set = {"anchors_path", "anchors_column", "anchor_batch_size", "anchor_every"} & (
-            self.model_fields_set
+        anchor_fields_set = self._set_off_default(
+            {"anchors_path", "anchors_column", "anchor_batch_size", "anchor_every"}
         )
         if anchor_fields_set and self.source != "anchors":
+            name = anchor_fields_set[0]
             raise ValueError(
-                f"`reference.{sorted(anchor_fields_set)[0]}` is set but `reference.source` is {self.source!r}: "
-                "anchor options are only used by source 'anchors'."
+                f"`reference.{name}` is set ({getattr(self, name)!r}) but `reference.source` is "
+                f"{self.source!r}: anchor options are only used by source 'anchors'."
             )
         if self.anchor_batch_size < 1:
             raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")
@@ -260,7 +283,9 @@ class STRConfig(_Section):
     )
     tokens: TokensConfig = Field(default_factory=TokensConfig, description="Safety-token selection.")
     penalty: PenaltyConfig = Field(default_factory=PenaltyConfig, description="Penalty form and positions.")
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference logits source.")
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="Reference logits source."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics.")
 
     @model_validator(mode="after")
@@ -275,9 +300,10 @@ class STRConfig(_Section):
                 f"`reference.source` {self.reference.source!r} does not keep: use form 'mse' or 'hinge', or "
                 "source 'adapter' or 'model'."
             )
-        if self.reference.source == "anchors" and "positions" in self.penalty.model_fields_set:
+        if self.reference.source == "anchors" and self.penalty._set_off_default({"positions"}):
             raise ValueError(
-                "`penalty.positions` is set but `reference.source` is 'anchors': anchors are penalized at "
+                f"`penalty.positions` is set ({self.penalty.positions!r}) but `reference.source` is "
+                "'anchors': anchors are penalized at "
                 "their decision point (the last prompt position); remove positions or pick another source."
             )
         return self
@@ -313,7 +339,8 @@ def load_config(source: STRConfig | dict[str, Any] | str | Path) -> STRConfig:
         raise ValueError(f"STR config file {str(path)!r} is not valid JSON/YAML: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise ValueError(f"STR config file {str(path)!r} is not valid YAML: {exc}") from exc
-    if isinstance(data, dict) and set(data) == {"str"}:
+    if isinstance(data, dict) and "str" in data:
+        # An Axolotl-style document: the STR options sit under `str:` beside the trainer's own keys.
         data = data["str"]
     if not isinstance(data, dict):
         raise ValueError(

@@ -66,7 +66,9 @@ class AnchorSet:
         """The anchors of the batch that starts at `cursor` (wraps around)."""
         return [self.order[(cursor + i) % len(self.order)] for i in range(self.batch_size)]
 
-    def tensors(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tensors(
+        self, indices: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, last_position) for the given anchors, right-padded."""
         rows = [self.encoded[i] for i in indices]
         width = max(len(r) for r in rows)
@@ -82,9 +84,15 @@ class AnchorSet:
         """Safety logits [n, k] at the decision point of the given anchors, through `tap`'s model (the
         current grad mode and train/eval mode apply)."""
         ids, mask, last = self.tensors(indices, tap.device())
-        sink = tap.run(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if tap.accepts_logits_to_keep else {}))
+        sink = tap.run(
+            input_ids=ids,
+            attention_mask=mask,
+            **({"logits_to_keep": 1} if tap.accepts_logits_to_keep else {}),
+        )
         assert sink.hidden is not None  # tap.run guarantees it
-        hidden = sink.hidden[torch.arange(len(indices), device=sink.hidden.device), last.to(sink.hidden.device)]
+        hidden = sink.hidden[
+            torch.arange(len(indices), device=sink.hidden.device), last.to(sink.hidden.device)
+        ]
         return tap.rows.project(hidden)
 
     @torch.no_grad()

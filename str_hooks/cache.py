@@ -132,7 +132,9 @@ def build_reference_cache(
             for item in sequences:
                 ids = _as_ids(item)
                 if not ids:
-                    raise STRCacheError("an example has no tokens; drop empty examples before building the cache.")
+                    raise STRCacheError(
+                        "an example has no tokens; drop empty examples before building the cache."
+                    )
                 key = sequence_digest(ids)
                 bar.update(1)
                 if key in seen:
@@ -162,7 +164,9 @@ def build_reference_cache(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "model_fingerprint": json.dumps(fingerprint, sort_keys=True),
-        "tokenizer_fingerprint": json.dumps(None if tokens.fingerprint is None else tokens.fingerprint.to_dict()),
+        "tokenizer_fingerprint": json.dumps(
+            None if tokens.fingerprint is None else tokens.fingerprint.to_dict()
+        ),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -230,7 +234,9 @@ class ReferenceCache:
             )
         missing = {"logits", "offsets", "digests", "token_ids"} - set(tensors)
         if missing:
-            raise STRCacheError(f"reference cache {str(self.path)!r} lacks tensors {sorted(missing)}: rebuild it.")
+            raise STRCacheError(
+                f"reference cache {str(self.path)!r} lacks tensors {sorted(missing)}: rebuild it."
+            )
         self.logits = tensors["logits"]
         self.offsets = tensors["offsets"]
         self.token_ids = [int(i) for i in tensors["token_ids"].tolist()]
@@ -243,11 +249,15 @@ class ReferenceCache:
             or int(self.offsets[-1]) != self.logits.shape[0]
             or bool((self.offsets[1:] < self.offsets[:-1]).any())
         ):
-            raise STRCacheError(f"reference cache {str(self.path)!r} has inconsistent tensor shapes: rebuild it.")
+            raise STRCacheError(
+                f"reference cache {str(self.path)!r} has inconsistent tensor shapes: rebuild it."
+            )
         try:
             self.model_fingerprint: dict[str, Any] = json.loads(metadata["model_fingerprint"])
         except (KeyError, json.JSONDecodeError) as exc:
-            raise STRCacheError(f"reference cache {str(self.path)!r} has no readable model fingerprint.") from exc
+            raise STRCacheError(
+                f"reference cache {str(self.path)!r} has no readable model fingerprint."
+            ) from exc
         self._index = {bytes(digests[i].tolist()): i for i in range(n)}
 
     def __len__(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,8 @@ class STRHandle:
             )
 
     def _adapters_off(self, peft_model: nn.Module | None = None) -> Any:
-        peft = peft_model if peft_model is not None else getattr(self, "peft_model", None)
+        peft: Any = peft_model if peft_model is not None else getattr(self, "peft_model", None)
         if peft is None:
-            import contextlib
-
             return contextlib.nullcontext()
         return peft.disable_adapter()
 
@@ -332,7 +331,9 @@ class STRHandle:
         weights = self._weights.to(policy.device)
         if not torch.isfinite(policy).all():
             return self._nonfinite(policy)
-        pen_sum = weighted_penalty_sum(policy, reference, weights, self.config.penalty.form, self.config.penalty.margin)
+        pen_sum = weighted_penalty_sum(
+            policy, reference, weights, self.config.penalty.form, self.config.penalty.margin
+        )
         if num_items_in_batch is None:
             normalizer: int | torch.Tensor = max(n_positions, 1)
         else:
@@ -342,7 +343,11 @@ class STRHandle:
         coef = self.current_coef()
         value = coef * pen_sum / normalizer
         with torch.no_grad():
-            drift = (policy.detach().float() - reference.float()) if n_positions else policy.new_zeros((0, policy.shape[-1]))
+            drift = (
+                (policy.detach().float() - reference.float())
+                if n_positions
+                else policy.new_zeros((0, policy.shape[-1]))
+            )
             self._last = {
                 "penalty": value.detach(),
                 "pen_mean": pen_sum.detach() / max(n_positions, 1),
@@ -394,7 +399,9 @@ class STRHandle:
         out["positions"] = float(self._last["count"])
         out["drift"] = float(drift_sum.sum()) / (count * self.tokens.k)
         out["abs_drift"] = float(self._last["abs_drift_sum"].float().sum().cpu()) / (count * self.tokens.k)
-        top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[: self.config.logging.top_tokens]
+        top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[
+            : self.config.logging.top_tokens
+        ]
         for i in top:
             out[f"drift/{self.tokens.strings[i]}"] = float(drift_sum[i]) / count
         return out
@@ -415,7 +422,9 @@ class STRHandle:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output. Raises STRError if it belongs to other tokens or another cache."""
         if state.get("version") != STATE_VERSION:
-            raise STRError(f"STR state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume.")
+            raise STRError(
+                f"STR state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume."
+            )
         saved = SafetyTokens.from_dict(state["tokens"], source="the STR checkpoint state")
         if saved.ids != self.tokens.ids:
             raise STRError(
@@ -471,4 +480,5 @@ def _load_reference_model(path: str) -> nn.Module:
         raise STRAttachError(f"`reference.model_path` {path!r} does not exist: give a local model directory.")
     model = AutoModelForCausalLM.from_pretrained(path)
     model.requires_grad_(False)
-    return model.eval()  # type: ignore[no-any-return]
+    loaded: nn.Module = model.eval()
+    return loaded

@@ -81,7 +81,9 @@ def mine_safety_tokens(
         scores = _frequency_scores(tokenizer, template_texts, candidates, benign)
     elif method == "contrastive":
         if model is None:
-            raise STRTokensError("method 'contrastive' needs the aligned `model`; pass model=... or use 'frequency'.")
+            raise STRTokensError(
+                "method 'contrastive' needs the aligned `model`; pass model=... or use 'frequency'."
+            )
         harmful = resolve_texts(harmful_prompts, "harmful_anchors", "harmful prompts")
         benign_p = resolve_texts(benign_prompts, "benign_prompts", "benign prompts")
         scores = _contrastive_scores(model, tokenizer, candidates, harmful, benign_p, batch_size)

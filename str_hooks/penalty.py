@@ -46,7 +46,9 @@ def penalty_positions(
             return torch.ones(shape, dtype=torch.bool, device=device)
         return attention_mask.to(device=device).bool()
     if mode not in ("supervised", "first_n"):
-        raise STRConfigError(f"`penalty.positions` {mode!r} is unknown: use 'supervised', 'all' or 'first_n'.")
+        raise STRConfigError(
+            f"`penalty.positions` {mode!r} is unknown: use 'supervised', 'all' or 'first_n'."
+        )
     if labels is None:
         raise STRConfigError(
             f"`penalty.positions` is {mode!r}, which needs labels, but the forward got none: pass `labels=` to "

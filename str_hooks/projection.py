@@ -25,7 +25,7 @@ ModuleSpec = nn.Module | str | Callable[[nn.Module], nn.Module] | None
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The innermost causal LM: through DDP/FSDP1 `.module` and PEFT's `get_base_model()`."""
-    current = model
+    current: Any = model
     for _ in range(8):
         if hasattr(current, "get_base_model") and callable(current.get_base_model):
             inner = current.get_base_model()
@@ -36,11 +36,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         ):
             inner = current.module
         else:
-            return current
+            break
         if inner is current:
-            return current
+            break
         current = inner
-    return current
+    found: nn.Module = current
+    return found
 
 
 def peft_model_of(model: nn.Module) -> nn.Module | None:
@@ -48,7 +49,8 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     current: Any = model
     for _ in range(4):
         if hasattr(current, "disable_adapter") and hasattr(current, "get_base_model"):
-            return current  # type: ignore[no-any-return]
+            found: nn.Module = current
+            return found
         if isinstance(getattr(current, "module", None), nn.Module):
             current = current.module
         else:
@@ -70,14 +72,20 @@ def _resolve(base: nn.Module, spec: ModuleSpec, what: str) -> nn.Module | None:
                 f"{what} module by its attribute path from the causal LM, e.g. 'model' or 'lm_head'."
             ) from exc
         if not isinstance(found, nn.Module):
-            raise STRAttachError(f"`{what}={spec!r}` resolves to a {type(found).__name__}, not a torch module.")
+            raise STRAttachError(
+                f"`{what}={spec!r}` resolves to a {type(found).__name__}, not a torch module."
+            )
         return found
     if callable(spec):
         found = spec(base)
         if not isinstance(found, nn.Module):
-            raise STRAttachError(f"the `{what}` callable returned a {type(found).__name__}, not a torch module.")
+            raise STRAttachError(
+                f"the `{what}` callable returned a {type(found).__name__}, not a torch module."
+            )
         return found
-    raise STRAttachError(f"`{what}` must be a module, an attribute path or a callable, got {type(spec).__name__}.")
+    raise STRAttachError(
+        f"`{what}` must be a module, an attribute path or a callable, got {type(spec).__name__}."
+    )
 
 
 def find_decoder(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
@@ -133,7 +141,8 @@ def find_head(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
             f"the LM head {type(found).__name__} has no 2-D `weight` [vocab, hidden]; str-hooks projects head "
             "rows and supports Linear heads (plain, PEFT LoRA, PEFT modules_to_save). Pass `head=` to name one."
         )
-    return found  # type: ignore[no-any-return]
+    head: nn.Module = found
+    return head
 
 
 @dataclass(frozen=True)
@@ -191,9 +200,11 @@ class HeadRows:
         self.transform = transform
         self._ids_cpu = torch.tensor(token_ids, dtype=torch.long)
         self._frozen_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        lora_layer = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
+        lora_layer: Any = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
         if lora_layer is not None and any(getattr(lora_layer, "use_dora", {}).values()):
-            raise STRAttachError("DoRA on the LM head is not supported by str-hooks; use plain LoRA on the head.")
+            raise STRAttachError(
+                "DoRA on the LM head is not supported by str-hooks; use plain LoRA on the head."
+            )
         self.lora_layer = lora_layer
 
     @property
@@ -203,9 +214,13 @@ class HeadRows:
     def is_trainable(self) -> bool:
         if self.weight.requires_grad:
             return True
-        return self.lora_layer is not None and any(p.requires_grad for p in self.lora_layer.lora_B.parameters())
+        return self.lora_layer is not None and any(
+            p.requires_grad for p in self.lora_layer.lora_B.parameters()
+        )
 
-    def _frozen_rows(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _frozen_rows(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Keyed by the tensor's identity and version counter: an in-place update invalidates the copy.
         key = (id(weight), weight._version)
         cached = self._frozen_cache.get(key)
@@ -246,7 +261,9 @@ class HeadRows:
     def _lora_delta(self, hidden: torch.Tensor) -> torch.Tensor:
         # PEFT's LoRA Linear exposes only the base weight; add scaling * B[S] (A dropout(h)) ourselves.
         layer: Any = self.lora_layer
-        delta = torch.zeros((*hidden.shape[:-1], self._ids_cpu.numel()), device=hidden.device, dtype=torch.float32)
+        delta = torch.zeros(
+            (*hidden.shape[:-1], self._ids_cpu.numel()), device=hidden.device, dtype=torch.float32
+        )
         if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
             return delta
         for name in layer.active_adapters:

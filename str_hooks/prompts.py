@@ -52,7 +52,9 @@ def read_text_list(path: str | Path, column: str | None = None, what: str = "tex
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise STRConfigError(f"{what} file {str(source)!r} line {lineno} is not valid JSON: {exc}") from exc
+                raise STRConfigError(
+                    f"{what} file {str(source)!r} line {lineno} is not valid JSON: {exc}"
+                ) from exc
         items = _column(rows, column, source, what)
     elif suffix == ".json" or raw.lstrip().startswith("["):
         try:

@@ -81,7 +81,9 @@ class AdapterReference(_ForwardReference):
         self.peft_model = peft_model
 
     def _context(self) -> contextlib.AbstractContextManager[Any]:
-        return self.peft_model.disable_adapter()  # type: ignore[operator, no-any-return]
+        peft: Any = self.peft_model
+        context: contextlib.AbstractContextManager[Any] = peft.disable_adapter()
+        return context
 
 
 class ModelReference(_ForwardReference):

@@ -95,7 +95,8 @@ class ModelTap:
         self.causal_lm = unwrap_model(model)
         self.decoder = find_decoder(self.causal_lm, decoder)
         self.head = find_head(self.causal_lm, head)
-        vocab = int(self.head.weight.shape[0])  # type: ignore[union-attr]
+        head_weight: Any = self.head.weight
+        vocab = int(head_weight.shape[0])
         bad = [i for i in token_ids if not 0 <= i < vocab]
         if bad:
             raise STRAttachError(

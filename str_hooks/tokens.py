@@ -142,10 +142,14 @@ class SafetyTokens:
             )
         missing = [key for key in ("ids", "strings", "weights", "scores", "method") if key not in data]
         if missing:
-            raise STRTokensError(f"{source} lacks the key(s) {missing}: the file is incomplete; mine it again.")
+            raise STRTokensError(
+                f"{source} lacks the key(s) {missing}: the file is incomplete; mine it again."
+            )
         fp = data.get("tokenizer_fingerprint")
         try:
-            fingerprint = None if fp is None else TokenizerFingerprint(int(fp["vocab_size"]), str(fp["sha256"]))
+            fingerprint = (
+                None if fp is None else TokenizerFingerprint(int(fp["vocab_size"]), str(fp["sha256"]))
+            )
             return cls(
                 ids=[int(i) for i in data["ids"]],
                 strings=[str(s) for s in data["strings"]],

@@ -1,0 +1,360 @@
+"""`STRConfig`: defaults, sources (dict, YAML, JSON, Axolotl `str:` block), JSON round-trip, and errors
+that name the field and the bad value."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from str_hooks.schemas.config import (
+    LoggingConfig,
+    PenaltyConfig,
+    ReferenceConfig,
+    STRConfig,
+    TokensConfig,
+    load_config,
+)
+
+NON_DEFAULT: list[dict[str, Any]] = [
+    {"coef": 0.25, "warmup_steps": 10, "verify_projection": False},
+    {"tokens": {"method": "list", "strings": ["Sorry", " cannot", 42], "k": 3}},
+    {"tokens": {"method": "contrastive", "k": 8, "templates": "refusals.txt"}},
+    {"tokens": {"path": "tokens.json"}},
+    {"penalty": {"form": "hinge", "margin": 0.5, "positions": "first_n", "first_n": 4}},
+    {"penalty": {"form": "logprob", "positions": "all", "on_nonfinite": "skip"}},
+    {"reference": {"source": "model", "model_path": "/models/aligned"}},
+    {"reference": {"source": "cache", "cache_path": "ref.safetensors"}, "penalty": {"form": "hinge"}},
+    {"reference": {"source": "anchors"}},
+    {
+        "reference": {
+            "source": "anchors",
+            "anchors_path": "anchors.csv",
+            "anchors_column": "goal",
+            "anchor_batch_size": 2,
+            "anchor_every": 5,
+        }
+    },
+    {"logging": {"prefix": "safety/", "top_tokens": 0}},
+]
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "tokens": TokensConfig,
+    "penalty": PenaltyConfig,
+    "reference": ReferenceConfig,
+    "logging": LoggingConfig,
+}
+
+EXAMPLE = {
+    "coef": 0.3,
+    "tokens": {"method": "list", "strings": ["Sorry", "cannot"]},
+    "penalty": {"form": "hinge", "margin": 0.2},
+    "reference": {"source": "model", "model_path": "aligned"},
+}
+
+
+def assert_example(cfg: STRConfig) -> None:
+    assert cfg.coef == 0.3
+    assert cfg.tokens.method == "list" and cfg.tokens.strings == ["Sorry", "cannot"]
+    assert cfg.penalty.form == "hinge" and cfg.penalty.margin == 0.2
+    assert cfg.reference.source == "model" and cfg.reference.model_path == "aligned"
+    assert cfg.logging == LoggingConfig()
+
+
+def test_defaults() -> None:
+    cfg = STRConfig()
+    assert (cfg.coef, cfg.warmup_steps, cfg.verify_projection) == (1.0, 0, True)
+    assert cfg.tokens.model_dump() == {
+        "method": "frequency",
+        "k": 32,
+        "templates": None,
+        "strings": None,
+        "path": None,
+    }
+    assert cfg.penalty.model_dump() == {
+        "form": "mse",
+        "margin": 0.0,
+        "positions": "supervised",
+        "first_n": 1,
+        "on_nonfinite": "raise",
+    }
+    assert cfg.reference.model_dump() == {
+        "source": "adapter",
+        "model_path": None,
+        "cache_path": None,
+        "anchors_path": None,
+        "anchors_column": None,
+        "anchor_batch_size": 8,
+        "anchor_every": 1,
+    }
+    assert cfg.logging.model_dump() == {"prefix": "str/", "top_tokens": 3}
+    assert STRConfig.model_validate({}) == cfg
+    assert load_config({}) == cfg
+
+
+def test_model_validate_from_dict() -> None:
+    cfg = STRConfig.model_validate(EXAMPLE)
+    assert_example(cfg)
+    assert load_config(EXAMPLE) == cfg
+    assert load_config(cfg) is cfg
+
+
+def test_load_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "str.yaml"
+    path.write_text(yaml.safe_dump(EXAMPLE), encoding="utf-8")
+    assert_example(load_config(path))
+    assert load_config(str(path)) == STRConfig.model_validate(EXAMPLE)
+
+
+def test_load_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "str.json"
+    path.write_text(json.dumps(EXAMPLE), encoding="utf-8")
+    assert_example(load_config(path))
+
+
+def test_load_yaml_with_top_level_str_block(tmp_path: Path) -> None:
+    only = tmp_path / "only.yml"
+    only.write_text(yaml.safe_dump({"str": EXAMPLE}), encoding="utf-8")
+    assert_example(load_config(only))
+    # An Axolotl document: the trainer's own keys beside the `str:` block.
+    axolotl = tmp_path / "axolotl.yml"
+    axolotl.write_text(
+        "base_model: ./aligned\nadapter: lora\nlora_r: 16\nmicro_batch_size: 2\n"
+        + yaml.safe_dump({"str": EXAMPLE}),
+        encoding="utf-8",
+    )
+    assert_example(load_config(axolotl))
+
+
+@pytest.mark.parametrize("data", [{}, *NON_DEFAULT], ids=lambda d: json.dumps(d)[:40])
+def test_json_round_trip(data: dict[str, Any]) -> None:
+    cfg = STRConfig.model_validate(data)
+    if data:
+        assert cfg != STRConfig()
+    dumped = cfg.model_dump_json()
+    again = STRConfig.model_validate_json(dumped)
+    assert again == cfg
+    assert again.model_dump() == cfg.model_dump()
+    assert STRConfig.model_validate(json.loads(dumped)) == cfg
+
+
+def test_every_field_has_a_description() -> None:
+    found = {name for name, f in STRConfig.model_fields.items() if f.annotation in SECTIONS.values()}
+    assert found == set(SECTIONS), "a new section must be listed here"
+    models: list[type[BaseModel]] = [STRConfig, *SECTIONS.values()]
+    for model in models:
+        assert model.model_fields
+        for name, field in model.model_fields.items():
+            assert field.description and len(field.description.strip()) >= 8, f"{model.__name__}.{name}"
+
+
+def validation_error(data: dict[str, Any], pattern: str) -> str:
+    with pytest.raises(ValidationError, match=pattern) as info:
+        STRConfig.model_validate(data)
+    return str(info.value)
+
+
+def test_unknown_top_level_key_with_hint() -> None:
+    message = validation_error({"coeff": 0.5}, r"unknown key `coeff` \(value 0\.5\) in STRConfig\.")
+    assert "Did you mean `coef`?" in message
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
+    message = validation_error({"zzzzzz": 1}, r"unknown key `zzzzzz` \(value 1\)")
+    assert "Did you mean" not in message
+    assert "Known keys: coef, logging, penalty, reference, tokens, verify_projection, warmup_steps" in message
+
+
+def test_unknown_nested_key() -> None:
+    message = validation_error(
+        {"penalty": {"fomr": "hinge"}}, r"unknown key `fomr` \(value 'hinge'\) in PenaltyConfig"
+    )
+    assert "Did you mean `form`?" in message
+    assert re.search(r"^penalty$", message, re.MULTILINE), message
+
+
+@pytest.mark.parametrize("coef", [-0.1, float("nan"), float("inf"), float("-inf")])
+def test_coef_must_be_finite_and_non_negative(coef: float) -> None:
+    validation_error({"coef": coef}, rf"`coef` must be a finite number >= 0, got {re.escape(str(coef))}")
+
+
+@pytest.mark.parametrize("k", [0, -5])
+def test_k_must_be_positive(k: int) -> None:
+    validation_error({"tokens": {"k": k}}, rf"`tokens\.k` must be >= 1, got {k}")
+
+
+def test_bad_form_literal() -> None:
+    message = validation_error({"penalty": {"form": "l2"}}, r"penalty\.form\n\s+Input should be 'mse'")
+    assert "input_value='l2'" in message
+
+
+def test_negative_margin() -> None:
+    validation_error(
+        {"penalty": {"form": "hinge", "margin": -0.5}}, r"`penalty\.margin` must be >= 0, got -0\.5"
+    )
+
+
+def test_margin_with_form_mse() -> None:
+    validation_error(
+        {"penalty": {"form": "mse", "margin": 0.5}},
+        r"`penalty\.margin` is 0\.5 but `penalty\.form` is 'mse'",
+    )
+
+
+def test_first_n_with_positions_supervised() -> None:
+    validation_error(
+        {"penalty": {"first_n": 3}}, r"`penalty\.first_n` is 3 but `penalty\.positions` is 'supervised'"
+    )
+
+
+def test_first_n_must_be_positive() -> None:
+    validation_error(
+        {"penalty": {"positions": "first_n", "first_n": 0}}, r"`penalty\.first_n` must be >= 1, got 0"
+    )
+
+
+def test_cache_source_without_cache_path() -> None:
+    validation_error(
+        {"reference": {"source": "cache"}},
+        r"`reference\.source` is 'cache' but `reference\.cache_path` is not set",
+    )
+
+
+def test_cache_path_with_another_source() -> None:
+    validation_error(
+        {"reference": {"source": "model", "cache_path": "ref.safetensors"}},
+        r"`reference\.cache_path` is set \('ref\.safetensors'\) but `reference\.source` is 'model'",
+    )
+
+
+def test_model_path_with_another_source() -> None:
+    validation_error(
+        {"reference": {"model_path": "/models/aligned"}},
+        r"`reference\.model_path` is set \('/models/aligned'\) but `reference\.source` is 'adapter'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("reference", "shown"),
+    [
+        ({"source": "cache", "cache_path": "ref.safetensors"}, "'cache'"),
+        ({"source": "anchors"}, "'anchors'"),
+    ],
+)
+def test_logprob_needs_full_vocabulary_reference(reference: dict[str, Any], shown: str) -> None:
+    validation_error(
+        {"penalty": {"form": "logprob"}, "reference": reference},
+        rf"`penalty\.form` 'logprob' needs full-vocabulary reference logits, which `reference\.source` {shown}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("anchors_path", "anchors.txt"),
+        ("anchors_column", "goal"),
+        ("anchor_batch_size", 4),
+        ("anchor_every", 10),
+    ],
+)
+def test_anchor_options_with_source_adapter(option: str, value: Any) -> None:
+    validation_error(
+        {"reference": {"source": "adapter", option: value}},
+        rf"`reference\.{option}` is set \({re.escape(repr(value))}\) but `reference\.source` is 'adapter'",
+    )
+
+
+def test_positions_with_source_anchors() -> None:
+    validation_error(
+        {"reference": {"source": "anchors"}, "penalty": {"positions": "all"}},
+        r"`penalty\.positions` is set \('all'\) but `reference\.source` is 'anchors'",
+    )
+
+
+def test_method_list_without_strings() -> None:
+    validation_error(
+        {"tokens": {"method": "list"}}, r"`tokens\.method` is 'list' but `tokens\.strings` is empty"
+    )
+    assert STRConfig.model_validate({"tokens": {"method": "list", "path": "t.json"}}).tokens.path == "t.json"
+
+
+def test_strings_with_method_frequency() -> None:
+    validation_error(
+        {"tokens": {"method": "frequency", "strings": ["Sorry"]}},
+        r"`tokens\.strings` is set \(\['Sorry'\]\) but `tokens\.method` is 'frequency'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        ({"warmup_steps": -1}, r"`warmup_steps` must be >= 0, got -1"),
+        ({"logging": {"top_tokens": -2}}, r"`logging\.top_tokens` must be >= 0, got -2"),
+        (
+            {"reference": {"source": "anchors", "anchor_batch_size": 0}},
+            r"`reference\.anchor_batch_size` must be >= 1, got 0",
+        ),
+        (
+            {"reference": {"source": "anchors", "anchor_every": 0}},
+            r"`reference\.anchor_every` must be >= 1, got 0",
+        ),
+        (
+            {"reference": {"source": "disk"}},
+            r"reference\.source\n\s+Input should be 'adapter'.*input_value='disk'",
+        ),
+    ],
+)
+def test_other_range_errors(data: dict[str, Any], pattern: str) -> None:
+    validation_error(data, pattern)
+
+
+def test_assignment_is_validated() -> None:
+    # Only the error is checked: pydantic keeps the rejected value after an `after` model validator
+    # fails on assignment (pydantic/pydantic#7105).
+    with pytest.raises(ValidationError, match=r"`penalty\.margin` must be >= 0, got -1\.0"):
+        STRConfig().penalty.margin = -1.0
+    with pytest.raises(ValidationError, match=r"`tokens\.k` must be >= 1, got 0"):
+        STRConfig().tokens.k = 0
+
+
+def test_malformed_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("coef: [0.1\npenalty: {form: mse\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.yaml.* is not valid YAML") as info:
+        load_config(path)
+    assert not isinstance(info.value, ValidationError)
+
+
+def test_malformed_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"coef": 0.1,', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.json.* is not valid JSON") as info:
+        load_config(path)
+    assert not isinstance(info.value, ValidationError)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"), [("- coef: 0.1\n- coef: 0.2\n", "list"), ("just text\n", "str")]
+)
+def test_yaml_file_that_is_not_a_mapping(tmp_path: Path, content: str, kind: str) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"list\.yaml.* must hold a mapping of options, got {kind}"):
+        load_config(path)
+
+
+def test_file_with_bad_value_is_a_validation_error(tmp_path: Path) -> None:
+    path = tmp_path / "str.yaml"
+    path.write_text("str:\n  coef: -2\n", encoding="utf-8")
+    with pytest.raises(ValidationError, match=r"`coef` must be a finite number >= 0, got -2"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml.* does not exist"):
+        load_config(tmp_path / "missing.yaml")

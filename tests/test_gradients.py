@@ -1,0 +1,228 @@
+"""The gradient of `out.loss + handle.loss()` equals an independently written CE + penalty.
+
+The independent computation never uses str-hooks: full logits from the model's own forward, gathered at
+the safety ids (so the model's softcap is included), positions built with explicit loops, the reference
+from `disable_adapter()` or a frozen copy, and the penalty written out per form.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factory import ARCHITECTURES, make_batch, make_lora, make_model
+
+from str_hooks import register_str_hook
+
+FORMS = ("mse", "hinge", "logprob")
+POSITIONS = ("supervised", "all", "first_n")
+
+
+def positions_by_hand(batch: dict[str, torch.Tensor], mode: str, first_n: int) -> torch.Tensor:
+    labels, mask = batch["labels"], batch["attention_mask"]
+    rows, width = labels.shape
+    out = torch.zeros((rows, width), dtype=torch.bool)
+    for r in range(rows):
+        taken = 0
+        for t in range(width):
+            if mode == "all":
+                out[r, t] = bool(mask[r, t])
+            elif t + 1 < width and labels[r, t + 1] != -100 and (mode == "supervised" or taken < first_n):
+                out[r, t] = True
+                taken += 1
+    return out
+
+
+def penalty_by_hand(
+    policy_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    ids: list[int],
+    weights: list[float],
+    where: torch.Tensor,
+    form: str,
+    margin: float,
+) -> torch.Tensor:
+    if form == "logprob":
+        policy = torch.log_softmax(policy_logits.float(), dim=-1)[..., ids]
+        reference = torch.log_softmax(reference_logits.float(), dim=-1)[..., ids]
+    else:
+        policy, reference = policy_logits.float()[..., ids], reference_logits.float()[..., ids]
+    total = torch.zeros(())
+    for r, t in where.nonzero().tolist():
+        for j, w in enumerate(weights):
+            d = policy[r, t, j] - reference[r, t, j]
+            phi = d**2 if form in ("mse", "logprob") else torch.relu(-(d + margin)) ** 2
+            total = total + w * phi
+    return total / max(int(where.sum()), 1)
+
+
+def ce_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_grads_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        scale = theirs[name].abs().max().clamp_min(1e-6)
+        err = (ours[name] - theirs[name]).abs().max()
+        assert err <= 2e-5 * scale + 1e-7, f"{name}: max error {float(err):.3g} vs scale {float(scale):.3g}"
+
+
+def build(arch: str, mode: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(trainable model, frozen reference copy or None for LoRA). The trainable model is perturbed away
+    from the reference so the drift, and every penalty form, is non-trivial."""
+    base = make_model(arch)
+    if mode == "lora":
+        return make_lora(base), None
+    reference = copy.deepcopy(base).requires_grad_(False)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base, reference
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("form", FORMS)
+def test_gradient_matches_hand_written_loss(
+    arch: str, mode: str, form: str, tokenizer: Any, tokens: Any
+) -> None:
+    model, reference_copy = build(arch, mode)
+    batch = make_batch(tokenizer, n=3)
+    margin = 0.25 if form == "hinge" else 0.0
+    for positions in POSITIONS:
+        cfg: dict[str, Any] = {
+            "coef": 0.7,
+            "penalty": {
+                "form": form,
+                "positions": positions,
+                **({"first_n": 2} if positions == "first_n" else {}),
+            },
+            "reference": {"source": "adapter" if mode == "lora" else "model"},
+        }
+        if form == "hinge":
+            cfg["penalty"]["margin"] = margin
+        model.train()
+        with register_str_hook(model, cfg, tokens=tokens, reference_model=reference_copy) as handle:
+            out = model(**batch)
+            (out.loss + handle.loss()).backward()
+            ours = grads(model)
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad():
+            if reference_copy is None:
+                with model.disable_adapter():
+                    ref_logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+            else:
+                ref_logits = reference_copy(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+        where = positions_by_hand(batch, positions, 2)
+        pen = penalty_by_hand(logits, ref_logits, tokens.ids, tokens.weights, where, form, margin)
+        assert pen > 0, "the test needs a non-zero penalty to mean anything"
+        (ce_by_hand(logits, batch["labels"]) + 0.7 * pen).backward()
+        assert_grads_close(ours, grads(model))
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_gradient_with_trainable_head_under_peft(head: str, tokenizer: Any, tokens: Any) -> None:
+    """LoRA on the head (delta added by str-hooks) and a modules_to_save head (live copy) both get the
+    penalty gradient, and the adapter reference uses the original head."""
+    model = make_lora(make_model("llama"), head=head)
+    batch = make_batch(tokenizer, n=3)
+    with register_str_hook(model, {"coef": 1.3}, tokens=tokens) as handle:
+        out = model(**batch)
+        (out.loss + handle.loss()).backward()
+        ours = grads(model)
+    assert any("lm_head" in name for name in ours)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    where = positions_by_hand(batch, "supervised", 1)
+    pen = penalty_by_hand(logits, ref_logits, tokens.ids, tokens.weights, where, "mse", 0.0)
+    (ce_by_hand(logits, batch["labels"]) + 1.3 * pen).backward()
+    assert_grads_close(ours, grads(model))
+
+
+def test_gradient_when_logits_are_never_built(tokenizer: Any, tokens: Any) -> None:
+    """A fused-CE style forward that never calls the head and returns logits=None: the hidden-state path
+    still gives the exact gradient."""
+    model = make_lora(make_model("llama"))
+    causal_lm = model.get_base_model()
+    batch = make_batch(tokenizer, n=3)
+
+    def fused_forward(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Any = None, **_: Any
+    ) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weight = causal_lm.lm_head.weight
+        loss = None
+        if labels is not None:
+            # Chunked CE from hidden states, the way fused kernels do it: lm_head is never called.
+            flat_h, flat_y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+            keep = flat_y != -100
+            loss = F.cross_entropy(flat_h[keep] @ weight.T, flat_y[keep], reduction="sum") / keep.sum()
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    causal_lm.forward = fused_forward
+    with register_str_hook(model, {"coef": 0.9}, tokens=tokens) as handle:
+        assert handle.projection_verified is None  # nothing to compare against
+        out = model(**batch)
+        assert out.logits is None
+        (out.loss + handle.loss()).backward()
+        ours = grads(model)
+    del causal_lm.forward
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    where = positions_by_hand(batch, "supervised", 1)
+    pen = penalty_by_hand(logits, ref_logits, tokens.ids, tokens.weights, where, "mse", 0.0)
+    (ce_by_hand(logits, batch["labels"]) + 0.9 * pen).backward()
+    assert_grads_close(ours, grads(model))
+
+
+def test_micro_batches_sum_to_the_big_batch(tokenizer: Any, tokens: Any) -> None:
+    """With unequal supervised counts per micro-batch, the sum over micro-batches of
+    `loss(num_items_in_batch=N)` equals the big-batch value, in value and in gradient."""
+    model = make_lora(make_model("qwen2"))
+    batch = make_batch(tokenizer, n=8, seed=3)
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    with register_str_hook(model, {"coef": 0.5}, tokens=tokens) as handle:
+        model(**batch)
+        big = handle.loss(num_items_in_batch=total)
+        big.backward()
+        big_grads = grads(model)
+        model(**batch)
+        assert torch.allclose(handle.loss(), big, rtol=1e-6), "no argument divides by the penalized count"
+        model.zero_grad(set_to_none=True)
+        for micro in (2, 4):
+            parts = []
+            counts = []
+            for start in range(0, 8, micro):
+                sub = {k: v[start : start + micro] for k, v in batch.items()}
+                width = int(sub["attention_mask"].sum(dim=1).max())
+                sub = {k: v[:, :width] for k, v in sub.items()}  # each micro-batch padded to its own length
+                counts.append(int((sub["labels"][:, 1:] != -100).sum()))
+                model(**sub)
+                part = handle.loss(num_items_in_batch=torch.tensor(total))
+                part.backward()
+                parts.append(part.detach())
+            assert len(set(counts)) > 1, "the micro-batches must have unequal supervised counts"
+            assert torch.allclose(torch.stack(parts).sum(), big.detach(), rtol=1e-5)
+            assert_grads_close(grads(model), big_grads)

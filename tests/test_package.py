@@ -1,0 +1,64 @@
+"""Packaging contracts: what `import str_hooks` pulls in, the public surface, the layout mapping, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import str_hooks
+
+
+def test_import_pulls_in_only_torch_and_pydantic() -> None:
+    code = (
+        "import sys, str_hooks, str_hooks.schemas, str_hooks.integrations\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'transformers', 'peft', 'trl', 'accelerate', 'lightning', 'axolotl', 'tokenizers', 'safetensors', 'yaml'})\n"
+        "print(','.join(bad))"
+    )
+    # Run from a neutral directory so the installed package, not the checkout, is imported.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_public_surface() -> None:
+    assert str_hooks.__all__ == sorted(str_hooks.__all__)
+    for name in ("STRConfig", "SafetyTokens", "mine_safety_tokens", "register_str_hook", "STRHandle"):
+        assert name in str_hooks.__all__ and hasattr(str_hooks, name)
+    from str_hooks.schemas import STRConfig
+
+    assert STRConfig is str_hooks.STRConfig
+
+
+def test_schemas_and_integrations_map_into_the_package() -> None:
+    import str_hooks.integrations
+    import str_hooks.schemas
+
+    # Installed or from a checkout, they come from the top-level folders of the user's layout.
+    assert Path(str_hooks.schemas.__file__).resolve().parent.name == "schemas"
+    assert Path(str_hooks.integrations.__file__).resolve().parent.name == "integrations"
+
+
+def test_missing_framework_gives_an_install_hint() -> None:
+    from str_hooks.integrations import require
+
+    with pytest.raises(ImportError, match=r"pip install 'str-hooks\[lightning\]'"):
+        require("surely_not_an_installed_module_xyz", "lightning")
+
+
+def test_default_texts_ship_with_the_package() -> None:
+    from str_hooks.prompts import default_texts
+
+    assert len(default_texts("refusal_templates")) >= 40
+    assert len(default_texts("harmful_anchors")) >= 100
+    assert len(set(default_texts("harmful_anchors"))) == len(default_texts("harmful_anchors"))
+
+
+def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from str_hooks.demo import main
+
+    main(["--steps", "4"])
+    out = capsys.readouterr().out
+    assert "| plain LoRA SFT |" in out and "| STR adapter mse coef 1 |" in out
