@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
-
 from str_hooks.schemas.config import (
     LoggingConfig,
     PenaltyConfig,

@@ -7,6 +7,7 @@ log-probs come from one unbatched forward per prompt.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -118,8 +119,8 @@ def assert_weights_follow_scores(tokens: SafetyTokens) -> None:
     total = sum(tokens.scores)
     for w, s in zip(tokens.weights, tokens.scores, strict=True):
         assert w == pytest.approx(s / total, rel=1e-9, abs=1e-15)
-    assert all(a >= b for a, b in zip(tokens.scores, tokens.scores[1:], strict=False))
-    assert all(a >= b - 1e-15 for a, b in zip(tokens.weights, tokens.weights[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(tokens.scores))
+    assert all(a >= b - 1e-15 for a, b in itertools.pairwise(tokens.weights))
 
 
 # --- frequency ----------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_contrastive_scores_are_harmful_minus_benign_logprobs(tokenizer: Any) ->
     assert min(float(diff[tid]) for tid in mined.ids) >= left_out - 1e-4
     expected = top_k({tid: float(diff[tid]) for tid in candidates}, 8)
     head = sorted((float(diff[t]) for t in candidates), reverse=True)[:9]
-    assert min(a - b for a, b in zip(head, head[1:], strict=False)) > 1e-4, "near-tie: the order is moot"
+    assert min(a - b for a, b in itertools.pairwise(head)) > 1e-4, "near-tie: the order is moot"
     assert mined.ids == expected
     assert_weights_follow_scores(mined)
 
