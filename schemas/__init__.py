@@ -5,6 +5,7 @@ from __future__ import annotations
 from str_hooks.schemas.config import (
     LoggingConfig,
     PenaltyConfig,
+    ProbeConfig,
     ReferenceConfig,
     STRConfig,
     TokensConfig,
@@ -14,6 +15,7 @@ from str_hooks.schemas.config import (
 __all__ = [
     "LoggingConfig",
     "PenaltyConfig",
+    "ProbeConfig",
     "ReferenceConfig",
     "STRConfig",
     "TokensConfig",

@@ -47,7 +47,9 @@ def _mine(args: argparse.Namespace) -> int:
     tokens.save(args.out, overwrite=args.overwrite)
     width = max(len(repr(s)) for s in tokens.strings)
     print(f"{'token':<{width}}  {'id':>7}  {'weight':>8}  score")
-    for tid, text, weight, score in zip(tokens.ids, tokens.strings, tokens.weights, tokens.scores, strict=True):
+    for tid, text, weight, score in zip(
+        tokens.ids, tokens.strings, tokens.weights, tokens.scores, strict=True
+    ):
         print(f"{text!r:<{width}}  {tid:>7}  {weight:8.4f}  {score:.4g}")
     print(f"wrote {tokens.k} safety tokens ({tokens.method}) to {args.out}")
     return 0
@@ -92,7 +94,13 @@ def _cache(args: argparse.Namespace) -> int:
     sequences = _read_sequences(Path(args.data), args.column, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     path = build_reference_cache(
-        model, tokens, sequences, args.out, batch_size=args.batch_size, overwrite=args.overwrite, pad_token_id=pad
+        model,
+        tokens,
+        sequences,
+        args.out,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        pad_token_id=pad,
     )
     print(f"wrote the reference cache of {len(sequences)} sequences to {path}")
     return 0
@@ -103,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     mine = sub.add_parser("mine", help="mine safety tokens and write them as JSON")
-    mine.add_argument("--model", required=True, help="local model directory (tokenizer too, unless --tokenizer)")
+    mine.add_argument(
+        "--model", required=True, help="local model directory (tokenizer too, unless --tokenizer)"
+    )
     mine.add_argument("--tokenizer", help="local tokenizer directory (default: --model)")
     mine.add_argument("--method", choices=["frequency", "contrastive", "list"], default="frequency")
     mine.add_argument("-k", "--k", type=int, default=32, help="number of tokens (default 32)")

@@ -211,7 +211,7 @@ def _first_position_logprobs(
             batch_sum = torch.log_softmax(logits, dim=-1).sum(dim=0)
             total = batch_sum if total is None else total + batch_sum
     finally:
-        pass
+        model.train(was_training)
     assert total is not None  # prompts are non-empty (resolve_texts guarantees it)
     return total / len(prompts)
 

@@ -30,7 +30,9 @@ def test_mine_writes_the_same_tokens_as_the_api(model_dir: Path, tmp_path: Path,
     assert len(SafetyTokens.load(out).ids) == 10
 
 
-def test_cache_from_jsonl(model_dir: Path, tmp_path: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_from_jsonl(
+    model_dir: Path, tmp_path: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     tokens_file = tmp_path / "tokens.json"
     mine_safety_tokens(tokenizer, k=8).save(tokens_file)
     batch = make_batch(tokenizer, n=3)
@@ -39,7 +41,17 @@ def test_cache_from_jsonl(model_dir: Path, tmp_path: Path, tokenizer: Any, capsy
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             fh.write(json.dumps({"input_ids": ids[mask.bool()].tolist()}) + "\n")
     out = tmp_path / "ref.safetensors"
-    args = ["cache", "--model", str(model_dir), "--tokens", str(tokens_file), "--data", str(data), "--out", str(out)]
+    args = [
+        "cache",
+        "--model",
+        str(model_dir),
+        "--tokens",
+        str(tokens_file),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert len(ReferenceCache(out)) == 3
     assert main([*args[:-2], "--column", "text", "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -166,7 +166,10 @@ def test_unknown_top_level_key_with_hint() -> None:
 def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
     message = validation_error({"zzzzzz": 1}, r"unknown key `zzzzzz` \(value 1\)")
     assert "Did you mean" not in message
-    assert "Known keys: coef, logging, penalty, reference, tokens, verify_projection, warmup_steps" in message
+    assert (
+        "Known keys: coef, logging, penalty, probe, reference, tokens, verify_projection, warmup_steps"
+        in message
+    )
 
 
 def test_unknown_nested_key() -> None:
@@ -357,3 +360,11 @@ def test_file_with_bad_value_is_a_validation_error(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml.* does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_probe_options_need_the_probe_on() -> None:
+    validation_error({"probe": {"n_prompts": 4}}, r"`probe.n_prompts` is set \(4\) but `probe.every` is 0")
+    validation_error({"probe": {"every": -1}}, r"`probe.every` must be >= 0, got -1")
+    validation_error({"probe": {"every": 5, "phrases": [" "]}}, r"`probe.phrases` is empty")
+    cfg = STRConfig.model_validate({"probe": {"every": 5, "n_prompts": 4}})
+    assert STRConfig.model_validate_json(cfg.model_dump_json()) == cfg

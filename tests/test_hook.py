@@ -440,3 +440,16 @@ def test_from_pretrained_local_paths(tmp_path: Path, tokenizer: Any) -> None:
     other_tok = make_tokenizer(vocab_size=400)
     with pytest.raises(Exception, match="another tokenizer"):
         register_str_hook(model, cfg, tokenizer=other_tok)
+
+
+def test_bf16_model(tokenizer: Any, tokens: Any) -> None:
+    """A bf16 model attaches (the projection check allows bf16 rounding) and gives a finite penalty."""
+    model = make_lora(make_model("qwen2").to(torch.bfloat16))
+    batch = make_batch(tokenizer, n=2)
+    with register_str_hook(model, tokens=tokens) as h:
+        assert h.projection_verified is True
+        out = model(**batch)
+        loss = h.loss()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and float(loss) > 0
+        (out.loss + loss).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -62,3 +62,28 @@ def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--steps", "4"])
     out = capsys.readouterr().out
     assert "| plain LoRA SFT |" in out and "| STR adapter mse coef 1 |" in out
+
+
+def test_readme_documents_every_config_key() -> None:
+    from str_hooks.schemas import (
+        LoggingConfig,
+        PenaltyConfig,
+        ProbeConfig,
+        ReferenceConfig,
+        STRConfig,
+        TokensConfig,
+    )
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sections = ("tokens", "penalty", "reference", "logging", "probe")
+    keys = [f"`{k}`" for k in STRConfig.model_fields if k not in sections]
+    for section, cls in (
+        ("tokens", TokensConfig),
+        ("penalty", PenaltyConfig),
+        ("reference", ReferenceConfig),
+        ("logging", LoggingConfig),
+        ("probe", ProbeConfig),
+    ):
+        keys += [f"`{section}.{k}`" for k in cls.model_fields]
+    missing = [k for k in keys if k not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
