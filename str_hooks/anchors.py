@@ -89,11 +89,9 @@ class AnchorSet:
             attention_mask=mask,
             **({"logits_to_keep": 1} if tap.accepts_logits_to_keep else {}),
         )
-        assert sink.hidden is not None  # tap.run guarantees it
-        hidden = sink.hidden[
-            torch.arange(len(indices), device=sink.hidden.device), last.to(sink.hidden.device)
-        ]
-        return tap.rows.project(hidden)
+        logits = sink.safety_logits
+        assert logits is not None  # tap.run guarantees it
+        return logits[torch.arange(len(indices), device=logits.device), last.to(logits.device)]
 
     @torch.no_grad()
     def compute_reference(self, tap: ModelTap, peft_model: nn.Module | None) -> torch.Tensor:

@@ -186,8 +186,8 @@ def _run_batch(
         mask[row, : len(ids)] = 1
     device = tap.device()
     sink = tap.run(input_ids=input_ids.to(device), attention_mask=mask.to(device), **_keep_one(tap))
-    assert sink.hidden is not None  # tap.run guarantees it
-    logits = tap.rows.project(sink.hidden).to(torch.float16).cpu()
+    assert sink.safety_logits is not None  # tap.run guarantees it
+    logits = sink.safety_logits.to(torch.float16).cpu()
     for row, ids in enumerate(batch):
         chunks.append(logits[row, : len(ids)])
         lengths.append(len(ids))

@@ -275,18 +275,18 @@ class STRHandle:
         sink = self.tap.take()
         if self.anchors is not None:
             return self._anchor_loss()
-        if sink.hidden is None:
+        if sink.safety_logits is None:
             raise STRError(
                 "handle.loss() found no forward pass since the last call: run the model on the training batch "
                 "first (out = model(...)), then call handle.loss()."
             )
-        device = sink.hidden.device
+        device = sink.safety_logits.device
         if not sink.training:
             return torch.zeros((), device=device)
         logprob = self.config.penalty.form == "logprob"
         labels = labels if labels is not None else sink.get("labels")
         mask = sink.get("attention_mask")
-        batch, width = sink.hidden.shape[:2]
+        batch, width = sink.safety_logits.shape[:2]
         positions = penalty_positions(
             self.config.penalty.positions,
             (batch, width),
@@ -294,6 +294,7 @@ class STRHandle:
             labels=labels,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
             first_n=self.config.penalty.first_n,
+            shift_labels=sink.get("shift_labels"),
         )
         if logprob:
             if sink.logits is None or sink.logits.shape[1] != width:
@@ -303,7 +304,7 @@ class STRHandle:
                 )
             policy = safety_logprobs(sink.logits, positions, self._token_ids)
         else:
-            policy = self.tap.rows.project(sink.hidden[positions])
+            policy = sink.safety_logits[positions]
         assert self.reference is not None  # set for every source but anchors
         reference = self.reference.logits(sink, positions, logprob).to(policy.device)
         return self._finish(policy, reference, int(positions.sum()), num_items_in_batch)
@@ -451,6 +452,12 @@ class STRHandle:
             delattr(self.tap.causal_lm, _ATTACHED_ATTR)
         self._attached = False
         self._last = {}
+
+    @property
+    def uses_anchors(self) -> bool:
+        """True for source `anchors`: `loss()` is then a per-optimizer-step mean over the anchor batch, not a
+        per-token sum, and a host that divides its loss by the accumulation steps must scale it back."""
+        return self.anchors is not None
 
     @property
     def attached(self) -> bool:

@@ -28,6 +28,7 @@ def penalty_positions(
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     first_n: int = 1,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean [B, T] mask of the positions the penalty is evaluated at.
 
@@ -37,6 +38,8 @@ def penalty_positions(
         labels: [B, T] labels with -100 for unsupervised tokens (needed by `supervised`, `first_n`).
         attention_mask: [B, T], 1 for real tokens (used by `all`; all positions when None).
         first_n: for `first_n`.
+        shift_labels: labels already shifted left (as context/sequence-parallel collators pass them); used
+            unshifted when `labels` is None.
 
     Raises:
         STRConfigError: a mode that needs labels got none, or an unknown mode.
@@ -49,6 +52,9 @@ def penalty_positions(
         raise STRConfigError(
             f"`penalty.positions` {mode!r} is unknown: use 'supervised', 'all' or 'first_n'."
         )
+    if labels is None and shift_labels is not None:
+        mask = shift_labels.to(device) != IGNORE_INDEX
+        return mask & (torch.cumsum(mask.long(), dim=1) <= first_n) if mode == "first_n" else mask
     if labels is None:
         raise STRConfigError(
             f"`penalty.positions` is {mode!r}, which needs labels, but the forward got none: pass `labels=` to "

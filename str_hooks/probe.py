@@ -112,3 +112,40 @@ def refusal_probe(
         responses=responses,
         refused=refused,
     )
+
+
+class ProbeRunner:
+    """Runs the refusal probe on schedule for a trainer integration (`probe.every` optimizer steps).
+
+    Args:
+        config: the `probe` section of an STRConfig.
+        tokenizer: the model's tokenizer.
+
+    Raises:
+        STRConfigError: the prompts file is empty or lacks the column.
+    """
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        from str_hooks.prompts import read_text_list, resolve_texts
+
+        self.every = int(config.every)
+        self.max_new_tokens = int(config.max_new_tokens)
+        self.phrases = tuple(config.phrases) if config.phrases else DEFAULT_REFUSAL_PHRASES
+        if config.prompts_path is not None:
+            prompts = read_text_list(config.prompts_path, column=config.column, what="probe prompts")
+        else:
+            # The package's anchor prompts, from the end of the list: `anchors` batches start elsewhere
+            # in a shuffled order, so this is an early warning, not a held-out evaluation.
+            prompts = resolve_texts(None, "harmful_anchors", "probe prompts")[::-1]
+        self.prompts = prompts[: config.n_prompts]
+        self.tokenizer = tokenizer
+        self.last: ProbeResult | None = None
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def run(self, model: Any) -> ProbeResult:
+        self.last = refusal_probe(
+            model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, phrases=self.phrases
+        )
+        return self.last

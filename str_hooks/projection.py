@@ -156,14 +156,21 @@ class LogitTransform:
     def from_config(cls, config: Any) -> LogitTransform:
         if config is None:
             return cls()
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
         softcap = getattr(config, "final_logit_softcapping", None)
         scale = 1.0
-        logit_scale = getattr(config, "logit_scale", None)  # Cohere multiplies
-        if isinstance(logit_scale, (int, float)):
-            scale *= float(logit_scale)
-        logits_scaling = getattr(config, "logits_scaling", None)  # Granite divides
+        # Cohere multiplies by logit_scale; some models call it output_multiplier or lm_head_multiplier.
+        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+            value = getattr(config, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                scale *= float(value)
+                break
+        logits_scaling = getattr(config, "logits_scaling", None)
         if isinstance(logits_scaling, (int, float)) and logits_scaling:
-            scale /= float(logits_scaling)
+            # Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies.
+            is_hyperclovax = getattr(config, "model_type", None) == "hyperclovax"
+            scale = scale * float(logits_scaling) if is_hyperclovax else scale / float(logits_scaling)
         return cls(softcap=float(softcap) if softcap else None, scale=scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

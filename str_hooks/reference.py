@@ -63,8 +63,8 @@ class _ForwardReference:
                     )
                 out = safety_logprobs(ref.logits, positions_here, self.tap.rows._ids_cpu)
             else:
-                assert ref.hidden is not None  # tap.run guarantees it
-                out = self.tap.rows.project(ref.hidden[positions_here])
+                assert ref.safety_logits is not None  # tap.run guarantees it
+                out = ref.safety_logits[positions_here]
         return out.to(positions.device)
 
     def detach(self) -> None:

@@ -38,6 +38,9 @@ NON_INPUT_KWARGS = frozenset(
         "past_key_values",
         "logits_to_keep",
         "return_token_type_ids",
+        "shift_labels",
+        "fused_lm_head",  # TRL's fused LM head: the reference forward needs hidden states only
+        "output_router_logits",
     }
 )
 
@@ -60,7 +63,8 @@ class Sink:
     def __init__(self) -> None:
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
-        self.hidden: torch.Tensor | None = None
+        # [B, T, k] float32, projected inside the forward (where sharded heads are materialized).
+        self.safety_logits: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.training: bool = False
         self.grad_enabled: bool = False
@@ -133,7 +137,10 @@ class ModelTap:
         self.sink = sink
 
     def _on_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.sink.hidden = hidden_from_output(output)
+        # Project here, inside the causal LM's forward: under FSDP2 the root's parameters (the head among
+        # them) are unsharded only while its forward runs.
+        hidden = hidden_from_output(output)
+        self.sink.safety_logits = None if hidden is None else self.rows.project(hidden)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", None)
@@ -149,7 +156,7 @@ class ModelTap:
             self.sink = saved
 
     def take(self) -> Sink:
-        """Hand over the current capture and forget it (frees the hidden state once the loss is built)."""
+        """Hand over the current capture and forget it (frees it once the loss is built)."""
         sink, self.sink = self.sink, Sink()
         return sink
 
@@ -170,7 +177,7 @@ class ModelTap:
         with self.redirect():
             self.causal_lm(*args, **kwargs)
             sink = self.sink
-        if sink.hidden is None:
+        if sink.safety_logits is None:
             raise STRAttachError(
                 f"the decoder {type(self.decoder).__name__} of {type(self.causal_lm).__name__} did not yield a "
                 "hidden-state tensor; pass `decoder=` naming the module whose output is the final normed "
@@ -189,8 +196,8 @@ class ModelTap:
         ids = torch.tensor([probe_ids], dtype=torch.long, device=self.device())
         with torch.no_grad(), eval_mode(self.causal_lm):
             sink = self.run(input_ids=ids, attention_mask=torch.ones_like(ids))
-            assert sink.hidden is not None  # run() guarantees it
-            projected = self.rows.project(sink.hidden)
+            projected = sink.safety_logits
+            assert projected is not None  # run() guarantees it
         if not torch.isfinite(projected).all():
             raise STRAttachError(
                 "the projected safety logits are NaN/inf on a probe input: the model's weights are not finite."
