@@ -1,0 +1,335 @@
+"""Hugging Face Trainer and TRL SFTTrainer integration: `STRCallback` and `attach(trainer, cfg)`.
+
+A `TrainerCallback` cannot change the loss, and TRL's default (fused LM head) loss path ignores
+`outputs.loss`, so the penalty reaches the loss by wrapping `trainer.compute_loss` on the instance;
+the callback drives the rest (attach after model wrapping, optimizer steps, metrics, probe, resume).
+`attach()` does both; `STRCallback` alone finds its trainer at train begin and attaches itself, or
+raises, never training without the penalty.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.errors import STRError
+from str_hooks.hook import STRHandle, register_str_hook
+from str_hooks.integrations import require
+from str_hooks.probe import ProbeRunner
+from str_hooks.projection import ModuleSpec
+from str_hooks.schemas.config import STRConfig, load_config
+from str_hooks.tokens import SafetyTokens
+
+transformers: Any = require("transformers", "hf")
+
+# Key of the STR state inside TrainerState.stateful_callbacks (saved in every checkpoint's
+# trainer_state.json). Not a callback class name, so the Trainer's own callback restoring leaves it alone.
+STATE_KEY = "str_hooks"
+_WRAPPED_ATTR = "_str_hooks_callback"
+
+
+class STRCallback(transformers.TrainerCallback):
+    """Safety Token Regularization for the Hugging Face `Trainer` and TRL's `SFTTrainer`.
+
+    Args:
+        config: an `STRConfig`, a dict, a YAML/JSON path, or None for the defaults. Validated here.
+        tokenizer: the model's tokenizer (default: the trainer's `processing_class`).
+        tokens: safety tokens; None mines them at train begin as `config.tokens` says.
+        reference_model: the frozen aligned model for `reference.source: model`.
+        decoder: override for the decoder module (module, attribute path, or callable).
+        head: override for the LM head.
+
+    Raises:
+        pydantic.ValidationError: the config is invalid (at construction).
+        STRError: at train begin, when the callback cannot reach the trainer's loss (then call
+            `attach(trainer, cfg)`), or with `DataParallel` (use DDP).
+
+    Example:
+        >>> from str_hooks.integrations.hf import STRCallback  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds,  # doctest: +SKIP
+        ...                   callbacks=[STRCallback({"coef": 0.1}, tokenizer=tok)])
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: STRConfig | dict[str, Any] | str | Path | None = None,
+        *,
+        tokenizer: Any = None,
+        tokens: SafetyTokens | None = None,
+        reference_model: nn.Module | None = None,
+        decoder: ModuleSpec = None,
+        head: ModuleSpec = None,
+    ) -> None:
+        self.config = load_config(config if config is not None else STRConfig())
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.reference_model = reference_model
+        self.decoder = decoder
+        self.head = head
+        self.handle: STRHandle | None = None
+        self.trainer: Any = None
+        self.probe: ProbeRunner | None = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._pending: dict[str, float] = {}
+
+    # -- the loss ------------------------------------------------------------------------------------
+    def penalty(self, trainer: Any, num_items_in_batch: Any) -> torch.Tensor:
+        """The penalty term for the micro-batch just forwarded, normalized exactly like the trainer's CE.
+
+        The rule (DESIGN section 3), read from the trainer's own flags at run time: when the loss is
+        already scaled for gradient accumulation (normalized by `num_items_in_batch`, the model accepting
+        loss kwargs or a `compute_loss_func`), add `coef * pen_sum / num_items_in_batch`, times
+        `num_processes // tp_size` when `average_tokens_across_devices` (the trainer applied that factor to
+        its CE to undo DDP's gradient averaging); otherwise the trainer divides by the accumulation steps,
+        so add the per-micro-batch mean.
+        """
+        handle = self.handle
+        if handle is None:
+            raise STRError(
+                "the STR hook is not attached: training must go through trainer.train(), which attaches it at "
+                "train begin."
+            )
+        scaled = _loss_is_scaled_for_ga(trainer, num_items_in_batch)
+        ga_steps = int(
+            getattr(trainer, "current_gradient_accumulation_steps", None)
+            or trainer.args.gradient_accumulation_steps
+        )
+        if handle.uses_anchors:
+            # A per-optimizer-step mean over the anchor batch: undo the trainer's division by GA.
+            value = handle.loss()
+            if not scaled:
+                value = value * ga_steps
+        elif scaled and num_items_in_batch is not None:
+            value = handle.loss(num_items_in_batch=num_items_in_batch)
+            if trainer.args.average_tokens_across_devices:
+                value = value * _device_loss_scale(trainer)
+        elif scaled:
+            value = handle.loss() / ga_steps
+        else:
+            value = handle.loss()
+        self._accumulate(handle)
+        return value
+
+    def _accumulate(self, handle: STRHandle) -> None:
+        metrics = handle.metrics()
+        if "penalty" not in metrics:
+            return
+        for key in ("penalty", "drift", "abs_drift", "pen_mean", "coef"):
+            self._sums[key] = self._sums.get(key, 0.0) + metrics[key]
+        self._count += 1
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        trainer = self.trainer or _find_calling_trainer(self)
+        if trainer is None:
+            raise STRError(
+                "STRCallback cannot reach this trainer's loss (a callback can only change `control`): attach "
+                "it with `str_hooks.integrations.hf.attach(trainer, cfg)` before trainer.train()."
+            )
+        if self.trainer is None:
+            _wrap_compute_loss(trainer, self)
+        if getattr(args, "n_gpu", 0) > 1:
+            raise STRError(
+                f"STR does not support torch.nn.DataParallel (n_gpu={args.n_gpu}): launch one process per GPU "
+                "(torchrun / accelerate launch) for DDP."
+            )
+        _move_to_front(trainer, self)
+        tokenizer = self.tokenizer if self.tokenizer is not None else kwargs.get("processing_class")
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+        saved: dict[str, Any] = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY) or {}
+        resuming = bool(saved) and state.global_step > 0
+        tokens = self.tokens
+        if resuming and tokens is None:
+            tokens = SafetyTokens.from_dict(saved["tokens"], source="the checkpoint's STR state")
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = register_str_hook(
+            trainer.model,
+            self.config,
+            tokens=tokens,
+            tokenizer=tokenizer,
+            reference_model=self.reference_model,
+            decoder=self.decoder,
+            head=self.head,
+        )
+        if resuming:
+            self.handle.load_state_dict(saved)
+        if self.config.probe.every > 0:
+            if tokenizer is None:
+                raise STRError(
+                    "`probe.every` is set but no tokenizer was given: pass tokenizer= to STRCallback."
+                )
+            self.probe = ProbeRunner(self.config.probe, tokenizer)
+        self._sums, self._count, self._pending = {}, 0, {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.handle is None:
+            return
+        self.handle.step()
+        # Saved in trainer_state.json by every checkpoint that follows this step.
+        state.stateful_callbacks[STATE_KEY] = self.handle.state_dict()
+        if self.probe is not None and self.probe.due(state.global_step) and model is not None:
+            result = self.probe.run(model)
+            self._pending[f"{self.config.logging.prefix}refusal_rate"] = result.refusal_rate
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        if logs is None or "loss" not in logs or self.handle is None:
+            return  # evaluation logs and the end-of-training summary carry no STR metrics
+        prefix = self.config.logging.prefix
+        extra = dict(self._pending)
+        if self._count:
+            # Means over the micro-batches since the last log; coef as it was when they were computed.
+            for key in ("penalty", "drift", "abs_drift", "coef"):
+                extra[f"{prefix}{key}"] = self._sums[key] / self._count
+        else:
+            extra[f"{prefix}coef"] = self.handle.current_coef()
+        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+        logs.update(extra)
+        # The Trainer appended this step's entry to log_history just before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+        self._sums, self._count, self._pending = {}, 0, {}
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def attach(
+    trainer: Any,
+    config: STRConfig | dict[str, Any] | str | Path | STRCallback | None = None,
+    *,
+    tokenizer: Any = None,
+    tokens: SafetyTokens | None = None,
+    reference_model: nn.Module | None = None,
+    decoder: ModuleSpec = None,
+    head: ModuleSpec = None,
+) -> STRCallback:
+    """Add STR to a `Trainer` / `SFTTrainer`: wraps `trainer.compute_loss` on the instance and adds the
+    callback (first in the list, so metrics reach the reporting callbacks). Works on every loss path,
+    TRL's fused LM head included. Call before `trainer.train()`.
+
+    Args:
+        trainer: the Trainer.
+        config: the STR config, or an `STRCallback` already built (reused as is).
+        tokenizer, tokens, reference_model, decoder, head: as for `STRCallback`.
+
+    Returns:
+        The `STRCallback` (its `.handle` is set once training begins).
+
+    Raises:
+        STRError: STR is already attached to this trainer with another callback.
+
+    Example:
+        >>> from str_hooks.integrations.hf import attach  # doctest: +SKIP
+        >>> attach(trainer, {"coef": 0.1}, tokenizer=tok)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+    existing = getattr(trainer, _WRAPPED_ATTR, None)
+    if isinstance(config, STRCallback):
+        callback = config
+    else:
+        present = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STRCallback)]
+        if (
+            present
+            and config is None
+            and all(v is None for v in (tokenizer, tokens, reference_model, decoder, head))
+        ):
+            callback = present[0]
+        elif present:
+            raise STRError(
+                "this trainer already has an STRCallback; call attach(trainer) without a config to use it, or "
+                "remove it first."
+            )
+        else:
+            callback = STRCallback(
+                config,
+                tokenizer=tokenizer,
+                tokens=tokens,
+                reference_model=reference_model,
+                decoder=decoder,
+                head=head,
+            )
+    if existing is not None and existing is not callback:
+        raise STRError("STR is already attached to this trainer; attach it once.")
+    if existing is None:
+        _wrap_compute_loss(trainer, callback)
+    if callback not in trainer.callback_handler.callbacks:
+        trainer.callback_handler.callbacks.insert(0, callback)
+    _move_to_front(trainer, callback)
+    return callback
+
+
+def _wrap_compute_loss(trainer: Any, callback: STRCallback) -> None:
+    original = trainer.compute_loss
+
+    def compute_loss(
+        model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not trainer.model.training:
+            return result  # evaluation: the reported eval loss excludes the penalty
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + callback.penalty(trainer, num_items_in_batch).to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    trainer.compute_loss = compute_loss
+    setattr(trainer, _WRAPPED_ATTR, callback)
+    callback.trainer = trainer
+
+
+def _loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Mirror of Trainer.training_step: whether the loss is already normalized over the accumulated batch
+    (then the Trainer does not divide it by the accumulation steps)."""
+    explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if explicit is not None:
+        return bool(explicit)
+    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    return (accepts and num_items_in_batch is not None) or getattr(
+        trainer, "compute_loss_func", None
+    ) is not None
+
+
+def _device_loss_scale(trainer: Any) -> int:
+    get_tp = getattr(trainer, "get_tp_size", None)
+    tp_size = int(get_tp()) if callable(get_tp) else 1
+    return int(trainer.accelerator.num_processes) // max(tp_size, 1)
+
+
+def _move_to_front(trainer: Any, callback: STRCallback) -> None:
+    # User callbacks' on_log run after the built-in reporting callbacks unless first in the list.
+    callbacks = trainer.callback_handler.callbacks
+    if callbacks and callbacks[0] is not callback:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
+
+
+def _find_calling_trainer(callback: STRCallback) -> Any:
+    """The Trainer whose train() is firing on_train_begin: the first `self` up the stack that is a
+    `transformers.Trainer` holding this callback."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if (
+                isinstance(candidate, transformers.Trainer)
+                and callback in candidate.callback_handler.callbacks
+            ):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+__all__ = ["STATE_KEY", "STRCallback", "attach"]

@@ -1,0 +1,169 @@
+"""Worker for the 2-process CPU (gloo) tests, launched with `python -m torch.distributed.run`.
+
+Usage: dist_worker.py MODE OUTDIR, MODE one of
+  trainer / sft : HF Trainer / TRL SFTTrainer under DDP, per-device batch 4, one SGD step (lr 1).
+  fsdp2         : plain loop, `fully_shard` on every decoder layer and the root, full fine-tuning with a
+                  frozen reference copy; the head is a sharded DTensor outside the forward.
+  fsdp2_frozen_head : as fsdp2 but the head is frozen (rows read once from DTensor shards).
+  trainer_fsdp2 : the HF Trainer with accelerate's FSDP plugin (fsdp_version 2), full fine-tuning with a
+                  frozen reference copy, one SGD step (lr 1).
+Rank 0 writes the update / gradient of every trainable parameter to OUTDIR/result.safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_common import COEF, PadCollator, examples, trainable_snapshot
+
+from str_hooks import mine_safety_tokens, register_str_hook
+from str_hooks.testing import make_lora, make_model, make_tokenizer
+
+
+def hf_mode(mode: str, out: Path) -> None:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+    from trl import SFTConfig, SFTTrainer
+
+    from str_hooks.integrations.hf import attach
+
+    tokenizer = make_tokenizer()
+    tokens = mine_safety_tokens(tokenizer, k=12)
+    rows = examples(tokenizer)
+    reference = None
+    cfg: dict[str, object] = {"coef": COEF}
+    if mode == "trainer_fsdp2":
+        model = make_model("llama")
+        reference = copy.deepcopy(model).requires_grad_(False)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        cfg["reference"] = {"source": "model"}
+    else:
+        model = make_lora(make_model("llama"))
+    before = trainable_snapshot(model)
+    args = dict(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        remove_unused_columns=False,
+        bf16=False,
+        ddp_backend="gloo",
+    )
+    if mode == "trainer_fsdp2":
+        args.update(
+            fsdp="full_shard",
+            fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        )
+    if mode in ("trainer", "trainer_fsdp2"):
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**args),
+            train_dataset=rows,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+        )
+    else:
+        dataset = Dataset.from_list(
+            [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows]
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**args, completion_only_loss=True, max_length=None),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    attach(trainer, cfg, tokens=tokens, reference_model=reference)
+    trainer.train()
+    assert trainer.args.world_size == 2
+    after = {
+        n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainable_snapshot(model).items()
+    }
+    if dist.get_rank() == 0:
+        save_file({n: (before[n] - after[n]).contiguous() for n in before}, str(out / "result.safetensors"))
+
+
+def fsdp2_mode(mode: str, out: Path) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer = make_tokenizer()
+    tokens = mine_safety_tokens(tokenizer, k=12)
+    rows = examples(tokenizer)
+    model = make_model("llama")
+    reference = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if mode == "fsdp2_frozen_head":
+        model.lm_head.weight.requires_grad_(False)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    batch = PadCollator(tokenizer.pad_token_id)(rows)
+    n_global = int((batch["labels"][:, 1:] != -100).sum())
+    local = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch.items()}
+    with register_str_hook(
+        model, {"coef": COEF, "reference": {"source": "model"}}, tokens=tokens, reference_model=reference
+    ) as handle:
+        model.train()
+        logits_out = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"])
+        shifted = local["labels"][:, 1:]
+        ce_sum = torch.nn.functional.cross_entropy(
+            logits_out.logits[:, :-1].reshape(-1, logits_out.logits.shape[-1]).float(),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        # The forward got no labels (the CE is computed here), so hand them to the penalty.
+        loss = ce_sum / n_global + handle.loss(num_items_in_batch=n_global, labels=local["labels"])
+        # FSDP averages gradients over ranks; each rank's term is already a share of the global sum.
+        (loss * world).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            full = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = full.detach().clone().contiguous()
+    if rank == 0:
+        save_file(grads, str(out / "result.safetensors"))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    if mode in ("trainer", "sft", "trainer_fsdp2"):
+        hf_mode(mode, out)
+    else:
+        fsdp2_mode(mode, out)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{mode}: ok")
+
+
+if __name__ == "__main__":
+    main()

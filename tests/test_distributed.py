@@ -1,0 +1,122 @@
+"""Two CPU processes (gloo): DDP through the HF Trainer and TRL's SFTTrainer, and FSDP2 (`fully_shard`).
+
+Each launches tests/dist_worker.py with torch.distributed.run and compares rank 0's result with the same
+computation in one process over the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_common import COEF, PadCollator, examples, hand_written_loss
+from safetensors.torch import load_file
+
+from str_hooks.testing import make_lora, make_model
+
+WORKER = Path(__file__).parent / "dist_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(mode: str, out: Path) -> dict[str, torch.Tensor]:
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        mode,
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return load_file(str(out / "result.safetensors"))
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = b[name].abs().max().clamp_min(1e-8)
+        err = (a[name] - b[name]).abs().max()
+        assert err <= rtol * scale + 1e-7, f"{name}: {float(err):.3g} vs {float(scale):.3g}"
+
+
+@pytest.mark.parametrize("mode", ["trainer", "sft"])
+def test_ddp_two_processes_equal_one_big_batch(
+    mode: str, tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    update = launch(mode, tmp_path)
+    torch.manual_seed(0)
+    model = make_lora(make_model("llama"))
+    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
+    hand_written_loss(model, batch, tokens.ids, tokens.weights, per_token=True).backward()
+    expected = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert_close(update, expected)
+
+
+def full_finetune_gradient(tokenizer: Any, tokens: Any, frozen_head: bool) -> dict[str, torch.Tensor]:
+    """One process, whole batch, by hand: CE + COEF * mse penalty against a frozen copy, per-token mean."""
+    model = make_model("llama")
+    reference = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if frozen_head:
+        model.lm_head.weight.requires_grad_(False)
+    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits.float()
+    with torch.no_grad():
+        ref = reference(**inputs).logits.float()
+    shifted = batch["labels"][:, 1:]
+    n = int((shifted != -100).sum())
+    ce_sum = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    where = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    where[:, :-1] = shifted != -100
+    d = logits[where][:, tokens.ids] - ref[where][:, tokens.ids]
+    pen_sum = (d.square() * torch.tensor(tokens.weights)).sum()
+    ((ce_sum + COEF * pen_sum) / n).backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_frozen_head"])
+def test_fsdp2_two_processes_equal_one_big_batch(
+    mode: str, tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """`fully_shard` on every layer and the root: the head is a sharded DTensor outside the forward."""
+    grads = launch(mode, tmp_path)
+    expected = full_finetune_gradient(tokenizer, tokens, frozen_head=mode == "fsdp2_frozen_head")
+    assert ("lm_head.weight" in expected) == (mode == "fsdp2")
+    assert_close(grads, expected, rtol=2e-5)
+
+
+def test_trainer_with_accelerate_fsdp2_plugin(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """The HF Trainer with accelerate's FSDP plugin (fsdp_version 2) on CPU, full fine-tuning."""
+    update = launch("trainer_fsdp2", tmp_path)
+    assert_close(update, full_finetune_gradient(tokenizer, tokens, frozen_head=False), rtol=2e-5)
