@@ -313,3 +313,45 @@ def test_reference_model_source_full_finetune(tmp_path: Path, tokenizer: Any, to
     fresh(**batch).loss.backward()
     expected = {n: p.grad.detach().clone() for n, p in fresh.named_parameters()}
     assert_close(update, expected, rtol=1e-4)
+
+
+def test_sft_assistant_only_loss_on_conversations(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """TRL's assistant-only masking (chat template with generation tags) on a conversational dataset:
+    the update equals the hand-written loss on the very batch TRL's collator builds."""
+    from str_hooks.prompts import default_texts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+        "{% else %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    prompts, answers = default_texts("benign_prompts"), default_texts("benign_contrast")
+    conversations = [
+        {
+            "messages": [
+                {"role": "user", "content": prompts[i]},
+                {"role": "assistant", "content": answers[i][: 20 + 9 * i]},
+            ]
+        }
+        for i in range(8)
+    ]
+    model = fresh_model()
+    before = trainable_snapshot(model)
+    args = common_args(tmp_path, 8, 1)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**args, assistant_only_loss=True, max_length=None),
+        train_dataset=Dataset.from_list(conversations),
+        processing_class=tok,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    attach(trainer, {"coef": COEF}, tokens=tokens)
+    trainer.train()
+    update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
+    reference = fresh_model()
+    hand_written_loss(reference, batch, tokens.ids, tokens.weights, per_token=True).backward()
+    assert_close(
+        update, {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+    )
