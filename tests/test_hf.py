@@ -355,3 +355,29 @@ def test_sft_assistant_only_loss_on_conversations(tmp_path: Path, tokenizer: Any
     assert_close(
         update, {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     )
+
+
+def test_reporting_callbacks_see_the_metrics(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """A reporting callback listed before STRCallback still receives str/* in on_log (the STR callback
+    moves itself first, so its on_log runs before every reporter)."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: list[dict[str, float]] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.seen.append(dict(logs or {}))
+
+    recorder = Recorder()
+    rows = examples(tokenizer)
+    trainer = Trainer(
+        model=fresh_model(),
+        args=TrainingArguments(**common_args(tmp_path, 4, 1, steps=2)),
+        train_dataset=rows,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[recorder, STRCallback({"coef": 1.0}, tokens=tokens)],
+    )
+    trainer.train()
+    train_logs = [logs for logs in recorder.seen if "loss" in logs]
+    assert len(train_logs) == 2 and all("str/penalty" in logs for logs in train_logs)
