@@ -1,4 +1,5 @@
-"""`str-hooks` command line: `mine` (safety tokens to JSON) and `cache` (a reference cache).
+"""`str-hooks` command line: `eval` (refusal rate), `mine` (safety tokens to JSON), `cache` (a reference
+cache).
 
 Both load a local model / tokenizer with transformers (the `hf` extra).
 """
@@ -106,9 +107,69 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from str_hooks.probe import DEFAULT_REFUSAL_PHRASES, refusal_probe
+    from str_hooks.prompts import read_text_list
+
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    model = _load_model(args.model)
+    if args.adapter:
+        from str_hooks.integrations import require
+
+        peft: Any = require("peft", "hf")
+        model = peft.PeftModel.from_pretrained(model, args.adapter).eval()
+    prompts = read_text_list(args.prompts, column=args.column, what="prompts")
+    if args.limit:
+        prompts = prompts[: args.limit]
+    phrases = read_text_list(args.phrases, what="refusal phrases") if args.phrases else list(DEFAULT_REFUSAL_PHRASES)
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None and out_path.exists() and not args.overwrite:
+        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it.")
+    from tqdm.auto import tqdm
+
+    responses: list[str] = []
+    refused: list[bool] = []
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
+        part = refusal_probe(
+            model,
+            tokenizer,
+            prompts[start : start + args.batch_size],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            phrases=phrases,
+        )
+        responses += part.responses
+        refused += part.refused
+    rate = sum(refused) / len(refused)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("w", encoding="utf-8") as fh:
+            for prompt, response, flag in zip(prompts, responses, refused, strict=True):
+                fh.write(json.dumps({"prompt": prompt, "response": response, "refused": flag}) + "\n")
+    print(
+        f"refusal rate {100 * rate:.1f} % ({sum(refused)}/{len(refused)}) on {args.prompts}; judge: "
+        f"{len(phrases)} phrases, case-sensitive substring match; greedy, {args.max_new_tokens} new tokens"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="str-hooks", description="Safety Token Regularization tools.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="refusal rate of a model on a prompt file (keyword-judged greedy replies)")
+    ev.add_argument("--model", required=True, help="local model directory")
+    ev.add_argument("--tokenizer", help="local tokenizer directory (default: --model)")
+    ev.add_argument("--adapter", help="a PEFT adapter directory to load on top of --model")
+    ev.add_argument("--prompts", required=True, help="prompts: .txt (one per line), .json list, .csv or .jsonl")
+    ev.add_argument("--column", help="column holding the prompt in a CSV/JSONL file")
+    ev.add_argument("--phrases", help="refusal phrases file (default: the package's own list)")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="only the first N prompts")
+    ev.add_argument("--out", help="per-prompt JSONL (prompt, response, refused)")
+    ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ev.set_defaults(func=_eval)
 
     mine = sub.add_parser("mine", help="mine safety tokens and write them as JSON")
     mine.add_argument(

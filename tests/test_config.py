@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
+
 from str_hooks.schemas.config import (
     LoggingConfig,
     PenaltyConfig,

@@ -1,0 +1,457 @@
+"""Lightning integration: `STRCallback` adds the Safety Token Regularization penalty to the loss that a
+LightningModule's `training_step` returns, and logs its metrics with `pl_module.log`."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.integrations import require
+
+require("lightning", "lightning")  # an ImportError naming `pip install 'str-hooks[lightning]'`
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+from typing_extensions import override  # noqa: E402
+
+from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
+from str_hooks.hook import STRHandle, register_str_hook  # noqa: E402
+from str_hooks.probe import ProbeRunner  # noqa: E402
+from str_hooks.projection import ModuleSpec  # noqa: E402
+from str_hooks.schemas.config import STRConfig, load_config  # noqa: E402
+from str_hooks.tokens import SafetyTokens  # noqa: E402
+
+ModelSpec = nn.Module | str | Callable[[pl.LightningModule], nn.Module] | None
+
+# Marker on the wrapper we put on `pl_module.training_step`, so a second callback cannot wrap it twice.
+_WRAPPED_ATTR = "_str_hooks_wrapped"
+
+
+class STRCallback(pl.Callback):
+    r"""Safety Token Regularization for a LightningModule that fine-tunes a causal LM.
+
+    In `setup("fit")` the callback finds the causal LM inside the LightningModule, attaches the STR hook
+    to it (`register_str_hook`) and wraps `pl_module.training_step` on the instance, so the loss it
+    returns gains the penalty as a per-micro-batch mean (like an HF causal LM's cross-entropy): Lightning's
+    division by `accumulate_grad_batches`, its AMP scaling and DDP's gradient averaging then treat the
+    penalty exactly like the loss. When the LightningModule builds its model in its own `setup` or in
+    `configure_model` (both run after callbacks' `setup`), the callback attaches in `on_fit_start`.
+
+    Once per optimizer step it advances the coef warm-up and the anchor schedule and logs, with
+    `pl_module.log` (prefix `logging.prefix`, default `str/`): `penalty` (the term in that step's loss),
+    `drift` and `abs_drift` (mean z - r and |z - r| of the safety logits), `drift/<token>` for the
+    `logging.top_tokens` highest-weight tokens, `coef`, `skipped` (with `penalty.on_nonfinite: skip`) and,
+    every `probe.every` steps, `refusal_rate`. `teardown` and `on_exception` detach the hook and restore
+    `training_step`; `state_dict` / `load_state_dict` carry the step count through checkpoints.
+
+    Args:
+        config: an `STRConfig`, a dict, or a YAML/JSON path; None uses the defaults (default: None).
+        tokenizer: the model's tokenizer; needed to mine safety tokens, for `reference.source: anchors`
+            and for the refusal probe (default: None).
+        tokens: safety tokens (`mine_safety_tokens` / `SafetyTokens.load`); None mines them with
+            `tokenizer` or loads `tokens.path` (default: None).
+        reference_model: the frozen aligned model, for `reference.source: model` (default: None).
+        model: the causal LM inside the LightningModule: an attribute path from it (`"model"`,
+            `"net.lm"`), a callable taking the LightningModule, or the module itself. None finds it: the
+            LightningModule itself when it has `get_output_embeddings()`, else its shallowest submodule that
+            is a PEFT model or has `get_output_embeddings()` (any transformers `PreTrainedModel`)
+            (default: None).
+        decoder: the decoder backbone, when it cannot be found inside the causal LM (a module, an
+            attribute path from the causal LM, or a callable) (default: None).
+        head: the LM head, likewise (default: None).
+
+    Raises:
+        pydantic.ValidationError: the config is invalid (at construction).
+        STRConfigError: the probe is on without a tokenizer, or there are neither tokens nor a tokenizer
+            (at construction).
+        STRAttachError: no causal LM is found, `model=` names a missing attribute path, the LightningModule
+            uses manual optimization, or the hook cannot attach (at `setup` / `on_fit_start`).
+        STRError: `training_step` returned something other than the loss (at the first step).
+
+    Example::
+
+        import lightning.pytorch as L
+        import torch
+        from str_hooks.integrations.lightning import STRCallback
+        from str_hooks.testing import make_batch, make_lora, make_model, make_tokenizer
+
+        class LitLM(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = make_lora(make_model("llama"))  # any HF causal LM, PEFT-wrapped or not
+
+            def training_step(self, batch, batch_idx):
+                return self.model(**batch).loss  # a tensor, or a dict with "loss"
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+        tok = make_tokenizer()
+        batch = make_batch(tok, n=8)  # input_ids, attention_mask, labels (-100 on prompt tokens)
+        loader = torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(8)], batch_size=2)
+        trainer = L.Trainer(
+            callbacks=[STRCallback({"coef": 0.1}, tokenizer=tok)],
+            accumulate_grad_batches=4,
+            max_steps=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(LitLM(), loader)
+    """
+
+    def __init__(
+        self,
+        config: STRConfig | dict[str, Any] | str | Path | None = None,
+        *,
+        tokenizer: Any = None,
+        tokens: SafetyTokens | None = None,
+        reference_model: nn.Module | None = None,
+        model: ModelSpec = None,
+        decoder: ModuleSpec = None,
+        head: ModuleSpec = None,
+    ) -> None:
+        super().__init__()
+        self.config = load_config(config if config is not None else STRConfig())
+        if model is not None and not isinstance(model, nn.Module | str) and not callable(model):
+            raise TypeError(
+                f"`model` must be an attribute path, a callable taking the LightningModule, or a module; got "
+                f"{type(model).__name__}."
+            )
+        if isinstance(model, str) and not model.strip("."):
+            raise ValueError(
+                f"`model` is the empty attribute path {model!r}: name it, e.g. 'model' or 'net.lm'."
+            )
+        if reference_model is not None and not isinstance(reference_model, nn.Module):
+            raise TypeError(
+                f"`reference_model` must be a torch module, got {type(reference_model).__name__}."
+            )
+        if tokens is None and tokenizer is None and self.config.tokens.path is None:
+            raise STRConfigError(
+                "STRCallback has no safety tokens and no tokenizer to mine them with: pass tokenizer=..., "
+                "tokens=... (from mine_safety_tokens or SafetyTokens.load), or set `tokens.path`."
+            )
+        self.probe: ProbeRunner | None = None
+        if self.config.probe.every > 0:
+            if tokenizer is None:
+                raise STRConfigError(
+                    f"`probe.every` is {self.config.probe.every}, but the refusal probe generates text and "
+                    "STRCallback has no tokenizer: pass tokenizer=..., or set `probe.every: 0`."
+                )
+            self.probe = ProbeRunner(self.config.probe, tokenizer)
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.reference_model = reference_model
+        self.model_spec = model
+        self.decoder = decoder
+        self.head = head
+        self._handle: STRHandle | None = None
+        self._pl_module: pl.LightningModule | None = None
+        self._causal_lm: nn.Module | None = None
+        self._original_step: Any = None  # the instance attribute `training_step` we shadowed, if any
+        self._deferred = False
+        # State to apply at the next attach: from `load_state_dict` (Lightning restores callbacks after
+        # `setup`, or after `on_fit_start` for strategies that restore late) or from a previous fit.
+        self._pending_state: dict[str, Any] | None = None
+        self._accumulate = 1
+        self._reset_step_stats()
+
+    # -- public state --------------------------------------------------------------------------------
+    @property
+    def handle(self) -> STRHandle | None:
+        """The attached `STRHandle` during `fit`, None outside it."""
+        return self._handle
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen (drives the coef warm-up and the anchor schedule); kept across fits."""
+        if self._handle is not None:
+            return self._handle.step_count
+        return int((self._pending_state or {}).get("step", 0))
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise STRAttachError(
+                f"{type(pl_module).__name__} uses manual optimization (automatic_optimization=False), where the "
+                "loss training_step returns is never used, so STRCallback cannot add the penalty: attach "
+                "str_hooks.register_str_hook to the model yourself and add handle.loss() to the loss you "
+                "pass to manual_backward."
+            )
+        try:
+            causal_lm = self._find_causal_lm(pl_module)
+        except STRAttachError:
+            # Lightning runs callbacks' `setup` before the LightningModule's own `setup` and
+            # `configure_model`, where models are often built or PEFT-wrapped: retry in `on_fit_start`.
+            if not (is_overridden("configure_model", pl_module) or is_overridden("setup", pl_module)):
+                raise
+            self._deferred = True
+            return
+        self._attach(trainer, pl_module, causal_lm)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._deferred:
+            return
+        self._deferred = False
+        self._attach(trainer, pl_module, self._find_causal_lm(pl_module))
+        handle = self._handle
+        assert handle is not None
+        if handle.uses_anchors and handle.peft_model is None and trainer.ckpt_path is not None:
+            self._detach()
+            raise STRAttachError(
+                "`reference.source` is 'anchors' with full fine-tuning, and the causal LM is built in "
+                f"{type(pl_module).__name__}.setup/configure_model, so STRCallback attaches after the "
+                "checkpoint's weights are loaded: the anchors' reference would be the fine-tuned model. Build "
+                "the model in __init__, or use PEFT adapters."
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning calls `on_exception`, not `teardown`, when fit raises: nothing may be left behind.
+        self._detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._handle is not None:
+            return {"handle": self._handle.state_dict()}
+        return {"handle": self._pending_state} if self._pending_state is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("handle")
+        if state is None:
+            return
+        if self._handle is not None:
+            self._handle.load_state_dict(state)
+        else:
+            self._pending_state = dict(state)
+
+    # -- per step ------------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning calls this exactly once per optimizer step, after the last micro-batch's backward, also
+        # for the shorter accumulation window at the end of an epoch (which a `batch_idx % accumulate`
+        # rule misses); the step itself is counted in `on_train_batch_end`, after the weights changed.
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        handle = self._handle
+        if handle is None or not self._stepped:
+            return
+        self._log_step(pl_module, handle)
+        handle.step()
+        self._reset_step_stats()
+        if self.probe is not None and self.probe.due(handle.step_count):
+            assert self._causal_lm is not None
+            # Every rank generates (identical weights, identical greedy replies): a sharded model needs all
+            # ranks in its forward, so the probe must not run on rank 0 alone.
+            result = self.probe.run(self._causal_lm)
+            pl_module.log(self._name("refusal_rate"), result.refusal_rate, on_step=True, on_epoch=False)
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _name(self, key: str) -> str:
+        return f"{self.config.logging.prefix}{key}"
+
+    def _find_causal_lm(self, pl_module: pl.LightningModule) -> nn.Module:
+        spec = self.model_spec
+        found: Any
+        if isinstance(spec, nn.Module):
+            found = spec
+        elif isinstance(spec, str):
+            found = pl_module
+            walked: list[str] = []
+            for part in spec.split("."):
+                if not hasattr(found, part):
+                    where = ".".join(walked) or type(pl_module).__name__
+                    raise STRAttachError(
+                        f"`model={spec!r}`: {type(pl_module).__name__} has no attribute path {spec!r} ({where} "
+                        f"has no attribute {part!r}); name the causal LM by its attribute path from the "
+                        "LightningModule, e.g. 'model' or 'net.lm', or pass a callable taking the LightningModule."
+                    )
+                walked.append(part)
+                found = getattr(found, part)
+            what = f"`model={spec!r}`"
+        elif spec is not None:
+            what = "the `model` callable"
+            try:
+                found = spec(pl_module)
+            except Exception as exc:  # a failed lookup is a model that cannot be found (maybe not yet built)
+                raise STRAttachError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+        else:
+            return _search_causal_lm(pl_module)
+        if not isinstance(found, nn.Module):
+            raise STRAttachError(f"{what} gives a {type(found).__name__}, not a torch module.")
+        return found
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, causal_lm: nn.Module) -> None:
+        self._detach()  # a previous fit that ended without teardown (should not happen, but be safe)
+        current = getattr(pl_module, "training_step", None)
+        if getattr(current, _WRAPPED_ATTR, False):
+            raise STRAttachError(
+                f"{type(pl_module).__name__}.training_step is already wrapped by another STRCallback: use one."
+            )
+        handle = register_str_hook(
+            causal_lm,
+            self.config,
+            tokens=self.tokens,
+            tokenizer=self.tokenizer,
+            reference_model=self.reference_model,
+            decoder=self.decoder,
+            head=self.head,
+        )
+        try:
+            if self._pending_state is not None:
+                handle.load_state_dict(self._pending_state)
+        except BaseException:
+            handle.remove()
+            raise
+        self._pending_state = None
+        self._handle = handle
+        self._pl_module = pl_module
+        self._causal_lm = causal_lm
+        self._accumulate = int(trainer.accumulate_grad_batches)
+        self._reset_step_stats()
+        self._original_step = pl_module.__dict__.get("training_step")
+        original = pl_module.training_step
+
+        # Lightning looks `training_step` up on the instance, also under DDP/FSDP (its forward redirection
+        # calls `getattr(module, "training_step")` inside the wrapper's forward), so this wrapper runs
+        # inside the strategy's forward and the penalty's gradient is reduced like the loss's.
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._add_penalty(pl_module, original(*args, **kwargs))
+
+        setattr(training_step, _WRAPPED_ATTR, True)
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def _detach(self) -> None:
+        pl_module, self._pl_module = self._pl_module, None
+        if pl_module is not None:
+            current = pl_module.__dict__.get("training_step")
+            if getattr(current, _WRAPPED_ATTR, False):
+                if self._original_step is not None:
+                    pl_module.training_step = self._original_step  # type: ignore[method-assign]
+                else:
+                    del pl_module.training_step
+        self._original_step = None
+        self._causal_lm = None
+        self._deferred = False
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            # Kept so that `state_dict()` after fit and a second fit continue from this step.
+            self._pending_state = handle.state_dict()
+            handle.remove()
+
+    def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
+        handle = self._handle
+        if handle is None:  # detached while a step was running (cannot happen in a normal fit)
+            return output
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            shape = (
+                f"a {type(output).__name__} without a 'loss' tensor" if isinstance(output, Mapping) else None
+            )
+            raise STRError(
+                f"{type(pl_module).__name__}.training_step returned {shape or type(output).__name__}: with "
+                "STRCallback, training_step must return the loss (a tensor, or a dict with a 'loss' tensor) so "
+                "the penalty can be added to it; returning None to skip a batch is not supported."
+            )
+        first_micro = self._micro == 0
+        anchor_due = first_micro and handle.step_count % self.config.reference.anchor_every == 0
+        term = handle.loss()
+        if handle.uses_anchors:
+            # The anchor term is a per-optimizer-step mean added on one micro-batch only; Lightning
+            # divides every micro-batch's loss by `accumulate_grad_batches`, so undo that here.
+            term = term * self._accumulate
+        self._record(handle, term, fresh=anchor_due if handle.uses_anchors else True)
+        new_loss = loss + term.to(loss.device)
+        if isinstance(output, Mapping):
+            if isinstance(output, dict):
+                updated = copy.copy(output)
+                updated["loss"] = new_loss
+                return updated
+            return {**output, "loss": new_loss}
+        return new_loss
+
+    def _reset_step_stats(self) -> None:
+        self._stepped = False
+        self._micro = 0
+        self._penalty_sum = 0.0
+        self._fresh = 0
+        self._sums: dict[str, float] = {}
+
+    def _record(self, handle: STRHandle, term: torch.Tensor, fresh: bool) -> None:
+        self._micro += 1
+        self._penalty_sum += float(term.detach())
+        if not fresh:
+            return
+        self._fresh += 1
+        for key, value in handle.metrics().items():
+            if key in ("drift", "abs_drift") or key.startswith("drift/"):
+                self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def _log_step(self, pl_module: pl.LightningModule, handle: STRHandle) -> None:
+        # `penalty` is the term in this optimizer step's loss: the micro-batches' terms after Lightning's
+        # division by `accumulate_grad_batches` (for anchors, the anchor term when one was due).
+        values = {"penalty": self._penalty_sum / self._accumulate, "coef": handle.current_coef()}
+        if self._fresh:
+            values.update({key: total / self._fresh for key, total in self._sums.items()})
+        if self.config.penalty.on_nonfinite == "skip":
+            values["skipped"] = handle.metrics()["skipped"]
+        for key, value in values.items():
+            pl_module.log(self._name(key), value, on_step=True, on_epoch=False, sync_dist=True)
+
+
+def _is_causal_lm(module: nn.Module) -> bool:
+    if hasattr(module, "disable_adapter") and hasattr(module, "get_base_model"):
+        return True  # a PEFT model
+    return callable(getattr(module, "get_output_embeddings", None))
+
+
+def _search_causal_lm(pl_module: pl.LightningModule) -> nn.Module:
+    """The LightningModule itself, or its shallowest submodule that looks like a causal LM."""
+    if _is_causal_lm(pl_module):
+        return pl_module
+    level: list[nn.Module] = [pl_module]
+    seen: set[int] = {id(pl_module)}
+    while level:
+        below: list[nn.Module] = []
+        for module in level:
+            for child in module.children():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if _is_causal_lm(child):
+                    return child
+                below.append(child)
+        level = below
+    raise STRAttachError(
+        f"could not find the causal LM inside {type(pl_module).__name__}: looked for the LightningModule itself "
+        "and its submodules being a PEFT model or having get_output_embeddings() (a transformers "
+        "PreTrainedModel). Pass `model=` to STRCallback: an attribute path such as 'model' or 'net.lm', or a "
+        "callable taking the LightningModule (and `decoder=` / `head=` if those cannot be found inside it)."
+    )
+
+
+__all__ = ["STRCallback"]
