@@ -56,14 +56,6 @@ def test_default_texts_ship_with_the_package() -> None:
     assert len(set(default_texts("harmful_anchors"))) == len(default_texts("harmful_anchors"))
 
 
-def test_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from str_hooks.demo import main
-
-    main(["--steps", "4"])
-    out = capsys.readouterr().out
-    assert "| plain LoRA SFT |" in out and "| STR adapter mse coef 1 |" in out
-
-
 def test_readme_documents_every_config_key() -> None:
     from str_hooks.schemas import (
         LoggingConfig,

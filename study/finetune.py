@@ -1,0 +1,325 @@
+"""One benign fine-tuning run of the aligned model, through the HF Trainer, with one method:
+plain SFT, STR (via `str_hooks.integrations.hf.attach`), KL-SFT, or refusal-data mixing."""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from str_hooks import build_reference_cache, mine_safety_tokens
+from str_hooks.integrations.hf import attach
+
+from .data import Example, StudyData
+from .model import collate, encode_example, exact_match, refusal_rate
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # plain | str | kl | mix
+    str_config: dict[str, Any] = field(default_factory=dict)
+    kl_beta: float = 1.0
+
+
+METHODS = {
+    m.name: m
+    for m in [
+        Method("plain SFT", "plain"),
+        Method("mix 10% refusals", "mix"),
+        Method("KL-SFT (full vocab, beta 1)", "kl"),
+        Method("STR adapter mse c1", "str", {"coef": 1.0, "reference": {"source": "adapter"}}),
+        Method(
+            "STR adapter hinge c1",
+            "str",
+            {"coef": 1.0, "penalty": {"form": "hinge"}, "reference": {"source": "adapter"}},
+        ),
+        Method("STR model mse c1", "str", {"coef": 1.0, "reference": {"source": "model"}}),
+        Method("STR cache mse c1", "str", {"coef": 1.0, "reference": {"source": "cache"}}),
+        Method("STR anchors mse c10", "str", {"coef": 10.0, "reference": {"source": "anchors"}}),
+        Method(
+            "STR anchors mse c10 every 8",
+            "str",
+            {"coef": 10.0, "reference": {"source": "anchors", "anchor_every": 8}},
+        ),
+        Method(
+            "STR anchors hinge c10",
+            "str",
+            {"coef": 10.0, "penalty": {"form": "hinge"}, "reference": {"source": "anchors"}},
+        ),
+        # The package's own anchor prompts, as a user without alignment data would run it.
+        Method(
+            "STR default-anchors mse c10",
+            "str",
+            {"coef": 10.0, "reference": {"source": "anchors"}},
+            kl_beta=0.0,
+        ),
+    ]
+}
+
+
+@dataclass
+class RunSpec:
+    task: str  # sort | gsm8k
+    mode: str  # lora | full
+    method: str
+    seed: int
+
+
+class _StepTimer(TrainerCallback):  # type: ignore[misc]
+    """Wall time of each optimizer step, and the refusal rate every `every` steps (not timed)."""
+
+    def __init__(self, probe: Any, every: int) -> None:
+        self.step_times: list[float] = []
+        self.curve: list[tuple[int, float]] = []
+        self.probe = probe
+        self.every = every
+        self._start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_times.append(time.perf_counter() - self._start)
+        if self.every and state.global_step % self.every == 0:
+            self.curve.append((state.global_step, self.probe()))
+
+
+class _KLTrainer(Trainer):  # type: ignore[misc]
+    """KL-regularized SFT: CE + beta * KL(p_ref || p_theta) over the full vocabulary at supervised positions."""
+
+    def __init__(self, *args: Any, beta: float, reference: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        self.reference = reference
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = outputs.logits[:, :-1].float()
+        target = labels[:, 1:]
+        keep = target != -100
+        ce = F.cross_entropy(logits[keep], target[keep])
+        with torch.no_grad():
+            if self.reference is None:
+                with model.disable_adapter():
+                    ref = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            else:
+                ref = self.reference(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits
+            ref_logp = torch.log_softmax(ref[:, :-1].float()[keep], dim=-1)
+        logp = torch.log_softmax(logits[keep], dim=-1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+        loss = ce + self.beta * kl
+        return (loss, outputs) if return_outputs else loss
+
+
+class _PeakRSS:
+    """Peak resident memory above the level at start, sampled every 5 ms (CPU runs have no allocator
+    statistics like torch.cuda.max_memory_allocated; this is coarse)."""
+
+    def __enter__(self) -> _PeakRSS:
+        self.process = psutil.Process()
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: int) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 32):
+            rows = [encode_example(tokenizer, e.prompt, e.response, max_len) for e in examples[i : i + 32]]
+            batch = collate(rows, tokenizer.pad_token_id)
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
+            target = batch["labels"][:, 1:]
+            keep = target != -100
+            total += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def run_one(
+    spec: RunSpec,
+    aligned_dir: Path,
+    data: StudyData,
+    task: tuple[list[Example], list[Example]],
+    *,
+    epochs: float,
+    max_len: int,
+    curve_every: int,
+    curve_prompts: int = 40,
+) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    method = METHODS[spec.method]
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(aligned_dir)
+    base = AutoModelForCausalLM.from_pretrained(aligned_dir)
+    reference = None
+    if spec.mode == "lora":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+        model = get_peft_model(
+            base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+        )
+        lr = 5e-3
+    else:
+        model = base
+        reference = copy.deepcopy(base).requires_grad_(False).eval()
+        lr = 1e-3
+    train, test = task
+    train_rows = [encode_example(tokenizer, e.prompt, e.response, max_len) for e in train]
+    if method.kind == "mix":
+        rng = random.Random(spec.seed)
+        n_mix = len(train_rows) // 9  # 10 % of the mixed set
+        train_rows += [
+            encode_example(
+                tokenizer, rng.choice(data.harmful_train), rng.choice(data.refusal_templates), max_len
+            )
+            for _ in range(n_mix)
+        ]
+    probe_prompts = data.harmful_heldout[:curve_prompts]
+
+    def probe() -> float:
+        return refusal_rate(model, tokenizer, probe_prompts, data.refusal_phrases)[0]
+
+    timer = _StepTimer(probe, curve_every)
+    workdir = Path(tempfile.mkdtemp(prefix="str-study-"))
+    args = TrainingArguments(
+        output_dir=str(workdir),
+        per_device_train_batch_size=16,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        remove_unused_columns=False,
+        bf16=False,
+    )
+    collator = _Collator(tokenizer.pad_token_id)
+    trainer_cls: Any = Trainer
+    extra: dict[str, Any] = {}
+    if method.kind == "kl":
+        trainer_cls = _KLTrainer
+        extra = {"beta": method.kl_beta, "reference": reference}
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train_rows, data_collator=collator, callbacks=[timer], **extra
+    )
+    setup_seconds = 0.0
+    if method.kind == "str":
+        cfg = copy.deepcopy(method.str_config)
+        setup_start = time.perf_counter()
+        tokens = mine_safety_tokens(tokenizer, k=32)
+        if cfg["reference"]["source"] == "cache":
+            cache_path = workdir / "reference.safetensors"
+            build_reference_cache(
+                model, tokens, [r["input_ids"] for r in train_rows], cache_path, progress=False
+            )
+            cfg["reference"]["cache_path"] = str(cache_path)
+        if cfg["reference"]["source"] == "model" and reference is None:
+            reference = AutoModelForCausalLM.from_pretrained(aligned_dir).requires_grad_(False).eval()
+        if cfg["reference"]["source"] == "anchors" and "default-anchors" not in spec.method:
+            cfg["reference"]["anchors_path"] = str(_write_lines(workdir / "anchors.txt", data.harmful_train))
+        attach(
+            trainer,
+            cfg,
+            tokens=tokens,
+            tokenizer=tokenizer,
+            reference_model=reference if cfg["reference"]["source"] == "model" else None,
+        )
+        setup_seconds = time.perf_counter() - setup_start
+    before = probe()
+    with _PeakRSS() as memory:
+        trainer.train()
+    timer.curve.insert(0, (0, before))
+    model.eval()
+    refusal, replies = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
+    over_refusal, _ = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
+    # GSM8K replies are long; a 3M-parameter model solves none, so a short budget on 50 problems suffices.
+    task_em = exact_match(
+        model,
+        tokenizer,
+        test[:100] if spec.task == "sort" else test[:50],
+        max_new_tokens=24 if spec.task == "sort" else 96,
+    )
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    grad_norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    half = len(losses) // 2
+    times = timer.step_times[3:] or timer.step_times
+    return {
+        "task": spec.task,
+        "mode": spec.mode,
+        "method": spec.method,
+        "seed": spec.seed,
+        "steps": trainer.state.global_step,
+        "heldout_refusal": refusal,
+        "xstest_over_refusal": over_refusal,
+        "task_exact_match": task_em,
+        "task_heldout_loss": heldout_loss(model, tokenizer, test[:100], max_len),
+        "step_time_median_s": statistics.median(times),
+        "peak_rss_delta_mib": memory.delta_mib,
+        "setup_seconds": setup_seconds,
+        "loss_std_second_half": statistics.pstdev(losses[half:]) if len(losses[half:]) > 1 else 0.0,
+        "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
+        "refusal_curve": timer.curve,
+        "sample_replies": replies[:3],
+    }
+
+
+class _Collator:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id)
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

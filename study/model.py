@@ -1,0 +1,233 @@
+"""The aligned test model: a small Llama with its own BPE tokenizer and chat template, trained on CPU in
+minutes to refuse harmful requests (varied refusals) and answer benign ones, saved with save_pretrained.
+Also the evaluation: greedy generation judged by the keyword rule, and exact match on checkable answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+from str_hooks.probe import is_refusal
+from str_hooks.prompts import encode_prompt
+
+from .data import Example, StudyData
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def build_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def encode_example(tokenizer: Any, prompt: str, response: str, max_len: int) -> dict[str, list[int]]:
+    """Chat-formatted ids with the prompt masked out of the labels (-100)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _fingerprint(data: StudyData, extra: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for e in data.aligned_train:
+        h.update(f"{e.prompt}\x00{e.response}\x01".encode())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def train_aligned(
+    data: StudyData,
+    out: Path,
+    task_texts: Sequence[str],
+    *,
+    hidden: int = 192,
+    layers: int = 4,
+    vocab_size: int = 3000,
+    epochs: int = 4,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train (or load, when `out` holds a model built from the same data and settings) the aligned model."""
+    settings = {
+        "hidden": hidden,
+        "layers": layers,
+        "vocab": vocab_size,
+        "epochs": epochs,
+        "lr": lr,
+        "bs": batch_size,
+        "seed": seed,
+    }
+    fingerprint = _fingerprint(data, settings)
+    info_path = out / "aligned_info.json"
+    if info_path.is_file() and json.loads(info_path.read_text()).get("fingerprint") == fingerprint:
+        info = json.loads(info_path.read_text())
+        return AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), info
+    # The tokenizer sees every text the study uses (vocabulary only; no model is trained on held-out text).
+    corpus = [e.prompt for e in data.aligned_train] + [e.response for e in data.aligned_train]
+    corpus += data.harmful_heldout + data.xstest_safe + list(data.refusal_templates) + list(task_texts)
+    tokenizer = build_tokenizer(corpus, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 16 * 16,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 1),
+        num_key_value_heads=max(hidden // 32, 1),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    encoded = [encode_example(tokenizer, e.prompt, e.response, 96) for e in data.aligned_train]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(len(encoded) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="aligned model", unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            batch = collate([encoded[j] for j in order[i : i + batch_size]], tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(encoded),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    info_path.write_text(json.dumps(info, indent=2))
+    return AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), info
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 14, batch_size: int = 64
+) -> list[str]:
+    """Greedy replies, left-padded batches; the model's train/eval flags are restored."""
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, e in enumerate(encoded):
+                ids[row, width - len(e) :] = torch.tensor(e)
+                mask[row, width - len(e) :] = 1
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            replies += [
+                tokenizer.decode(out[r, width:], skip_special_tokens=True) for r in range(len(encoded))
+            ]
+    finally:
+        model.train(was_training)
+    return replies
+
+
+def refusal_rate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], phrases: Sequence[str]
+) -> tuple[float, list[str]]:
+    replies = generate(model, tokenizer, prompts)
+    return sum(is_refusal(r, phrases) for r in replies) / max(len(replies), 1), replies
+
+
+def exact_match(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14) -> float:
+    """Fraction of replies that contain the expected answer (after 'The answer is' for checkable
+    benign prompts; the whole reply for tasks)."""
+    replies = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
+    hits = 0
+    for example, reply in zip(examples, replies, strict=True):
+        assert example.answer is not None
+        hits += reply.strip().startswith(example.answer) or f"is {example.answer}." in reply
+    return hits / max(len(examples), 1)
+
+
+def evaluate_aligned(model: Any, tokenizer: Any, data: StudyData) -> dict[str, float]:
+    harmful, _ = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
+    xstest, _ = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
+    benign_acc = exact_match(model, tokenizer, data.benign_check_heldout)
+    benign_refusal, _ = refusal_rate(
+        model, tokenizer, [e.prompt for e in data.benign_check_heldout], data.refusal_phrases
+    )
+    return {
+        "heldout_refusal": harmful,
+        "xstest_over_refusal": xstest,
+        "benign_accuracy": benign_acc,
+        "benign_refusal": benign_refusal,
+    }
