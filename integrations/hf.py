@@ -80,7 +80,9 @@ class STRCallback(transformers.TrainerCallback):
         self._pending: dict[str, float] = {}
 
     # -- the loss ------------------------------------------------------------------------------------
-    def penalty(self, trainer: Any, num_items_in_batch: Any) -> torch.Tensor:
+    def penalty(
+        self, trainer: Any, num_items_in_batch: Any, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The penalty term for the micro-batch just forwarded, normalized exactly like the trainer's CE.
 
         The rule (DESIGN section 3), read from the trainer's own flags at run time: when the loss is
@@ -88,7 +90,8 @@ class STRCallback(transformers.TrainerCallback):
         loss kwargs or a `compute_loss_func`), add `coef * pen_sum / num_items_in_batch`, times
         `num_processes // tp_size` when `average_tokens_across_devices` (the trainer applied that factor to
         its CE to undo DDP's gradient averaging); otherwise the trainer divides by the accumulation steps,
-        so add the per-micro-batch mean.
+        so add the per-micro-batch mean. `labels` are the batch's labels as the trainer received them (the
+        model's forward may not see them: the Trainer pops them for `compute_loss_func`).
         """
         handle = self.handle
         if handle is None:
@@ -107,13 +110,13 @@ class STRCallback(transformers.TrainerCallback):
             if not scaled:
                 value = value * ga_steps
         elif scaled and num_items_in_batch is not None:
-            value = handle.loss(num_items_in_batch=num_items_in_batch)
+            value = handle.loss(num_items_in_batch=num_items_in_batch, labels=labels)
             if trainer.args.average_tokens_across_devices:
                 value = value * _device_loss_scale(trainer)
         elif scaled:
-            value = handle.loss() / ga_steps
+            value = handle.loss(labels=labels) / ga_steps
         else:
-            value = handle.loss()
+            value = handle.loss(labels=labels)
         self._accumulate(handle)
         return value
 
@@ -276,11 +279,13 @@ def _wrap_compute_loss(trainer: Any, callback: STRCallback) -> None:
     def compute_loss(
         model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        # Read before the call: the Trainer pops labels out of `inputs` for label smoothing / compute_loss_func.
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
         result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not trainer.model.training:
             return result  # evaluation: the reported eval loss excludes the penalty
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + callback.penalty(trainer, num_items_in_batch).to(loss.dtype)
+        loss = loss + callback.penalty(trainer, num_items_in_batch, labels).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     trainer.compute_loss = compute_loss

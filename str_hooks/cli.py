@@ -121,7 +121,11 @@ def _eval(args: argparse.Namespace) -> int:
     prompts = read_text_list(args.prompts, column=args.column, what="prompts")
     if args.limit:
         prompts = prompts[: args.limit]
-    phrases = read_text_list(args.phrases, what="refusal phrases") if args.phrases else list(DEFAULT_REFUSAL_PHRASES)
+    phrases = (
+        read_text_list(args.phrases, what="refusal phrases")
+        if args.phrases
+        else list(DEFAULT_REFUSAL_PHRASES)
+    )
     out_path = Path(args.out) if args.out else None
     if out_path is not None and out_path.exists() and not args.overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it.")
@@ -157,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="str-hooks", description="Safety Token Regularization tools.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="refusal rate of a model on a prompt file (keyword-judged greedy replies)")
+    ev = sub.add_parser(
+        "eval", help="refusal rate of a model on a prompt file (keyword-judged greedy replies)"
+    )
     ev.add_argument("--model", required=True, help="local model directory")
     ev.add_argument("--tokenizer", help="local tokenizer directory (default: --model)")
     ev.add_argument("--adapter", help="a PEFT adapter directory to load on top of --model")
-    ev.add_argument("--prompts", required=True, help="prompts: .txt (one per line), .json list, .csv or .jsonl")
+    ev.add_argument(
+        "--prompts", required=True, help="prompts: .txt (one per line), .json list, .csv or .jsonl"
+    )
     ev.add_argument("--column", help="column holding the prompt in a CSV/JSONL file")
     ev.add_argument("--phrases", help="refusal phrases file (default: the package's own list)")
     ev.add_argument("--max-new-tokens", type=int, default=32)

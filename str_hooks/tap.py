@@ -68,6 +68,10 @@ class Sink:
         self.logits: torch.Tensor | None = None
         self.training: bool = False
         self.grad_enabled: bool = False
+        # Set by the causal-LM pre-hook, cleared by the decoder pre-hook of the same forward.
+        self.awaiting_decoder: bool = False
+        # True when only the decoder's inputs were seen (a wrapper called `causal_lm.forward` directly).
+        self.from_decoder: bool = False
 
     def input_ids(self) -> torch.Tensor | None:
         ids = self.kwargs.get("input_ids")
@@ -120,6 +124,9 @@ class ModelTap:
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self) -> None:
         self._handles.append(self.causal_lm.register_forward_pre_hook(self._on_inputs, with_kwargs=True))
+        self._handles.append(
+            self.decoder.register_forward_pre_hook(self._on_decoder_inputs, with_kwargs=True)
+        )
         self._handles.append(self.decoder.register_forward_hook(self._on_hidden))
         self._handles.append(self.causal_lm.register_forward_hook(self._on_output))
 
@@ -134,6 +141,22 @@ class ModelTap:
         sink.args, sink.kwargs = args, dict(kwargs)
         sink.training = module.training
         sink.grad_enabled = torch.is_grad_enabled()
+        sink.awaiting_decoder = True
+        self.sink = sink
+
+    def _on_decoder_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.sink.awaiting_decoder:
+            self.sink.awaiting_decoder = False
+            return
+        # The causal LM's hooks did not fire for this forward: a wrapper called `causal_lm.forward(...)`
+        # directly (PEFT <= 0.20 does for task_type CAUSAL_LM). Start a fresh capture from the decoder's
+        # inputs, so the hidden state is never attributed to a stale capture; labels then come from
+        # `handle.loss(labels=...)` (the trainer integrations pass them) or their absence is an error.
+        sink = Sink()
+        sink.args, sink.kwargs = args, dict(kwargs)
+        sink.training = module.training
+        sink.grad_enabled = torch.is_grad_enabled()
+        sink.from_decoder = True
         self.sink = sink
 
     def _on_hidden(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -453,3 +453,20 @@ def test_bf16_model(tokenizer: Any, tokens: Any) -> None:
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and float(loss) > 0
         (out.loss + loss).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_wrapper_calling_forward_directly_is_never_a_silent_zero(tokenizer: Any, tokens: Any) -> None:
+    """PEFT <= 0.20 (task_type CAUSAL_LM) calls `causal_lm.forward(...)` directly, so the causal LM's hooks
+    do not fire. The decoder's pre-hook starts a fresh capture: the penalty needs the labels passed to
+    loss(), and then equals the normal path's; without them it is an error, never a silent zero."""
+    model = make_lora(make_model("llama"))
+    causal_lm = unwrap_model(model)
+    batch = make_batch(tokenizer, n=3)
+    with register_str_hook(model, tokens=tokens) as h:
+        model(**batch)
+        expected = h.loss()
+        causal_lm.forward(**batch)  # as PEFT <= 0.20 does: no module __call__, no causal-LM hooks
+        with pytest.raises(STRError, match="needs labels"):
+            h.loss()
+        causal_lm.forward(**batch)
+        torch.testing.assert_close(h.loss(labels=batch["labels"]), expected)

@@ -1,0 +1,151 @@
+"""The cost benchmarks in bench/: the step-cost script's report, the vocabulary-growth property measured by
+its live-bytes tracker, folded anchors equal to a separate anchor forward, and the GPU plan (dry run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import benchlib  # noqa: E402
+import step_cost  # noqa: E402
+
+# PEFT calls a transformers method deprecated in v5 on every get_peft_model.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+def test_live_bytes_counts_new_storages_only() -> None:
+    existing = torch.ones(1000)
+    with benchlib.LiveBytes() as tracker:
+        view = existing.view(10, 100).t()  # a view of a storage made before: not counted
+        assert tracker.current == 0
+        a = torch.ones(2000)  # 8000 bytes
+        b = a * 2  # 8000 more
+        assert tracker.current == 16000
+        del a
+        assert tracker.current == 8000
+        del b
+    assert tracker.current == 0
+    assert tracker.peak == 16000
+    assert view.shape == (100, 10)
+
+
+def test_step_cost_report_and_vocab_growth(tmp_path: Path) -> None:
+    out = tmp_path / "cpu"
+    argv = [
+        "--shape", "tiny",
+        "--vocab", "512", "4096",
+        "--repeats", "1",
+        "--warmup", "0",
+        "--k", "16",
+        "--modes", "str-cache-mse", "gather-from-logits", "kl-sft",
+        "--out", str(out),
+        "--no-progress",
+        "--no-plot",
+    ]  # fmt: skip
+    step_cost.main(argv)
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert (tmp_path / "cpu.md").read_text().startswith("# STR step cost")
+    for key in ("platform", "cpu_count", "torch", "transformers", "peft", "command"):
+        assert key in report["meta"]
+    assert report["load_before"] is not None and report["load_after"] is not None
+    assert [r["vocab"] for r in report["runs"]] == [512, 4096]
+    for run in report["runs"]:
+        assert run["cache_build"]["sequences"] == 4 * run["batch"]
+        assert set(run["modes"]) == {"plain", "str-cache-mse", "gather-from-logits", "kl-sft"}
+        plain = run["modes"]["plain"]
+        assert plain["ratio"] == pytest.approx(1.0) and plain["delta_bytes"] == 0
+        for entry in run["modes"].values():
+            assert entry["median_s"] > 0 and entry["min_s"] <= entry["median_s"] <= entry["max_s"]
+            assert len(entry["times_s"]) == 1 and entry["peak_bytes"] > 0
+        # The naive gather and KL-SFT cost extra memory; projecting k rows from hidden states barely any.
+        modes = run["modes"]
+        assert modes["str-cache-mse"]["delta_bytes"] < modes["gather-from-logits"]["delta_bytes"]
+        assert modes["str-cache-mse"]["delta_vs_kl"] < 0.1
+    growth = {g["mode"]: g for g in report["vocab_growth"]}
+    # One fp32 [B, T, dV] tensor is the unit: the naive gather allocates a full-vocabulary gradient
+    # buffer and KL-SFT full-vocabulary log-probs, so both grow by at least one; STR does not grow at all.
+    assert growth["gather-from-logits"]["growth_in_fp32_BTdV"] >= 0.9
+    assert growth["kl-sft"]["growth_in_fp32_BTdV"] >= 1.0
+    assert growth["str-cache-mse"]["growth_bytes"] == 0
+    with pytest.raises(SystemExit, match="--overwrite"):
+        step_cost.main(argv)
+
+
+def test_folded_anchors_equal_a_separate_anchor_forward(tmp_path: Path) -> None:
+    args = step_cost.parse_args(["--shape", "tiny", "--vocab", "512", "--k", "16"])
+    bench = step_cost.Bench(args, step_cost.SHAPES["tiny"], 512, tmp_path)
+    with torch.no_grad():
+        for name, param in bench.model.named_parameters():
+            if "lora_B" in name:  # LoRA B starts at 0: perturb it so the adapters change the logits
+                param.normal_(0.0, 0.3)
+    mode = step_cost.FoldedMode("anchors-folded", every=1)
+    mode.setup(bench)
+    mode.enter(bench)
+    try:
+        indices = mode.anchors.batch_indices(0)
+        batch = bench.batches[0]
+        folded, rows, cols = step_cost.fold_anchors(batch, [mode.anchors.encoded[i] for i in indices], 0)
+        assert folded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+        assert (folded["labels"][:, batch["labels"].shape[1] :] == -100).all()
+        bench.model.eval()
+        with torch.no_grad():
+            # use_cache=False: with a KV cache transformers does not detect packed segments.
+            out: Any = bench.model(
+                input_ids=folded["input_ids"], position_ids=folded["position_ids"], use_cache=False
+            )
+            policy = mode.tap.take().safety_logits[rows, cols]
+            separate = mode.anchors.decision_logits(mode.tap, indices)
+            plain = bench.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
+        width = batch["input_ids"].shape[1]
+        # Each anchor sees only itself (packed segment), and the training rows do not see the anchors.
+        torch.testing.assert_close(policy, separate, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.logits[:, :width], plain, rtol=1e-4, atol=1e-5)
+        # The adapters moved the logits, so equality above is not the trivial policy == reference.
+        assert (policy - mode.reference[indices]).abs().max() > 1e-2
+
+        # Same objective, same gradient: CE + anchor penalty from one folded forward equals CE of the plain
+        # batch + the penalty from a separate anchor forward (what source `anchors` does).
+        bench.model.train()
+        weights = torch.tensor(bench.tokens.weights)
+        reference = mode.reference[indices]
+        lora = {n: p for n, p in bench.model.named_parameters() if p.requires_grad}
+
+        def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+            values = torch.autograd.grad(loss, list(lora.values()))
+            return dict(zip(lora, values, strict=True))
+
+        out = bench.model(**folded, use_cache=False)
+        z = mode.tap.take().safety_logits[rows, cols]
+        folded_grads = grads(out.loss + ((z - reference) ** 2 * weights).sum() / len(indices))
+        out = bench.model(**batch, use_cache=False)
+        mode.tap.take()
+        z = mode.anchors.decision_logits(mode.tap, indices)
+        separate_grads = grads(out.loss + ((z - reference) ** 2 * weights).sum() / len(indices))
+        for name in lora:
+            torch.testing.assert_close(folded_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6)
+    finally:
+        mode.exit(bench)
+
+
+def test_gpu_plan_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = step_cost.main(["--shape", "llama3-8b", "qwen2.5-1.5b", "--device", "cuda", "--dry-run"])
+    runs = {r["shape"]["name"]: r for r in plan["runs"]}
+    assert runs["llama3-8b"]["parameters"] == pytest.approx(8.03e9, rel=0.01)
+    assert runs["qwen2.5-1.5b"]["parameters"] == pytest.approx(1.54e9, rel=0.01)
+    assert (
+        runs["llama3-8b"]["tokens_per_step"] == 4 * 2048
+        and runs["qwen2.5-1.5b"]["tokens_per_step"] == 8 * 2048
+    )
+    assert all(r["gradient_checkpointing"] and r["dtype"] == "bf16" for r in runs.values())
+    assert set(plan["args"]["modes"]) == set(step_cost.MODES)
+    assert json.loads(capsys.readouterr().out)["dry_run"] is True
