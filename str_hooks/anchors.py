@@ -87,7 +87,7 @@ class AnchorSet:
         sink = tap.run(
             input_ids=ids,
             attention_mask=mask,
-            **({"logits_to_keep": 1} if tap.accepts_logits_to_keep else {}),
+            **tap.lean_kwargs(),
         )
         logits = sink.safety_logits
         assert logits is not None  # tap.run guarantees it

@@ -185,16 +185,12 @@ def _run_batch(
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[row, : len(ids)] = 1
     device = tap.device()
-    sink = tap.run(input_ids=input_ids.to(device), attention_mask=mask.to(device), **_keep_one(tap))
+    sink = tap.run(input_ids=input_ids.to(device), attention_mask=mask.to(device), **tap.lean_kwargs())
     assert sink.safety_logits is not None  # tap.run guarantees it
     logits = sink.safety_logits.to(torch.float16).cpu()
     for row, ids in enumerate(batch):
         chunks.append(logits[row, : len(ids)])
         lengths.append(len(ids))
-
-
-def _keep_one(tap: ModelTap) -> dict[str, Any]:
-    return {"logits_to_keep": 1} if tap.accepts_logits_to_keep else {}
 
 
 class ReferenceCache:

@@ -118,8 +118,10 @@ class ModelTap:
         try:
             params = inspect.signature(self.causal_lm.forward).parameters
             self.accepts_logits_to_keep = "logits_to_keep" in params
+            self.accepts_use_cache = "use_cache" in params
         except (TypeError, ValueError):
             self.accepts_logits_to_keep = False
+            self.accepts_use_cache = False
 
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -191,9 +193,18 @@ class ModelTap:
         """Args for re-running the captured forward as a reference: no labels, and when only hidden states
         are needed, `logits_to_keep=1` so no [B, T, V] logits are built."""
         kwargs = {k: v for k, v in sink.kwargs.items() if k not in NON_INPUT_KWARGS}
+        kwargs.update(self.lean_kwargs(full_logits=full_logits))
+        return sink.args, kwargs
+
+    def lean_kwargs(self, full_logits: bool = False) -> dict[str, Any]:
+        """Forward kwargs for our own forwards: no KV cache (the config default would build one under
+        no_grad), and `logits_to_keep=1` when only the hidden states are needed."""
+        kwargs: dict[str, Any] = {}
+        if self.accepts_use_cache:
+            kwargs["use_cache"] = False
         if not full_logits and self.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return sink.args, kwargs
+        return kwargs
 
     def run(self, *args: Any, **kwargs: Any) -> Sink:
         """Run the causal LM and return what it left in a fresh sink."""
@@ -218,7 +229,9 @@ class ModelTap:
         """
         ids = torch.tensor([probe_ids], dtype=torch.long, device=self.device())
         with torch.no_grad(), eval_mode(self.causal_lm):
-            sink = self.run(input_ids=ids, attention_mask=torch.ones_like(ids))
+            sink = self.run(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **self.lean_kwargs(full_logits=True)
+            )
             projected = sink.safety_logits
             assert projected is not None  # run() guarantees it
         if not torch.isfinite(projected).all():

@@ -93,23 +93,26 @@ def test_folded_anchors_equal_a_separate_anchor_forward(tmp_path: Path) -> None:
         indices = mode.anchors.batch_indices(0)
         batch = bench.batches[0]
         folded, rows, cols = step_cost.fold_anchors(batch, [mode.anchors.encoded[i] for i in indices], 0)
-        assert folded["input_ids"].shape[1] > batch["input_ids"].shape[1]
-        assert (folded["labels"][:, batch["labels"].shape[1] :] == -100).all()
+        width = batch["input_ids"].shape[1]
+        assert folded["input_ids"].shape[1] > width and folded["logits_to_keep"] == width
+        assert folded["labels"] is batch["labels"]
         bench.model.eval()
         with torch.no_grad():
             # use_cache=False: with a KV cache transformers does not detect packed segments.
             out: Any = bench.model(
-                input_ids=folded["input_ids"], position_ids=folded["position_ids"], use_cache=False
+                input_ids=folded["input_ids"],
+                position_ids=folded["position_ids"],
+                logits_to_keep=width,
+                use_cache=False,
             )
             policy = mode.tap.take().safety_logits[rows, cols]
             separate = mode.anchors.decision_logits(mode.tap, indices)
             plain = bench.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).logits
-        width = batch["input_ids"].shape[1]
         # Each anchor sees only itself (packed segment), and the training rows do not see the anchors.
         torch.testing.assert_close(policy, separate, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out.logits[:, :width], plain, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.logits, plain, rtol=1e-4, atol=1e-5)
         # The adapters moved the logits, so equality above is not the trivial policy == reference.
         assert (policy - mode.reference[indices]).abs().max() > 1e-2
 

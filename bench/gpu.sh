@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The prepared GPU run of the step-cost benchmark: both DESIGN section 4 shapes (Llama-3-8B 4x2048 and
+# Qwen2.5-1.5B 8x2048, random init, bf16, LoRA r=16 on all linear layers, gradient checkpointing), every
+# mode, 3 timed repeats after 1 warm-up round: about 5 minutes on one H100/H200 (plus model init).
+# Never run it without a GPU. From the repository root:
+#
+#   bash bench/gpu.sh                     # writes bench/results/gpu_<shape>.{json,md} and _step_ratio.png
+#   BENCH_OUT=$OUT bash bench/gpu.sh      # on a lent device machine, so the files come back from $OUT
+#
+# Needs torch (CUDA), transformers, peft, safetensors, tqdm, pydantic. When ./.whl/ holds wheels (for a
+# machine without network that lacks, e.g., pydantic; see bench/README.md), they are installed first.
+# Environment: PYTHON (default python3), BENCH_OUT (default bench/results), REPEATS (default 3),
+# SHAPES (default "llama3-8b qwen2.5-1.5b").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT_DIR=${BENCH_OUT:-bench/results}
+REPEATS=${REPEATS:-3}
+SHAPES=${SHAPES:-"llama3-8b qwen2.5-1.5b"}
+SITE=${STR_SITE:-/tmp/str-site}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+if ! "$PY" -c "import str_hooks.schemas" 2>/dev/null; then
+  # pyproject maps schemas/ and integrations/ into str_hooks.*; lay the package out the same way (no build,
+  # no network needed).
+  mkdir -p "$SITE"
+  rm -rf "$SITE/str_hooks"
+  cp -r str_hooks "$SITE/str_hooks"
+  cp -r schemas "$SITE/str_hooks/schemas"
+  cp -r integrations "$SITE/str_hooks/integrations"
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PY" - <<'EOF'
+import torch, transformers, peft, pydantic, str_hooks  # noqa: F401  (fail here, not mid-run)
+assert torch.cuda.is_available(), "bench/gpu.sh needs a CUDA device"
+print(torch.cuda.get_device_name(0), "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+mkdir -p "$OUT_DIR"
+
+start=$(date +%s)
+for shape in $SHAPES; do
+  "$PY" bench/step_cost.py --shape "$shape" --device cuda --dtype bf16 --repeats "$REPEATS" --warmup 1 \
+    --out "$OUT_DIR/gpu_$shape" --overwrite --no-progress \
+    --note "Prepared run (bench/gpu.sh): one process per shape, modes interleaved round-robin."
+  echo "$shape done after $(( $(date +%s) - start )) s"
+done

@@ -1,0 +1,1064 @@
+"""Step time and peak memory of one LoRA SFT step: plain SFT vs STR (every reference source and form) vs
+gathering safety logits from full logits vs KL-SFT, all in one process, modes interleaved round-robin.
+
+    python bench/step_cost.py --shape tiny small --vocab 16384 65536 --out bench/results/cpu
+    python bench/step_cost.py --shape llama3-8b --device cuda --dtype bf16 --out bench/results/gpu_llama3-8b
+    python bench/step_cost.py --shape llama3-8b qwen2.5-1.5b --device cuda --dry-run   # prints the plan only
+
+Models are randomly initialized from config (no download). See bench/README.md for what each mode is and
+how memory is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchlib import (
+    GiB,
+    LiveBytes,
+    StubTokenizer,
+    check_writable,
+    fmt_bytes,
+    load_average,
+    machine_info,
+    markdown_table,
+    output_stem,
+    storage_bytes,
+    summarize,
+    write_json,
+)
+from torch import nn
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    arch: str  # llama | qwen2
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    batch: int
+    seq: int
+    gpu: bool
+
+    @property
+    def anchor_len(self) -> int:
+        # DESIGN section 4's anchors are 128 tokens; a real harmful prompt in a chat template is ~30-60.
+        # Scaled with the sequence so anchor tokens are the same share of a step on every shape.
+        return max(8, self.seq // 32)
+
+
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape("tiny", "llama", 64, 2, 4, 2, 128, 4096, False, 2, 64, gpu=False),
+        Shape("small", "llama", 256, 4, 8, 4, 704, 32000, False, 4, 128, gpu=False),
+        # DESIGN section 4: real dims, random init; 4 x 2048 and 8 x 2048 tokens per step.
+        Shape("llama3-8b", "llama", 4096, 32, 32, 8, 14336, 128256, False, 4, 2048, gpu=True),
+        Shape("qwen2.5-1.5b", "qwen2", 1536, 28, 12, 2, 8960, 151936, True, 8, 2048, gpu=True),
+    ]
+}
+
+MODES: dict[str, str] = {
+    "plain": "LoRA SFT, cross-entropy only (the baseline).",
+    "str-adapter-mse": "STR mse, reference = same model with adapters disabled (no-grad forward per step).",
+    "str-adapter-hinge": "STR hinge (margin 0), adapter reference.",
+    "str-model-mse": "STR mse, reference = a separate frozen copy of the base model (its bytes count).",
+    "str-cache-mse": "STR mse, reference looked up in a prebuilt reference cache (no extra forward).",
+    "str-anchors-mse": "STR mse on 8 anchor prompts, separate anchor forward+backward every step.",
+    "str-anchors-mse-every8": "as str-anchors-mse, every 8th step (mean over 8-step blocks).",
+    "str-logprob-adapter": "STR logprob (full-vocabulary log-softmax), adapter reference with full logits.",
+    "gather-from-logits": "naive: out.logits[..., ids] at supervised positions, mse vs the same cache.",
+    "kl-sft": "CE + full-vocabulary KL(p_ref || p_theta), reference = adapters disabled, no grad.",
+    "anchors-folded": "bench-only: the anchors of str-anchors-mse (--fold-anchors, default 8) folded into the "
+    "training forward as packed segments before the rows (logits only for the training tokens), every step.",
+    "anchors-folded-every8": "as anchors-folded, every 8th step (mean over 8-step blocks).",
+}
+DEFAULT_MODES = list(MODES)
+
+
+# -- model and data ----------------------------------------------------------------------------------
+def model_config(shape: Shape, vocab: int) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max(4096, 2 * shape.seq),
+        tie_word_embeddings=shape.tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if shape.arch == "qwen2":
+        return Qwen2Config(**common)
+    return LlamaConfig(**common)
+
+
+def count_parameters(shape: Shape, vocab: int) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape, vocab))
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def make_batches(
+    shape: Shape, vocab: int, n: int, device: torch.device, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """Full-length rows of random ids; the first 1/8 to 1/2 of each row is a masked prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(16, vocab, (shape.batch, shape.seq), generator=gen)
+        labels = ids.clone()
+        for row in range(shape.batch):
+            prompt = int(torch.randint(shape.seq // 8, shape.seq // 2, (1,), generator=gen))
+            labels[row, :prompt] = IGNORE
+        batches.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+                "labels": labels.to(device),
+            }
+        )
+    return batches
+
+
+def fold_anchors(
+    batch: dict[str, torch.Tensor], anchors: Sequence[Sequence[int]], pad_id: int
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Put anchor prompts in front of the rows of a batch as packed segments.
+
+    Anchor j goes to row j % B. Every segment restarts its position ids at 0, so transformers builds a
+    block-diagonal causal mask (attention_mask None + packed position_ids, no KV cache) and an anchor sees
+    only itself: its logits equal those of a separate forward, and the training tokens do not see the
+    anchors. The anchors come first and `logits_to_keep` = T, so the LM head runs on the training
+    positions only (no [B, E, V] logits for the E anchor tokens) and the labels stay the batch's own
+    [B, T]: the cross-entropy is exactly plain SFT's. A row with fewer anchor tokens starts with a padding
+    segment (its own segment too).
+
+    Returns:
+        (folded batch: input_ids, position_ids, labels, logits_to_keep; row [A] and column [A] of each
+        anchor's decision point, its last prompt token).
+
+    Raises:
+        ValueError: the batch has padding (fold into padding-free batches, or rows without padding).
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        raise ValueError("fold_anchors needs rows without padding (or a padding-free batch).")
+    n_rows, width = ids.shape
+    per_row: list[list[int]] = [[] for _ in range(n_rows)]
+    for j in range(len(anchors)):
+        per_row[j % n_rows].append(j)
+    prefix = max(sum(len(anchors[j]) for j in row) for row in per_row)
+    device = ids.device
+    new_ids = torch.full((n_rows, prefix + width), pad_id, dtype=ids.dtype, device=device)
+    new_ids[:, prefix:] = ids
+    positions = torch.zeros_like(new_ids)
+    positions[:, prefix:] = torch.arange(width, device=device)
+    rows = torch.zeros(len(anchors), dtype=torch.long)
+    cols = torch.zeros(len(anchors), dtype=torch.long)
+    for r, members in enumerate(per_row):
+        offset = prefix - sum(len(anchors[j]) for j in members)
+        positions[r, :offset] = torch.arange(offset, device=device)
+        for j in members:
+            length = len(anchors[j])
+            new_ids[r, offset : offset + length] = torch.tensor(anchors[j], dtype=ids.dtype, device=device)
+            positions[r, offset : offset + length] = torch.arange(length, device=device)
+            rows[j], cols[j] = r, offset + length - 1
+            offset += length
+    folded: dict[str, Any] = {
+        "input_ids": new_ids,
+        "position_ids": positions,
+        "labels": labels,
+        "logits_to_keep": width,
+    }
+    return folded, rows.to(device), cols.to(device)
+
+
+# -- the benchmark context ---------------------------------------------------------------------------
+class Bench:
+    """One model (LoRA-wrapped), optimizer, fixed batches, safety tokens and shared reference data."""
+
+    def __init__(self, args: argparse.Namespace, shape: Shape, vocab: int, workdir: Path) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from str_hooks import SafetyTokens
+
+        self.args = args
+        self.shape = shape
+        self.vocab = vocab
+        self.workdir = workdir
+        self.device = torch.device(args.device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.gradient_checkpointing = args.gc == "on" or (args.gc == "auto" and shape.gpu)
+        torch.manual_seed(args.seed)
+        with torch.device(self.device):
+            base = AutoModelForCausalLM.from_config(
+                model_config(shape, vocab), dtype=self.dtype, attn_implementation=args.attn
+            )
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.train()
+        self.model: Any = get_peft_model(
+            base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+        )
+        self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        self.batches = make_batches(shape, vocab, args.n_batches, self.device, args.seed)
+        self._cursor = 0
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        ids = (torch.randperm(vocab - 16, generator=gen)[: args.k] + 16).tolist()
+        self.tokens = SafetyTokens(
+            ids=ids,
+            strings=[f"<t{i}>" for i in ids],
+            weights=[1.0 / len(ids)] * len(ids),
+            scores=[1.0] * len(ids),
+            method="list",
+        )
+        self.tokenizer = StubTokenizer(vocab, shape.anchor_len)
+        self.anchor_texts = [f"anchor prompt {i}" for i in range(args.n_anchors)]
+        self.anchors_path = workdir / "anchors.txt"
+        self.anchors_path.write_text("\n".join(self.anchor_texts) + "\n")
+        self.cache_path: Path | None = None
+        self.cache_build: dict[str, Any] | None = None
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = self.batches[self._cursor % len(self.batches)]
+        self._cursor += 1
+        return batch
+
+    def rewind(self) -> None:
+        self._cursor = 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(
+        self,
+        inputs: dict[str, torch.Tensor],
+        extra: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        out = self.model(**inputs, use_cache=False)
+        loss = out.loss
+        if extra is not None:
+            loss = loss + extra(out)
+        loss.backward()
+        del out, loss
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def base_resident(self) -> int:
+        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return storage_bytes([*self.model.parameters(), *self.model.buffers(), *state])
+
+    def ensure_cache(self) -> Path:
+        """Build the reference cache over the benchmark batches once (timed; reported separately)."""
+        if self.cache_path is not None:
+            return self.cache_path
+        from str_hooks import build_reference_cache
+
+        path = self.workdir / "reference.safetensors"
+        sequences = [
+            {"input_ids": b["input_ids"][r].cpu(), "attention_mask": b["attention_mask"][r].cpu()}
+            for b in self.batches
+            for r in range(b["input_ids"].shape[0])
+        ]
+        self.sync()
+        start = time.perf_counter()
+        build_reference_cache(
+            self.model,
+            self.tokens,
+            sequences,
+            path,
+            batch_size=self.shape.batch,
+            progress=False,
+            overwrite=True,
+        )
+        self.sync()
+        seconds = time.perf_counter() - start
+        tokens = sum(int(s["input_ids"].numel()) for s in sequences)
+        self.cache_build = {
+            "seconds": seconds,
+            "sequences": len(sequences),
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "file_bytes": path.stat().st_size,
+        }
+        self.cache_path = path
+        return path
+
+
+# -- modes -------------------------------------------------------------------------------------------
+class Mode:
+    """One objective. `enter`/`exit` attach and detach (untimed); `step` runs one optimizer step."""
+
+    block = 1  # steps per timed repeat
+    extra_tokens = 0.0  # share of extra tokens per step (folded anchors)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.skip: str | None = None
+
+    def setup(self, b: Bench) -> None:
+        return None
+
+    def enter(self, b: Bench) -> None:
+        return None
+
+    def exit(self, b: Bench) -> None:
+        return None
+
+    def step(self, b: Bench) -> None:
+        b.train_step(b.next_batch())
+
+    def resident(self) -> list[torch.Tensor]:
+        """Tensors this mode keeps between steps (reference copy, cache, anchor references)."""
+        return []
+
+
+class STRMode(Mode):
+    def __init__(self, name: str, config: dict[str, Any], every: int = 1) -> None:
+        super().__init__(name)
+        self.config = config
+        self.block = every
+        self.handle: Any = None
+        self.reference_model: nn.Module | None = None
+
+    def setup(self, b: Bench) -> None:
+        source = self.config["reference"]["source"]
+        if source == "cache":
+            self.config["reference"]["cache_path"] = str(b.ensure_cache())
+        if source == "anchors":
+            self.config["reference"]["anchors_path"] = str(b.anchors_path)
+        if source == "model" and b.device.type == "cuda":
+            param_bytes = storage_bytes(b.model.parameters())
+            total = torch.cuda.get_device_properties(0).total_memory
+            if 2 * param_bytes + 16 * GiB > total:
+                self.skip = (
+                    f"a second copy ({fmt_bytes(param_bytes)}) does not fit beside training on "
+                    f"{fmt_bytes(total)}"
+                )
+
+    def enter(self, b: Bench) -> None:
+        from str_hooks import register_str_hook
+
+        source = self.config["reference"]["source"]
+        if source == "model":
+            # A frozen copy of the base weights (LoRA removed, not merged), made only while this mode runs
+            # so its bytes count here and nowhere else. Copied before the hook exists (no hooks to copy).
+            reference = copy.deepcopy(b.model).unload()
+            reference.requires_grad_(False).eval()
+            self.reference_model = reference
+        self.handle = register_str_hook(
+            b.model,
+            self.config,
+            tokens=b.tokens,
+            tokenizer=b.tokenizer if source == "anchors" else None,
+            reference_model=self.reference_model,
+        )
+
+    def exit(self, b: Bench) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = None
+        self.reference_model = None
+        gc.collect()
+
+    def step(self, b: Bench) -> None:
+        handle = self.handle
+        b.train_step(b.next_batch(), lambda out: handle.loss())
+        handle.step()
+
+    def resident(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        if self.reference_model is not None:
+            out += [*self.reference_model.parameters(), *self.reference_model.buffers()]
+        handle = self.handle
+        if handle is None:
+            return out
+        cache = getattr(handle.reference, "cache", None)
+        if cache is not None:
+            out += [cache.logits, cache.offsets]
+        if handle.anchors is not None and handle.anchors.reference is not None:
+            out.append(handle.anchors.reference)
+        return out
+
+
+class GatherMode(Mode):
+    """The naive alternative: gather the k columns from the full logits the forward already built."""
+
+    def setup(self, b: Bench) -> None:
+        from str_hooks.cache import ReferenceCache
+
+        self.cache = ReferenceCache(b.ensure_cache())
+        self.ids = torch.tensor(b.tokens.ids, device=b.device)
+        self.weights = torch.tensor(b.tokens.weights, device=b.device)
+
+    def step(self, b: Bench) -> None:
+        from str_hooks.penalty import supervised_mask, weighted_penalty_sum
+
+        batch = b.next_batch()
+
+        def penalty(out: Any) -> torch.Tensor:
+            positions = supervised_mask(batch["labels"])
+            reference = self.cache.lookup(batch["input_ids"], batch["attention_mask"])[positions]
+            policy = out.logits[..., self.ids][positions]
+            pen = weighted_penalty_sum(policy, reference, self.weights, "mse")
+            return pen / positions.sum().clamp_min(1)
+
+        b.train_step(batch, penalty)
+
+    def resident(self) -> list[torch.Tensor]:
+        return [self.cache.logits, self.cache.offsets]
+
+
+class KLMode(Mode):
+    """KL-regularized SFT: CE + KL(p_ref || p_theta) over the full vocabulary at supervised positions."""
+
+    def step(self, b: Bench) -> None:
+        batch = b.next_batch()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+        def kl(out: Any) -> torch.Tensor:
+            keep = batch["labels"][:, 1:] != IGNORE
+            with torch.no_grad(), b.model.disable_adapter():
+                ref = b.model(**inputs, use_cache=False).logits
+                ref_logp = torch.log_softmax(ref[:, :-1][keep].float(), dim=-1)
+                del ref
+            logp = torch.log_softmax(out.logits[:, :-1][keep].float(), dim=-1)
+            return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+        b.train_step(batch, kl)
+
+
+class FoldedMode(Mode):
+    """Anchors folded into the training forward (bench-only; see bench/README.md for the API proposal).
+
+    The same anchors, batch size and reference as `str-anchors-mse`; the decision-point safety logits are
+    read from the tap's projection of the training forward instead of a separate anchor forward.
+    """
+
+    def __init__(self, name: str, every: int, n_anchors: int = 8) -> None:
+        super().__init__(name)
+        self.every = every
+        self.block = every
+        self.n_anchors = n_anchors
+        self.count = 0
+        self.cursor = 0
+
+    def setup(self, b: Bench) -> None:
+        from str_hooks.anchors import AnchorSet
+        from str_hooks.tap import ModelTap
+
+        self.tap = ModelTap(b.model, b.tokens.ids)
+        self.anchors = AnchorSet(b.tokenizer, b.anchor_texts, batch_size=self.n_anchors)
+        self.tap.attach()
+        try:
+            reference = self.anchors.compute_reference(self.tap, b.model)
+        finally:
+            self.tap.detach()
+        self.reference = reference.to(b.device)
+        self.weights = torch.tensor(b.tokens.weights, device=b.device)
+        anchor_tokens = self.n_anchors * b.shape.anchor_len
+        self.extra_tokens = anchor_tokens / (b.shape.batch * b.shape.seq) / self.every
+
+    def enter(self, b: Bench) -> None:
+        self.tap.attach()
+        self.count = 0
+
+    def exit(self, b: Bench) -> None:
+        self.tap.detach()
+
+    def step(self, b: Bench) -> None:
+        from str_hooks.penalty import weighted_penalty_sum
+
+        batch = b.next_batch()
+        due = self.count % self.every == 0
+        self.count += 1
+        if not due:
+            b.train_step(batch)
+            self.tap.take()
+            return
+        indices = self.anchors.batch_indices(self.cursor)
+        self.cursor = (self.cursor + len(indices)) % len(self.anchors)
+        folded, rows, cols = fold_anchors(
+            batch, [self.anchors.encoded[i] for i in indices], self.anchors.pad_token_id
+        )
+        reference = self.reference[indices]
+
+        def penalty(out: Any) -> torch.Tensor:
+            sink = self.tap.take()
+            assert sink.safety_logits is not None
+            policy = sink.safety_logits[rows, cols]
+            return weighted_penalty_sum(policy, reference, self.weights, "mse") / len(indices)
+
+        b.train_step(folded, penalty)
+
+    def resident(self) -> list[torch.Tensor]:
+        return [self.reference]
+
+
+def make_mode(name: str, fold: int = 8) -> Mode:
+    def cfg(source: str, form: str = "mse", **reference: Any) -> dict[str, Any]:
+        return {
+            "coef": 1.0,
+            "verify_projection": False,
+            "penalty": {"form": form},
+            "reference": {"source": source, **reference},
+        }
+
+    table: dict[str, Callable[[], Mode]] = {
+        "plain": lambda: Mode("plain"),
+        "str-adapter-mse": lambda: STRMode(name, cfg("adapter")),
+        "str-adapter-hinge": lambda: STRMode(name, cfg("adapter", "hinge")),
+        "str-model-mse": lambda: STRMode(name, cfg("model")),
+        "str-cache-mse": lambda: STRMode(name, cfg("cache")),
+        "str-anchors-mse": lambda: STRMode(name, cfg("anchors", anchor_batch_size=8)),
+        "str-anchors-mse-every8": lambda: STRMode(
+            name, cfg("anchors", anchor_batch_size=8, anchor_every=8), every=8
+        ),
+        "str-logprob-adapter": lambda: STRMode(name, cfg("adapter", "logprob")),
+        "gather-from-logits": lambda: GatherMode(name),
+        "kl-sft": lambda: KLMode(name),
+        "anchors-folded": lambda: FoldedMode(name, every=1, n_anchors=fold),
+        "anchors-folded-every8": lambda: FoldedMode(name, every=8, n_anchors=fold),
+    }
+    return table[name]()
+
+
+# -- running -----------------------------------------------------------------------------------------
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_one(args: argparse.Namespace, shape: Shape, vocab: int, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="str-bench-") as tmp:
+        b = Bench(args, shape, vocab, Path(tmp))
+        modes = [make_mode(name, args.fold_anchors) for name in args.modes]
+        for mode in modes:
+            try:
+                mode.setup(b)
+            except Exception as exc:
+                if not _is_oom(exc):
+                    raise
+                mode.skip = f"out of memory at setup: {exc}"
+        active = [m for m in modes if m.skip is None]
+        times: dict[str, list[float]] = {m.name: [] for m in modes}
+        # Process CPU time too: on a CPU shared with other jobs it counts the work, not the time this
+        # process waited for a core (with one torch thread every op runs in this process).
+        cpu_times: dict[str, list[float]] = {m.name: [] for m in modes}
+        peaks: dict[str, int] = {}
+        rounds = args.warmup + args.repeats
+        total_steps = rounds * sum(1 for m in active)
+        bar = tqdm(total=total_steps, desc=f"{shape.name} V={vocab}", unit="block", disable=not progress)
+        for r in range(rounds):
+            order = active[r % len(active) :] + active[: r % len(active)] if active else []
+            for mode in order:
+                if mode.skip is not None:
+                    bar.update(1)
+                    continue
+                steps = 1 if r < args.warmup else mode.block
+                b.rewind()  # every block sees the same batches, whatever the mode
+                try:
+                    mode.enter(b)
+                    b.sync()
+                    if b.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    for _ in range(steps):
+                        mode.step(b)
+                    b.sync()
+                    elapsed = time.perf_counter() - start
+                    cpu_elapsed = time.process_time() - cpu_start
+                    if b.device.type == "cuda":
+                        peaks[mode.name] = max(peaks.get(mode.name, 0), torch.cuda.max_memory_allocated())
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise
+                    mode.skip = f"out of memory: {str(exc).splitlines()[0][:200]}"
+                    b.optimizer.zero_grad(set_to_none=True)
+                finally:
+                    mode.exit(b)
+                    if b.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if r >= args.warmup and mode.skip is None:
+                    times[mode.name].append(elapsed / steps)
+                    cpu_times[mode.name].append(cpu_elapsed / steps)
+                bar.update(1)
+        bar.close()
+        base = b.base_resident()
+        resident: dict[str, int] = {}
+        transient: dict[str, int] = {}
+        if b.device.type == "cpu":
+            # One tracked step per mode, after the timing (the tracker costs a Python call per op).
+            for mode in tqdm(active, desc="memory", disable=not progress):
+                if mode.skip is not None:
+                    continue
+                mode.enter(b)
+                b.rewind()
+                try:
+                    resident[mode.name] = storage_bytes(mode.resident())
+                    gc.collect()
+                    with LiveBytes() as tracker:
+                        mode.step(b)
+                        gc.collect()
+                    transient[mode.name] = tracker.peak
+                    peaks[mode.name] = base + resident[mode.name] + tracker.peak
+                finally:
+                    mode.exit(b)
+        result = summarize_run(args, b, modes, times, cpu_times, peaks, base, resident, transient)
+        del b
+        gc.collect()
+        return result
+
+
+def summarize_run(
+    args: argparse.Namespace,
+    b: Bench,
+    modes: list[Mode],
+    times: dict[str, list[float]],
+    cpu_times: dict[str, list[float]],
+    peaks: dict[str, int],
+    base: int,
+    resident: dict[str, int],
+    transient: dict[str, int],
+) -> dict[str, Any]:
+    shape = b.shape
+    plain_median = statistics.median(times["plain"]) if times.get("plain") else None
+    plain_peak = peaks.get("plain")
+    kl_delta = None
+    if "kl-sft" in peaks and plain_peak is not None:
+        kl_delta = peaks["kl-sft"] - plain_peak
+    rows: dict[str, Any] = {}
+    for mode in modes:
+        entry: dict[str, Any] = {"description": MODES[mode.name], "steps_per_repeat": mode.block}
+        if mode.skip is not None or not times[mode.name]:
+            entry["skipped"] = mode.skip or "no timed repeat"
+            rows[mode.name] = entry
+            continue
+        stats = summarize(times[mode.name])
+        entry.update(stats)
+        entry["times_s"] = times[mode.name]
+        entry["ratio"] = stats["median_s"] / plain_median if plain_median else None
+        entry["ratio_min"] = stats["min_s"] / min(times["plain"]) if plain_median else None
+        if b.device.type == "cpu" and cpu_times.get("plain"):
+            entry["cpu_times_s"] = cpu_times[mode.name]
+            entry["cpu_median_s"] = statistics.median(cpu_times[mode.name])
+            entry["cpu_ratio"] = entry["cpu_median_s"] / statistics.median(cpu_times["plain"])
+        entry["peak_bytes"] = peaks.get(mode.name)
+        if plain_peak is not None and mode.name in peaks:
+            delta = peaks[mode.name] - plain_peak
+            entry["delta_bytes"] = delta
+            entry["delta_frac"] = delta / plain_peak
+            entry["delta_vs_kl"] = delta / kl_delta if kl_delta else None
+        if mode.name in resident:
+            entry["resident_bytes"] = resident[mode.name]
+            entry["transient_peak_bytes"] = transient[mode.name]
+        if mode.extra_tokens:
+            entry["extra_tokens_frac"] = mode.extra_tokens
+        rows[mode.name] = entry
+    memory_method = (
+        "torch.cuda.max_memory_allocated() over each timed block (reset after attach)"
+        if b.device.type == "cuda"
+        else "peak = persistent bytes (parameters, buffers, optimizer state) + the mode's resident tensors "
+        "(reference copy, cache, anchor references) + the peak of live bytes allocated during one tracked "
+        "step (LiveBytes dispatch-mode tracker)"
+    )
+    return {
+        "shape": asdict(shape),
+        "vocab": b.vocab,
+        "device": str(b.device),
+        "dtype": args.dtype,
+        "attn": args.attn,
+        "k": args.k,
+        "batch": shape.batch,
+        "seq": shape.seq,
+        "tokens_per_step": shape.batch * shape.seq,
+        "anchor_len": shape.anchor_len,
+        "n_anchors": args.n_anchors,
+        "gradient_checkpointing": b.gradient_checkpointing,
+        "parameters": sum(p.numel() for p in b.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in b.model.parameters() if p.requires_grad),
+        "logits_bytes_fp32": shape.batch * shape.seq * b.vocab * 4,
+        "base_resident_bytes": base,
+        "memory_method": memory_method,
+        "cache_build": b.cache_build,
+        "modes": rows,
+    }
+
+
+def vocab_growth(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each shape run at two or more vocabularies: how each mode's extra memory grows with V, in
+    units of one fp32 [B, T, delta V] tensor (0 = independent of V)."""
+    out: list[dict[str, Any]] = []
+    by_shape: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_shape.setdefault(run["shape"]["name"], []).append(run)
+    for name, group in by_shape.items():
+        group = sorted(group, key=lambda r: r["vocab"])
+        if len(group) < 2:
+            continue
+        lo, hi = group[0], group[-1]
+        unit = lo["batch"] * lo["seq"] * (hi["vocab"] - lo["vocab"]) * 4
+        for mode, entry in lo["modes"].items():
+            other = hi["modes"].get(mode, {})
+            if "delta_bytes" not in entry or "delta_bytes" not in other:
+                continue
+            growth = other["delta_bytes"] - entry["delta_bytes"]
+            transient = None
+            plain_lo, plain_hi = lo["modes"].get("plain", {}), hi["modes"].get("plain", {})
+            if "transient_peak_bytes" in entry and "transient_peak_bytes" in other:
+                transient = (other["transient_peak_bytes"] - plain_hi["transient_peak_bytes"]) - (
+                    entry["transient_peak_bytes"] - plain_lo["transient_peak_bytes"]
+                )
+            out.append(
+                {
+                    "shape": name,
+                    "mode": mode,
+                    "vocab_lo": lo["vocab"],
+                    "vocab_hi": hi["vocab"],
+                    "delta_bytes_lo": entry["delta_bytes"],
+                    "delta_bytes_hi": other["delta_bytes"],
+                    "growth_bytes": growth,
+                    "growth_in_fp32_BTdV": growth / unit,
+                    "step_growth_bytes": transient,
+                    "step_growth_in_fp32_BTdV": None if transient is None else transient / unit,
+                }
+            )
+    return out
+
+
+# -- reports -----------------------------------------------------------------------------------------
+def render_markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    lines = [
+        "# STR step cost",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['platform']}, {meta['processor']}, {meta['cpu_count']} CPUs"
+        + (
+            f", GPU {meta['gpu']} ({meta['gpu_memory_gib']} GiB), CUDA {meta['cuda']}"
+            if "gpu" in meta
+            else ""
+        )
+        + f"; torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, Python "
+        f"{meta['python']}; torch threads {meta['torch_threads']}; {meta['date_utc']} UTC.",
+        "",
+        f"Load average (1, 5, 15 min) before: {report['load_before']}, after: {report['load_after']}.",
+    ]
+    if report.get("note"):
+        lines += ["", report["note"]]
+    for run in report["runs"]:
+        shape = run["shape"]
+        lines += [
+            "",
+            f"## {shape['name']}, vocab {run['vocab']}: {run['batch']} x {run['seq']} tokens, hidden "
+            f"{shape['hidden']}, {shape['layers']} layers, {run['device']} {run['dtype']}, k={run['k']}, "
+            f"gradient checkpointing {'on' if run['gradient_checkpointing'] else 'off'}",
+            "",
+            f"{run['parameters'] / 1e6:.1f} M parameters ({run['trainable_parameters'] / 1e6:.2f} M trainable, "
+            f"LoRA r=16 on all linear layers), anchors {run['n_anchors']} x {run['anchor_len']} tokens; one fp32 "
+            f"[B, T, V] tensor is {fmt_bytes(run['logits_bytes_fp32'])}. Memory: {run['memory_method']}.",
+        ]
+        if run["cache_build"]:
+            cb = run["cache_build"]
+            lines += [
+                "",
+                f"Reference cache build (not in the step times): {cb['sequences']} sequences, {cb['tokens']} "
+                f"tokens in {cb['seconds']:.2f} s ({cb['tokens_per_s']:.0f} tokens/s), file "
+                f"{fmt_bytes(cb['file_bytes'])}.",
+            ]
+        table = []
+        for name, e in run["modes"].items():
+            if "skipped" in e:
+                table.append([f"`{name}`", "skipped: " + e["skipped"], *[""] * 8])
+                continue
+            ratio = f"x{e['ratio']:.3f}" if e.get("ratio") else "-"
+            delta = e.get("delta_bytes")
+            table.append(
+                [
+                    f"`{name}`",
+                    f"{e['median_s'] * 1e3:.1f}",
+                    f"{e['min_s'] * 1e3:.1f} / {e['max_s'] * 1e3:.1f}",
+                    ratio
+                    + (
+                        f" (+{100 * e['extra_tokens_frac']:.1f} % tokens)"
+                        if e.get("extra_tokens_frac")
+                        else ""
+                    ),
+                    f"x{e['ratio_min']:.3f}" if e.get("ratio_min") else "-",
+                    f"x{e['cpu_ratio']:.3f}" if e.get("cpu_ratio") else "-",
+                    fmt_bytes(e.get("peak_bytes")),
+                    ("+" if (delta or 0) >= 0 else "") + fmt_bytes(delta) if delta is not None else "-",
+                    f"{100 * e['delta_frac']:+.2f} %" if e.get("delta_frac") is not None else "-",
+                    f"{e['delta_vs_kl']:.3f}" if e.get("delta_vs_kl") is not None else "-",
+                ]
+            )
+        lines += [
+            "",
+            markdown_table(
+                [
+                    "mode",
+                    "median ms/step",
+                    "min / max",
+                    "step time vs plain (medians)",
+                    "min vs min",
+                    "CPU time vs plain (medians)",
+                    "peak memory",
+                    "delta",
+                    "delta %",
+                    "delta / KL-SFT delta",
+                ],
+                table,
+            ),
+        ]
+    if report["vocab_growth"]:
+        lines += [
+            "",
+            "## Extra memory versus vocabulary size",
+            "",
+            "Growth = (delta vs plain at the larger V) - (delta at the smaller V), in units of one fp32 "
+            "[B, T, delta V] tensor: 0 means the mode's extra memory does not depend on the vocabulary. "
+            "'Of which in the step' leaves out what a mode keeps between steps (the reference copy of "
+            "`str-model-mse` is a whole model: its embedding and head grow with V like any weights).",
+            "",
+            markdown_table(
+                [
+                    "shape",
+                    "mode",
+                    "delta at V lo",
+                    "delta at V hi",
+                    "growth",
+                    "growth in fp32 [B,T,dV]",
+                    "of which in the step",
+                ],
+                [
+                    [
+                        g["shape"],
+                        f"`{g['mode']}`",
+                        f"{fmt_bytes(g['delta_bytes_lo'])} (V={g['vocab_lo']})",
+                        f"{fmt_bytes(g['delta_bytes_hi'])} (V={g['vocab_hi']})",
+                        fmt_bytes(g["growth_bytes"]),
+                        f"{g['growth_in_fp32_BTdV']:.2f}",
+                        "-"
+                        if g["step_growth_in_fp32_BTdV"] is None
+                        else f"{g['step_growth_in_fp32_BTdV']:.2f}",
+                    ]
+                    for g in report["vocab_growth"]
+                ],
+            ),
+        ]
+    lines += ["", "Modes:", ""] + [f"- `{name}`: {text}" for name, text in MODES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ratios(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    names = [m for m in MODES if any(m in r["modes"] and "ratio" in r["modes"][m] for r in runs)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
+    width = 0.8 / max(len(runs), 1)
+    for i, run in enumerate(runs):
+        values = [run["modes"].get(m, {}).get("ratio") or 0.0 for m in names]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, values, width, label=f"{run['shape']['name']} V={run['vocab']}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.02, color="gray", linewidth=0.8, linestyle="--", label="x1.02")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("median step time / plain SFT")
+    device = runs[0]["device"] if runs else ""
+    ax.set_title(
+        f"STR step-time ratio per mode ({device}; {report['meta'].get('gpu', report['meta']['processor'])})"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", nargs="+", default=["tiny"], choices=list(SHAPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    parser.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary sizes (one run each)")
+    parser.add_argument("--k", type=int, default=64, help="number of safety tokens")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per mode (default 5 cpu, 3 cuda)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    parser.add_argument("--n-batches", type=int, default=4, help="distinct batches cycled through")
+    parser.add_argument("--n-anchors", type=int, default=16, help="anchor prompts in the anchor set")
+    parser.add_argument(
+        "--fold-anchors", type=int, default=8, help="anchors per folded step (the core anchor modes use 8)"
+    )
+    parser.add_argument(
+        "--gc",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="gradient checkpointing (auto: on for GPU shapes)",
+    )
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default="", help="a line written into the report (e.g. what else ran)")
+    parser.add_argument(
+        "--out", default=None, help="output stem: writes STEM.json, STEM.md, STEM_step_ratio.png"
+    )
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (touches no device)")
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.repeats is None:
+        args.repeats = 3 if args.device == "cuda" else 5
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.k < 1:
+        parser.error("--k must be >= 1")
+    if args.modes and "plain" not in args.modes:
+        args.modes = ["plain", *args.modes]  # every ratio is to plain SFT
+    return args
+
+
+def shapes_of(args: argparse.Namespace) -> list[tuple[Shape, int]]:
+    plan = []
+    for name in args.shape:
+        shape = SHAPES[name]
+        overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
+        shape = Shape(**{**asdict(shape), **overrides})
+        for vocab in args.vocab or [shape.vocab]:
+            plan.append((shape, vocab))
+    return plan
+
+
+def dry_run(args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for shape, vocab in shapes_of(args):
+        params = count_parameters(shape, vocab)
+        elem = 2 if args.dtype in ("bf16", "fp16") else 4
+        blocks = sum(
+            1 if m not in ("str-anchors-mse-every8", "anchors-folded-every8") else 8 for m in args.modes
+        )
+        runs.append(
+            {
+                "shape": asdict(shape),
+                "vocab": vocab,
+                "device": args.device,
+                "dtype": args.dtype,
+                "parameters": params,
+                "weights_bytes": params * elem,
+                "tokens_per_step": shape.batch * shape.seq,
+                "logits_bytes": shape.batch * shape.seq * vocab * elem,
+                "logits_bytes_fp32": shape.batch * shape.seq * vocab * 4,
+                "gradient_checkpointing": args.gc == "on" or (args.gc == "auto" and shape.gpu),
+                "modes": args.modes,
+                "timed_steps": args.repeats * blocks,
+                "warmup_steps": args.warmup * len(args.modes),
+                "str-model-mse": "skipped at run time if 2 x weights + 16 GiB exceed the GPU memory"
+                if args.device == "cuda"
+                else "runs",
+            }
+        )
+    return {"dry_run": True, "args": vars(args), "runs": runs}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    stem = output_stem(args.out) if args.out else None
+    if stem is not None:
+        check_writable(stem, (".json", ".md"), args.overwrite)
+    if args.dry_run:
+        plan = dry_run(args)
+        print(json.dumps(plan, indent=2))
+        return plan
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda but torch sees no CUDA device (use --dry-run to only print the plan)."
+        )
+    if args.threads is not None or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    load_before = load_average()
+    plan = shapes_of(args)
+    runs: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for shape, vocab in plan:
+        runs.append(run_one(args, shape, vocab, progress=not args.no_progress))
+        report = {
+            "meta": machine_info(args.device),
+            "load_before": load_before,
+            "load_after": load_average(),
+            "note": args.note,
+            "complete": len(runs) == len(plan),
+            "args": vars(args),
+            "runs": runs,
+            "vocab_growth": vocab_growth(runs),
+        }
+        if stem is not None:  # written after every run, so a crash or a kill keeps what was measured
+            write_json(stem.with_name(stem.name + ".json"), report)
+            stem.with_name(stem.name + ".md").write_text(render_markdown(report))
+    if stem is None:
+        print(render_markdown(report))
+    elif not args.no_plot:
+        try:
+            plot_ratios(report, stem.with_name(stem.name + "_step_ratio.png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot written", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
