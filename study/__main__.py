@@ -27,8 +27,9 @@ from .data import load_study_data, sort_task
 from .finetune import RunSpec, run_one
 from .model import evaluate_aligned, train_aligned
 
-FULL_PLAN: list[tuple[str, str, list[str]]] = [
-    # (task, mode, methods)
+# (task, mode, methods, seeds). Sized for about an hour on 2 CPU cores: the main comparison on the sort
+# task with LoRA gets 3 seeds, the GSM8K and full fine-tuning checks 2.
+FULL_PLAN: list[tuple[str, str, list[str], int]] = [
     (
         "sort",
         "lora",
@@ -44,34 +45,28 @@ FULL_PLAN: list[tuple[str, str, list[str]]] = [
             "STR anchors hinge c10",
             "STR default-anchors mse c10",
         ],
+        3,
     ),
+    ("sort", "full", ["plain SFT", "STR cache mse c1", "STR anchors mse c10"], 2),
+    ("gsm8k", "lora", ["plain SFT", "mix 10% refusals", "STR adapter mse c1", "STR anchors mse c10"], 2),
+]
+SWEEP_PLAN: list[tuple[str, str, list[str], int]] = [
     (
-        "gsm8k",
+        "sort",
         "lora",
         [
             "plain SFT",
-            "mix 10% refusals",
-            "KL-SFT (full vocab, beta 1)",
-            "STR adapter mse c1",
-            "STR cache mse c1",
-            "STR anchors mse c10",
-            "STR anchors mse c10 every 8",
+            "STR adapter mse c10",
+            "STR adapter mse c100",
+            "STR anchors mse c3",
+            "STR anchors mse c30 every 4",
+            "STR anchors mse c100 every 8",
         ],
-    ),
-    (
-        "sort",
-        "full",
-        [
-            "plain SFT",
-            "KL-SFT (full vocab, beta 1)",
-            "STR model mse c1",
-            "STR cache mse c1",
-            "STR anchors mse c10",
-        ],
+        1,
     ),
 ]
-DEMO_PLAN: list[tuple[str, str, list[str]]] = [
-    ("sort", "lora", ["plain SFT", "STR adapter mse c1", "STR anchors mse c10"]),
+DEMO_PLAN: list[tuple[str, str, list[str], int]] = [
+    ("sort", "lora", ["plain SFT", "STR adapter mse c1", "STR anchors mse c10"], 1),
 ]
 GOAL = (
     "STR keeps >= 95 % of the aligned model's held-out refusal rate where plain SFT keeps <= 50 %, task exact "
@@ -246,20 +241,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["run", "demo"])
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--plan", choices=["full", "demo"], default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
+    parser.add_argument("--plan", choices=["full", "sweep", "demo"], default=None)
     args = parser.parse_args(argv)
     demo = args.command == "demo"
     source = args.source or ("embedded" if demo else "shared")
     out = Path(args.out or ("runs/demo" if demo else "results/study"))
-    seeds = args.seeds or (1 if demo else 3)
-    plan = DEMO_PLAN if (args.plan or ("demo" if demo else "full")) == "demo" else FULL_PLAN
+    plan = {"full": FULL_PLAN, "sweep": SWEEP_PLAN, "demo": DEMO_PLAN}[
+        args.plan or ("demo" if demo else "full")
+    ]
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     started = time.perf_counter()
     data = load_study_data(source)
     tasks = {"sort": sort_task(600 if demo else 1000, 100, seed=0)}
-    if any(t == "gsm8k" for t, _, _ in plan):
+    if any(block[0] == "gsm8k" for block in plan):
         from .data import gsm8k_task
 
         tasks["gsm8k"] = gsm8k_task(600, 100)
@@ -272,18 +268,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"aligned model: {json.dumps(metrics)}", flush=True)
     specs = [
         RunSpec(task, mode, method, seed)
-        for task, mode, methods in plan
-        for seed in range(seeds)
+        for task, mode, methods, block_seeds in plan
+        for seed in range(args.seeds or block_seeds)
         for method in methods
     ]
-    runs: list[dict[str, Any]] = []
+    # Resumable: runs already in runs.jsonl for this aligned model are kept, not repeated.
     runs_path = out / "runs.jsonl"
-    runs_path.write_text("")
-    for spec in tqdm(specs, desc="fine-tuning runs", unit="run"):
+    runs: list[dict[str, Any]] = []
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("aligned_fingerprint") == info["fingerprint"]:
+                runs.append(record)
+    done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
+    runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    todo = [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
+    for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
         epochs = 2.0 if spec.task == "sort" else 1.0
         result = run_one(
             spec, aligned_dir, data, tasks[spec.task], epochs=epochs, max_len=192, curve_every=25
         )
+        result["aligned_fingerprint"] = info["fingerprint"]
         runs.append(result)
         with runs_path.open("a") as fh:
             fh.write(json.dumps(result) + "\n")
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             f"loss {result['task_heldout_loss']:.3f}, step {1000 * result['step_time_median_s']:.0f} ms"
         )
     command = "python -m study " + " ".join(sys.argv[1:] if argv is None else argv)
+    wanted = {(s.task, s.mode, s.method, s.seed) for s in specs}
+    runs = [r for r in runs if (r["task"], r["mode"], r["method"], r["seed"]) in wanted]
     text = summarize(runs, aligned, out, command, time.perf_counter() - started)
     for path in plots(runs, metrics["heldout_refusal"], out):
         print(f"wrote {path}")

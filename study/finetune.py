@@ -58,6 +58,20 @@ METHODS = {
             "str",
             {"coef": 10.0, "penalty": {"form": "hinge"}, "reference": {"source": "anchors"}},
         ),
+        # The coefficient sweep that followed the main plan (see RESULTS.md).
+        Method("STR adapter mse c10", "str", {"coef": 10.0, "reference": {"source": "adapter"}}),
+        Method("STR adapter mse c100", "str", {"coef": 100.0, "reference": {"source": "adapter"}}),
+        Method("STR anchors mse c3", "str", {"coef": 3.0, "reference": {"source": "anchors"}}),
+        Method(
+            "STR anchors mse c30 every 4",
+            "str",
+            {"coef": 30.0, "reference": {"source": "anchors", "anchor_every": 4}},
+        ),
+        Method(
+            "STR anchors mse c100 every 8",
+            "str",
+            {"coef": 100.0, "reference": {"source": "anchors", "anchor_every": 8}},
+        ),
         # The package's own anchor prompts, as a user without alignment data would run it.
         Method(
             "STR default-anchors mse c10",

@@ -150,7 +150,7 @@ def train_aligned(
             schedule.step()
             optimizer.zero_grad()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
