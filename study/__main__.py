@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     for path in plots(runs, metrics["heldout_refusal"], out):
         print(f"wrote {path}")
     print(text)
+    if demo:
+        print(
+            "\nDemo caveat: the embedded data has only 90 training harmful prompts (the package's anchor set), "
+            "so this aligned model refuses few held-out ones; the study on AdvBench (`make study`, "
+            "results/study/RESULTS.md) is the evidence."
+        )
 
 
 if __name__ == "__main__":
