@@ -103,6 +103,10 @@ def hf_mode(mode: str, out: Path) -> None:
     }
     if dist.get_rank() == 0:
         save_file({n: (before[n] - after[n]).contiguous() for n in before}, str(out / "result.safetensors"))
+    # Leave together and close the group: a rank exiting while gloo threads still run can abort
+    # ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def fsdp2_mode(mode: str, out: Path) -> None:

@@ -156,6 +156,10 @@ def main(out: Path) -> None:
         torch.save(capture.batches[0], out / f"batch_{order}_rank{trainer.global_rank}.pt")
         if trainer.global_rank == 0:
             torch.save(capture.grads[0], out / f"grads_{order}.pt")
+    # Leave together and close the group: a rank exiting while gloo threads still run can abort.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
