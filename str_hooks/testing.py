@@ -7,6 +7,7 @@ models are randomly initialized from small configs of several architectures. Nee
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -34,11 +35,8 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
 
 
-@lru_cache(maxsize=2)
-def _trained_tokenizer(vocab_size: int) -> Tokenizer:
-    lines: list[str] = []
-    for name in ("refusal_templates", "benign_contrast", "harmful_anchors", "benign_prompts"):
-        lines += default_texts(name)
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with the chat specials (`SPECIALS`), trained on `texts` (about a second)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,8 +46,16 @@ def _trained_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(lines, trainer)
+    tok.train_from_iterator(texts, trainer)
     return tok
+
+
+@lru_cache(maxsize=2)
+def _trained_tokenizer(vocab_size: int) -> Tokenizer:
+    lines: list[str] = []
+    for name in ("refusal_templates", "benign_contrast", "harmful_anchors", "benign_prompts"):
+        lines += default_texts(name)
+    return train_bpe(lines, vocab_size)
 
 
 def make_tokenizer(vocab_size: int = 512, chat: bool = True) -> PreTrainedTokenizerFast:
