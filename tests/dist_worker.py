@@ -155,6 +155,7 @@ def fsdp2_mode(mode: str, out: Path) -> None:
             grads[name] = full.detach().clone().contiguous()
     if rank == 0:
         save_file(grads, str(out / "result.safetensors"))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -167,6 +168,11 @@ def main() -> None:
         fsdp2_mode(mode, out)
     if os.environ.get("RANK", "0") == "0":
         print(f"{mode}: ok")
+    # Results are written and the process group is closed: skip interpreter teardown, where gloo's
+    # C++ threads sometimes abort the process ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
