@@ -13,6 +13,7 @@ from torch import nn
 from str_hooks.anchors import AnchorSet
 from str_hooks.cache import ReferenceCache, model_fingerprint
 from str_hooks.errors import STRAttachError, STRError, STRNonFiniteError
+from str_hooks.folding import FoldedAnchors, fold_anchors
 from str_hooks.mining import mine_safety_tokens
 from str_hooks.penalty import coef_at, penalty_positions, weighted_penalty_sum
 from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
@@ -24,7 +25,7 @@ from str_hooks.reference import (
     safety_logprobs,
 )
 from str_hooks.schemas.config import STRConfig, load_config
-from str_hooks.tap import ModelTap
+from str_hooks.tap import ModelTap, eval_mode
 from str_hooks.tokens import SafetyTokens
 
 # Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
@@ -138,6 +139,7 @@ class STRHandle:
         self._step = 0
         self._anchor_cursor = 0
         self._anchor_done_at: int | None = None
+        self._folded: FoldedAnchors | None = None
         self._loss_calls = 0
         self._skipped = 0
         self._last: dict[str, torch.Tensor] = {}
@@ -186,6 +188,8 @@ class STRHandle:
                 batch_size=config.reference.anchor_batch_size,
             )
             self.anchors.compute_reference(self.tap, peft_model)
+            if config.reference.anchor_placement == "folded":
+                self._verify_folding()
 
     # -- setup helpers -------------------------------------------------------------------------------
     def _resolve_tokens(
@@ -233,6 +237,45 @@ class STRHandle:
                 raise
             return True
 
+    def _verify_folding(self) -> None:
+        """Check once that folded anchors see only themselves: an anchor folded in front of another
+        prompt must give the same decision logits as alone, and the prompt behind it the same logits as
+        without it. Fails where the attention ignores packed position ids (transformers before packed-mask
+        detection, or a custom attention)."""
+        assert self.anchors is not None
+        first, second = (0, 1) if len(self.anchors) > 1 else (0, 0)
+        row = torch.tensor([self.anchors.encoded[second]], dtype=torch.long, device=self.tap.device())
+        folded, where = fold_anchors(
+            {"input_ids": row},
+            [self.anchors.encoded[first]],
+            [first],
+            pad_token_id=self.anchors.pad_token_id,
+            keep_logits=False,
+        )
+        with torch.no_grad(), eval_mode(self.tap.causal_lm):
+            together = self.tap.run(**folded, **self.tap.lean_kwargs()).safety_logits
+            alone_anchor = self.anchors.decision_logits(self.tap, [first])
+            alone_row = self.tap.run(input_ids=row, **self.tap.lean_kwargs()).safety_logits
+        assert together is not None and alone_row is not None  # tap.run guarantees them
+        prefix = where.shape[1] - row.shape[1]
+        pairs = [
+            (together[where.rows, where.cols], alone_anchor),
+            (together[:, prefix:], alone_row),
+        ]
+        low_precision = self.tap.rows.weight.dtype in (torch.bfloat16, torch.float16)
+        for folded_logits, separate_logits in pairs:
+            scale = separate_logits.abs().max().clamp_min(1.0)
+            err = (folded_logits - separate_logits).abs().max()
+            if err > (2e-2 if low_precision else 1e-3) * scale:
+                raise STRAttachError(
+                    "`reference.anchor_placement` is 'folded' but an anchor folded in front of a prompt changes "
+                    f"the logits by {float(err):.4g} (max |logit| {float(scale):.4g}): "
+                    f"{type(self.tap.causal_lm).__name__}'s attention does not keep packed segments apart "
+                    "(transformers builds block-diagonal masks from position ids only in recent versions, "
+                    "and only without an attention mask). Set `reference.anchor_placement: separate`, or "
+                    "upgrade transformers."
+                )
+
     # -- training-time API ---------------------------------------------------------------------------
     @property
     def step_count(self) -> int:
@@ -245,6 +288,67 @@ class STRHandle:
     def step(self) -> None:
         """Call once after each optimizer step: advances the coef warm-up and the anchor schedule."""
         self._step += 1
+
+    def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
+        """Fold this step's anchors into a training batch (`reference.anchor_placement: folded`).
+
+        Call on every training micro-batch, before the forward, and run the forward on what it returns
+        (`model(**batch)`): on the first micro-batch of an optimizer step where an anchor penalty is due
+        (every `anchor_every` steps) it returns a new batch with the anchor prompts packed in front of the
+        rows, and the following `loss()` reads their decision-point logits from that forward. On every
+        other call, in eval mode, and for any other source or placement it returns `batch` itself.
+
+        Args:
+            batch: a mapping with `input_ids` [B, T], unpadded or right-padded (`attention_mask`),
+                optionally `position_ids` (padding-free packing), `labels`, `shift_labels`,
+                `token_type_ids`.
+            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep = T`, so the LM head
+                runs on the training positions only; True extends the labels with -100 over the anchor
+                prefix instead (for forwards that compute the loss from all hidden states, like TRL's
+                fused LM head). None: False when the model's forward accepts `logits_to_keep`.
+
+        Returns:
+            The batch to run the forward on.
+
+        Raises:
+            STRError: a batch that cannot be folded exactly (left padding, `inputs_embeds`, packed-sample
+                attention masks, unknown per-token fields); the message names the fix.
+        """
+        if not self._attached:
+            raise STRError("this STR handle was removed; register a new one with register_str_hook.")
+        anchors = self.anchors
+        if (
+            anchors is None
+            or self.config.reference.anchor_placement != "folded"
+            or not self.tap.causal_lm.training
+            or not self._anchor_due()
+        ):
+            return batch
+        if not isinstance(batch, dict) and not hasattr(batch, "keys"):
+            raise STRError(
+                f"`reference.anchor_placement` is 'folded' but the batch is a {type(batch).__name__}: fold needs "
+                "a mapping with `input_ids` (like the HF collators return), or set `reference.anchor_placement: "
+                "separate`."
+            )
+        keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
+        indices = anchors.batch_indices(self._anchor_cursor)
+        folded, where = fold_anchors(
+            batch,
+            [anchors.encoded[i] for i in indices],
+            indices,
+            pad_token_id=anchors.pad_token_id,
+            keep_logits=keep_logits,
+        )
+        if self.tap.accepts_use_cache:
+            # A KV cache (the config default) turns transformers' packed-sequence detection off.
+            folded["use_cache"] = False
+        self._anchor_cursor = (self._anchor_cursor + len(indices)) % len(anchors)
+        self._anchor_done_at = self._step
+        self._folded = where
+        return folded
+
+    def _anchor_due(self) -> bool:
+        return self._step % self.config.reference.anchor_every == 0 and self._anchor_done_at != self._step
 
     def loss(
         self, num_items_in_batch: int | torch.Tensor | None = None, labels: torch.Tensor | None = None
@@ -272,8 +376,11 @@ class STRHandle:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
         self._loss_calls += 1
         self._check_step_calls()
+        self._last = {}  # metrics() describe only a term this call computed
         sink = self.tap.take()
         if self.anchors is not None:
+            if self.config.reference.anchor_placement == "folded":
+                return self._folded_anchor_loss(sink)
             return self._anchor_loss()
         if sink.safety_logits is None:
             raise STRError(
@@ -321,6 +428,32 @@ class STRHandle:
         policy = self.anchors.decision_logits(self.tap, indices)
         reference = self.anchors.reference[indices].to(policy.device)
         return self._finish(policy, reference, len(indices), None)
+
+    def _folded_anchor_loss(self, sink: Any) -> torch.Tensor:
+        assert self.anchors is not None and self.anchors.reference is not None
+        where, self._folded = self._folded, None
+        device = self.tap.device()
+        if where is None:
+            if self.tap.causal_lm.training and self._anchor_due():
+                raise STRError(
+                    "`reference.anchor_placement` is 'folded' and an anchor penalty is due, but this batch was "
+                    "not folded: pass each training batch through `batch = handle.prepare_batch(batch)` before "
+                    "the forward (the trainer integrations do it for you)."
+                )
+            return torch.zeros((), device=device)
+        logits = sink.safety_logits
+        if logits is None or tuple(logits.shape[:2]) != where.shape:
+            found = "no forward" if logits is None else f"a forward of shape {tuple(logits.shape[:2])}"
+            raise STRError(
+                f"handle.prepare_batch folded the anchors into a batch of shape {where.shape}, but handle.loss() "
+                f"found {found}: run the forward on the batch prepare_batch returned, with all its keys "
+                "(model(**batch))."
+            )
+        if not sink.training:
+            return torch.zeros((), device=logits.device)
+        policy = logits[where.rows, where.cols]
+        reference = self.anchors.reference[where.indices].to(policy.device)
+        return self._finish(policy, reference, len(where.indices), None)
 
     def _finish(
         self,
@@ -385,7 +518,8 @@ class STRHandle:
     def metrics(self) -> dict[str, float]:
         """Plain floats from the last `loss()` call: `penalty` (the added term), `pen_mean` (penalty per
         position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>` for the
-        top-weighted tokens, `coef`, `positions`, `skipped`, `step`."""
+        top-weighted tokens, `coef`, `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when
+        that call computed no term (eval mode, no anchor step due, a skipped non-finite step)."""
         out: dict[str, float] = {
             "coef": float(self.current_coef()),
             "skipped": float(self._skipped),

@@ -91,6 +91,7 @@ def test_defaults() -> None:
         "anchors_column": None,
         "anchor_batch_size": 8,
         "anchor_every": 1,
+        "anchor_placement": "separate",
     }
     assert cfg.logging.model_dump() == {"prefix": "str/", "top_tokens": 3}
     assert STRConfig.model_validate({}) == cfg
@@ -263,12 +264,20 @@ def test_logprob_needs_full_vocabulary_reference(reference: dict[str, Any], show
         ("anchors_column", "goal"),
         ("anchor_batch_size", 4),
         ("anchor_every", 10),
+        ("anchor_placement", "folded"),
     ],
 )
 def test_anchor_options_with_source_adapter(option: str, value: Any) -> None:
     validation_error(
         {"reference": {"source": "adapter", option: value}},
         rf"`reference\.{option}` is set \({re.escape(repr(value))}\) but `reference\.source` is 'adapter'",
+    )
+
+
+def test_unknown_anchor_placement() -> None:
+    validation_error(
+        {"reference": {"source": "anchors", "anchor_placement": "inline"}},
+        r"anchor_placement",
     )
 
 

@@ -1,0 +1,204 @@
+"""Folding anchor prompts into a training batch (`reference.anchor_placement: folded`).
+
+A separate anchor forward+backward is latency-bound on a GPU: it costs x1.28-x1.41 per step whatever its
+size (DESIGN section 4), and running it only every N-th step loses the refusals it was meant to keep
+(results/study). Folded, the anchors ride in the training forward as extra packed segments in front of
+the rows: every segment restarts its position ids at 0 and the attention mask is dropped, so
+transformers builds a block-diagonal causal mask (it detects packed sequences from position ids when no
+mask and no KV cache are given). An anchor then sees only itself and the training tokens never see an
+anchor: the anchors' decision-point logits equal a separate forward's, and the training tokens' logits
+are unchanged. The training labels stay [B, T] with `logits_to_keep = T`, so the LM head runs on the
+training positions only and the cross-entropy is exactly plain SFT's; forwards without `logits_to_keep`
+(and TRL's fused LM head, which scores only labelled positions) get labels extended with -100 instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from str_hooks.errors import STRError
+
+IGNORE_INDEX = -100
+# Per-token batch fields the fold knows: model inputs it extends (with this fill value) and loss targets
+# it keeps (logits_to_keep) or extends with IGNORE_INDEX.
+_INPUT_FILL = {"token_type_ids": 0}
+_TARGET_FIELDS = ("labels", "shift_labels")
+_SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class FoldedAnchors:
+    """Where the anchors of one folded batch sit.
+
+    Attributes:
+        indices: anchor indices (into the `AnchorSet`), in fold order.
+        rows, cols: row and column of each anchor's decision point (its last prompt token), on the batch's
+            device.
+        shape: (rows, width) of the folded input_ids; the training forward must have this shape.
+    """
+
+    indices: list[int]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    shape: tuple[int, int]
+
+
+def _placement_error(problem: str, fix: str) -> STRError:
+    return STRError(
+        f"`reference.anchor_placement` is 'folded' but {problem}: {fix}, or set `reference.anchor_placement: "
+        "separate` (a separate anchor forward, which takes any batch)."
+    )
+
+
+def fold_anchors(
+    batch: Mapping[str, Any],
+    anchors: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    *,
+    pad_token_id: int,
+    keep_logits: bool,
+) -> tuple[dict[str, Any], FoldedAnchors]:
+    """Put anchor prompts in front of a batch's rows as packed segments.
+
+    Anchor j goes to row j % B, so the prefixes stay balanced. A row with fewer anchor tokens than the
+    longest prefix starts with a padding segment of its own. The rows' own position ids are kept (the
+    batch's `position_ids`, or 0..T-1), so the training tokens see exactly what they saw before.
+
+    Args:
+        batch: the training batch (a mapping with `input_ids` [B, T]; right-padded `attention_mask`,
+            `position_ids`, `labels`, `shift_labels`, `token_type_ids` optional).
+        anchors: the token ids of each anchor prompt to fold.
+        indices: the anchors' indices in their `AnchorSet` (returned in `FoldedAnchors.indices`).
+        pad_token_id: id of the filler tokens.
+        keep_logits: True passes `logits_to_keep = T` and leaves the targets as they are (the forward must
+            accept `logits_to_keep`); False extends the targets with -100 over the prefix.
+
+    Returns:
+        The folded batch (a new dict; the input is not modified) and where its anchors sit.
+
+    Raises:
+        STRError: a batch the fold cannot keep exact: no `input_ids`, `inputs_embeds`, left padding or
+            packed-sample attention masks, an unknown per-token field, or a `logits_to_keep` of its own.
+    """
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        found = "inputs_embeds" if "inputs_embeds" in batch else f"input_ids={type(ids).__name__}"
+        raise _placement_error(
+            f"the batch has no [B, T] `input_ids` tensor ({found})", "pass token ids in `input_ids`"
+        )
+    if "logits_to_keep" in batch:
+        raise _placement_error(
+            "the batch sets `logits_to_keep` itself", "drop it (the fold sets it to the training width)"
+        )
+    n_rows, width = ids.shape
+    device = ids.device
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        _check_right_padded(mask, (n_rows, width))
+    for key, value in batch.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and tuple(value.shape[:2]) == (n_rows, width)
+            and key not in _SEQUENCE_FIELDS
+            and key not in _TARGET_FIELDS
+            and key not in _INPUT_FILL
+        ):
+            raise _placement_error(
+                f"the batch has a per-token field `{key}` {tuple(value.shape)} the fold does not know how to "
+                f"extend (it knows {', '.join(_SEQUENCE_FIELDS + _TARGET_FIELDS + tuple(_INPUT_FILL))})",
+                f"drop `{key}` from the batch before the forward",
+            )
+
+    positions = batch.get("position_ids")
+    if positions is None:
+        row_positions = torch.arange(width, dtype=torch.long).expand(n_rows, width)
+    else:
+        row_positions = positions.detach().to("cpu", torch.long).expand(n_rows, width)
+
+    per_row: list[list[int]] = [[] for _ in range(n_rows)]
+    for j in range(len(anchors)):
+        per_row[j % n_rows].append(j)
+    prefix = max(sum(len(anchors[j]) for j in members) for members in per_row)
+    prefix_ids = torch.full((n_rows, prefix), pad_token_id, dtype=torch.long)
+    prefix_positions = torch.zeros((n_rows, prefix), dtype=torch.long)
+    rows = torch.zeros(len(anchors), dtype=torch.long)
+    cols = torch.zeros(len(anchors), dtype=torch.long)
+    starts: list[tuple[int, int]] = []  # (row, column) where a segment other than the first begins
+    for r, members in enumerate(per_row):
+        offset = prefix - sum(len(anchors[j]) for j in members)
+        prefix_positions[r, :offset] = torch.arange(offset)
+        for j in members:
+            length = len(anchors[j])
+            prefix_ids[r, offset : offset + length] = torch.tensor(list(anchors[j]), dtype=torch.long)
+            prefix_positions[r, offset : offset + length] = torch.arange(length)
+            if offset > 0:
+                starts.append((r, offset))
+            rows[j], cols[j] = r, offset + length - 1
+            offset += length
+        if prefix > 0:
+            starts.append((r, prefix))
+    new_positions = torch.cat([prefix_positions, row_positions], dim=1)
+    for r, c in starts:
+        # transformers starts a new segment wherever a position id is not the previous one plus 1.
+        if int(new_positions[r, c]) == int(new_positions[r, c - 1]) + 1:
+            raise _placement_error(
+                f"row {r}'s position ids continue across the anchor segment ending at column {c - 1}",
+                "give the rows position ids that start at 0",
+            )
+
+    folded: dict[str, Any] = {
+        key: value for key, value in batch.items() if key not in ("attention_mask", "position_ids")
+    }
+    folded["input_ids"] = torch.cat([prefix_ids.to(device, ids.dtype), ids], dim=1)
+    folded["position_ids"] = new_positions.to(device)
+    for key, fill in _INPUT_FILL.items():
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            folded[key] = _extend(value, prefix, fill)
+    if keep_logits:
+        folded["logits_to_keep"] = width
+    else:
+        for key in _TARGET_FIELDS:
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor):
+                folded[key] = _extend(value, prefix, IGNORE_INDEX)
+    where = FoldedAnchors(
+        indices=list(indices),
+        rows=rows.to(device),
+        cols=cols.to(device),
+        shape=(n_rows, prefix + width),
+    )
+    return folded, where
+
+
+def _extend(value: torch.Tensor, prefix: int, fill: int) -> torch.Tensor:
+    pad = torch.full((value.shape[0], prefix, *value.shape[2:]), fill, dtype=value.dtype, device=value.device)
+    return torch.cat([pad, value], dim=1)
+
+
+def _check_right_padded(mask: Any, shape: tuple[int, int]) -> None:
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+        raise _placement_error(
+            f"the batch's `attention_mask` is not a {list(shape)} tensor "
+            f"({tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__})",
+            "pass a 2D 0/1 padding mask",
+        )
+    values = mask.detach()
+    binary = bool(((values == 0) | (values == 1)).all())
+    if not binary:
+        raise _placement_error(
+            "the batch's `attention_mask` holds values other than 0 and 1 (packed samples numbered by segment)",
+            "pack samples with `position_ids` restarting at 0 instead (padding-free batches)",
+        )
+    # Right padding: ones, then zeros. Without the mask a real token still sees only what comes before it.
+    if shape[1] > 1 and not bool((values[:, 1:] <= values[:, :-1]).all()):
+        raise _placement_error(
+            "the batch is left-padded (or has holes in its `attention_mask`): without a mask, real tokens "
+            "would attend to the padding before them",
+            "pad on the right (tokenizer.padding_side = 'right')",
+        )

@@ -1,0 +1,245 @@
+"""`reference.anchor_placement: folded`: the anchors ride in the training forward.
+
+The independent computation never folds: the cross-entropy from a plain forward of the batch, each anchor's
+decision logits from a forward of that anchor alone (full logits, gathered at the safety ids), the reference
+from `disable_adapter()`, the penalty written out. The folded gradient must equal it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factory import ARCHITECTURES, make_batch, make_lora, make_model
+
+from str_hooks import register_str_hook
+from str_hooks.errors import STRAttachError, STRError
+from str_hooks.folding import fold_anchors
+
+COEF = 3.0
+N_ANCHORS = 3
+
+
+def folded_cfg(**reference: Any) -> dict[str, Any]:
+    return {
+        "coef": COEF,
+        "reference": {
+            "source": "anchors",
+            "anchor_placement": "folded",
+            "anchor_batch_size": N_ANCHORS,
+            **reference,
+        },
+    }
+
+
+def ce_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def anchor_penalty_by_hand(
+    model: Any, anchor_ids: list[list[int]], token_ids: list[int], weights: list[float]
+) -> torch.Tensor:
+    """Mean over anchors of sum_k w_k (z_k - r_k)^2 at each anchor's last prompt token, every anchor run
+    alone (no padding, no packing), the reference with the adapters disabled."""
+    total = torch.zeros(())
+    for ids in anchor_ids:
+        x = torch.tensor([ids])
+        z = model(input_ids=x).logits[0, -1, token_ids].float()
+        with torch.no_grad(), model.disable_adapter():
+            r = model(input_ids=x).logits[0, -1, token_ids].float()
+        total = total + sum(w * (z[j] - r[j]) ** 2 for j, w in enumerate(weights))
+    return total / len(anchor_ids)
+
+
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        scale = theirs[name].abs().max().clamp_min(1e-6)
+        err = (ours[name] - theirs[name]).abs().max()
+        assert err <= 5e-5 * scale + 1e-7, f"{name}: max error {float(err):.3g} vs scale {float(scale):.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("extend_labels", [False, True])
+def test_folded_gradient_equals_separate_anchor_forwards(
+    arch: str, attn: str, extend_labels: bool, tokenizer: Any, tokens: Any
+) -> None:
+    # Gemma2's attention softcap has no SDPA kernel; its final-logit softcap stays.
+    overrides = {"attn_logit_softcapping": None} if arch == "gemma2" and attn == "sdpa" else {}
+    model = make_lora(make_model(arch, **overrides))
+    model.base_model.model.config._attn_implementation = attn
+    batch = make_batch(tokenizer, n=2, seed=5)
+    with register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer) as handle:
+        assert handle.anchors is not None
+        indices = handle.anchors.batch_indices(0)
+        anchor_ids = [handle.anchors.encoded[i] for i in indices]
+        folded = handle.prepare_batch(batch, extend_labels=extend_labels)
+        assert folded is not batch and folded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+        assert ("logits_to_keep" in folded) is not extend_labels
+        out = model(**folded)
+        term = handle.loss()
+        (out.loss + term).backward()
+        ours = lora_grads(model)
+        ours_ce, ours_term = float(out.loss.detach()), float(term.detach())
+
+    plain = model(**batch)
+    ce = ce_by_hand(plain.logits, batch["labels"])
+    penalty = COEF * anchor_penalty_by_hand(model, anchor_ids, tokens.ids, tokens.weights)
+    (ce + penalty).backward()
+    theirs = lora_grads(model)
+    assert ours_ce == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert ours_term == pytest.approx(float(penalty.detach()), rel=1e-4)
+    assert float(penalty.detach()) > 1e-3  # the adapters moved the anchors' logits: the check is not vacuous
+    assert_close(ours, theirs)
+
+
+def test_folded_full_fine_tuning_equals_separate_placement(tokenizer: Any, tokens: Any) -> None:
+    """Without adapters (the reference is the model at attach), folded and separate give one gradient."""
+    base = make_model("llama")
+    batch = make_batch(tokenizer, n=3, seed=2)
+    results = []
+    for placement in ("separate", "folded"):
+        model = copy.deepcopy(base)
+        cfg = folded_cfg(anchor_placement=placement)
+        with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+            torch.manual_seed(9)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            out = model(**handle.prepare_batch(batch))
+            term = handle.loss()
+            (out.loss + term).backward()
+            assert float(term) > 1e-4
+            results.append((float(out.loss), float(term), lora_grads(model)))
+    (ce_s, term_s, grads_s), (ce_f, term_f, grads_f) = results
+    assert ce_f == pytest.approx(ce_s, rel=1e-5) and term_f == pytest.approx(term_s, rel=1e-4)
+    assert_close(grads_f, grads_s)
+
+
+def test_schedule_accumulation_and_eval(tokenizer: Any, tokens: Any) -> None:
+    """Folded on the first micro-batch of every `anchor_every`-th step only; never in eval mode; the anchor
+    cursor advances like the separate placement's."""
+    model = make_lora(make_model("llama"))
+    batch = make_batch(tokenizer, n=2)
+    with register_str_hook(model, folded_cfg(anchor_every=2), tokens=tokens, tokenizer=tokenizer) as handle:
+        folded_at: list[tuple[int, int]] = []
+        for step in range(4):
+            for micro in range(2):
+                prepared = handle.prepare_batch(batch)
+                out = model(**prepared)
+                term = handle.loss()
+                if prepared is not batch:
+                    folded_at.append((step, micro))
+                    assert float(term) > 0
+                else:
+                    assert float(term) == 0.0
+                out.loss.backward()
+            handle.step()
+        assert folded_at == [(0, 0), (2, 0)]
+        assert handle.state_dict()["anchor_cursor"] == 2 * N_ANCHORS
+        model.eval()
+        assert handle.prepare_batch(batch) is batch
+        model.train()
+
+
+def test_forgetting_prepare_batch_is_an_error(tokenizer: Any, tokens: Any) -> None:
+    model = make_lora(make_model("llama"))
+    batch = make_batch(tokenizer, n=2)
+    with register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer) as handle:
+        model(**batch)
+        with pytest.raises(STRError, match=r"prepare_batch\(batch\)"):
+            handle.loss()
+        # Folded, but the forward ran on another batch.
+        handle.prepare_batch(batch)
+        model(**batch)
+        with pytest.raises(STRError, match="model\\(\\*\\*batch\\)"):
+            handle.loss()
+
+
+def test_other_placements_and_sources_leave_the_batch_alone(tokenizer: Any, tokens: Any) -> None:
+    batch = make_batch(tokenizer, n=2)
+    for cfg in ({"reference": {"source": "anchors"}}, {"reference": {"source": "adapter"}}):
+        model = make_lora(make_model("llama"))
+        with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+            assert handle.prepare_batch(batch) is batch
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("left", "left-padded"),
+        ("segments", "values other than 0 and 1"),
+        ("embeds", "no \\[B, T\\] `input_ids`"),
+        ("unknown", "per-token field `completion_mask`"),
+        ("keep", "sets `logits_to_keep`"),
+    ],
+)
+def test_batches_that_cannot_fold_exactly_are_refused(
+    change: str, message: str, tokenizer: Any, tokens: Any
+) -> None:
+    batch = make_batch(tokenizer, n=2)
+    if change == "left":
+        batch["attention_mask"] = batch["attention_mask"].flip(1)
+    elif change == "segments":
+        batch["attention_mask"] = batch["attention_mask"] * 2
+    elif change == "embeds":
+        batch = {"inputs_embeds": torch.zeros(2, 5, 32), "labels": batch["labels"]}
+    elif change == "unknown":
+        batch["completion_mask"] = batch["attention_mask"].clone()
+    else:
+        batch["logits_to_keep"] = 0
+    model = make_lora(make_model("llama"))
+    with register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer) as handle:
+        with pytest.raises(STRError, match=message) as info:
+            handle.prepare_batch(batch)
+        assert "anchor_placement: separate" in str(info.value)
+
+
+def test_fold_layout_and_padding_free_positions(tokenizer: Any) -> None:
+    """Two padding-free samples packed in one row keep their own positions; anchors become segments in
+    front, a shorter row starts with a padding segment, and each decision point is an anchor's last token."""
+    anchors = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    ids = torch.arange(100, 110).view(2, 5)
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    labels = ids.clone()
+    folded, where = fold_anchors(
+        {"input_ids": ids, "position_ids": positions, "labels": labels},
+        anchors,
+        [7, 8, 9],
+        pad_token_id=0,
+        keep_logits=False,
+    )
+    # Row 0 holds anchors 0 and 2 (7 tokens), row 1 anchor 1 behind a 5-token padding segment.
+    assert folded["input_ids"][0].tolist() == [11, 12, 13, 31, 32, 33, 34, 100, 101, 102, 103, 104]
+    assert folded["input_ids"][1].tolist() == [0] * 5 + [21, 22] + list(range(105, 110))
+    assert folded["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert folded["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4]
+    assert folded["labels"][:, :7].eq(-100).all() and folded["labels"][:, 7:].equal(labels)
+    assert where.rows.tolist() == [0, 1, 0] and where.cols.tolist() == [2, 6, 6]
+    assert where.indices == [7, 8, 9] and where.shape == (2, 12)
+    assert "attention_mask" not in folded
+
+
+def test_attach_refuses_attention_that_ignores_packing(
+    tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transformers versions before packed-mask detection let folded anchors leak into the rows behind
+    them; the attach-time check catches it."""
+    import transformers.masking_utils as masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    model = make_lora(make_model("llama"))
+    with pytest.raises(STRAttachError, match=r"anchor_placement.*does not keep packed segments apart"):
+        register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer)
