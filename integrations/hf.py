@@ -281,6 +281,9 @@ def _wrap_compute_loss(trainer: Any, callback: STRCallback) -> None:
     ) -> Any:
         # Read before the call: the Trainer pops labels out of `inputs` for label smoothing / compute_loss_func.
         labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        if trainer.model.training and callback.handle is not None:
+            # `reference.anchor_placement: folded`: this step's anchors ride in this forward (else a no-op).
+            inputs = callback.handle.prepare_batch(inputs, extend_labels=_scores_all_hidden_states(trainer))
         result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not trainer.model.training:
             return result  # evaluation: the reported eval loss excludes the penalty
@@ -303,6 +306,13 @@ def _loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
     return (accepts and num_items_in_batch is not None) or getattr(
         trainer, "compute_loss_func", None
     ) is not None
+
+
+def _scores_all_hidden_states(trainer: Any) -> bool:
+    """Whether the trainer's loss reads labels aligned with every input position rather than the model's
+    `logits_to_keep` logits: TRL's trainers (their fused LM head runs the backbone and scores every
+    labelled position), so folded anchors extend the labels with -100 there."""
+    return any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__)
 
 
 def _device_loss_scale(trainer: Any) -> int:

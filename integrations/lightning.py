@@ -340,6 +340,7 @@ class STRCallback(pl.Callback):
         # inside the strategy's forward and the penalty's gradient is reduced like the loss's.
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = self._fold_anchors(args, kwargs)
             return self._add_penalty(pl_module, original(*args, **kwargs))
 
         setattr(training_step, _WRAPPED_ATTR, True)
@@ -362,6 +363,23 @@ class STRCallback(pl.Callback):
             # Kept so that `state_dict()` after fit and a second fit continue from this step.
             self._pending_state = handle.state_dict()
             handle.remove()
+
+    def _fold_anchors(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """`reference.anchor_placement: folded`: hand training_step the batch with this step's anchors
+        packed in (the step must forward the batch's keys as given, `model(**batch)`)."""
+        handle = self._handle
+        if handle is None or self.config.reference.anchor_placement != "folded":
+            return args, kwargs
+        if args:
+            return (handle.prepare_batch(args[0]), *args[1:]), kwargs
+        if "batch" in kwargs:
+            return args, {**kwargs, "batch": handle.prepare_batch(kwargs["batch"])}
+        raise STRError(
+            "`reference.anchor_placement` is 'folded' but training_step was called without a batch to fold; "
+            "set `reference.anchor_placement: separate`."
+        )
 
     def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
         handle = self._handle

@@ -109,6 +109,35 @@ def test_gradient_accumulation_invariance(kind: str, tmp_path: Path, tokenizer: 
         assert_close(update, expected), f"GA {ga}"
 
 
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+@pytest.mark.parametrize("ga", [1, 2])
+def test_folded_anchors_equal_a_separate_anchor_forward(
+    kind: str, ga: int, tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """`anchor_placement: folded`: the wrapper folds the anchors into the step's first micro-batch (labels
+    kept with `logits_to_keep` for the Trainer, extended with -100 for TRL's fused head); the update equals
+    the one with a separate anchor forward, CE included."""
+    updates = {}
+    for placement in ("separate", "folded"):
+        model = fresh_model()
+        before = trainable_snapshot(model)
+        trainer = make_trainer(
+            kind, model, tokenizer, examples(tokenizer), common_args(tmp_path, 8 // ga, ga)
+        )
+        cfg = {
+            "coef": COEF,
+            "reference": {"source": "anchors", "anchor_batch_size": 4, "anchor_placement": placement},
+        }
+        callback = attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
+        trainer.train()
+        updates[placement] = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
+        penalty = [
+            e[f"{callback.config.logging.prefix}penalty"] for e in trainer.state.log_history if "loss" in e
+        ]
+        assert penalty and penalty[0] > 0
+    assert_close(updates["folded"], updates["separate"], rtol=2e-5)
+
+
 def test_per_micro_batch_mean_mode(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     """When the model takes no loss kwargs (Axolotl forces this), the CE is a per-micro-batch mean the
     Trainer divides by GA; the penalty must follow the same rule."""

@@ -121,6 +121,30 @@ def test_anchor_term_is_added_once_per_optimizer_step(accumulate: int, tokenizer
     assert_grads_close(capture.grads[0], expected)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_folded_anchors_give_the_separate_placements_gradient(
+    accumulate: int, tokenizer: Any, tokens: Any
+) -> None:
+    """`anchor_placement: folded`: the callback folds the anchors into the first micro-batch of the step;
+    CE + anchor term give the same optimizer-step gradient as a separate anchor forward."""
+    grads = []
+    for placement in ("separate", "folded"):
+        cfg = {
+            "coef": 2.0,
+            "reference": {"source": "anchors", "anchor_batch_size": 4, "anchor_placement": placement},
+        }
+        capture = GradCapture()
+        trainer = L.Trainer(
+            **trainer_kwargs(
+                callbacks=[STRCallback(cfg, tokenizer=tokenizer, tokens=tokens), capture],
+                accumulate_grad_batches=accumulate,
+            )
+        )
+        trainer.fit(LitLM(), DataLoader(examples(tokenizer), batch_size=8 // accumulate, collate_fn=collate))
+        grads.append(capture.grads[0])
+    assert_grads_close(grads[1], grads[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
