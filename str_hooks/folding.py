@@ -7,7 +7,7 @@ the rows: every segment restarts its position ids at 0 and the attention mask is
 transformers builds a block-diagonal causal mask (it detects packed sequences from position ids when no
 mask and no KV cache are given). An anchor then sees only itself and the training tokens never see an
 anchor: the anchors' decision-point logits equal a separate forward's, and the training tokens' logits
-are unchanged. The training labels stay [B, T] with `logits_to_keep = T`, so the LM head runs on the
+are unchanged. The training labels stay [B, T] with `logits_to_keep` = the rows' positions, so the LM head runs on the
 training positions only and the cross-entropy is exactly plain SFT's; forwards without `logits_to_keep`
 (and TRL's fused LM head, which scores only labelled positions) get labels extended with -100 instead.
 """
@@ -74,8 +74,9 @@ def fold_anchors(
         anchors: the token ids of each anchor prompt to fold.
         indices: the anchors' indices in their `AnchorSet` (returned in `FoldedAnchors.indices`).
         pad_token_id: id of the filler tokens.
-        keep_logits: True passes `logits_to_keep = T` and leaves the targets as they are (the forward must
-            accept `logits_to_keep`); False extends the targets with -100 over the prefix.
+        keep_logits: True passes `logits_to_keep` = the indices of the T row positions and leaves the
+            targets as they are (the forward must accept `logits_to_keep`); False extends the targets with
+            -100 over the prefix.
 
     Returns:
         The folded batch (a new dict; the input is not modified) and where its anchors sit.
@@ -161,7 +162,9 @@ def fold_anchors(
         if isinstance(value, torch.Tensor):
             folded[key] = _extend(value, prefix, fill)
     if keep_logits:
-        folded["logits_to_keep"] = width
+        # Indices rather than the int `width`: the kept hidden states are then a contiguous copy, which fused
+        # losses that `.view()` them (Liger) need; a slice of the last T positions is not contiguous for B > 1.
+        folded["logits_to_keep"] = torch.arange(prefix, prefix + width, device=device)
     else:
         for key in _TARGET_FIELDS:
             value = batch.get(key)

@@ -302,7 +302,7 @@ class STRHandle:
             batch: a mapping with `input_ids` [B, T], unpadded or right-padded (`attention_mask`),
                 optionally `position_ids` (padding-free packing), `labels`, `shift_labels`,
                 `token_type_ids`.
-            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep = T`, so the LM head
+            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep` (the rows), so the LM head
                 runs on the training positions only; True extends the labels with -100 over the anchor
                 prefix instead (for forwards that compute the loss from all hidden states, like TRL's
                 fused LM head). None: False when the model's forward accepts `logits_to_keep`.

@@ -366,6 +366,22 @@ def runs(work: Path) -> Iterator[Runs]:
     )
     raw.pop("save_steps")
     liger.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # LoRA with the anchors folded into Liger's fused forward (`logits_to_keep` keeps the CE on the rows).
+    folded_block = {
+        **block,
+        "coef": 5.0,
+        "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 2},
+    }
+    liger_folded = train_config(work, "liger-folded", folded_block)
+    raw = yaml.safe_load(liger_folded.read_text())
+    raw.update(
+        plugins=["axolotl.integrations.liger.LigerPlugin", PLUGIN_PATH],
+        liger_fused_linear_cross_entropy=True,
+        max_steps=LIGER_STEPS,
+        save_strategy="no",
+    )
+    raw.pop("save_steps")
+    liger_folded.write_text(yaml.safe_dump(raw, sort_keys=False))
     prepared = started.result("preprocess")
     assert prepared.returncode == 0, prepared.stdout[-5000:]
     for name, config in configs.items():
@@ -373,6 +389,11 @@ def runs(work: Path) -> Iterator[Runs]:
     script = Path(__file__).parent / "axolotl_cpu_liger.py"
     calls = work / "liger-calls.txt"
     started.start("liger", [str(AXOLOTL_BIN / "python"), str(script), str(liger)], STR_LIGER_CALLS=str(calls))
+    started.start(
+        "liger-folded",
+        [str(AXOLOTL_BIN / "python"), str(script), str(liger_folded)],
+        STR_LIGER_CALLS=str(work / "liger-folded-calls.txt"),
+    )
     try:
         yield started
     finally:
@@ -448,6 +469,19 @@ def test_liger_fused_cross_entropy_full_finetune_with_model_reference(work: Path
     penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
     assert len(penalties) == LIGER_STEPS and penalties[0] == 0, penalties  # step 1: policy == reference
     assert all(p > 0 for p in penalties[1:]), penalties
+
+
+@pytest.mark.slow
+def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> None:
+    """`reference.anchor_placement: folded` under Axolotl with Liger's fused cross-entropy: the anchors
+    are packed into every training forward (the fused loss runs once per step, on the rows only), and the
+    anchor penalty is logged each step, positive once the adapter has moved (its B starts at 0)."""
+    result = runs.result("liger-folded")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "the decision point of anchor prompts" in result.stdout
+    assert int((work / "liger-folded-calls.txt").read_text()) == LIGER_STEPS
+    penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
+    assert len(penalties) == LIGER_STEPS and all(p > 0 for p in penalties[1:]), penalties
 
 
 @pytest.mark.slow
