@@ -65,6 +65,22 @@ SWEEP_PLAN: list[tuple[str, str, list[str], int]] = [
         1,
     ),
 ]
+# Issue 7: anchors folded into the training forward, and how few anchors per step keep the refusals.
+FOLDED_PLAN: list[tuple[str, str, list[str], int]] = [
+    (
+        "sort",
+        "lora",
+        [
+            "plain SFT",
+            "STR anchors mse c10",
+            "STR anchors mse c10 folded",
+            "STR anchors mse c10 folded, 2 per step",
+            "STR anchors mse c10 folded, 1 per step",
+            "STR anchors mse c40 folded, 2 per step",
+        ],
+        3,
+    ),
+]
 DEMO_PLAN: list[tuple[str, str, list[str], int]] = [
     ("sort", "lora", ["plain SFT", "STR adapter mse c1", "STR anchors mse c10"], 1),
 ]
@@ -242,12 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
-    parser.add_argument("--plan", choices=["full", "sweep", "demo"], default=None)
+    parser.add_argument("--plan", choices=["full", "sweep", "folded", "demo"], default=None)
     args = parser.parse_args(argv)
     demo = args.command == "demo"
     source = args.source or ("embedded" if demo else "shared")
     out = Path(args.out or ("runs/demo" if demo else "results/study"))
-    plan = {"full": FULL_PLAN, "sweep": SWEEP_PLAN, "demo": DEMO_PLAN}[
+    plan = {"full": FULL_PLAN, "sweep": SWEEP_PLAN, "folded": FOLDED_PLAN, "demo": DEMO_PLAN}[
         args.plan or ("demo" if demo else "full")
     ]
     out.mkdir(parents=True, exist_ok=True)

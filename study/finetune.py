@@ -72,6 +72,38 @@ METHODS = {
             "str",
             {"coef": 100.0, "reference": {"source": "anchors", "anchor_every": 8}},
         ),
+        # Anchors folded into the training forward (issue 7): the same objective as a separate anchor
+        # forward, then fewer anchors per step, to find how few tokens per step still keep the refusals.
+        Method(
+            "STR anchors mse c10 folded",
+            "str",
+            {"coef": 10.0, "reference": {"source": "anchors", "anchor_placement": "folded"}},
+        ),
+        Method(
+            "STR anchors mse c10 folded, 2 per step",
+            "str",
+            {
+                "coef": 10.0,
+                "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 2},
+            },
+        ),
+        # The anchor term is a mean over the anchor batch: c40 on 2 anchors weighs each anchor as c10 on 8 does.
+        Method(
+            "STR anchors mse c40 folded, 2 per step",
+            "str",
+            {
+                "coef": 40.0,
+                "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 2},
+            },
+        ),
+        Method(
+            "STR anchors mse c10 folded, 1 per step",
+            "str",
+            {
+                "coef": 10.0,
+                "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 1},
+            },
+        ),
         # The package's own anchor prompts, as a user without alignment data would run it.
         Method(
             "STR default-anchors mse c10",
@@ -288,6 +320,7 @@ def run_one(
             reference_model=reference if cfg["reference"]["source"] == "model" else None,
         )
         setup_seconds = time.perf_counter() - setup_start
+    anchor_token_share = _anchor_token_share(method, tokenizer, data, train_rows, args)
     before = probe()
     with _PeakRSS() as memory:
         trainer.train()
@@ -319,6 +352,7 @@ def run_one(
         "step_time_median_s": statistics.median(times),
         "peak_rss_delta_mib": memory.delta_mib,
         "setup_seconds": setup_seconds,
+        "anchor_token_share": anchor_token_share,
         "loss_std_second_half": statistics.pstdev(losses[half:]) if len(losses[half:]) > 1 else 0.0,
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
         "refusal_curve": timer.curve,
@@ -332,6 +366,21 @@ class _Collator:
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return collate(rows, self.pad_id)
+
+
+def _anchor_token_share(
+    method: Method, tokenizer: Any, data: StudyData, train_rows: list[dict[str, Any]], args: Any
+) -> float | None:
+    """Anchor prompt tokens per optimizer step over training tokens per step (what folding adds)."""
+    reference = method.str_config.get("reference", {})
+    if reference.get("source") != "anchors":
+        return None
+    from str_hooks.prompts import encode_prompt
+
+    anchor_len = statistics.fmean(len(encode_prompt(tokenizer, t)) for t in data.harmful_train)
+    row_len = statistics.fmean(len(r["input_ids"]) for r in train_rows)
+    per_step = reference.get("anchor_batch_size", 8) * anchor_len / reference.get("anchor_every", 1)
+    return per_step / (args.per_device_train_batch_size * row_len)
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
