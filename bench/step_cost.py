@@ -89,9 +89,11 @@ MODES: dict[str, str] = {
     "str-logprob-adapter": "STR logprob (full-vocabulary log-softmax), adapter reference with full logits.",
     "gather-from-logits": "naive: out.logits[..., ids] at supervised positions, mse vs the same cache.",
     "kl-sft": "CE + full-vocabulary KL(p_ref || p_theta), reference = adapters disabled, no grad.",
-    "anchors-folded": "bench-only: the anchors of str-anchors-mse (--fold-anchors, default 8) folded into the "
-    "training forward as packed segments before the rows (logits only for the training tokens), every step.",
-    "anchors-folded-every8": "as anchors-folded, every 8th step (mean over 8-step blocks).",
+    "str-anchors-folded": "STR mse, the 8 anchors of str-anchors-mse folded into the training forward "
+    "(`reference.anchor_placement: folded`, packed segments before the rows, logits only for the training "
+    "tokens), every step.",
+    "str-anchors-folded-b2": "as str-anchors-folded with 2 anchors per step (`anchor_batch_size: 2`).",
+    "str-anchors-folded-every8": "as str-anchors-folded, every 8th step (mean over 8-step blocks).",
 }
 DEFAULT_MODES = list(MODES)
 
@@ -146,60 +148,6 @@ def make_batches(
             }
         )
     return batches
-
-
-def fold_anchors(
-    batch: dict[str, torch.Tensor], anchors: Sequence[Sequence[int]], pad_id: int
-) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Put anchor prompts in front of the rows of a batch as packed segments.
-
-    Anchor j goes to row j % B. Every segment restarts its position ids at 0, so transformers builds a
-    block-diagonal causal mask (attention_mask None + packed position_ids, no KV cache) and an anchor sees
-    only itself: its logits equal those of a separate forward, and the training tokens do not see the
-    anchors. The anchors come first and `logits_to_keep` = T, so the LM head runs on the training
-    positions only (no [B, E, V] logits for the E anchor tokens) and the labels stay the batch's own
-    [B, T]: the cross-entropy is exactly plain SFT's. A row with fewer anchor tokens starts with a padding
-    segment (its own segment too).
-
-    Returns:
-        (folded batch: input_ids, position_ids, labels, logits_to_keep; row [A] and column [A] of each
-        anchor's decision point, its last prompt token).
-
-    Raises:
-        ValueError: the batch has padding (fold into padding-free batches, or rows without padding).
-    """
-    ids, labels = batch["input_ids"], batch["labels"]
-    mask = batch.get("attention_mask")
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError("fold_anchors needs rows without padding (or a padding-free batch).")
-    n_rows, width = ids.shape
-    per_row: list[list[int]] = [[] for _ in range(n_rows)]
-    for j in range(len(anchors)):
-        per_row[j % n_rows].append(j)
-    prefix = max(sum(len(anchors[j]) for j in row) for row in per_row)
-    device = ids.device
-    new_ids = torch.full((n_rows, prefix + width), pad_id, dtype=ids.dtype, device=device)
-    new_ids[:, prefix:] = ids
-    positions = torch.zeros_like(new_ids)
-    positions[:, prefix:] = torch.arange(width, device=device)
-    rows = torch.zeros(len(anchors), dtype=torch.long)
-    cols = torch.zeros(len(anchors), dtype=torch.long)
-    for r, members in enumerate(per_row):
-        offset = prefix - sum(len(anchors[j]) for j in members)
-        positions[r, :offset] = torch.arange(offset, device=device)
-        for j in members:
-            length = len(anchors[j])
-            new_ids[r, offset : offset + length] = torch.tensor(anchors[j], dtype=ids.dtype, device=device)
-            positions[r, offset : offset + length] = torch.arange(length, device=device)
-            rows[j], cols[j] = r, offset + length - 1
-            offset += length
-    folded: dict[str, Any] = {
-        "input_ids": new_ids,
-        "position_ids": positions,
-        "labels": labels,
-        "logits_to_keep": width,
-    }
-    return folded, rows.to(device), cols.to(device)
 
 
 # -- the benchmark context ---------------------------------------------------------------------------
@@ -269,7 +217,7 @@ class Bench:
         inputs: dict[str, torch.Tensor],
         extra: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
-        out = self.model(**inputs, use_cache=False)
+        out = self.model(**{"use_cache": False, **inputs})
         loss = out.loss
         if extra is not None:
             loss = loss + extra(out)
@@ -361,6 +309,11 @@ class STRMode(Mode):
             self.config["reference"]["cache_path"] = str(b.ensure_cache())
         if source == "anchors":
             self.config["reference"]["anchors_path"] = str(b.anchors_path)
+            if self.config["reference"].get("anchor_placement") == "folded":
+                # Folding adds a prefix to every row (every `anchor_every` steps): anchor j goes to row
+                # j % B and shorter rows are padded to the longest prefix, so fewer anchors than rows pad.
+                per_row = -(-self.config["reference"]["anchor_batch_size"] // b.shape.batch)
+                self.extra_tokens = per_row * b.shape.anchor_len / b.shape.seq / self.block
         if source == "model" and b.device.type == "cuda":
             param_bytes = storage_bytes(b.model.parameters())
             total = torch.cuda.get_device_properties(0).total_memory
@@ -397,7 +350,8 @@ class STRMode(Mode):
 
     def step(self, b: Bench) -> None:
         handle = self.handle
-        b.train_step(b.next_batch(), lambda out: handle.loss())
+        # A no-op unless `anchor_placement: folded` and an anchor step is due.
+        b.train_step(handle.prepare_batch(b.next_batch()), lambda out: handle.loss())
         handle.step()
 
     def resident(self) -> list[torch.Tensor]:
@@ -462,74 +416,7 @@ class KLMode(Mode):
         b.train_step(batch, kl)
 
 
-class FoldedMode(Mode):
-    """Anchors folded into the training forward (bench-only; see bench/README.md for the API proposal).
-
-    The same anchors, batch size and reference as `str-anchors-mse`; the decision-point safety logits are
-    read from the tap's projection of the training forward instead of a separate anchor forward.
-    """
-
-    def __init__(self, name: str, every: int, n_anchors: int = 8) -> None:
-        super().__init__(name)
-        self.every = every
-        self.block = every
-        self.n_anchors = n_anchors
-        self.count = 0
-        self.cursor = 0
-
-    def setup(self, b: Bench) -> None:
-        from str_hooks.anchors import AnchorSet
-        from str_hooks.tap import ModelTap
-
-        self.tap = ModelTap(b.model, b.tokens.ids)
-        self.anchors = AnchorSet(b.tokenizer, b.anchor_texts, batch_size=self.n_anchors)
-        self.tap.attach()
-        try:
-            reference = self.anchors.compute_reference(self.tap, b.model)
-        finally:
-            self.tap.detach()
-        self.reference = reference.to(b.device)
-        self.weights = torch.tensor(b.tokens.weights, device=b.device)
-        anchor_tokens = self.n_anchors * b.shape.anchor_len
-        self.extra_tokens = anchor_tokens / (b.shape.batch * b.shape.seq) / self.every
-
-    def enter(self, b: Bench) -> None:
-        self.tap.attach()
-        self.count = 0
-
-    def exit(self, b: Bench) -> None:
-        self.tap.detach()
-
-    def step(self, b: Bench) -> None:
-        from str_hooks.penalty import weighted_penalty_sum
-
-        batch = b.next_batch()
-        due = self.count % self.every == 0
-        self.count += 1
-        if not due:
-            b.train_step(batch)
-            self.tap.take()
-            return
-        indices = self.anchors.batch_indices(self.cursor)
-        self.cursor = (self.cursor + len(indices)) % len(self.anchors)
-        folded, rows, cols = fold_anchors(
-            batch, [self.anchors.encoded[i] for i in indices], self.anchors.pad_token_id
-        )
-        reference = self.reference[indices]
-
-        def penalty(out: Any) -> torch.Tensor:
-            sink = self.tap.take()
-            assert sink.safety_logits is not None
-            policy = sink.safety_logits[rows, cols]
-            return weighted_penalty_sum(policy, reference, self.weights, "mse") / len(indices)
-
-        b.train_step(folded, penalty)
-
-    def resident(self) -> list[torch.Tensor]:
-        return [self.reference]
-
-
-def make_mode(name: str, fold: int = 8) -> Mode:
+def make_mode(name: str) -> Mode:
     def cfg(source: str, form: str = "mse", **reference: Any) -> dict[str, Any]:
         return {
             "coef": 1.0,
@@ -551,8 +438,15 @@ def make_mode(name: str, fold: int = 8) -> Mode:
         "str-logprob-adapter": lambda: STRMode(name, cfg("adapter", "logprob")),
         "gather-from-logits": lambda: GatherMode(name),
         "kl-sft": lambda: KLMode(name),
-        "anchors-folded": lambda: FoldedMode(name, every=1, n_anchors=fold),
-        "anchors-folded-every8": lambda: FoldedMode(name, every=8, n_anchors=fold),
+        "str-anchors-folded": lambda: STRMode(
+            name, cfg("anchors", anchor_batch_size=8, anchor_placement="folded")
+        ),
+        "str-anchors-folded-b2": lambda: STRMode(
+            name, cfg("anchors", anchor_batch_size=2, anchor_placement="folded")
+        ),
+        "str-anchors-folded-every8": lambda: STRMode(
+            name, cfg("anchors", anchor_batch_size=8, anchor_every=8, anchor_placement="folded"), every=8
+        ),
     }
     return table[name]()
 
@@ -567,7 +461,7 @@ def run_one(args: argparse.Namespace, shape: Shape, vocab: int, progress: bool) 
 
     with tempfile.TemporaryDirectory(prefix="str-bench-") as tmp:
         b = Bench(args, shape, vocab, Path(tmp))
-        modes = [make_mode(name, args.fold_anchors) for name in args.modes]
+        modes = [make_mode(name) for name in args.modes]
         for mode in modes:
             try:
                 mode.setup(b)
@@ -937,9 +831,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--n-anchors", type=int, default=16, help="anchor prompts in the anchor set")
     parser.add_argument(
-        "--fold-anchors", type=int, default=8, help="anchors per folded step (the core anchor modes use 8)"
-    )
-    parser.add_argument(
         "--gc",
         default="auto",
         choices=["auto", "on", "off"],
@@ -986,9 +877,7 @@ def dry_run(args: argparse.Namespace) -> dict[str, Any]:
     for shape, vocab in shapes_of(args):
         params = count_parameters(shape, vocab)
         elem = 2 if args.dtype in ("bf16", "fp16") else 4
-        blocks = sum(
-            1 if m not in ("str-anchors-mse-every8", "anchors-folded-every8") else 8 for m in args.modes
-        )
+        blocks = sum(1 if not m.endswith("-every8") else 8 for m in args.modes)
         runs.append(
             {
                 "shape": asdict(shape),

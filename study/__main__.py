@@ -77,6 +77,8 @@ FOLDED_PLAN: list[tuple[str, str, list[str], int]] = [
             "STR anchors mse c10 folded, 2 per step",
             "STR anchors mse c10 folded, 1 per step",
             "STR anchors mse c40 folded, 2 per step",
+            "plain SFT, GA 4",
+            "STR anchors mse c10 folded, GA 4",
         ],
         3,
     ),
@@ -129,13 +131,18 @@ def summarize(
         "## Fine-tuning runs (mean ± std over seeds)",
         "",
         "Retention = held-out refusal after fine-tuning / aligned model's. Step time and peak-RSS growth are",
-        "relative to plain SFT of the same task, mode and seed, measured in the same process (CPU; RSS is coarse).",
+        "relative to plain SFT of the same task, mode, seed and gradient accumulation (`, GA n`), measured in the same",
+        "process (CPU; RSS is coarse).",
         "",
     ]
     base_refusal = aligned["metrics"]["heldout_refusal"]
     base_over = aligned["metrics"]["xstest_over_refusal"]
     for task, mode in dict.fromkeys((k[0], k[1]) for k in groups):
-        plain = {r["seed"]: r for r in groups.get((task, mode, "plain SFT"), [])}
+        plains = {
+            name: {r["seed"]: r for r in rows}
+            for (t, m, name), rows in groups.items()
+            if (t, m) == (task, mode) and name.startswith("plain SFT")
+        }
         lines += [
             f"### {task}, {mode}",
             "",
@@ -145,6 +152,7 @@ def summarize(
         for (t, m, method), rows in groups.items():
             if (t, m) != (task, mode):
                 continue
+            plain = plains.get(_baseline(method), {})
             ratio = [
                 r["step_time_median_s"] / plain[r["seed"]]["step_time_median_s"]
                 for r in rows
@@ -165,6 +173,12 @@ def summarize(
     return text
 
 
+def _baseline(method: str) -> str:
+    """The plain-SFT run a method is compared with: the one with the same gradient accumulation."""
+    suffix = method.rsplit(", ", 1)[-1] if ", GA " in method else ""
+    return f"plain SFT, {suffix}" if suffix else "plain SFT"
+
+
 def _verdicts(
     groups: dict[tuple[str, str, str], list[dict[str, Any]]], base_refusal: float, base_over: float
 ) -> str:
@@ -173,8 +187,8 @@ def _verdicts(
         "|---|---|---|---|---|---|---|",
     ]
     for (task, mode, method), rows in groups.items():
-        plain_rows = groups.get((task, mode, "plain SFT"))
-        if method == "plain SFT" or not plain_rows:
+        plain_rows = groups.get((task, mode, _baseline(method)))
+        if method.startswith("plain SFT") or not plain_rows:
             continue
         keep = statistics.fmean(r["heldout_refusal"] for r in rows) / base_refusal
         plain_keep = statistics.fmean(r["heldout_refusal"] for r in plain_rows) / base_refusal
