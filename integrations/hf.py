@@ -124,8 +124,9 @@ class STRCallback(transformers.TrainerCallback):
         metrics = handle.metrics()
         if "penalty" not in metrics:
             return
-        for key in ("penalty", "drift", "abs_drift", "pen_mean", "coef"):
-            self._sums[key] = self._sums.get(key, 0.0) + metrics[key]
+        for key, value in metrics.items():
+            if key in ("penalty", "drift", "abs_drift", "pen_mean", "coef") or key.startswith("drift/"):
+                self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -191,8 +192,10 @@ class STRCallback(transformers.TrainerCallback):
         extra = dict(self._pending)
         if self._count:
             # Means over the micro-batches since the last log; coef as it was when they were computed.
-            for key in ("penalty", "drift", "abs_drift", "coef"):
-                extra[f"{prefix}{key}"] = self._sums[key] / self._count
+            # Per-token drift (`drift/<token>`, the `logging.top_tokens` highest-weighted) included.
+            for key, total in self._sums.items():
+                if key != "pen_mean":
+                    extra[f"{prefix}{key}"] = total / self._count
         else:
             extra[f"{prefix}coef"] = self.handle.current_coef()
         extra = {k: v for k, v in extra.items() if math.isfinite(v)}

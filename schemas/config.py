@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,6 +370,19 @@ class STRConfig(_Section):
                 f"`penalty.positions` is set ({self.penalty.positions!r}) but `reference.source` is "
                 "'anchors': anchors are penalized at "
                 "their decision point (the last prompt position); remove positions or pick another source."
+            )
+        if (
+            self.probe.every > 0
+            and self.probe.prompts_path is None
+            and self.reference.source == "anchors"
+            and self.reference.anchors_path is None
+        ):
+            warnings.warn(
+                "`probe.every` is set and both `probe.prompts_path` and `reference.anchors_path` are unset: "
+                "the probe's default prompts are the package's anchor prompts, which the penalty trains on, so "
+                "`refusal_rate` is not a held-out measure. Set `probe.prompts_path` to held-out harmful prompts.",
+                UserWarning,
+                stacklevel=2,
             )
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,16 @@ def test_unknown_anchor_placement() -> None:
         {"reference": {"source": "anchors", "anchor_placement": "inline"}},
         r"anchor_placement",
     )
+
+
+def test_probe_on_the_default_anchors_warns() -> None:
+    cfg = {"reference": {"source": "anchors"}, "probe": {"every": 5}}
+    with pytest.warns(UserWarning, match=r"`refusal_rate` is not a held-out measure"):
+        STRConfig.model_validate(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        STRConfig.model_validate({**cfg, "probe": {"every": 5, "prompts_path": "heldout.txt"}})
+        STRConfig.model_validate({**cfg, "reference": {"source": "anchors", "anchors_path": "mine.txt"}})
 
 
 def test_positions_with_source_anchors() -> None:
