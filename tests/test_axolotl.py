@@ -109,6 +109,13 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             {"sample_packing": True, "str": {"reference": {"source": "cache", "cache_path": str(cache)}}},
             r"'cache' but `sample_packing: true`",
         ),
+        (
+            {
+                "sample_packing": True,
+                "str": {"reference": {"source": "anchors", "anchor_placement": "folded"}},
+            },
+            r"'folded' but `sample_packing: true` numbers the packed samples",
+        ),
         ({"fsdp_config": {"fsdp_version": 2}}, r"'adapter' under FSDP"),
         ({"deepspeed": str(zero3)}, r"ZeRO stage 3"),
         ({"deepspeed": "deepspeed_configs/zero3.json"}, r"ZeRO stage 3"),
@@ -128,6 +135,7 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
         {"cut_cross_entropy": True},
         {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "hinge"}}},
         {"str": {"reference": {"source": "cache", "cache_path": str(cache)}}},
+        {"str": {"reference": {"source": "anchors", "anchor_placement": "folded"}}},
         {"deepspeed": str(zero2)},
         {"fsdp_config": {"fsdp_version": 2}, "adapter": None, "str": {"reference": {"source": "anchors"}}},
     ):

@@ -102,6 +102,12 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
             "and the cache is keyed by the token ids of each unpacked example: set `sample_packing: false`, or "
             "use `str.reference.source: adapter` or `anchors`."
         )
+    if config.reference.anchor_placement == "folded" and cfg.get("sample_packing"):
+        out.append(
+            "`str.reference.anchor_placement` is 'folded' but `sample_packing: true` numbers the packed samples "
+            "in `attention_mask`, which the fold cannot keep exact: set `sample_packing: false`, or "
+            "`str.reference.anchor_placement: separate`."
+        )
     if source == "adapter" and (cfg.get("fsdp_config") or cfg.get("fsdp")):
         out.append(
             "`str.reference.source` is 'adapter' under FSDP (`fsdp_config`), where PEFT's disable_adapter() is "
