@@ -62,10 +62,12 @@ def fold_anchors(
     pad_token_id: int,
     keep_logits: bool,
 ) -> tuple[dict[str, Any], FoldedAnchors]:
-    """Put anchor prompts in front of a batch's rows as packed segments.
+    """Pack anchor prompts into a batch as segments of their own.
 
-    Anchor j goes to row j % B, so the prefixes stay balanced. A row with fewer anchor tokens than the
-    longest prefix starts with a padding segment of its own. The rows' own position ids are kept (the
+    An anchor goes into a row's trailing padding where it fits (padding whose targets are all ignored:
+    the batch keeps its width, so such an anchor costs no extra tokens); the others go in front of the
+    rows, longest first into the row with the shortest prefix so far, and a row with fewer prefix tokens
+    than the longest starts with a padding segment of its own. The rows' own position ids are kept (the
     batch's `position_ids`, or 0..T-1), so the training tokens see exactly what they saw before.
 
     Args:
@@ -121,47 +123,71 @@ def fold_anchors(
     else:
         row_positions = positions.detach().to("cpu", torch.long).expand(n_rows, width)
 
-    per_row: list[list[int]] = [[] for _ in range(n_rows)]
-    for j in range(len(anchors)):
-        per_row[j % n_rows].append(j)
-    prefix = max(sum(len(anchors[j]) for j in members) for members in per_row)
+    lengths = [len(a) for a in anchors]
+    free = _free_tails(batch, mask, n_rows, width)
+    tail_members, prefix_members = _place(lengths, free)
+    prefix = max(sum(lengths[j] for j in members) for members in prefix_members)
     prefix_ids = torch.full((n_rows, prefix), pad_token_id, dtype=torch.long)
     prefix_positions = torch.zeros((n_rows, prefix), dtype=torch.long)
+    new_positions = torch.cat([prefix_positions, row_positions.clone()], dim=1)
     rows = torch.zeros(len(anchors), dtype=torch.long)
     cols = torch.zeros(len(anchors), dtype=torch.long)
+    tail_ids: list[tuple[int, int, int]] = []  # (row, start column, anchor) written into the rows' padding
     starts: list[tuple[int, int]] = []  # (row, column) where a segment other than the first begins
-    for r, members in enumerate(per_row):
-        offset = prefix - sum(len(anchors[j]) for j in members)
-        prefix_positions[r, :offset] = torch.arange(offset)
-        for j in members:
-            length = len(anchors[j])
-            prefix_ids[r, offset : offset + length] = torch.tensor(list(anchors[j]), dtype=torch.long)
-            prefix_positions[r, offset : offset + length] = torch.arange(length)
+    for r in range(n_rows):
+        # The prefix: a padding segment, then this row's prefix anchors, then the row itself.
+        offset = prefix - sum(lengths[j] for j in prefix_members[r])
+        new_positions[r, :offset] = torch.arange(offset)
+        for j in prefix_members[r]:
+            prefix_ids[r, offset : offset + lengths[j]] = torch.tensor(list(anchors[j]), dtype=torch.long)
+            new_positions[r, offset : offset + lengths[j]] = torch.arange(lengths[j])
             if offset > 0:
                 starts.append((r, offset))
-            rows[j], cols[j] = r, offset + length - 1
-            offset += length
+            rows[j], cols[j] = r, offset + lengths[j] - 1
+            offset += lengths[j]
         if prefix > 0:
             starts.append((r, prefix))
-    new_positions = torch.cat([prefix_positions, row_positions], dim=1)
+        if not tail_members[r]:
+            continue
+        # The tail: anchors written over the row's trailing padding (labels there are all ignored, and a
+        # real token never attends forward), then what is left of the padding as a segment of its own.
+        offset = prefix + width - free[r]
+        for j in tail_members[r]:
+            new_positions[r, offset : offset + lengths[j]] = torch.arange(lengths[j])
+            tail_ids.append((r, offset - prefix, j))
+            starts.append((r, offset))
+            rows[j], cols[j] = r, offset + lengths[j] - 1
+            offset += lengths[j]
+        if offset < prefix + width:
+            new_positions[r, offset:] = torch.arange(prefix + width - offset)
+            starts.append((r, offset))
     for r, c in starts:
         # transformers starts a new segment wherever a position id is not the previous one plus 1.
-        if int(new_positions[r, c]) == int(new_positions[r, c - 1]) + 1:
+        if c > 0 and int(new_positions[r, c]) == int(new_positions[r, c - 1]) + 1:
             raise _placement_error(
-                f"row {r}'s position ids continue across the anchor segment ending at column {c - 1}",
+                f"row {r}'s position ids continue across the anchor segment boundary at column {c}",
                 "give the rows position ids that start at 0",
+            )
+    body = ids
+    if tail_ids:
+        body = ids.clone()
+        for r, start, j in tail_ids:
+            body[r, start : start + lengths[j]] = torch.tensor(
+                list(anchors[j]), dtype=ids.dtype, device=device
             )
 
     folded: dict[str, Any] = {
         key: value for key, value in batch.items() if key not in ("attention_mask", "position_ids")
     }
-    folded["input_ids"] = torch.cat([prefix_ids.to(device, ids.dtype), ids], dim=1)
+    folded["input_ids"] = torch.cat([prefix_ids.to(device, ids.dtype), body], dim=1) if prefix else body
     folded["position_ids"] = new_positions.to(device)
     for key, fill in _INPUT_FILL.items():
         value = batch.get(key)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and prefix:
             folded[key] = _extend(value, prefix, fill)
-    if keep_logits:
+    if not prefix:
+        pass  # every anchor went into the rows' padding: the batch keeps its width and its targets
+    elif keep_logits:
         # Indices rather than the int `width`: the kept hidden states are then a contiguous copy, which fused
         # losses that `.view()` them (Liger) need; a slice of the last T positions is not contiguous for B > 1.
         folded["logits_to_keep"] = torch.arange(prefix, prefix + width, device=device)
@@ -177,6 +203,41 @@ def fold_anchors(
         shape=(n_rows, prefix + width),
     )
     return folded, where
+
+
+def _free_tails(batch: Mapping[str, Any], mask: Any, n_rows: int, width: int) -> list[int]:
+    """Per row, the trailing positions an anchor may overwrite: padding (mask 0) whose targets are all
+    ignored. Without an attention mask there is no padding to use."""
+    if mask is None:
+        return [0] * n_rows
+    free = mask.detach() == 0
+    for key in _TARGET_FIELDS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == (n_rows, width):
+            free = free & (value.detach() == IGNORE_INDEX)
+    trailing = free.flip(1).long().cumprod(dim=1).sum(dim=1)
+    return [int(n) for n in trailing.tolist()]
+
+
+def _place(lengths: list[int], free: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """Anchors into the rows' trailing padding where they fit (longest first, best fit), the rest into a
+    prefix balanced over the rows. Returns (tail anchors per row, prefix anchors per row)."""
+    n_rows = len(free)
+    room = list(free)
+    tails: list[list[int]] = [[] for _ in range(n_rows)]
+    prefixes: list[list[int]] = [[] for _ in range(n_rows)]
+    prefix_len = [0] * n_rows
+    for j in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        fitting = [r for r in range(n_rows) if room[r] >= lengths[j]]
+        if fitting:
+            r = min(fitting, key=lambda r: (room[r], r))
+            tails[r].append(j)
+            room[r] -= lengths[j]
+        else:
+            r = min(range(n_rows), key=lambda r: (prefix_len[r], r))
+            prefixes[r].append(j)
+            prefix_len[r] += lengths[j]
+    return tails, prefixes
 
 
 def _extend(value: torch.Tensor, prefix: int, fill: int) -> torch.Tensor:

@@ -70,24 +70,32 @@ def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor])
         assert err <= 5e-5 * scale + 1e-7, f"{name}: max error {float(err):.3g} vs scale {float(scale):.3g}"
 
 
+def with_room(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
+    """The batch right-padded by `extra` more columns (pad id, mask 0, label -100)."""
+    fills = {"input_ids": 3, "attention_mask": 0, "labels": -100}
+    return {k: torch.cat([v, torch.full((v.shape[0], extra), fills[k])], dim=1) for k, v in batch.items()}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("extend_labels", [False, True])
+@pytest.mark.parametrize(("extend_labels", "room"), [(False, 0), (True, 0), (False, 80)])
 def test_folded_gradient_equals_separate_anchor_forwards(
-    arch: str, attn: str, extend_labels: bool, tokenizer: Any, tokens: Any
+    arch: str, attn: str, extend_labels: bool, room: int, tokenizer: Any, tokens: Any
 ) -> None:
+    """room 0: the anchors do not fit the rows' padding and go in front; room 80: they all go into it (GPT-2 has 128 positions)."""
     # Gemma2's attention softcap has no SDPA kernel; its final-logit softcap stays.
     overrides = {"attn_logit_softcapping": None} if arch == "gemma2" and attn == "sdpa" else {}
     model = make_lora(make_model(arch, **overrides))
     model.base_model.model.config._attn_implementation = attn
-    batch = make_batch(tokenizer, n=2, seed=5)
+    batch = with_room(make_batch(tokenizer, n=2, seed=5), room)
     with register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer) as handle:
         assert handle.anchors is not None
         indices = handle.anchors.batch_indices(0)
         anchor_ids = [handle.anchors.encoded[i] for i in indices]
         folded = handle.prepare_batch(batch, extend_labels=extend_labels)
-        assert folded is not batch and folded["input_ids"].shape[1] > batch["input_ids"].shape[1]
-        assert ("logits_to_keep" in folded) is not extend_labels
+        widened = folded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+        assert folded is not batch and widened == (room == 0)
+        assert ("logits_to_keep" in folded) == (widened and not extend_labels)
         out = model(**folded)
         term = handle.loss()
         (out.loss + term).backward()
@@ -207,9 +215,10 @@ def test_batches_that_cannot_fold_exactly_are_refused(
         assert "anchor_placement: separate" in str(info.value)
 
 
-def test_fold_layout_and_padding_free_positions(tokenizer: Any) -> None:
-    """Two padding-free samples packed in one row keep their own positions; anchors become segments in
-    front, a shorter row starts with a padding segment, and each decision point is an anchor's last token."""
+def test_fold_layout_and_padding_free_positions() -> None:
+    """Two padding-free samples packed in one row keep their own positions; without padding the anchors
+    become a prefix (longest first, into the row with the shortest prefix), a shorter prefix starts with a
+    padding segment, and each decision point is an anchor's last token."""
     anchors = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
     ids = torch.arange(100, 110).view(2, 5)
     positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
@@ -221,15 +230,53 @@ def test_fold_layout_and_padding_free_positions(tokenizer: Any) -> None:
         pad_token_id=0,
         keep_logits=False,
     )
-    # Row 0 holds anchors 0 and 2 (7 tokens), row 1 anchor 1 behind a 5-token padding segment.
-    assert folded["input_ids"][0].tolist() == [11, 12, 13, 31, 32, 33, 34, 100, 101, 102, 103, 104]
-    assert folded["input_ids"][1].tolist() == [0] * 5 + [21, 22] + list(range(105, 110))
-    assert folded["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]
-    assert folded["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4]
-    assert folded["labels"][:, :7].eq(-100).all() and folded["labels"][:, 7:].equal(labels)
-    assert where.rows.tolist() == [0, 1, 0] and where.cols.tolist() == [2, 6, 6]
-    assert where.indices == [7, 8, 9] and where.shape == (2, 12)
+    # Row 0 holds anchor 2 behind a 1-token padding segment, row 1 anchors 0 and 1 (5 tokens).
+    assert folded["input_ids"][0].tolist() == [0, 31, 32, 33, 34, 100, 101, 102, 103, 104]
+    assert folded["input_ids"][1].tolist() == [11, 12, 13, 21, 22, 105, 106, 107, 108, 109]
+    assert folded["position_ids"][0].tolist() == [0, 0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert folded["position_ids"][1].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 4]
+    assert folded["labels"][:, :5].eq(-100).all() and folded["labels"][:, 5:].equal(labels)
+    assert where.rows.tolist() == [1, 1, 0] and where.cols.tolist() == [2, 4, 4]
+    assert where.indices == [7, 8, 9] and where.shape == (2, 10)
     assert "attention_mask" not in folded
+
+
+def test_anchors_fill_trailing_padding_before_widening() -> None:
+    """Right padding whose labels are ignored takes the anchors that fit (no extra tokens); the rest of
+    the padding becomes its own segment; an anchor that fits nowhere goes in front."""
+    anchors = [[11, 12, 13], [21, 22], [31, 32, 33, 34, 35, 36]]
+    ids = torch.tensor([[5, 6, 0, 0, 0, 0, 0], [7, 8, 9, 10, 0, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[1, 4] = 8  # a supervised pad position: row 1's usable padding is only its last 2 slots
+    folded, where = fold_anchors(
+        {"input_ids": ids, "attention_mask": mask, "labels": labels},
+        anchors,
+        [0, 1, 2],
+        pad_token_id=0,
+        keep_logits=True,
+    )
+    # Anchor 2 (6 tokens) fits nowhere: prefix of row 0 (row 1 gets a padding segment). Anchor 0 (3) goes
+    # to row 0's 5-slot tail (best fit needs 3 <= room: row 1 has 2), anchor 1 (2) to what is left there
+    # (a tie with row 1's 2 slots, broken by row order); row 1's supervised pad slot is never written.
+    assert folded["input_ids"].tolist() == [
+        [31, 32, 33, 34, 35, 36, 5, 6, 11, 12, 13, 21, 22],
+        [0, 0, 0, 0, 0, 0, 7, 8, 9, 10, 0, 0, 0],
+    ]
+    assert folded["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 2, 0, 1],
+        [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6],
+    ]
+    assert where.rows.tolist() == [0, 0, 0] and where.cols.tolist() == [10, 12, 5]
+    assert folded["labels"] is labels and folded["logits_to_keep"].tolist() == list(range(6, 13))
+    # Everything fits once the rows have room: the batch keeps its width and needs no logits_to_keep.
+    roomy = {
+        k: torch.cat([v, torch.full((2, 6), 0 if k != "labels" else -100)], dim=1)
+        for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()
+    }
+    folded, where = fold_anchors(roomy, anchors, [0, 1, 2], pad_token_id=0, keep_logits=True)
+    assert folded["input_ids"].shape == (2, 13) and "logits_to_keep" not in folded
+    assert folded["labels"] is roomy["labels"]
 
 
 def test_attach_refuses_attention_that_ignores_packing(
