@@ -51,6 +51,9 @@ def hf_mode(mode: str, out: Path) -> None:
         cfg["reference"] = {"source": "model"}
     else:
         model = make_lora(make_model("llama"))
+    if mode == "trainer_folded":
+        # Every rank folds the same anchors into its first micro-batch; DDP averages identical terms.
+        cfg["reference"] = {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 4}
     before = trainable_snapshot(model)
     args = dict(
         output_dir=str(out / "run"),
@@ -78,7 +81,7 @@ def hf_mode(mode: str, out: Path) -> None:
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
-    if mode in ("trainer", "trainer_fsdp2"):
+    if mode in ("trainer", "trainer_fsdp2", "trainer_folded"):
         trainer = Trainer(
             model=model,
             args=TrainingArguments(**args),
@@ -95,7 +98,7 @@ def hf_mode(mode: str, out: Path) -> None:
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-    attach(trainer, cfg, tokens=tokens, reference_model=reference)
+    attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer, reference_model=reference)
     trainer.train()
     assert trainer.args.world_size == 2
     after = {
@@ -162,7 +165,7 @@ def fsdp2_mode(mode: str, out: Path) -> None:
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)
-    if mode in ("trainer", "sft", "trainer_fsdp2"):
+    if mode in ("trainer", "sft", "trainer_fsdp2", "trainer_folded"):
         hf_mode(mode, out)
     else:
         fsdp2_mode(mode, out)

@@ -77,6 +77,25 @@ def test_ddp_two_processes_equal_one_big_batch(
     assert_close(update, expected)
 
 
+def test_ddp_folded_anchors_equal_one_process(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """`anchor_placement: folded` under DDP (2 x 4): the update equals one process with all 8 rows and a
+    separate anchor forward (CE normalized over both ranks' tokens, the anchor mean added once)."""
+    from hf_common import trainable_snapshot
+    from test_hf import common_args, make_trainer
+
+    from str_hooks.integrations.hf import attach
+
+    update = launch("trainer_folded", tmp_path / "ddp")
+    model = make_lora(make_model("llama"))
+    before = trainable_snapshot(model)
+    trainer = make_trainer("trainer", model, tokenizer, examples(tokenizer), common_args(tmp_path, 8, 1))
+    cfg = {"coef": COEF, "reference": {"source": "anchors", "anchor_batch_size": 4}}
+    attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
+    trainer.train()
+    expected = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
+    assert_close(update, expected, rtol=2e-5)
+
+
 def full_finetune_gradient(tokenizer: Any, tokens: Any, frozen_head: bool) -> dict[str, torch.Tensor]:
     """One process, whole batch, by hand: CE + COEF * mse penalty against a frozen copy, per-token mean."""
     model = make_model("llama")
