@@ -283,6 +283,21 @@ def train_config(work: Path, name: str, block: dict[str, Any] | None, lora: bool
     return path
 
 
+def liger_config(work: Path, name: str, block: dict[str, Any], lora: bool) -> Path:
+    """`train_config` with Liger's plugin and fused linear cross-entropy, LIGER_STEPS steps, no checkpoint."""
+    path = train_config(work, name, block, lora=lora)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(
+        plugins=["axolotl.integrations.liger.LigerPlugin", PLUGIN_PATH],
+        liger_fused_linear_cross_entropy=True,
+        max_steps=LIGER_STEPS,
+        save_strategy="no",
+    )
+    raw.pop("save_steps")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny aligned-model stand-in, its tokenizer and a chat dataset, on disk."""
@@ -364,32 +379,14 @@ def runs(work: Path) -> Iterator[Runs]:
     script = Path(__file__).parent / "axolotl_plugin_checks.py"
     started.start("checks", [str(AXOLOTL_BIN / "python"), str(script), str(work / "checks.json")])
     # Full fine-tuning, Liger's fused linear cross-entropy, a reference model loaded from base_model.
-    liger = train_config(work, "liger", {**block, "coef": 5.0, "reference": {"source": "model"}}, lora=False)
-    raw = yaml.safe_load(liger.read_text())
-    raw.update(
-        plugins=["axolotl.integrations.liger.LigerPlugin", PLUGIN_PATH],
-        liger_fused_linear_cross_entropy=True,
-        max_steps=LIGER_STEPS,
-        save_strategy="no",
-    )
-    raw.pop("save_steps")
-    liger.write_text(yaml.safe_dump(raw, sort_keys=False))
+    liger = liger_config(work, "liger", {**block, "coef": 5.0, "reference": {"source": "model"}}, lora=False)
     # LoRA with the anchors folded into Liger's fused forward (`logits_to_keep` keeps the CE on the rows).
     folded_block = {
         **block,
         "coef": 5.0,
         "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 2},
     }
-    liger_folded = train_config(work, "liger-folded", folded_block)
-    raw = yaml.safe_load(liger_folded.read_text())
-    raw.update(
-        plugins=["axolotl.integrations.liger.LigerPlugin", PLUGIN_PATH],
-        liger_fused_linear_cross_entropy=True,
-        max_steps=LIGER_STEPS,
-        save_strategy="no",
-    )
-    raw.pop("save_steps")
-    liger_folded.write_text(yaml.safe_dump(raw, sort_keys=False))
+    liger_folded = liger_config(work, "liger-folded", folded_block, lora=True)
     prepared = started.result("preprocess")
     assert prepared.returncode == 0, prepared.stdout[-5000:]
     for name, config in configs.items():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from factory import ARCHITECTURES, make_batch, make_lora, make_model
+from test_gradients import assert_grads_close, grads
 
 from str_hooks import register_str_hook
 from str_hooks.errors import STRAttachError, STRError
@@ -56,20 +57,6 @@ def anchor_penalty_by_hand(
     return total / len(anchor_ids)
 
 
-def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    assert ours.keys() == theirs.keys() and ours
-    for name in ours:
-        scale = theirs[name].abs().max().clamp_min(1e-6)
-        err = (ours[name] - theirs[name]).abs().max()
-        assert err <= 5e-5 * scale + 1e-7, f"{name}: max error {float(err):.3g} vs scale {float(scale):.3g}"
-
-
 def with_room(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
     """The batch right-padded by `extra` more columns (pad id, mask 0, label -100)."""
     fills = {"input_ids": 3, "attention_mask": 0, "labels": -100}
@@ -99,18 +86,18 @@ def test_folded_gradient_equals_separate_anchor_forwards(
         out = model(**folded)
         term = handle.loss()
         (out.loss + term).backward()
-        ours = lora_grads(model)
+        ours = grads(model)
         ours_ce, ours_term = float(out.loss.detach()), float(term.detach())
 
     plain = model(**batch)
     ce = ce_by_hand(plain.logits, batch["labels"])
     penalty = COEF * anchor_penalty_by_hand(model, anchor_ids, tokens.ids, tokens.weights)
     (ce + penalty).backward()
-    theirs = lora_grads(model)
+    theirs = grads(model)
     assert ours_ce == pytest.approx(float(ce.detach()), rel=1e-5)
     assert ours_term == pytest.approx(float(penalty.detach()), rel=1e-4)
     assert float(penalty.detach()) > 1e-3  # the adapters moved the anchors' logits: the check is not vacuous
-    assert_close(ours, theirs)
+    assert_grads_close(ours, theirs)
 
 
 def test_folded_full_fine_tuning_equals_separate_placement(tokenizer: Any, tokens: Any) -> None:
@@ -130,10 +117,10 @@ def test_folded_full_fine_tuning_equals_separate_placement(tokenizer: Any, token
             term = handle.loss()
             (out.loss + term).backward()
             assert float(term) > 1e-4
-            results.append((float(out.loss), float(term), lora_grads(model)))
+            results.append((float(out.loss), float(term), grads(model)))
     (ce_s, term_s, grads_s), (ce_f, term_f, grads_f) = results
     assert ce_f == pytest.approx(ce_s, rel=1e-5) and term_f == pytest.approx(term_s, rel=1e-4)
-    assert_close(grads_f, grads_s)
+    assert_grads_close(grads_f, grads_s)
 
 
 def test_schedule_accumulation_and_eval(tokenizer: Any, tokens: Any) -> None:
