@@ -39,12 +39,15 @@ class FoldedAnchors:
         rows, cols: row and column of each anchor's decision point (its last prompt token), on the batch's
             device.
         shape: (rows, width) of the folded input_ids; the training forward must have this shape.
+        input_ids: the folded input_ids (anchors in the padding leave the shape as it was, so `loss()`
+            checks the forward ran on these ids, not just on this shape).
     """
 
     indices: list[int]
     rows: torch.Tensor
     cols: torch.Tensor
     shape: tuple[int, int]
+    input_ids: torch.Tensor
 
 
 def _placement_error(problem: str, fix: str) -> STRError:
@@ -201,6 +204,7 @@ def fold_anchors(
         rows=rows.to(device),
         cols=cols.to(device),
         shape=(n_rows, prefix + width),
+        input_ids=folded["input_ids"],
     )
     return folded, where
 

@@ -442,8 +442,12 @@ class STRHandle:
                 )
             return torch.zeros((), device=device)
         logits = sink.safety_logits
-        if logits is None or tuple(logits.shape[:2]) != where.shape:
+        ids = sink.input_ids()
+        other_ids = ids is not None and ids is not where.input_ids and not torch.equal(ids, where.input_ids)
+        if logits is None or tuple(logits.shape[:2]) != where.shape or other_ids:
             found = "no forward" if logits is None else f"a forward of shape {tuple(logits.shape[:2])}"
+            if logits is not None and other_ids:
+                found += " on other input_ids"
             raise STRError(
                 f"handle.prepare_batch folded the anchors into a batch of shape {where.shape}, but handle.loss() "
                 f"found {found}: run the forward on the batch prepare_batch returned, with all its keys "

@@ -156,10 +156,17 @@ def test_forgetting_prepare_batch_is_an_error(tokenizer: Any, tokens: Any) -> No
         model(**batch)
         with pytest.raises(STRError, match=r"prepare_batch\(batch\)"):
             handle.loss()
-        # Folded, but the forward ran on another batch.
+        # Folded, but the forward ran on another batch: wider, or (anchors in the padding) the same shape.
         handle.prepare_batch(batch)
         model(**batch)
         with pytest.raises(STRError, match="model\\(\\*\\*batch\\)"):
+            handle.loss()
+        handle.step()
+        roomy = with_room(batch, 80)
+        folded = handle.prepare_batch(roomy)
+        assert folded["input_ids"].shape == roomy["input_ids"].shape
+        model(**roomy)
+        with pytest.raises(STRError, match="on other input_ids"):
             handle.loss()
 
 
