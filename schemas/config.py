@@ -210,9 +210,10 @@ class ReferenceConfig(_Section):
             "`separate`: a forward+backward of its own for the anchor batch (any batch works; on a GPU "
             "this costs x1.28-x1.41 per anchor step, being latency-bound). `folded`: the anchors ride in "
             "the training forward as packed segments, in the rows' trailing padding where they fit, else in "
-            "front of the rows (no extra forward, at most their tokens; the same gradient). Folded needs unpadded or right-padded `input_ids` batches, passed "
-            "through `handle.prepare_batch` (the trainer integrations do it), and a transformers version "
-            "that builds packed-sequence masks from position ids (checked at attach)."
+            "front of the rows (no extra forward, at most their tokens; the same gradient). Folded needs "
+            "unpadded or right-padded `input_ids` batches, passed through `handle.prepare_batch` (the "
+            "trainer integrations do it), and a transformers version that builds packed-sequence masks "
+            "from position ids (checked at attach)."
         ),
     )
 

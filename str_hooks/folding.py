@@ -2,14 +2,15 @@
 
 A separate anchor forward+backward is latency-bound on a GPU: it costs x1.28-x1.41 per step whatever its
 size (DESIGN section 4), and running it only every N-th step loses the refusals it was meant to keep
-(results/study). Folded, the anchors ride in the training forward as extra packed segments in front of
-the rows: every segment restarts its position ids at 0 and the attention mask is dropped, so
-transformers builds a block-diagonal causal mask (it detects packed sequences from position ids when no
-mask and no KV cache are given). An anchor then sees only itself and the training tokens never see an
-anchor: the anchors' decision-point logits equal a separate forward's, and the training tokens' logits
-are unchanged. The training labels stay [B, T] with `logits_to_keep` = the rows' positions, so the LM head runs on the
-training positions only and the cross-entropy is exactly plain SFT's; forwards without `logits_to_keep`
-(and TRL's fused LM head, which scores only labelled positions) get labels extended with -100 instead.
+(results/study). Folded, the anchors ride in the training forward as packed segments of their own, in the
+rows' trailing padding where they fit, else in front of the rows: every segment restarts its position ids
+at 0 and the attention mask is dropped, so transformers builds a block-diagonal causal mask (it detects
+packed sequences from position ids when no mask and no KV cache are given). An anchor then sees only
+itself and the training tokens never see an anchor: the anchors' decision-point logits equal a separate
+forward's, and the training tokens' logits are unchanged. When the rows are widened, the labels stay
+[B, T] with `logits_to_keep` = the rows' positions, so the LM head runs on the training positions only and
+the cross-entropy is exactly plain SFT's; forwards without `logits_to_keep` (and TRL's fused LM head,
+which scores every labelled position) get labels extended with -100 instead.
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ class FoldedAnchors:
         indices: anchor indices (into the `AnchorSet`), in fold order.
         rows, cols: row and column of each anchor's decision point (its last prompt token), on the batch's
             device.
-        shape: (rows, width) of the folded input_ids; the training forward must have this shape.
-        input_ids: the folded input_ids (anchors in the padding leave the shape as it was, so `loss()`
-            checks the forward ran on these ids, not just on this shape).
+        input_ids: the folded input_ids; the training forward must run on them (anchors in the padding
+            leave the shape as it was, so `loss()` checks the ids, not just their shape).
     """
 
     indices: list[int]
     rows: torch.Tensor
     cols: torch.Tensor
-    shape: tuple[int, int]
     input_ids: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, width) of the folded input_ids."""
+        return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
 
 
 def _placement_error(problem: str, fix: str) -> STRError:
@@ -131,8 +135,7 @@ def fold_anchors(
     tail_members, prefix_members = _place(lengths, free)
     prefix = max(sum(lengths[j] for j in members) for members in prefix_members)
     prefix_ids = torch.full((n_rows, prefix), pad_token_id, dtype=torch.long)
-    prefix_positions = torch.zeros((n_rows, prefix), dtype=torch.long)
-    new_positions = torch.cat([prefix_positions, row_positions.clone()], dim=1)
+    new_positions = torch.cat([torch.zeros((n_rows, prefix), dtype=torch.long), row_positions], dim=1)
     rows = torch.zeros(len(anchors), dtype=torch.long)
     cols = torch.zeros(len(anchors), dtype=torch.long)
     tail_ids: list[tuple[int, int, int]] = []  # (row, start column, anchor) written into the rows' padding
@@ -203,7 +206,6 @@ def fold_anchors(
         indices=list(indices),
         rows=rows.to(device),
         cols=cols.to(device),
-        shape=(n_rows, prefix + width),
         input_ids=folded["input_ids"],
     )
     return folded, where

@@ -25,7 +25,7 @@ from str_hooks.reference import (
     safety_logprobs,
 )
 from str_hooks.schemas.config import STRConfig, load_config
-from str_hooks.tap import ModelTap, eval_mode
+from str_hooks.tap import ModelTap, eval_mode, logits_close
 from str_hooks.tokens import SafetyTokens
 
 # Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
@@ -257,16 +257,14 @@ class STRHandle:
             alone_anchor = self.anchors.decision_logits(self.tap, [first])
             alone_row = self.tap.run(input_ids=row, **self.tap.lean_kwargs()).safety_logits
         assert together is not None and alone_row is not None  # tap.run guarantees them
-        prefix = where.shape[1] - row.shape[1]
+        prefix = where.input_ids.shape[1] - row.shape[1]
         pairs = [
             (together[where.rows, where.cols], alone_anchor),
             (together[:, prefix:], alone_row),
         ]
-        low_precision = self.tap.rows.weight.dtype in (torch.bfloat16, torch.float16)
         for folded_logits, separate_logits in pairs:
-            scale = separate_logits.abs().max().clamp_min(1.0)
-            err = (folded_logits - separate_logits).abs().max()
-            if err > (2e-2 if low_precision else 1e-3) * scale:
+            err, scale, close = logits_close(folded_logits, separate_logits, self.tap.rows.weight.dtype)
+            if not close:
                 raise STRAttachError(
                     "`reference.anchor_placement` is 'folded' but an anchor folded in front of a prompt changes "
                     f"the logits by {float(err):.4g} (max |logit| {float(scale):.4g}): "
@@ -294,16 +292,16 @@ class STRHandle:
 
         Call on every training micro-batch, before the forward, and run the forward on what it returns
         (`model(**batch)`): on the first micro-batch of an optimizer step where an anchor penalty is due
-        (every `anchor_every` steps) it returns a new batch with the anchor prompts packed in front of the
-        rows, and the following `loss()` reads their decision-point logits from that forward. On every
+        (every `anchor_every` steps) it returns a new batch with the anchor prompts packed in (into the
+        rows' trailing padding where they fit, else in front of the rows), and the following `loss()` reads their decision-point logits from that forward. On every
         other call, in eval mode, and for any other source or placement it returns `batch` itself.
 
         Args:
             batch: a mapping with `input_ids` [B, T], unpadded or right-padded (`attention_mask`),
                 optionally `position_ids` (padding-free packing), `labels`, `shift_labels`,
                 `token_type_ids`.
-            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep` (the rows), so the LM head
-                runs on the training positions only; True extends the labels with -100 over the anchor
+            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep` (the rows), so the LM
+                head runs on the training positions only; True extends the labels with -100 over the anchor
                 prefix instead (for forwards that compute the loss from all hidden states, like TRL's
                 fused LM head). None: False when the model's forward accepts `logits_to_keep`.
 

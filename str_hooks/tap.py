@@ -57,6 +57,17 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def logits_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, rtol: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(max |actual - expected|, max |expected| floored at 1, whether the error is within tolerance). The
+    tolerance follows the model's precision: bf16/fp16 logits carry ~3 significant digits."""
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual - expected).abs().max()
+    tolerance = 2e-2 if dtype in (torch.bfloat16, torch.float16) else rtol
+    return err, scale, bool(err <= tolerance * scale)
+
+
 class Sink:
     """What one forward left behind."""
 
@@ -243,11 +254,8 @@ class ModelTap:
         real = sink.logits[..., self.rows._ids_cpu.to(sink.logits.device)].float()
         if real.shape != projected.shape:
             return None
-        scale = real.abs().max().clamp_min(1.0)
-        # Tolerance follows the model's precision: bf16/fp16 logits carry ~3 significant digits.
-        dtype_tol = 2e-2 if sink.logits.dtype in (torch.bfloat16, torch.float16) else rtol
-        err = (real - projected.to(real.device)).abs().max()
-        if err > dtype_tol * scale:
+        err, scale, close = logits_close(projected.to(real.device), real, sink.logits.dtype, rtol)
+        if not close:
             raise STRAttachError(
                 f"safety logits projected from hidden states differ from {type(self.causal_lm).__name__}'s own "
                 f"logits by {float(err):.4g} (max |logit| {float(scale):.4g}): the model applies a logit "
