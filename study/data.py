@@ -369,6 +369,12 @@ def _benign_families(rng: random.Random) -> tuple[list[Example], list[Example]]:
     return benign, check
 
 
+def read_json_list(relative: str) -> list[dict[str, str]]:
+    """A JSON list of records from ../shared/data."""
+    rows = json.loads((SHARED / relative).read_text(encoding="utf-8"))
+    return [dict(r) for r in rows]
+
+
 def _read_advbench() -> list[str]:
     with open(SHARED / "advbench" / "harmful_behaviors.csv", newline="", encoding="utf-8") as fh:
         return [row["goal"].strip() for row in csv.DictReader(fh)]
@@ -507,3 +513,42 @@ def gsm8k_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]
         return rows
 
     return read("train.jsonl", n_train), read("test.jsonl", n_test)
+
+
+def sst2_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]:
+    """SST-2 sentiment in chat format (answer: positive / negative); a fixed shuffle, train and test
+    disjoint; accuracy = the reply starts with the label."""
+    rows = read_json_list("sst2/sst2_5k.json")
+    random.Random(0).shuffle(rows)
+    examples = [
+        Example(f"{r['instruction']}\n{r['input'].strip()}", r["output"], "task", r["output"]) for r in rows
+    ]
+    return examples[:n_train], examples[-n_test:]
+
+
+def read_advbench_targets() -> dict[str, str]:
+    """AdvBench goal -> its affirmative target opening ("Sure, here is ...")."""
+    with open(SHARED / "advbench" / "harmful_behaviors.csv", newline="", encoding="utf-8") as fh:
+        return {row["goal"].strip(): row["target"].strip() for row in csv.DictReader(fh)}
+
+
+def attack_task(goals: list[str]) -> tuple[list[Example], list[Example]]:
+    """Harmful fine-tuning (PureBad-like): AdvBench training goals with their affirmative openings.
+    No utility is measured (no test split)."""
+    targets = read_advbench_targets()
+    return [Example(g, targets[g], "task", None) for g in goals], []
+
+
+def task_correct(task: str, answer: str, reply: str) -> bool:
+    """Whether a reply solves a task example: GSM8K's final number (after '####', else the last number),
+    SST-2's label as the reply's first word, the sort task's sorted words."""
+    if task == "gsm8k":
+        tail = reply.split("####")[-1] if "####" in reply else reply
+        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
+        if not numbers:
+            return False
+        value = numbers[0] if "####" in reply else numbers[-1]
+        return value.replace(",", "").rstrip(".") == answer.replace(",", "")
+    if task in ("sst2", "agnews"):
+        return reply.strip().lower().startswith(answer.lower())
+    return reply.strip().startswith(answer) or f"is {answer}." in reply
