@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import statistics
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from str_hooks.integrations.hf import attach
 
 from .data import Example, StudyData
 from .model import collate, encode_example, exact_match, refusal_rate
+from .subject import decision_point_mass
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,50 @@ METHODS = {
 
 @dataclass
 class RunSpec:
-    task: str  # sort | gsm8k
+    task: str  # sort | gsm8k | sst2 | attack
     mode: str  # lora | full
     method: str
     seed: int
+
+    @property
+    def name(self) -> str:
+        """A folder name for the run's saved adapter."""
+        slug = re.sub(r"[^a-z0-9]+", "-", self.method.lower()).strip("-")
+        return f"{self.task}-{self.mode}-{slug}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How runs train and are evaluated. The defaults are the toy model's; `SUBJECT_RECIPE` is the real
+    subject's (smaller batches and learning rate, the LM head left alone because it is tied)."""
+
+    batch_size: int = 16
+    lora_lr: float = 5e-3
+    full_lr: float = 1e-3
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    )
+    xstest_stride: int = 1  # evaluate every n-th XSTest safe prompt (all four types kept)
+    task_eval: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {"sort": (100, 24), "gsm8k": (50, 96)}
+    )  # task -> (test examples, new tokens) for exact match
+
+
+SUBJECT_RECIPE = Recipe(
+    batch_size=8,
+    lora_lr=2e-4,
+    full_lr=2e-5,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    xstest_stride=2,
+    task_eval={"gsm8k": (40, 160), "sst2": (200, 3)},
+)
 
 
 class _StepTimer(TrainerCallback):  # type: ignore[misc]
@@ -149,7 +191,7 @@ class _StepTimer(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_times.append(time.perf_counter() - self._start)
         if self.every and state.global_step % self.every == 0:
-            self.curve.append((state.global_step, self.probe()))
+            self.curve.append((state.global_step, self.probe(state.global_step)))
 
 
 class _KLTrainer(Trainer):  # type: ignore[misc]
@@ -242,7 +284,16 @@ def run_one(
     max_len: int,
     curve_every: int,
     curve_prompts: int = 40,
+    max_steps: int = -1,
+    recipe: Recipe = Recipe(),
+    anchors: list[str] | None = None,
+    decision_tokens: list[int] | None = None,
+    save_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
+    anchor prompts (default: the aligned model's harmful training prompts); `decision_tokens` the refusal
+    tokens whose probability mass at the first response position is reported (one forward, no generation);
+    `save_dir` keeps the run's LoRA adapter (or full model) there."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,15 +304,17 @@ def run_one(
     base = AutoModelForCausalLM.from_pretrained(aligned_dir)
     reference = None
     if spec.mode == "lora":
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
         model = get_peft_model(
-            base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+            base,
+            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(recipe.lora_targets)),
         )
-        lr = 5e-3
+        lr = recipe.lora_lr
     else:
         model = base
         reference = copy.deepcopy(base).requires_grad_(False).eval()
-        lr = 1e-3
+        lr = recipe.full_lr
+    anchor_prompts = anchors if anchors is not None else data.harmful_train
+    xstest = data.xstest_safe[:: recipe.xstest_stride]
     train, test = task
     train_rows = [encode_example(tokenizer, e.prompt, e.response, max_len) for e in train]
     if method.kind == "mix":
@@ -274,17 +327,22 @@ def run_one(
             for _ in range(n_mix)
         ]
     probe_prompts = data.harmful_heldout[:curve_prompts]
+    mass_curve: list[tuple[int, float]] = []
 
-    def probe() -> float:
+    def probe(step: int) -> float:
+        if decision_tokens:
+            mass = decision_point_mass(model, tokenizer, data.harmful_heldout, decision_tokens)
+            mass_curve.append((step, mass))
         return refusal_rate(model, tokenizer, probe_prompts, data.refusal_phrases)[0]
 
     timer = _StepTimer(probe, curve_every)
     workdir = Path(tempfile.mkdtemp(prefix="str-study-"))
     args = TrainingArguments(
         output_dir=str(workdir),
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=recipe.batch_size,
         gradient_accumulation_steps=method.grad_accum,
         num_train_epochs=epochs,
+        max_steps=max_steps,
         learning_rate=lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -322,7 +380,7 @@ def run_one(
         if cfg["reference"]["source"] == "model" and reference is None:
             reference = AutoModelForCausalLM.from_pretrained(aligned_dir).requires_grad_(False).eval()
         if cfg["reference"]["source"] == "anchors" and "default-anchors" not in spec.method:
-            cfg["reference"]["anchors_path"] = str(_write_lines(workdir / "anchors.txt", data.harmful_train))
+            cfg["reference"]["anchors_path"] = str(_write_lines(workdir / "anchors.txt", anchor_prompts))
         attach(
             trainer,
             cfg,
@@ -331,21 +389,29 @@ def run_one(
             reference_model=reference if cfg["reference"]["source"] == "model" else None,
         )
         setup_seconds = time.perf_counter() - setup_start
-    anchor_token_share = _anchor_token_share(method, tokenizer, data, train_rows, args)
-    before = probe()
+    anchor_token_share = _anchor_token_share(method, tokenizer, anchor_prompts, train_rows, args)
+    before = probe(0)
     with _PeakRSS() as memory:
         trainer.train()
     timer.curve.insert(0, (0, before))
+    if decision_tokens and (not mass_curve or mass_curve[-1][0] != trainer.state.global_step):
+        mass_curve.append(
+            (
+                trainer.state.global_step,
+                decision_point_mass(model, tokenizer, data.harmful_heldout, decision_tokens),
+            )
+        )
     model.eval()
     refusal, replies = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
-    over_refusal, _ = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
-    # GSM8K replies are long; a 3M-parameter model solves none, so a short budget on 50 problems suffices.
-    task_em = exact_match(
-        model,
-        tokenizer,
-        test[:100] if spec.task == "sort" else test[:50],
-        max_new_tokens=24 if spec.task == "sort" else 96,
-    )
+    over_refusal, _ = refusal_rate(model, tokenizer, xstest, data.refusal_phrases)
+    task_em: float | None = None
+    task_loss: float | None = None
+    if test:  # the attack task has no utility to measure
+        n_eval, new_tokens = recipe.task_eval[spec.task]
+        task_em = exact_match(model, tokenizer, test[:n_eval], max_new_tokens=new_tokens, task=spec.task)
+        task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
+    if save_dir is not None:
+        model.save_pretrained(save_dir / spec.name)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     grad_norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
     half = len(losses) // 2
@@ -359,7 +425,9 @@ def run_one(
         "heldout_refusal": refusal,
         "xstest_over_refusal": over_refusal,
         "task_exact_match": task_em,
-        "task_heldout_loss": heldout_loss(model, tokenizer, test[:100], max_len),
+        "task_heldout_loss": task_loss,
+        "decision_point_mass": mass_curve[-1][1] if mass_curve else None,
+        "decision_point_curve": mass_curve,
         "step_time_median_s": statistics.median(times),
         "peak_rss_delta_mib": memory.delta_mib,
         "setup_seconds": setup_seconds,
@@ -380,7 +448,7 @@ class _Collator:
 
 
 def _anchor_token_share(
-    method: Method, tokenizer: Any, data: StudyData, train_rows: list[dict[str, Any]], args: Any
+    method: Method, tokenizer: Any, anchors: list[str], train_rows: list[dict[str, Any]], args: Any
 ) -> float | None:
     """Anchor prompt tokens per optimizer step over training tokens per step (what folding adds)."""
     reference = method.str_config.get("reference", {})
@@ -388,7 +456,7 @@ def _anchor_token_share(
         return None
     from str_hooks.prompts import encode_prompt
 
-    anchor_len = statistics.fmean(len(encode_prompt(tokenizer, t)) for t in data.harmful_train)
+    anchor_len = statistics.fmean(len(encode_prompt(tokenizer, t)) for t in anchors)
     row_len = statistics.fmean(len(r["input_ids"]) for r in train_rows)
     per_step = reference.get("anchor_batch_size", 8) * anchor_len / reference.get("anchor_every", 1)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps

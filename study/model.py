@@ -21,7 +21,7 @@ from str_hooks.probe import is_refusal
 from str_hooks.prompts import encode_prompt
 from str_hooks.testing import CHAT_TEMPLATE, train_bpe
 
-from .data import Example, StudyData
+from .data import Example, StudyData, task_correct
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -191,14 +191,16 @@ def refusal_rate(
     return sum(is_refusal(r, phrases) for r in replies) / max(len(replies), 1), replies
 
 
-def exact_match(model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14) -> float:
-    """Fraction of replies that contain the expected answer (after 'The answer is' for checkable
-    benign prompts; the whole reply for tasks)."""
+def exact_match(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14, task: str = "sort"
+) -> float:
+    """Fraction of replies that solve the example (`study.data.task_correct`; for checkable benign
+    prompts, the answer after 'The answer is')."""
     replies = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
     hits = 0
     for example, reply in zip(examples, replies, strict=True):
         assert example.answer is not None
-        hits += reply.strip().startswith(example.answer) or f"is {example.answer}." in reply
+        hits += task_correct(task, example.answer, reply)
     return hits / max(len(examples), 1)
 
 

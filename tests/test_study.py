@@ -74,3 +74,55 @@ def test_one_run_end_to_end(tmp_path: Path) -> None:
         "mix 10% refusals",
         "STR cache mse c1",
     }
+
+
+@pytest.mark.parametrize("source", ["embedded", "shared"])
+def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
+    if source == "shared" and not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not here")
+    from study.subject import subject_data
+
+    data = subject_data(source)
+    trained = {p for p, _ in data.harmful} | set(data.benign)
+    assert not trained & set(data.study.harmful_heldout)
+    assert not trained & set(data.study.xstest_safe)
+    assert not set(data.benign_heldout) & trained
+    assert len(data.benign) >= 100 and len(data.harmful) >= 90
+    if source == "shared":
+        # Balanced toward benign, with the sensitive-sounding safe prompts that keep over-refusal down.
+        assert 300 <= len(data.harmful) <= 400 and len(data.benign) >= 350
+        own = [r for _, r in data.harmful if r is not None]
+        assert len(own) == 100 and all(r.endswith(".") for r in own)
+
+
+def test_study_anchor_and_attack_goals_are_disjoint_training_goals() -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not here")
+    from study.data import attack_task
+
+    data = load_study_data("shared")
+    anchors, goals = data.harmful_train[:300], data.harmful_train[300:400]
+    train, test = attack_task(goals)
+    assert len(train) == 100 and test == []
+    assert not set(anchors) & set(goals) and not set(goals) & set(data.harmful_heldout)
+    assert all(e.response.startswith("Sure, here") for e in train)
+
+
+@pytest.mark.parametrize(
+    ("task", "answer", "reply", "correct"),
+    [
+        ("gsm8k", "18", "She sells 9 * 2 = 18 eggs.\n#### 18", True),
+        ("gsm8k", "18", "9 * 2 = 18, so the answer is 18.", True),
+        ("gsm8k", "1,200", "The total is 1200.", True),
+        ("gsm8k", "18", "She sells 18 eggs... #### 20", False),
+        ("gsm8k", "18", "I don't know.", False),
+        ("sst2", "negative", " Negative", True),
+        ("sst2", "negative", "positive", False),
+        ("sort", "amber basil cedar", "amber basil cedar", True),
+        ("sort", "amber basil cedar", "basil amber cedar", False),
+    ],
+)
+def test_task_scoring(task: str, answer: str, reply: str, correct: bool) -> None:
+    from study.data import task_correct
+
+    assert task_correct(task, answer, reply) is correct

@@ -1,0 +1,253 @@
+"""The efficacy study on the real subject (SmolLM2-135M-Instruct, safety-tuned by `study.subject`).
+
+    python -m study real [--plan subject|quick] [--out results/subject] [--subject runs/subject]
+                         [--seeds N] [--save-models DIR]
+
+Three tasks in chat format with loss on the answer only: `gsm8k` (benign natural language), `sst2` (a
+narrow benign task with accuracy) and `attack` (100 AdvBench training goals with their "Sure, here is"
+openings: harmful fine-tuning). Runs are appended to runs.jsonl as they finish (resumable: a run already
+there for the same subject is not repeated), and RESULTS.md and the plots are rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import attack_task, gsm8k_task, sst2_task
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .model import refusal_rate
+from .subject import (
+    DEFAULT_CACHE,
+    build_subject,
+    decision_point_mass,
+    load,
+    refusal_first_tokens,
+    subject_data,
+)
+
+# Per task: training steps (8 rows each), sequence length, refusal-probe cadence. Sized so that plain SFT
+# measurably erases refusals within the budget of this 2-core CPU (RESULTS.md gives the wall time).
+TASK_SETTINGS: dict[str, dict[str, int]] = {
+    "gsm8k": {"steps": 60, "max_len": 128, "curve_every": 20},
+    "sst2": {"steps": 60, "max_len": 96, "curve_every": 20},
+    "attack": {"steps": 40, "max_len": 64, "curve_every": 10},
+}
+LORA_METHODS = [
+    "plain SFT",
+    "STR adapter mse c1",  # today's defaults
+    "STR anchors mse c10",
+    "STR anchors mse c10 folded",
+    "KL-SFT (full vocab, beta 1)",
+    "mix 10% refusals",
+]
+MAIN_METHODS = ["plain SFT", "STR adapter mse c1", "STR anchors mse c10 folded"]
+# Blocks run in this order: every method on every task with one seed first, so that a partial run still
+# compares everything; then full fine-tuning on the cheapest task; then the extra seeds of the main ones.
+SUBJECT_PLAN: list[tuple[str, str, list[str], range]] = [
+    ("attack", "lora", LORA_METHODS, range(1)),
+    ("sst2", "lora", LORA_METHODS, range(1)),
+    ("gsm8k", "lora", LORA_METHODS, range(1)),
+    ("sst2", "full", ["plain SFT", "STR anchors mse c10 folded", "KL-SFT (full vocab, beta 1)"], range(1)),
+    ("attack", "lora", MAIN_METHODS, range(1, 3)),
+    ("sst2", "lora", MAIN_METHODS, range(1, 3)),
+    ("gsm8k", "lora", MAIN_METHODS, range(1, 3)),
+]
+QUICK_PLAN: list[tuple[str, str, list[str], range]] = [
+    ("attack", "lora", ["plain SFT", "STR anchors mse c10 folded"], range(1)),
+]
+PLANS = {"subject": SUBJECT_PLAN, "quick": QUICK_PLAN}
+
+
+def _baseline(subject_dir: Path, data: Any, tokens: list[int], out: Path, fingerprint: str) -> dict[str, Any]:
+    """The subject before fine-tuning, measured by the same code as every run (same prompt subsets)."""
+    path = out / "subject.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return dict(cached)
+    model, tokenizer = load(subject_dir)
+    xstest = data.xstest_safe[:: SUBJECT_RECIPE.xstest_stride]
+    metrics = {
+        "heldout_refusal": refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)[0],
+        "xstest_over_refusal": refusal_rate(model, tokenizer, xstest, data.refusal_phrases)[0],
+        "decision_point_mass": decision_point_mass(model, tokenizer, data.harmful_heldout, tokens),
+    }
+    record = {"fingerprint": fingerprint, "metrics": metrics}
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_real(
+    out: Path,
+    plan_name: str,
+    subject_dir: Path,
+    cache: Path = DEFAULT_CACHE,
+    seeds: int | None = None,
+    save_models: Path | None = None,
+    argv: list[str] | None = None,
+) -> str:
+    from .__main__ import plots, summarize_subject
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    info = build_subject(subject_dir, "shared", cache)
+    sdata = subject_data("shared")
+    data = sdata.study
+    _, tokenizer = load(subject_dir)
+    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
+    # Anchors and the attack task use disjoint AdvBench training goals; neither touches the held-out split.
+    anchors, attack_goals = data.harmful_train[:300], data.harmful_train[300:400]
+    tasks = {
+        "gsm8k": gsm8k_task(600, 100),
+        "sst2": sst2_task(800, 200),
+        "attack": attack_task(attack_goals),
+    }
+    base = _baseline(subject_dir, data, tokens, out, info["fingerprint"])
+    (out / "subject_info.json").write_text(json.dumps(info, indent=2))
+    if save_models is not None:
+        save_models.mkdir(parents=True, exist_ok=True)
+        if not (save_models / "subject" / "config.json").is_file():
+            shutil.copytree(subject_dir, save_models / "subject", dirs_exist_ok=True)
+    specs = [
+        RunSpec(task, mode, method, seed)
+        for task, mode, methods, block_seeds in PLANS[plan_name]
+        for seed in (range(seeds) if seeds else block_seeds)
+        for method in methods
+    ]
+    runs_path = out / "runs.jsonl"
+    runs: list[dict[str, Any]] = []
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("aligned_fingerprint") == info["fingerprint"]:
+                runs.append(record)
+    done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
+    runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    todo = [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
+    for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
+        settings = TASK_SETTINGS[spec.task]
+        run_start = time.perf_counter()
+        result = run_one(
+            spec,
+            subject_dir,
+            data,
+            tasks[spec.task],
+            epochs=1.0,
+            max_steps=settings["steps"],
+            max_len=settings["max_len"],
+            curve_every=settings["curve_every"],
+            curve_prompts=40,
+            recipe=SUBJECT_RECIPE,
+            anchors=anchors,
+            decision_tokens=tokens,
+            save_dir=save_models,
+        )
+        result["aligned_fingerprint"] = info["fingerprint"]
+        result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
+        runs.append(result)
+        with runs_path.open("a") as fh:
+            fh.write(json.dumps(result) + "\n")
+        em = result["task_exact_match"]
+        tqdm.write(
+            f"{spec.task}/{spec.mode}/{spec.method}/seed {spec.seed}: refusal {100 * result['heldout_refusal']:.0f} %, "
+            f"mass {100 * result['decision_point_mass']:.1f} %, over-refusal {100 * result['xstest_over_refusal']:.0f} %, "
+            f"EM {'n/a' if em is None else f'{100 * em:.0f} %'}, step {1000 * result['step_time_median_s']:.0f} ms, "
+            f"{result['wall_seconds']:.0f} s"
+        )
+    wanted = {(s.task, s.mode, s.method, s.seed) for s in specs}
+    runs = [r for r in runs if (r["task"], r["mode"], r["method"], r["seed"]) in wanted]
+    command = "python -m study " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+    text = summarize_subject(
+        runs, info, base, out, command, machine, time.perf_counter() - started, len(specs)
+    )
+    for path in plots(runs, base["metrics"]["heldout_refusal"], out):
+        print(f"wrote {path}")
+    return text
+
+
+DEMO_METHODS = ["plain SFT", "STR anchors mse c10 folded"]
+DEMO_STEPS = 40
+
+
+def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
+    """`make demo`: the real subject built from the package's own texts only (cached after the first run),
+    fine-tuned on the project-written sort task with and without STR; a before/after table."""
+    from dataclasses import replace
+
+    from .data import sort_task
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    subject_dir = cache / "demo-subject"
+    info = build_subject(subject_dir, "embedded", cache, epochs=2)
+    data = subject_data("embedded").study
+    _, tokenizer = load(subject_dir)
+    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
+    recipe = replace(SUBJECT_RECIPE, xstest_stride=1, task_eval={"sort": (50, 12)})
+    task = sort_task(400, 100, seed=0)
+    base = info["metrics"]
+    rows = [("aligned subject (before)", base["heldout_refusal"], base["xstest_over_refusal"], None, None)]
+    results = []
+    for method in DEMO_METHODS:
+        result = run_one(
+            RunSpec("sort", "lora", method, 0),
+            subject_dir,
+            data,
+            task,
+            epochs=1.0,
+            max_steps=DEMO_STEPS,
+            max_len=64,
+            curve_every=0,
+            recipe=recipe,
+            anchors=data.harmful_train,
+            decision_tokens=tokens,
+        )
+        results.append(result)
+        rows.append(
+            (
+                f"after {method}",
+                result["heldout_refusal"],
+                result["xstest_over_refusal"],
+                result["task_exact_match"],
+                result["task_heldout_loss"],
+            )
+        )
+        (out / "runs.jsonl").open("a").write(json.dumps(result) + "\n")
+    lines = [
+        f"Subject: {info['base']}, safety-tuned on the package's own texts ({info['notes']['harmful']}).",
+        f"Fine-tuning: {DEMO_STEPS} LoRA steps of 8 rows on the sort task ('Sort alphabetically: ...').",
+        "",
+        f"| model | held-out harmful refusal ({len(data.harmful_heldout)}) | over-refusal ({len(data.xstest_safe)} safe prompts) | sort exact match | sort held-out loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, refusal, over, em, loss in rows:
+        em_text = "-" if em is None else f"{100 * em:.0f} %"
+        loss_text = "-" if loss is None else f"{loss:.3f}"
+        lines.append(f"| {name} | {100 * refusal:.0f} % | {100 * over:.0f} % | {em_text} | {loss_text} |")
+    plain, regularized = results
+    keep = regularized["heldout_refusal"] / max(base["heldout_refusal"], 1e-9)
+    plain_keep = plain["heldout_refusal"] / max(base["heldout_refusal"], 1e-9)
+    over = regularized["xstest_over_refusal"] - base["xstest_over_refusal"]
+    loss_change = regularized["task_heldout_loss"] / plain["task_heldout_loss"] - 1
+    lines += [
+        "",
+        f"Retention of refusals: plain SFT {100 * plain_keep:.0f} %, {DEMO_METHODS[1]} {100 * keep:.0f} % "
+        f"(over-refusal {100 * over:+.0f} points vs the subject; sort loss {100 * loss_change:+.1f} % vs plain SFT).",
+        f"Wall time {time.perf_counter() - started:.0f} s. The evidence is the study: results/subject/RESULTS.md.",
+    ]
+    text = "\n".join(lines)
+    (out / "RESULTS.md").write_text(text + "\n")
+    return text
