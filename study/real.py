@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import attack_task, gsm8k_task, sst2_task
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .model import refusal_rate
+from .report import plots, summarize_subject
 from .subject import (
     DEFAULT_CACHE,
     build_subject,
@@ -95,8 +96,6 @@ def run_real(
     save_models: Path | None = None,
     argv: list[str] | None = None,
 ) -> str:
-    from .__main__ import plots, summarize_subject
-
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     info = build_subject(subject_dir, "shared", cache)
@@ -225,7 +224,6 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
                 result["task_heldout_loss"],
             )
         )
-        (out / "runs.jsonl").open("a").write(json.dumps(result) + "\n")
     lines = [
         f"Subject: {info['base']}, safety-tuned on the package's own texts ({info['notes']['harmful']}).",
         f"Fine-tuning: {DEMO_STEPS} LoRA steps of 8 rows on the sort task ('Sort alphabetically: ...').",
@@ -250,4 +248,5 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     ]
     text = "\n".join(lines)
     (out / "RESULTS.md").write_text(text + "\n")
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     return text
