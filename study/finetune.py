@@ -82,6 +82,17 @@ METHODS = {
             "str",
             {"coef": 10.0, "reference": {"source": "anchors", "anchor_placement": "folded"}},
         ),
+        # The coefficient curve of folded anchors on the real subject (c10 is the toy study's setting).
+        Method(
+            "STR anchors mse c1 folded",
+            "str",
+            {"coef": 1.0, "reference": {"source": "anchors", "anchor_placement": "folded"}},
+        ),
+        Method(
+            "STR anchors mse c3 folded",
+            "str",
+            {"coef": 3.0, "reference": {"source": "anchors", "anchor_placement": "folded"}},
+        ),
         Method(
             "STR anchors mse c10 folded, 2 per step",
             "str",
