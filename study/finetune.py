@@ -170,7 +170,7 @@ class Recipe:
         "down_proj",
         "lm_head",
     )
-    xstest_stride: int = 1  # evaluate every n-th XSTest safe prompt (all four types kept)
+    xstest_stride: int = 1  # evaluate every n-th XSTest safe prompt (its 10 types come in blocks of 25)
     task_eval: dict[str, tuple[int, int]] = field(
         default_factory=lambda: {"sort": (100, 24), "gsm8k": (50, 96)}
     )  # task -> (test examples, new tokens) for exact match
@@ -333,7 +333,7 @@ def run_one(
         n_mix = len(train_rows) // 9  # 10 % of the mixed set
         train_rows += [
             encode_example(
-                tokenizer, rng.choice(data.harmful_train), rng.choice(data.refusal_templates), max_len
+                tokenizer, rng.choice(anchor_prompts), rng.choice(data.refusal_templates), max_len
             )
             for _ in range(n_mix)
         ]
