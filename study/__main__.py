@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--subject", default="runs/subject", help="the aligned subject's folder (built if absent)"
     )
+    parser.add_argument(
+        "--report", action="store_true", help="real: only rewrite RESULTS.md and the plots from runs.jsonl"
+    )
     parser.add_argument("--save-models", default=None, help="keep the subject and each run's adapter here")
     parser.add_argument("--cache", default=None, help="folder for the dequantized shipped model")
     args = parser.parse_args(argv)
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 seeds=args.seeds,
                 save_models=Path(args.save_models) if args.save_models else None,
                 argv=argv,
+                report_only=args.report,
             )
         )
         return

@@ -332,9 +332,7 @@ def run_one(
         rng = random.Random(spec.seed)
         n_mix = len(train_rows) // 9  # 10 % of the mixed set
         train_rows += [
-            encode_example(
-                tokenizer, rng.choice(anchor_prompts), rng.choice(data.refusal_templates), max_len
-            )
+            encode_example(tokenizer, rng.choice(anchor_prompts), rng.choice(data.refusal_templates), max_len)
             for _ in range(n_mix)
         ]
     probe_prompts = data.harmful_heldout[:curve_prompts]

@@ -101,7 +101,10 @@ def run_real(
     seeds: int | None = None,
     save_models: Path | None = None,
     argv: list[str] | None = None,
+    report_only: bool = False,
 ) -> str:
+    """Run the plan's missing runs (none with `report_only`), then write RESULTS.md and the plots from
+    every run of the plan in runs.jsonl."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     info = build_subject(subject_dir, "shared", cache)
@@ -137,7 +140,7 @@ def run_real(
                 runs.append(record)
     done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
     runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
-    todo = [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
+    todo = [] if report_only else [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
         settings = TASK_SETTINGS[spec.task]
         run_start = time.perf_counter()
@@ -170,7 +173,10 @@ def run_real(
         )
     wanted = {(s.task, s.mode, s.method, s.seed) for s in specs}
     runs = [r for r in runs if (r["task"], r["mode"], r["method"], r["seed"]) in wanted]
-    command = "python -m study " + " ".join(sys.argv[1:] if argv is None else argv)
+    # The command that runs the plan (a `--report` rewrite names the run, not itself).
+    command = "python -m study " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"
+    )
     machine = (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
