@@ -350,6 +350,10 @@ def build_subject(
     ).hexdigest()[:16]
     if info_path.is_file() and json.loads(info_path.read_text()).get("data_key") == key:
         return dict(json.loads(info_path.read_text()))
+    if out.is_dir() and any(out.iterdir()) and not info_path.is_file():
+        raise FileExistsError(
+            f"{out} holds files that are not a subject built here: give an empty or new --out"
+        )
     torch.manual_seed(seed)
     rng = random.Random(seed)
     base, tokenizer = load(base_dir)
