@@ -225,51 +225,82 @@ def _verdicts(
     return "\n".join(lines)
 
 
+def _curves(
+    runs: list[dict[str, Any]], key: str, what: str, baseline: float | None, path: Path
+) -> Path | None:
+    """One panel per (task, mode): the mean over seeds of each method's `key` curve [(step, value)]."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.get(key)]
+    combos = list(dict.fromkeys((r["task"], r["mode"]) for r in runs))
+    if not combos:
+        return None
+    fig, axes = plt.subplots(1, len(combos), figsize=(6 * len(combos), 4.5), squeeze=False)
+    for ax, (task, mode) in zip(axes[0], combos, strict=True):
+        by_method: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+        for r in runs:
+            if (r["task"], r["mode"]) == (task, mode):
+                by_method[r["method"]].append(r[key])
+        for method, curves in by_method.items():
+            steps = [s for s, _ in curves[0]]
+            mean = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+            ax.plot(steps, [100 * v for v in mean], marker="o", ms=3, label=f"{method} (n={len(curves)})")
+        if baseline is not None:
+            ax.axhline(100 * baseline, color="gray", ls="--", lw=1, label="aligned model")
+        ax.set_title(f"{task}, {mode}: {what}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{what} (%)")
+        ax.set_ylim(-3, 103)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(runs: list[dict[str, Any]], aligned_refusal: float, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = [
+        p
+        for p in (
+            _curves(
+                runs,
+                "refusal_curve",
+                "refusal on held-out harmful prompts (probe)",
+                aligned_refusal,
+                out / "refusal_over_steps.png",
+            ),
+            _curves(
+                runs,
+                "decision_point_curve",
+                "decision-point refusal mass, held-out harmful",
+                None,
+                out / "decision_point_over_steps.png",
+            ),
+        )
+        if p is not None
+    ]
     combos = list(dict.fromkeys((r["task"], r["mode"]) for r in runs))
-    fig, axes = plt.subplots(1, len(combos), figsize=(6 * len(combos), 4.5), squeeze=False)
-    for ax, (task, mode) in zip(axes[0], combos, strict=True):
-        by_method: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
-        for r in runs:
-            if (r["task"], r["mode"]) == (task, mode):
-                by_method[r["method"]].append(r["refusal_curve"])
-        for method, curves in by_method.items():
-            steps = [s for s, _ in curves[0]]
-            mean = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
-            ax.plot(steps, [100 * v for v in mean], marker="o", ms=3, label=method)
-        ax.axhline(100 * aligned_refusal, color="gray", ls="--", lw=1, label="aligned model")
-        ax.set_title(f"{task}, {mode}: refusal on held-out harmful prompts (probe)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("refusal rate (%)")
-        ax.set_ylim(-3, 103)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "refusal_over_steps.png"
-    fig.savefig(path, dpi=110)
-    written.append(path)
-    plt.close(fig)
-
     fig, axes = plt.subplots(1, len(combos), figsize=(6 * len(combos), 4.5), squeeze=False)
     for ax, (task, mode) in zip(axes[0], combos, strict=True):
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in runs:
             if (r["task"], r["mode"]) == (task, mode):
                 groups[r["method"]].append(r)
+        # A task without utility (attack) is drawn against over-refusal, the cost that remains.
+        has_loss = all(r.get("task_heldout_loss") is not None for rows in groups.values() for r in rows)
+        x_key, scale = ("task_heldout_loss", 1.0) if has_loss else ("xstest_over_refusal", 100.0)
         for method, rows in groups.items():
-            if any(r.get("task_heldout_loss") is None for r in rows):
-                continue
-            x = statistics.fmean(r["task_heldout_loss"] for r in rows)
+            x = scale * statistics.fmean(r[x_key] for r in rows)
             y = 100 * statistics.fmean(r["heldout_refusal"] for r in rows) / aligned_refusal
             ax.scatter([x], [y], s=40)
             ax.annotate(method, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        ax.set_title(f"{task}, {mode}: retention vs utility")
-        ax.set_xlabel("held-out task loss (lower is better)")
+        ax.set_title(f"{task}, {mode}: retention vs {'utility' if has_loss else 'over-refusal'}")
+        ax.set_xlabel("held-out task loss (lower is better)" if has_loss else "XSTest over-refusal (%)")
         ax.set_ylabel("refusal retention (%)")
     fig.tight_layout()
     path = out / "retention_vs_utility.png"
