@@ -54,15 +54,17 @@ MAIN_METHODS = ["plain SFT", "STR adapter mse c1", "STR anchors mse c10 folded"]
 # With c10 (LORA_METHODS) the retention-utility curve of folded anchors has three points per task.
 ANCHOR_CURVE = ["STR anchors mse c1 folded", "STR anchors mse c3 folded"]
 # Blocks run in this order, cheapest evidence first, so that a partial run (the plan is resumable) still
-# compares everything on the short tasks: every method with one seed, the anchor coefficient curve and the
-# main methods' extra seeds on `attack`, then `gsm8k` and `sst2` the same way, then full fine-tuning.
+# compares everything: every method with one seed on the short tasks, the anchor coefficient curve there,
+# the main methods on GSM8K, the main methods' extra seeds on `attack`, the rest of GSM8K, then the extra
+# seeds elsewhere and full fine-tuning.
 SUBJECT_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", LORA_METHODS, range(1)),
     ("sst2", "lora", LORA_METHODS, range(1)),
+    ("sst2", "lora", ANCHOR_CURVE, range(1)),
     ("attack", "lora", ANCHOR_CURVE, range(1)),
+    ("gsm8k", "lora", MAIN_METHODS, range(1)),
     ("attack", "lora", MAIN_METHODS, range(1, 3)),
     ("gsm8k", "lora", LORA_METHODS, range(1)),
-    ("sst2", "lora", ANCHOR_CURVE, range(1)),
     ("sst2", "lora", MAIN_METHODS, range(1, 3)),
     ("gsm8k", "lora", ANCHOR_CURVE, range(1)),
     ("sst2", "full", ["plain SFT", "STR anchors mse c10 folded", "KL-SFT (full vocab, beta 1)"], range(1)),
