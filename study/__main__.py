@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import load_study_data, sort_task
 from .finetune import RunSpec, run_one
 from .model import evaluate_aligned, train_aligned
-from .report import plots, summarize
+from .report import load_runs, plots, summarize
 
 # (task, mode, methods, seeds). Sized for about an hour on 2 CPU cores: the main comparison on the sort
 # task with LoRA gets 3 seeds, the GSM8K and full fine-tuning checks 2.
@@ -173,14 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # Resumable: runs already in runs.jsonl for this aligned model are kept, not repeated.
     runs_path = out / "runs.jsonl"
-    runs: list[dict[str, Any]] = []
-    if runs_path.is_file():
-        for line in runs_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("aligned_fingerprint") == info["fingerprint"]:
-                runs.append(record)
+    runs = load_runs(runs_path, info["fingerprint"])
     done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
-    runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     todo = [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
         epochs = 2.0 if spec.task == "sort" else 1.0

