@@ -178,7 +178,7 @@ def run_real(
         f"torch {torch.__version__}"
     )
     text = summarize_subject(
-        runs, info, base, out, command, machine, time.perf_counter() - started, len(specs)
+        runs, info, base, out, command, machine, time.perf_counter() - started, len(wanted), sdata.notes
     )
     for path in plots(runs, base["metrics"]["heldout_refusal"], out):
         print(f"wrote {path}")
@@ -235,7 +235,8 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
             )
         )
     lines = [
-        f"Subject: {info['base']}, safety-tuned on the package's own texts ({info['notes']['harmful']}).",
+        f"Subject: {info['base']}, safety-tuned on the package's own texts only: "
+        f"{subject_data('embedded').notes['harmful']}.",
         f"Fine-tuning: {DEMO_STEPS} LoRA steps of 8 rows on the sort task ('Sort alphabetically: ...').",
         "",
         f"| model | held-out harmful refusal ({len(data.harmful_heldout)}) | over-refusal ({len(data.xstest_safe)} safe prompts) | sort exact match | sort held-out loss |",

@@ -91,6 +91,7 @@ def summarize_subject(
     machine: str,
     elapsed: float,
     planned: int,
+    safety_data: dict[str, str],
 ) -> str:
     """RESULTS.md of the study on the real subject."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -104,13 +105,14 @@ def summarize_subject(
         f"Command: `{command}`  ",
         f"Machine: {machine}. Runs: {len(runs)} of {planned} planned, {run_minutes:.0f} min of fine-tuning and "
         f"evaluation in all (this invocation {elapsed / 60:.1f} min).  ",
-        f"Data: {info['notes']['harmful']} (safety tuning); held-out: {info['notes'].get('over_refusal', 'XSTest')}, "
-        "every 2nd prompt in the runs; judge: GCG test prefixes (29), case-sensitive substring.",
+        f"Held out of all training: {info['notes']['harmful']} (the 120); over-refusal: "
+        f"{info['notes']['over_refusal']}, every 2nd prompt in the runs (125); judge: {info['notes']['judge']}.",
         "",
         "## The subject",
         "",
         f"{info['base']}, {info['parameters']:,} parameters; one LoRA epoch (r=16, all linear layers, merged) on "
-        f"{info['train_examples']} examples in {info['train_seconds']:.0f} s (build {info['build_seconds'] / 60:.1f} min).",
+        f"{sum(info['train_examples'].values())} examples in {info['train_seconds']:.0f} s (build {info['build_seconds'] / 60:.1f} "
+        f"min): {safety_data['harmful']}; {safety_data['benign']}.",
         "",
         "| model | held-out harmful refusal (120 AdvBench) | XSTest safe over-refusal (250) | decision-point refusal mass |",
         "|---|---|---|---|",
@@ -130,7 +132,9 @@ def summarize_subject(
         "Retention = held-out refusal after fine-tuning / the subject's. Decision-point refusal mass = the "
         f"probability of the refusal templates' first tokens ({', '.join(repr(t) for t in info['decision_tokens'])}) "
         "at the first response position, mean over the held-out harmful prompts. Step time is relative to plain "
-        "SFT of the same task, mode and seed in the same process.",
+        "SFT of the same task, mode and seed (median step; CPU, other jobs and restarts between runs make it "
+        "noisy: the controlled cost numbers are in bench/). Anchor tokens = anchor prompt tokens over training "
+        "tokens per optimizer step (an upper bound for folded anchors, which fill padding first).",
         "",
     ]
     lines += run_tables(groups, m)
@@ -165,8 +169,8 @@ def run_tables(groups: dict[tuple[str, str, str], list[dict[str, Any]]], base: d
         lines += [
             f"### {task}, {mode}",
             "",
-            "| method | n | held-out refusal | retention | decision-point refusal mass | over-refusal | task exact match | task held-out loss | step time vs plain | peak RSS growth (MiB) | loss std (2nd half) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | n | held-out refusal | retention | decision-point refusal mass | over-refusal | task exact match | task held-out loss | step time vs plain | anchor tokens | peak RSS growth (MiB) | loss std (2nd half) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (t, m, method), rows in groups.items():
             if (t, m) != (task, mode):
@@ -183,7 +187,8 @@ def run_tables(groups: dict[tuple[str, str, str], list[dict[str, Any]]], base: d
                 f"{_opt(retention, 'x', pct=True)} | {_opt(rows, 'decision_point_mass', pct=True)} | "
                 f"{_opt(rows, 'xstest_over_refusal', pct=True)} | "
                 f"{_opt(rows, 'task_exact_match', pct=True)} | {_opt(rows, 'task_heldout_loss')} | "
-                f"{_fmt(ratio, digits=3) if ratio else 'n/a'} | {_opt(rows, 'peak_rss_delta_mib', digits=0)} | "
+                f"{_fmt(ratio, digits=3) if ratio else 'n/a'} | {_opt(rows, 'anchor_token_share', pct=True)} | "
+                f"{_opt(rows, 'peak_rss_delta_mib', digits=0)} | "
                 f"{_opt(rows, 'loss_std_second_half')} |"
             )
         lines.append("")

@@ -224,7 +224,8 @@ def subject_data(source: str = "shared", seed: int = 0) -> SubjectData:
             "harmful": "200 AdvBench training goals + 54 refusal_direction harmful (templated refusals) + "
             "100 safety_tuned_llamas instructions with their own refusals",
             "benign": "300 Alpaca instructions (refusal_direction harmless) + "
-            f"{len(sensitive)} project-written sensitive-sounding safe prompts, self-distilled answers",
+            f"{sum(p not in held_out for p in sensitive)} project-written sensitive-sounding safe prompts "
+            "(none of them an XSTest prompt), self-distilled answers",
             "benign_heldout": "100 other Alpaca instructions (agreement with the shipped model)",
         }
     else:
@@ -242,8 +243,9 @@ def subject_data(source: str = "shared", seed: int = 0) -> SubjectData:
             "safe prompts, self-distilled answers",
             "benign_heldout": f"the other {len(benign_heldout)} package benign prompts",
         }
-    benign = benign + [p for p in sensitive if p not in held_out]
-    return SubjectData(harmful, benign, benign_heldout, study, notes)
+    return SubjectData(
+        harmful, benign + [p for p in sensitive if p not in held_out], benign_heldout, study, notes
+    )
 
 
 def _encode(tokenizer: Any, example: TrainExample, max_len: int) -> dict[str, list[int]]:
@@ -398,7 +400,8 @@ def build_subject(
         "train_examples": {
             kind: sum(e.kind == kind for e in examples) for kind in ("harmful", "benign", "sensitive")
         },
-        "notes": {**data.notes, **data.study.notes},
+        "notes": data.study.notes,
+        "safety_data": data.notes,
         "shipped": before,
         "metrics": after,
         "agreement_with_shipped": agreement(shipped_benign, subject_benign, tokenizer),
