@@ -75,11 +75,13 @@ demo: subject-deps
 subject: subject-deps
 	$(BIN)/python -m study subject --out runs/subject
 
-# The efficacy study on the real subject and ../shared/data: about 2-3 hours on a 2-core CPU, resumable.
+# The efficacy study on the real subject and ../shared/data: 45 runs, resumable (25 took 123 minutes on a
+# 2-core CPU: about 4 hours in all).
 study: subject-deps
 	$(BIN)/python -m study real --plan subject --out results/subject
 
-# A check of the study's pipeline on the real subject (about 20 minutes once the subject is built).
+# A check of the study's pipeline on the real subject: 2 attack runs of about 3 minutes each, plus the
+# subject's evaluation, once the subject is built.
 study-quick: subject-deps
 	$(BIN)/python -m study real --plan quick --out runs/study-quick
 
