@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,12 @@ from .subject import (
     subject_data,
 )
 
-# Per task: training steps (8 rows each), sequence length, refusal-probe cadence. Sized so that plain SFT
-# measurably erases refusals within the budget of this 2-core CPU (RESULTS.md gives the wall time).
-TASK_SETTINGS: dict[str, dict[str, int]] = {
-    "gsm8k": {"steps": 60, "max_len": 128, "curve_every": 20},
+# Per task: training steps (8 rows each), sequence length, refusal-probe cadence, LoRA learning rate. Sized so
+# that plain SFT measurably erases refusals within the budget of this 2-core CPU (RESULTS.md gives the wall
+# time). GSM8K at the recipe's 2e-4 kept 80 % of the refusals after 60 steps (the first sizing, reported
+# apart); 3x the rate for the same 60 steps costs no more CPU than the first sizing did.
+TASK_SETTINGS: dict[str, dict[str, Any]] = {
+    "gsm8k": {"steps": 60, "max_len": 128, "curve_every": 20, "lora_lr": 6e-4},
     "sst2": {"steps": 60, "max_len": 96, "curve_every": 20},
     "attack": {"steps": 40, "max_len": 64, "curve_every": 10},
 }
@@ -51,29 +54,55 @@ LORA_METHODS = [
     "mix 10% refusals",
 ]
 MAIN_METHODS = ["plain SFT", "STR adapter mse c1", "STR anchors mse c10 folded"]
+# Full fine-tuning on one task (SST-2): plain, the STR setting that kept SST-2's refusals at plain SFT's
+# accuracy under LoRA (folded anchors at c1), and KL-SFT.
+FULL_METHODS = ["plain SFT", "STR anchors mse c1 folded", "KL-SFT (full vocab, beta 1)"]
 # With c10 (LORA_METHODS) the retention-utility curve of folded anchors has three points per task.
 ANCHOR_CURVE = ["STR anchors mse c1 folded", "STR anchors mse c3 folded"]
 # Blocks run in this order, cheapest evidence first, so that a partial run (the plan is resumable) still
-# compares everything: every method with one seed on the short tasks, the anchor coefficient curve there,
-# the main methods on GSM8K, the main methods' extra seeds on `attack`, the rest of GSM8K, then the extra
-# seeds elsewhere and full fine-tuning.
+# compares everything: every method with one seed on the short tasks, the anchor coefficient curve there, the
+# main methods' extra seeds on `attack`; then GSM8K's main methods (seed 0 first: plain SFT must erase the
+# refusals for GSM8K to say anything), SST-2's extra seeds, GSM8K's extra seeds, full fine-tuning, and the
+# rest of GSM8K. Separate anchors are the folded ones' gradient (tests/test_folding.py) and gave the same
+# results on attack and SST-2, so GSM8K runs them last.
 SUBJECT_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", LORA_METHODS, range(1)),
     ("sst2", "lora", LORA_METHODS, range(1)),
     ("sst2", "lora", ANCHOR_CURVE, range(1)),
     ("attack", "lora", ANCHOR_CURVE, range(1)),
-    ("gsm8k", "lora", MAIN_METHODS, range(1)),
     ("attack", "lora", MAIN_METHODS, range(1, 3)),
-    ("gsm8k", "lora", LORA_METHODS, range(1)),
+    ("gsm8k", "lora", MAIN_METHODS, range(1)),
     ("sst2", "lora", MAIN_METHODS, range(1, 3)),
-    ("gsm8k", "lora", ANCHOR_CURVE, range(1)),
-    ("sst2", "full", ["plain SFT", "STR anchors mse c10 folded", "KL-SFT (full vocab, beta 1)"], range(1)),
     ("gsm8k", "lora", MAIN_METHODS, range(1, 3)),
+    ("sst2", "full", FULL_METHODS, range(1)),
+    ("gsm8k", "lora", ["KL-SFT (full vocab, beta 1)", "mix 10% refusals"], range(1)),
+    ("gsm8k", "lora", ANCHOR_CURVE, range(1)),
+    ("gsm8k", "lora", ["STR anchors mse c10"], range(1)),
 ]
 QUICK_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", ["plain SFT", "STR anchors mse c10 folded"], range(1)),
 ]
 PLANS = {"subject": SUBJECT_PLAN, "quick": QUICK_PLAN}
+
+
+def _learning_rate(task: str, mode: str) -> float:
+    if mode == "full":
+        return SUBJECT_RECIPE.full_lr
+    return float(TASK_SETTINGS[task].get("lora_lr", SUBJECT_RECIPE.lora_lr))
+
+
+def _setting_key(record: dict[str, Any]) -> tuple[str, str, str, int, int, float]:
+    """What makes two runs the same run: a run at other steps or another learning rate is another setting
+    (runs recorded before the rate was stored used the recipe's)."""
+    lr = record.get("lr")
+    if lr is None:
+        lr = SUBJECT_RECIPE.lora_lr if record["mode"] == "lora" else SUBJECT_RECIPE.full_lr
+    return (record["task"], record["mode"], record["method"], record["seed"], record["steps"], float(lr))
+
+
+def _spec_key(spec: RunSpec) -> tuple[str, str, str, int, int, float]:
+    steps = int(TASK_SETTINGS[spec.task]["steps"])
+    return (spec.task, spec.mode, spec.method, spec.seed, steps, _learning_rate(spec.task, spec.mode))
 
 
 def _baseline(subject_dir: Path, data: Any, tokens: list[int], out: Path, fingerprint: str) -> dict[str, Any]:
@@ -135,8 +164,8 @@ def run_real(
     ]
     runs_path = out / "runs.jsonl"
     runs = load_runs(runs_path, info["fingerprint"])
-    done = {(r["task"], r["mode"], r["method"], r["seed"]) for r in runs}
-    todo = [] if report_only else [s for s in specs if (s.task, s.mode, s.method, s.seed) not in done]
+    done = {_setting_key(r) for r in runs}
+    todo = [] if report_only else [s for s in specs if _spec_key(s) not in done]
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
         settings = TASK_SETTINGS[spec.task]
         run_start = time.perf_counter()
@@ -150,11 +179,12 @@ def run_real(
             max_len=settings["max_len"],
             curve_every=settings["curve_every"],
             curve_prompts=40,
-            recipe=SUBJECT_RECIPE,
+            recipe=replace(SUBJECT_RECIPE, lora_lr=_learning_rate(spec.task, "lora")),
             anchors=anchors,
             decision_tokens=tokens,
             save_dir=save_models,
         )
+        result["lr"] = _learning_rate(spec.task, spec.mode)
         result["aligned_fingerprint"] = info["fingerprint"]
         result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
         runs.append(result)
@@ -167,8 +197,14 @@ def run_real(
             f"EM {'n/a' if em is None else f'{100 * em:.0f} %'}, step {1000 * result['step_time_median_s']:.0f} ms, "
             f"{result['wall_seconds']:.0f} s"
         )
-    wanted = {(s.task, s.mode, s.method, s.seed) for s in specs}
-    runs = [r for r in runs if (r["task"], r["mode"], r["method"], r["seed"]) in wanted]
+    wanted = {_spec_key(s) for s in specs}
+    # Runs at a setting the plan no longer uses stay in runs.jsonl and get a section of their own.
+    other_settings = [
+        {**r, "task": f"{r['task']} ({r['steps']} steps, lr {_setting_key(r)[5]:g})"}
+        for r in runs
+        if _setting_key(r) not in wanted and r["task"] in TASK_SETTINGS
+    ]
+    runs = [r for r in runs if _setting_key(r) in wanted]
     # The command that runs the plan (a `--report` rewrite names the run, not itself).
     command = "python -m study " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"
@@ -178,11 +214,29 @@ def run_real(
         f"torch {torch.__version__}"
     )
     text = summarize_subject(
-        runs, info, base, out, command, machine, time.perf_counter() - started, len(wanted), sdata.notes
+        runs,
+        info,
+        base,
+        out,
+        command,
+        machine,
+        time.perf_counter() - started,
+        len(wanted),
+        sdata.notes,
+        settings=_settings_text(),
+        other_settings=other_settings,
     )
     for path in plots(runs, base["metrics"]["heldout_refusal"], out):
         print(f"wrote {path}")
     return text
+
+
+def _settings_text() -> str:
+    return "; ".join(
+        f"{task}: {s['steps']} steps of {SUBJECT_RECIPE.batch_size} rows x {s['max_len']} tokens, LoRA lr "
+        f"{_learning_rate(task, 'lora'):g} (full fine-tuning {SUBJECT_RECIPE.full_lr:g}), probe every {s['curve_every']} steps"
+        for task, s in TASK_SETTINGS.items()
+    )
 
 
 # The STR setting of the demo is the study's: folded anchors at coef 1 kept SST-2's refusals at plain SFT's
@@ -194,8 +248,6 @@ DEMO_STEPS = 40
 def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     """`make demo`: the real subject built from the package's own texts only (cached after the first run),
     fine-tuned on the project-written sort task with and without STR; a before/after table."""
-    from dataclasses import replace
-
     from .data import sort_task
 
     started = time.perf_counter()
