@@ -6,18 +6,6 @@ TRL, Lightning, Axolotl) map their lifecycle events onto the same `STRHandle` an
 
 from __future__ import annotations
 
-from importlib import import_module
-from types import ModuleType
-
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import an optional framework, or raise an ImportError that says what to install."""
-    try:
-        return import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"this str-hooks integration needs `{module}`, which is not installed: pip install 'str-hooks[{extra}]'"
-        ) from exc
-
+from str_hooks.optional import require
 
 __all__ = ["require"]

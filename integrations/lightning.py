@@ -14,7 +14,7 @@ from torch import nn
 
 from str_hooks.integrations import require
 
-require("lightning", "lightning")  # an ImportError naming `pip install 'str-hooks[lightning]'`
+require("lightning", "lightning")  # an ImportError that names the install
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
@@ -125,7 +125,7 @@ class STRCallback(pl.Callback):
                 f"{type(model).__name__}."
             )
         if isinstance(model, str) and not model.strip("."):
-            raise ValueError(
+            raise STRConfigError(
                 f"`model` is the empty attribute path {model!r}: name it, e.g. 'model' or 'net.lm'."
             )
         if reference_model is not None and not isinstance(reference_model, nn.Module):

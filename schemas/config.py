@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from str_hooks.errors import STRConfigError
 
 TokenMethod = Literal["frequency", "contrastive", "list"]
 PenaltyForm = Literal["mse", "hinge", "logprob"]
@@ -395,13 +397,14 @@ def load_config(source: STRConfig | dict[str, Any] | str | Path) -> STRConfig:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        pydantic.ValidationError: a key or value is invalid (the message names it).
-        ValueError: the file is not valid YAML/JSON or not a mapping.
+        STRConfigError: a key or value is invalid (pydantic's message, which names it), or the file is not
+            valid YAML/JSON or not a mapping. Every entry point (register_str_hook, the HF and Lightning
+            callbacks, the Axolotl plugin) builds its config here, so the type is the same in each.
     """
     if isinstance(source, STRConfig):
         return source
     if isinstance(source, dict):
-        return STRConfig.model_validate(source)
+        return _validate(source, "the STR config")
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"STR config file {str(path)!r} does not exist.")
@@ -415,14 +418,21 @@ def load_config(source: STRConfig | dict[str, Any] | str | Path) -> STRConfig:
 
             data = yaml.safe_load(text)
     except (json.JSONDecodeError, ValueError) as exc:
-        raise ValueError(f"STR config file {str(path)!r} is not valid JSON/YAML: {exc}") from exc
+        raise STRConfigError(f"STR config file {str(path)!r} is not valid JSON/YAML: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
-        raise ValueError(f"STR config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise STRConfigError(f"STR config file {str(path)!r} is not valid YAML: {exc}") from exc
     if isinstance(data, dict) and "str" in data:
         # An Axolotl-style document: the STR options sit under `str:` beside the trainer's own keys.
         data = data["str"]
     if not isinstance(data, dict):
-        raise ValueError(
+        raise STRConfigError(
             f"STR config file {str(path)!r} must hold a mapping of options, got {type(data).__name__}."
         )
-    return STRConfig.model_validate(data)
+    return _validate(data, f"STR config file {str(path)!r}")
+
+
+def _validate(data: dict[str, Any], where: str) -> STRConfig:
+    try:
+        return STRConfig.model_validate(data)
+    except ValidationError as exc:
+        raise STRConfigError(f"{where} is invalid: {exc}") from exc

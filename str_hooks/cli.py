@@ -13,27 +13,49 @@ from pathlib import Path
 from typing import Any
 
 from str_hooks.errors import STRError
+from str_hooks.optional import require
 
 
-def _load_tokenizer(path: str) -> Any:
-    from str_hooks.integrations import require
+def _local_dir(path: str, flag: str) -> str:
+    """Every path flag takes a local directory; a missing one is named here, not 60 lines deep in a
+    transformers traceback about hub repository ids."""
+    if not Path(path).is_dir():
+        found = "a file" if Path(path).exists() else "nothing"
+        raise STRError(
+            f"no model at {path!r} ({flag}): found {found} there; give the local directory that "
+            "save_pretrained wrote."
+        )
+    return path
 
+
+def _refuse_existing(out: str | None, overwrite: bool) -> None:
+    """Checked before any model is loaded: no user file is replaced unless --overwrite says so."""
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it.")
+
+
+def _load_tokenizer(path: str, flag: str) -> Any:
     transformers: Any = require("transformers", "hf")
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(_local_dir(path, flag))
 
 
 def _load_model(path: str) -> Any:
-    from str_hooks.integrations import require
-
     transformers: Any = require("transformers", "hf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(_local_dir(path, "--model"))
     return model.eval()
+
+
+def _tokenizer_of(args: argparse.Namespace) -> Any:
+    if args.tokenizer:
+        return _load_tokenizer(args.tokenizer, "--tokenizer")
+    return _load_tokenizer(args.model, "--model")
 
 
 def _mine(args: argparse.Namespace) -> int:
     from str_hooks.mining import mine_safety_tokens
 
-    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    _refuse_existing(args.out, args.overwrite)
+    tokenizer = _tokenizer_of(args)
     model = _load_model(args.model) if args.method == "contrastive" else None
     tokens = mine_safety_tokens(
         tokenizer,
@@ -89,7 +111,8 @@ def _cache(args: argparse.Namespace) -> int:
     from str_hooks.cache import build_reference_cache
     from str_hooks.tokens import SafetyTokens
 
-    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    _refuse_existing(args.out, args.overwrite)
+    tokenizer = _tokenizer_of(args)
     tokens = SafetyTokens.load(args.tokens, tokenizer=tokenizer)
     model = _load_model(args.model)
     sequences = _read_sequences(Path(args.data), args.column, tokenizer)
@@ -111,13 +134,12 @@ def _eval(args: argparse.Namespace) -> int:
     from str_hooks.probe import DEFAULT_REFUSAL_PHRASES, refusal_probe
     from str_hooks.prompts import read_text_list
 
-    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    _refuse_existing(args.out, args.overwrite)
+    tokenizer = _tokenizer_of(args)
     model = _load_model(args.model)
     if args.adapter:
-        from str_hooks.integrations import require
-
         peft: Any = require("peft", "hf")
-        model = peft.PeftModel.from_pretrained(model, args.adapter).eval()
+        model = peft.PeftModel.from_pretrained(model, _local_dir(args.adapter, "--adapter")).eval()
     prompts = read_text_list(args.prompts, column=args.column, what="prompts")
     if args.limit:
         prompts = prompts[: args.limit]
@@ -127,8 +149,6 @@ def _eval(args: argparse.Namespace) -> int:
         else list(DEFAULT_REFUSAL_PHRASES)
     )
     out_path = Path(args.out) if args.out else None
-    if out_path is not None and out_path.exists() and not args.overwrite:
-        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it.")
     from tqdm.auto import tqdm
 
     responses: list[str] = []

@@ -15,6 +15,7 @@ from str_hooks.cache import ReferenceCache, model_fingerprint
 from str_hooks.errors import STRAttachError, STRError, STRNonFiniteError
 from str_hooks.folding import FoldedAnchors, fold_anchors
 from str_hooks.mining import mine_safety_tokens
+from str_hooks.optional import require
 from str_hooks.penalty import coef_at, penalty_positions, weighted_penalty_sum
 from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
 from str_hooks.reference import (
@@ -144,6 +145,7 @@ class STRHandle:
         self._skipped = 0
         self._last: dict[str, torch.Tensor] = {}
         self._warned_no_step = False
+        self._warned_eval_mode = False
         self._attached = True
         setattr(self.tap.causal_lm, _ATTACHED_ATTR, self)
 
@@ -376,6 +378,7 @@ class STRHandle:
         self._check_step_calls()
         self._last = {}  # metrics() describe only a term this call computed
         sink = self.tap.take()
+        self._check_training_mode(sink)
         if self.anchors is not None:
             if self.config.reference.anchor_placement == "folded":
                 return self._folded_anchor_loss(sink)
@@ -504,6 +507,24 @@ class STRHandle:
         warnings.warn(message + " The STR penalty is skipped for this step.", RuntimeWarning, stacklevel=3)
         return torch.zeros((), device=policy.device)
 
+    def _check_training_mode(self, sink: Any) -> None:
+        """A forward that builds a graph while the causal LM is in eval mode is almost always a training
+        step whose model was never put in training mode (`from_pretrained` returns an eval-mode model, and
+        `get_peft_model` wraps it in a module that reports `training=True`): the penalty is 0 in eval mode,
+        so say so once instead of training without STR."""
+        if self._warned_eval_mode or sink.safety_logits is None or sink.training or not sink.grad_enabled:
+            return
+        self._warned_eval_mode = True
+        warnings.warn(
+            f"handle.loss() saw a forward with gradients enabled while {type(self.tap.causal_lm).__name__} "
+            "is in eval mode, so the STR penalty is 0 for it (the penalty applies in training mode only). "
+            "If this is a training step, call model.train() first (`from_pretrained` returns a model in eval "
+            "mode, and a PEFT wrapper reports training=True while its modules stay in eval mode); if it is an "
+            "evaluation, run it under torch.no_grad().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _check_step_calls(self) -> None:
         needs_steps = self.config.warmup_steps > 0 or (
             self.anchors is not None and self.config.reference.anchor_every > 1
@@ -520,7 +541,7 @@ class STRHandle:
     def metrics(self) -> dict[str, float]:
         """Plain floats from the last `loss()` call: `penalty` (the added term), `pen_mean` (penalty per
         position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>` for the
-        top-weighted tokens, `coef`, `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when
+        top-weighted tokens (named as they read: `drift/Sorry`, not the tokenizer's `ĠSorry`), `coef`, `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when
         that call computed no term (eval mode, no anchor step due, a skipped non-finite step)."""
         out: dict[str, float] = {
             "coef": float(self.current_coef()),
@@ -539,8 +560,9 @@ class STRHandle:
         top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[
             : self.config.logging.top_tokens
         ]
+        names = self.tokens.readable_names
         for i in top:
-            out[f"drift/{self.tokens.strings[i]}"] = float(drift_sum[i]) / count
+            out[f"drift/{names[i]}"] = float(drift_sum[i]) / count
         return out
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -613,15 +635,10 @@ class STRHandle:
 
 
 def _load_reference_model(path: str) -> nn.Module:
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "`reference.model_path` loads the model with transformers: pip install 'str-hooks[hf]'"
-        ) from exc
+    transformers: Any = require("transformers", "hf")
     if not Path(path).exists():
         raise STRAttachError(f"`reference.model_path` {path!r} does not exist: give a local model directory.")
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
     model.requires_grad_(False)
     loaded: nn.Module = model.eval()
     return loaded

@@ -45,6 +45,32 @@ def tokenizer_fingerprint(tokenizer: TokenizerLike) -> TokenizerFingerprint:
     return TokenizerFingerprint(vocab_size=len(tokenizer), sha256=digest)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE spells each byte as a printable character (space as 'Ġ', newline as 'Ċ');
+    this maps those characters back to their bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def readable_token(piece: str) -> str:
+    """A token as a person reads it in a metric name: the text it stands for ('ĠI' and '▁I' -> 'I'),
+    surrounding whitespace dropped; a token that is only whitespace keeps its escaped spelling ('\\n')."""
+    if piece and all(c in _BYTE_LEVEL for c in piece):
+        text = bytes(_BYTE_LEVEL[c] for c in piece).decode("utf-8", errors="replace")
+    else:
+        text = piece.replace("\u2581", " ")
+    return text.strip() or repr(text)[1:-1]
+
+
 @dataclass(frozen=True)
 class SafetyTokens:
     """The safety tokens of one model + tokenizer, with their weights.
@@ -68,6 +94,16 @@ class SafetyTokens:
     method: str
     fingerprint: TokenizerFingerprint | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def readable_names(self) -> list[str]:
+        """One name per token as a person reads it (`readable_token`), unique: tokens that read alike
+        ('I' and ' I') carry their id ('I#40')."""
+        names = [readable_token(s) for s in self.strings]
+        return [
+            f"{name}#{tid}" if names.count(name) > 1 else name
+            for name, tid in zip(names, self.ids, strict=True)
+        ]
 
     def __post_init__(self) -> None:
         n = len(self.ids)

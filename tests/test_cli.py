@@ -87,3 +87,28 @@ def test_eval_writes_per_prompt_jsonl(
     assert main([*args, "--phrases", str(phrases)]) == 0
     assert main([*args[:-4], "--column", "nope"]) == 2  # a missing column is a clear error
     assert main([*args, "--out", str(out)]) == 2  # no overwrite without --overwrite
+
+
+@pytest.mark.parametrize("command", ["mine", "eval"])
+def test_a_missing_model_is_named_not_a_traceback(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "missing")
+    extra = (
+        ["--out", str(tmp_path / "t.json")] if command == "mine" else ["--prompts", str(tmp_path / "p.txt")]
+    )
+    assert main([command, "--model", missing, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"no model at {missing!r} (--model)" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_an_existing_output_is_refused_with_the_flag_that_replaces_it(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tokens.json"
+    out.write_text("{}")
+    assert main(["mine", "--model", str(model_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err and "overwrite=True" not in err
+    assert out.read_text() == "{}"

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 import yaml
+from factory import make_model
 from pydantic import BaseModel, ValidationError
 
+from str_hooks.errors import STRConfigError
 from str_hooks.schemas.config import (
     LoggingConfig,
     PenaltyConfig,
@@ -371,11 +373,31 @@ def test_yaml_file_that_is_not_a_mapping(tmp_path: Path, content: str, kind: str
         load_config(path)
 
 
-def test_file_with_bad_value_is_a_validation_error(tmp_path: Path) -> None:
+def test_file_with_bad_value_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "str.yaml"
     path.write_text("str:\n  coef: -2\n", encoding="utf-8")
-    with pytest.raises(ValidationError, match=r"`coef` must be a finite number >= 0, got -2"):
+    with pytest.raises(
+        STRConfigError, match=r"(?s)str\.yaml.*`coef` must be a finite number >= 0, got -2"
+    ) as info:
         load_config(path)
+    assert isinstance(info.value.__cause__, ValidationError)  # pydantic's error, message kept
+
+
+def test_every_entry_point_raises_the_same_config_error(tokens: Any) -> None:
+    from str_hooks import register_str_hook
+    from str_hooks.integrations.hf import STRCallback as HFCallback
+    from str_hooks.integrations.lightning import STRCallback as LightningCallback
+
+    bad = {"coeff": 0.5}
+    entry_points: list[Any] = [
+        load_config,
+        lambda c: register_str_hook(make_model("llama"), c, tokens=tokens),
+        HFCallback,
+        lambda c: LightningCallback(c, tokens=tokens),
+    ]
+    for build in entry_points:
+        with pytest.raises(STRConfigError, match=r"(?s)unknown key `coeff`.*Did you mean `coef`\?"):
+            build(bad)
 
 
 def test_missing_file(tmp_path: Path) -> None:

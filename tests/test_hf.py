@@ -214,7 +214,7 @@ def test_metrics_in_log_history_and_eval_loss_excludes_penalty(
         # Per-token drift of the 3 highest-weighted safety tokens (`logging.top_tokens`).
         top = sorted(range(tokens.k), key=lambda i: -tokens.weights[i])[:3]
         per_token = {k for k in entry if k.startswith("str/drift/")}
-        assert per_token == {f"str/drift/{tokens.strings[i]}" for i in top}
+        assert per_token == {f"str/drift/{tokens.readable_names[i]}" for i in top}
     # Evaluate with the hook attached again (as during training): the eval loss is the plain CE.
     callback = trainer.callback_handler.callbacks[0]
     assert isinstance(callback, STRCallback)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -237,13 +238,34 @@ def test_penalty_only_in_training_mode(tokenizer: Any, tokens: Any) -> None:
     batch = make_batch(tokenizer, n=2)
     with register_str_hook(model, tokens=tokens) as h:
         model.eval()
-        model(**batch)
+        with torch.no_grad():  # an evaluation: no warning
+            model(**batch)
         assert float(h.loss()) == 0.0
         model.train()
         model(**batch)
         assert float(h.loss()) > 0.0
         with pytest.raises(STRError, match="no forward pass"):
             h.loss()
+
+
+def test_a_training_step_on_an_eval_mode_model_warns_once(tokenizer: Any, tokens: Any) -> None:
+    # What a new user does: from_pretrained (eval mode), get_peft_model (a wrapper reporting training=True
+    # over eval-mode modules), forward with gradients, backward. The penalty is 0 there; say so once.
+    base = make_model("llama").eval()
+    model = make_lora(base)
+    assert model.training and not base.training
+    batch = make_batch(tokenizer, n=2)
+    with register_str_hook(model, tokens=tokens) as h:
+        model(**batch)
+        with pytest.warns(RuntimeWarning, match=r"eval mode.*model\.train\(\)"):
+            assert float(h.loss()) == 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(**batch)
+            assert float(h.loss()) == 0.0  # warned once, not every step
+        model.train()
+        model(**batch)
+        assert float(h.loss()) > 0.0
 
 
 def test_supervised_positions_need_labels(tokenizer: Any, tokens: Any) -> None:

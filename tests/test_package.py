@@ -42,10 +42,13 @@ def test_schemas_and_integrations_map_into_the_package() -> None:
 
 
 def test_missing_framework_gives_an_install_hint() -> None:
-    from str_hooks.integrations import require
+    from str_hooks.integrations import require as integrations_require
+    from str_hooks.optional import require
 
-    with pytest.raises(ImportError, match=r"pip install 'str-hooks\[lightning\]'"):
+    # The hint names an install that works: the package is installed from a clone, not from PyPI.
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightning\]"'):
         require("surely_not_an_installed_module_xyz", "lightning")
+    assert integrations_require is require  # the old import path keeps working
 
 
 def test_default_texts_ship_with_the_package() -> None:

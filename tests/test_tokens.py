@@ -13,7 +13,7 @@ import pytest
 from factory import make_tokenizer
 
 from str_hooks.errors import STRTokensError
-from str_hooks.tokens import SafetyTokens, TokenizerFingerprint, tokenizer_fingerprint
+from str_hooks.tokens import SafetyTokens, TokenizerFingerprint, readable_token, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,28 @@ def test_check_vocab(vocab_size: int) -> None:
     with pytest.raises(STRTokensError, match=pattern):
         tokens.check_vocab(vocab_size)
     tokens.check_vocab(31)
+
+
+@pytest.mark.parametrize(
+    ("piece", "readable"),
+    [
+        ("ĠSorry", "Sorry"),  # byte-level BPE (GPT-2, Llama 3, SmolLM2): 'Ġ' is the space byte
+        ("âĢĻ", "\u2019"),  # a multi-byte character spelled byte by byte
+        ("Ċ", "\\n"),  # whitespace only: its escaped spelling, never an empty name
+        ("\u2581cannot", "cannot"),  # SentencePiece (Llama 2, Gemma): '▁' is the space
+        ("I", "I"),
+    ],
+)
+def test_tokens_are_named_as_they_read(piece: str, readable: str) -> None:
+    assert readable_token(piece) == readable
+
+
+def test_readable_names_are_unique() -> None:
+    tokens = SafetyTokens(
+        ids=[40, 314, 7],
+        strings=["I", "ĠI", "ĠSorry"],
+        weights=[0.5, 0.25, 0.25],
+        scores=[1, 1, 1],
+        method="list",
+    )
+    assert tokens.readable_names == ["I#40", "I#314", "Sorry"]
