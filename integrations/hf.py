@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from str_hooks.driver import HostNormalization, StepDriver, build_probe
 from str_hooks.errors import STRError
 from str_hooks.hook import STRHandle, register_str_hook
-from str_hooks.integrations import require
-from str_hooks.probe import ProbeRunner
+from str_hooks.optional import require
 from str_hooks.projection import ModuleSpec
 from str_hooks.schemas.config import STRConfig, load_config
 from str_hooks.tokens import SafetyTokens
@@ -44,8 +44,14 @@ class STRCallback(transformers.TrainerCallback):
         decoder: override for the decoder module (module, attribute path, or callable).
         head: override for the LM head.
 
+    Metrics (prefix `logging.prefix`, default `str/`), means over the optimizer steps since the last log:
+    `penalty` (the STR term in a step's loss), `coef`, `drift` / `abs_drift` (mean z - r and |z - r| of the
+    safety logits), `drift/<token>` for the `logging.top_tokens` highest-weighted tokens, `skipped`, and
+    `refusal_rate` when the probe ran (`probe.every`).
+
     Raises:
-        pydantic.ValidationError: the config is invalid (at construction).
+        STRConfigError: the config is invalid (at construction), or the probe is on without a tokenizer
+            (at train begin).
         STRError: at train begin, when the callback cannot reach the trainer's loss (then call
             `attach(trainer, cfg)`), or with `DataParallel` (use DDP).
 
@@ -73,11 +79,8 @@ class STRCallback(transformers.TrainerCallback):
         self.decoder = decoder
         self.head = head
         self.handle: STRHandle | None = None
+        self.driver: StepDriver | None = None
         self.trainer: Any = None
-        self.probe: ProbeRunner | None = None
-        self._sums: dict[str, float] = {}
-        self._count = 0
-        self._pending: dict[str, float] = {}
 
     # -- the loss ------------------------------------------------------------------------------------
     def penalty(
@@ -85,49 +88,30 @@ class STRCallback(transformers.TrainerCallback):
     ) -> torch.Tensor:
         """The penalty term for the micro-batch just forwarded, normalized exactly like the trainer's CE.
 
-        The rule (DESIGN section 3), read from the trainer's own flags at run time: when the loss is
-        already scaled for gradient accumulation (normalized by `num_items_in_batch`, the model accepting
-        loss kwargs or a `compute_loss_func`), add `coef * pen_sum / num_items_in_batch`, times
-        `num_processes // tp_size` when `average_tokens_across_devices` (the trainer applied that factor to
-        its CE to undo DDP's gradient averaging); otherwise the trainer divides by the accumulation steps,
-        so add the per-micro-batch mean. `labels` are the batch's labels as the trainer received them (the
-        model's forward may not see them: the Trainer pops them for `compute_loss_func`).
+        The trainer's scaling, read from its own flags at run time (DESIGN section 3): when its loss is
+        already normalized over the accumulated batch (by `num_items_in_batch`: the model accepts loss
+        kwargs, or a `compute_loss_func` is set) it does not divide by the accumulation steps, and under
+        `average_tokens_across_devices` it multiplied its CE by `num_processes // tp_size` (undoing DDP's
+        gradient averaging); otherwise it divides the loss by the accumulation steps. `labels` are the
+        batch's labels as the trainer received them (the Trainer pops them for `compute_loss_func`).
         """
-        handle = self.handle
-        if handle is None:
+        if self.driver is None:
             raise STRError(
                 "the STR hook is not attached: training must go through trainer.train(), which attaches it at "
                 "train begin."
             )
-        scaled = _loss_is_scaled_for_ga(trainer, num_items_in_batch)
         ga_steps = int(
             getattr(trainer, "current_gradient_accumulation_steps", None)
             or trainer.args.gradient_accumulation_steps
         )
-        if handle.uses_anchors:
-            # A per-optimizer-step mean over the anchor batch: undo the trainer's division by GA.
-            value = handle.loss()
-            if not scaled:
-                value = value * ga_steps
-        elif scaled and num_items_in_batch is not None:
-            value = handle.loss(num_items_in_batch=num_items_in_batch, labels=labels)
-            if trainer.args.average_tokens_across_devices:
-                value = value * _device_loss_scale(trainer)
-        elif scaled:
-            value = handle.loss(labels=labels) / ga_steps
+        if not _loss_is_scaled_for_ga(trainer, num_items_in_batch):
+            normalization = HostNormalization(accumulation_steps=ga_steps, host_divides_by=ga_steps)
+        elif num_items_in_batch is not None:
+            scale = _device_loss_scale(trainer) if trainer.args.average_tokens_across_devices else 1
+            normalization = HostNormalization(num_items_in_batch, ga_steps, token_scale=scale)
         else:
-            value = handle.loss(labels=labels)
-        self._accumulate(handle)
-        return value
-
-    def _accumulate(self, handle: STRHandle) -> None:
-        metrics = handle.metrics()
-        if "penalty" not in metrics:
-            return
-        for key, value in metrics.items():
-            if key in ("penalty", "drift", "abs_drift", "pen_mean", "coef") or key.startswith("drift/"):
-                self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
+            normalization = HostNormalization(accumulation_steps=ga_steps)
+        return self.driver.penalty(normalization, labels)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -147,10 +131,12 @@ class STRCallback(transformers.TrainerCallback):
         _move_to_front(trainer, self)
         tokenizer = self.tokenizer if self.tokenizer is not None else kwargs.get("processing_class")
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+        probe = build_probe(self.config, tokenizer, "STRCallback")
         saved: dict[str, Any] = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY) or {}
         resuming = bool(saved) and state.global_step > 0
         tokens = self.tokens
         if resuming and tokens is None:
+            # The checkpoint holds the tokens the run was trained with: never re-mine on resume.
             tokens = SafetyTokens.from_dict(saved["tokens"], source="the checkpoint's STR state")
         if self.handle is not None:
             self.handle.remove()
@@ -163,52 +149,33 @@ class STRCallback(transformers.TrainerCallback):
             decoder=self.decoder,
             head=self.head,
         )
+        self.driver = StepDriver(self.handle, probe)
         if resuming:
-            self.handle.load_state_dict(saved)
-        if self.config.probe.every > 0:
-            if tokenizer is None:
-                raise STRError(
-                    "`probe.every` is set but no tokenizer was given: pass tokenizer= to STRCallback."
-                )
-            self.probe = ProbeRunner(self.config.probe, tokenizer)
-        self._sums, self._count, self._pending = {}, 0, {}
+            self.driver.load_state_dict(saved)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.handle is None:
+        if self.driver is None:
             return
-        self.handle.step()
+        self.driver.end_step(model)
         # Saved in trainer_state.json by every checkpoint that follows this step.
-        state.stateful_callbacks[STATE_KEY] = self.handle.state_dict()
-        if self.probe is not None and self.probe.due(state.global_step) and model is not None:
-            result = self.probe.run(model)
-            self._pending[f"{self.config.logging.prefix}refusal_rate"] = result.refusal_rate
+        state.stateful_callbacks[STATE_KEY] = self.driver.state_dict()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
     ) -> None:
-        if logs is None or "loss" not in logs or self.handle is None:
+        if logs is None or "loss" not in logs or self.driver is None:
             return  # evaluation logs and the end-of-training summary carry no STR metrics
-        prefix = self.config.logging.prefix
-        extra = dict(self._pending)
-        if self._count:
-            # Means over the micro-batches since the last log; coef as it was when they were computed.
-            # Per-token drift (`drift/<token>`, the `logging.top_tokens` highest-weighted) included.
-            for key, total in self._sums.items():
-                if key != "pen_mean":
-                    extra[f"{prefix}{key}"] = total / self._count
-        else:
-            extra[f"{prefix}coef"] = self.handle.current_coef()
-        extra = {k: v for k, v in extra.items() if math.isfinite(v)}
+        extra = {k: v for k, v in self.driver.log_metrics().items() if math.isfinite(v)}
         logs.update(extra)
         # The Trainer appended this step's entry to log_history just before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
-        self._sums, self._count, self._pending = {}, 0, {}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+            self.driver = None
 
 
 def attach(

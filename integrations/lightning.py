@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from str_hooks.integrations import require
+from str_hooks.optional import require
 
 require("lightning", "lightning")  # an ImportError that names the install
 
@@ -20,9 +20,9 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
+from str_hooks.driver import HostNormalization, StepDriver, build_probe  # noqa: E402
 from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
 from str_hooks.hook import STRHandle, register_str_hook  # noqa: E402
-from str_hooks.probe import ProbeRunner  # noqa: E402
 from str_hooks.projection import ModuleSpec  # noqa: E402
 from str_hooks.schemas.config import STRConfig, load_config  # noqa: E402
 from str_hooks.tokens import SafetyTokens  # noqa: E402
@@ -46,8 +46,8 @@ class STRCallback(pl.Callback):
     Once per optimizer step it advances the coef warm-up and the anchor schedule and logs, with
     `pl_module.log` (prefix `logging.prefix`, default `str/`): `penalty` (the term in that step's loss),
     `drift` and `abs_drift` (mean z - r and |z - r| of the safety logits), `drift/<token>` for the
-    `logging.top_tokens` highest-weight tokens, `coef`, `skipped` (with `penalty.on_nonfinite: skip`) and,
-    every `probe.every` steps, `refusal_rate`. `teardown` and `on_exception` detach the hook and restore
+    `logging.top_tokens` highest-weight tokens, `coef`, `skipped` and, every `probe.every` steps,
+    `refusal_rate` (the same keys as every integration: `str_hooks.driver.StepDriver`). `teardown` and `on_exception` detach the hook and restore
     `training_step`; `state_dict` / `load_state_dict` carry the step count through checkpoints.
 
     Args:
@@ -67,8 +67,7 @@ class STRCallback(pl.Callback):
         head: the LM head, likewise (default: None).
 
     Raises:
-        pydantic.ValidationError: the config is invalid (at construction).
-        STRConfigError: the probe is on without a tokenizer, or there are neither tokens nor a tokenizer
+        STRConfigError: the config is invalid, the probe is on without a tokenizer, or there are neither tokens nor a tokenizer
             (at construction).
         STRAttachError: no causal LM is found, `model=` names a missing attribute path, the LightningModule
             uses manual optimization, or the hook cannot attach (at `setup` / `on_fit_start`).
@@ -137,14 +136,7 @@ class STRCallback(pl.Callback):
                 "STRCallback has no safety tokens and no tokenizer to mine them with: pass tokenizer=..., "
                 "tokens=... (from mine_safety_tokens or SafetyTokens.load), or set `tokens.path`."
             )
-        self.probe: ProbeRunner | None = None
-        if self.config.probe.every > 0:
-            if tokenizer is None:
-                raise STRConfigError(
-                    f"`probe.every` is {self.config.probe.every}, but the refusal probe generates text and "
-                    "STRCallback has no tokenizer: pass tokenizer=..., or set `probe.every: 0`."
-                )
-            self.probe = ProbeRunner(self.config.probe, tokenizer)
+        self.probe = build_probe(self.config, tokenizer, "STRCallback")
         self.tokenizer = tokenizer
         self.tokens = tokens
         self.reference_model = reference_model
@@ -152,6 +144,7 @@ class STRCallback(pl.Callback):
         self.decoder = decoder
         self.head = head
         self._handle: STRHandle | None = None
+        self._driver: StepDriver | None = None
         self._pl_module: pl.LightningModule | None = None
         self._causal_lm: nn.Module | None = None
         self._original_step: Any = None  # the instance attribute `training_step` we shadowed, if any
@@ -160,7 +153,7 @@ class STRCallback(pl.Callback):
         # `setup`, or after `on_fit_start` for strategies that restore late) or from a previous fit.
         self._pending_state: dict[str, Any] | None = None
         self._accumulate = 1
-        self._reset_step_stats()
+        self._stepped = False
 
     # -- public state --------------------------------------------------------------------------------
     @property
@@ -256,23 +249,17 @@ class STRCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        handle = self._handle
-        if handle is None or not self._stepped:
+        driver = self._driver
+        if driver is None or not self._stepped:
             return
-        self._log_step(pl_module, handle)
-        handle.step()
-        self._reset_step_stats()
-        if self.probe is not None and self.probe.due(handle.step_count):
-            assert self._causal_lm is not None
-            # Every rank generates (identical weights, identical greedy replies): a sharded model needs all
-            # ranks in its forward, so the probe must not run on rank 0 alone.
-            result = self.probe.run(self._causal_lm)
-            pl_module.log(self._name("refusal_rate"), result.refusal_rate, on_step=True, on_epoch=False)
+        self._stepped = False
+        # Every rank runs a due probe (identical weights, identical greedy replies): a sharded model needs
+        # all ranks in its forward, so the probe must not run on rank 0 alone.
+        driver.end_step(self._causal_lm)
+        for key, value in driver.log_metrics().items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=True)
 
     # -- internals -----------------------------------------------------------------------------------
-    def _name(self, key: str) -> str:
-        return f"{self.config.logging.prefix}{key}"
-
     def _find_causal_lm(self, pl_module: pl.LightningModule) -> nn.Module:
         spec = self.model_spec
         found: Any
@@ -328,10 +315,11 @@ class STRCallback(pl.Callback):
             raise
         self._pending_state = None
         self._handle = handle
+        self._driver = StepDriver(handle, self.probe)
         self._pl_module = pl_module
         self._causal_lm = causal_lm
         self._accumulate = int(trainer.accumulate_grad_batches)
-        self._reset_step_stats()
+        self._stepped = False
         self._original_step = pl_module.__dict__.get("training_step")
         original = pl_module.training_step
 
@@ -359,6 +347,7 @@ class STRCallback(pl.Callback):
         self._causal_lm = None
         self._deferred = False
         handle, self._handle = self._handle, None
+        self._driver = None
         if handle is not None:
             # Kept so that `state_dict()` after fit and a second fit continue from this step.
             self._pending_state = handle.state_dict()
@@ -369,21 +358,21 @@ class STRCallback(pl.Callback):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """`reference.anchor_placement: folded`: hand training_step the batch with this step's anchors
         packed in (the step must forward the batch's keys as given, `model(**batch)`)."""
-        handle = self._handle
-        if handle is None or self.config.reference.anchor_placement != "folded":
+        driver = self._driver
+        if driver is None or self.config.reference.anchor_placement != "folded":
             return args, kwargs
         if args:
-            return (handle.prepare_batch(args[0]), *args[1:]), kwargs
+            return (driver.prepare_batch(args[0]), *args[1:]), kwargs
         if "batch" in kwargs:
-            return args, {**kwargs, "batch": handle.prepare_batch(kwargs["batch"])}
+            return args, {**kwargs, "batch": driver.prepare_batch(kwargs["batch"])}
         raise STRError(
             "`reference.anchor_placement` is 'folded' but training_step was called without a batch to fold; "
             "set `reference.anchor_placement: separate`."
         )
 
     def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
-        handle = self._handle
-        if handle is None:  # detached while a step was running (cannot happen in a normal fit)
+        driver = self._driver
+        if driver is None:  # detached while a step was running (cannot happen in a normal fit)
             return output
         loss = output.get("loss") if isinstance(output, Mapping) else output
         if not isinstance(loss, torch.Tensor):
@@ -395,15 +384,11 @@ class STRCallback(pl.Callback):
                 "STRCallback, training_step must return the loss (a tensor, or a dict with a 'loss' tensor) so "
                 "the penalty can be added to it; returning None to skip a batch is not supported."
             )
-        first_micro = self._micro == 0
-        anchor_due = first_micro and handle.step_count % self.config.reference.anchor_every == 0
-        term = handle.loss()
-        if handle.uses_anchors:
-            # The anchor term is a per-optimizer-step mean added on one micro-batch only; Lightning
-            # divides every micro-batch's loss by `accumulate_grad_batches`, so undo that here.
-            term = term * self._accumulate
-        self._record(handle, term, fresh=anchor_due if handle.uses_anchors else True)
-        new_loss = loss + term.to(loss.device)
+        # Lightning divides every micro-batch's loss by `accumulate_grad_batches` (and scales it for AMP).
+        normalization = HostNormalization(
+            accumulation_steps=self._accumulate, host_divides_by=self._accumulate
+        )
+        new_loss = loss + driver.penalty(normalization).to(loss.device)
         if isinstance(output, Mapping):
             if isinstance(output, dict):
                 updated = copy.copy(output)
@@ -411,34 +396,6 @@ class STRCallback(pl.Callback):
                 return updated
             return {**output, "loss": new_loss}
         return new_loss
-
-    def _reset_step_stats(self) -> None:
-        self._stepped = False
-        self._micro = 0
-        self._penalty_sum = 0.0
-        self._fresh = 0
-        self._sums: dict[str, float] = {}
-
-    def _record(self, handle: STRHandle, term: torch.Tensor, fresh: bool) -> None:
-        self._micro += 1
-        self._penalty_sum += float(term.detach())
-        if not fresh:
-            return
-        self._fresh += 1
-        for key, value in handle.metrics().items():
-            if key in ("drift", "abs_drift") or key.startswith("drift/"):
-                self._sums[key] = self._sums.get(key, 0.0) + value
-
-    def _log_step(self, pl_module: pl.LightningModule, handle: STRHandle) -> None:
-        # `penalty` is the term in this optimizer step's loss: the micro-batches' terms after Lightning's
-        # division by `accumulate_grad_batches` (for anchors, the anchor term when one was due).
-        values = {"penalty": self._penalty_sum / self._accumulate, "coef": handle.current_coef()}
-        if self._fresh:
-            values.update({key: total / self._fresh for key, total in self._sums.items()})
-        if self.config.penalty.on_nonfinite == "skip":
-            values["skipped"] = handle.metrics()["skipped"]
-        for key, value in values.items():
-            pl_module.log(self._name(key), value, on_step=True, on_epoch=False, sync_dist=True)
 
 
 def _is_causal_lm(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 
 from str_hooks.anchors import AnchorSet
 from str_hooks.cache import ReferenceCache, model_fingerprint
-from str_hooks.errors import STRAttachError, STRError, STRNonFiniteError
+from str_hooks.errors import STRAttachError, STRConfigError, STRError, STRNonFiniteError
 from str_hooks.folding import FoldedAnchors, fold_anchors
 from str_hooks.mining import mine_safety_tokens
 from str_hooks.optional import require
@@ -351,27 +351,55 @@ class STRHandle:
         return self._step % self.config.reference.anchor_every == 0 and self._anchor_done_at != self._step
 
     def loss(
-        self, num_items_in_batch: int | torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        accumulation_steps: int = 1,
     ) -> torch.Tensor:
-        """The penalty term for the last training forward: `coef * pen_sum / N`.
+        """The penalty term for the last training forward, for every source the same contract: the term to
+        add to this micro-batch's share of the optimizer step's loss, i.e. to a loss that is summed over the
+        step's micro-batches before the optimizer step. In a plain loop with gradient accumulation:
+
+            loss = out.loss / accumulation_steps + handle.loss(accumulation_steps=accumulation_steps)
+
+        Token sources (`adapter`, `model`, `cache`): `coef * pen_sum / num_items_in_batch` when the
+        host's cross-entropy is a token sum over that normalizer (pass the same number: then summing the
+        micro-batches gives the step's token mean); otherwise `coef * pen_sum / positions /
+        accumulation_steps` (this micro-batch's mean, as `out.loss / accumulation_steps` is).
+        Source `anchors`: `coef` times the mean over the anchor batch, on the first call of an optimizer
+        step where one is due (every `anchor_every` steps) and 0 on the others, so the step's sum holds it
+        once; the arguments do not change it.
 
         Args:
-            num_items_in_batch: the host's cross-entropy normalizer (e.g. the Trainer's count of supervised
-                tokens over all micro-batches of the optimizer step). None divides by the number of
-                penalized positions in this micro-batch, like HF's mean cross-entropy.
+            num_items_in_batch: the host's cross-entropy normalizer over the whole optimizer step (e.g. the
+                HF Trainer's count of supervised tokens), or None.
             labels: labels, when the forward was called without them (needed by positions `supervised`
                 and `first_n`).
+            accumulation_steps: micro-batches per optimizer step (used without `num_items_in_batch`).
 
         Returns:
-            A 0-dim float32 tensor to add to the loss. Zero when the model was in eval mode, or when an
-            anchor forward is not due this step (source `anchors`). For source `anchors` the term is the
-            mean over the anchor batch (`num_items_in_batch` does not apply), added on the first call of
-            each optimizer step where one is due.
+            A 0-dim float32 tensor. Zero when the model was in eval mode (with a one-time warning when
+            gradients were enabled: a training step on an eval-mode model), or when no anchor term is due.
 
         Raises:
-            STRError: no training forward since the last call, or the handle was removed.
+            STRError: no training forward since the last call (token sources), or the handle was removed.
+            STRConfigError: `accumulation_steps` < 1.
             STRNonFiniteError: NaN/inf in the safety logits (when `penalty.on_nonfinite` is 'raise').
         """
+        if accumulation_steps < 1:
+            raise STRConfigError(
+                f"`accumulation_steps` must be >= 1, got {accumulation_steps}: pass the number of micro-batches "
+                "per optimizer step (1 without gradient accumulation)."
+            )
+        term = self._loss(num_items_in_batch, labels)
+        if self.anchors is None and num_items_in_batch is None and accumulation_steps != 1:
+            term = term / accumulation_steps
+        return term
+
+    def _loss(
+        self, num_items_in_batch: int | torch.Tensor | None, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         if not self._attached:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
         self._loss_calls += 1
@@ -613,8 +641,8 @@ class STRHandle:
 
     @property
     def uses_anchors(self) -> bool:
-        """True for source `anchors`: `loss()` is then a per-optimizer-step mean over the anchor batch, not a
-        per-token sum, and a host that divides its loss by the accumulation steps must scale it back."""
+        """True for source `anchors`: `loss()` is then a per-optimizer-step mean over the anchor batch,
+        added once per step, not a per-token term."""
         return self.anchors is not None
 
     @property

@@ -393,7 +393,7 @@ def test_missing_lightning_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setitem(sys.modules, "lightning", None)  # makes `import lightning` raise ImportError
     monkeypatch.delitem(sys.modules, "str_hooks.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'str-hooks\[lightning\]'"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[lightning\]"'):
         importlib.import_module("str_hooks.integrations.lightning")
 
 

@@ -1,0 +1,179 @@
+"""`StepDriver`: the per-step contract every trainer adapter needs, written once, framework-free.
+
+An adapter maps its host's events onto four calls and holds no schedule, scaling, metrics or probe logic:
+
+- `prepare_batch(batch)` before each training forward (folds this step's anchors in when due);
+- `penalty(normalization)` after it: the term to add to the host's loss, scaled the way the host scales
+  its own loss (`HostNormalization`, read from the host's flags by the adapter);
+- `end_step(model)` once per optimizer step, after it: advances the handle's schedule, closes the step's
+  metrics and runs the refusal probe when due;
+- `log_metrics()` when the host logs: the means over the optimizer steps since the last call, one key set
+  for every host (`STEP_KEYS`, plus `drift/<token>` and `refusal_rate` when the probe ran).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from str_hooks.errors import STRConfigError
+from str_hooks.hook import STRHandle
+from str_hooks.probe import ProbeRunner
+from str_hooks.schemas.config import STRConfig
+
+# Logged for every optimizer step by every host: the STR term in that step's loss (as the host scales it),
+# the coefficient, the mean drift of the safety logits (z - r and |z - r|) over the micro-batches that
+# computed a term, and the count of skipped non-finite micro-batches so far.
+STEP_KEYS = ("penalty", "coef", "drift", "abs_drift", "skipped")
+
+
+@dataclass(frozen=True)
+class HostNormalization:
+    """How the host turns a micro-batch's loss into the optimizer step's gradient, so that the penalty is
+    normalized exactly like the host's cross-entropy (DESIGN section 3).
+
+    Args:
+        num_items_in_batch: the host's cross-entropy normalizer over the whole optimizer step (the HF
+            Trainer's count of supervised tokens), when its CE is `token_sum / num_items_in_batch`; None
+            when its CE is a per-micro-batch mean.
+        accumulation_steps: micro-batches per optimizer step.
+        host_divides_by: what the host divides the returned loss by before backward (the accumulation
+            steps for Lightning and for the HF Trainer when its loss is a per-micro-batch mean; 1 when the
+            loss is already normalized over the step).
+        token_scale: a factor the host applied to its token-normalized CE (the HF Trainer's
+            `num_processes` under `average_tokens_across_devices`, undoing DDP's gradient averaging);
+            applied to token-position terms only, not to the anchors' per-step mean.
+    """
+
+    num_items_in_batch: int | torch.Tensor | None = None
+    accumulation_steps: int = 1
+    host_divides_by: int = 1
+    token_scale: int = 1
+
+
+def build_probe(config: STRConfig, tokenizer: Any, owner: str) -> ProbeRunner | None:
+    """The refusal probe `probe.every` asks for (None when off); the same error in every adapter."""
+    if config.probe.every <= 0:
+        return None
+    if tokenizer is None:
+        raise STRConfigError(
+            f"`probe.every` is {config.probe.every}, but the refusal probe generates text and {owner} has no "
+            "tokenizer: pass tokenizer=..., or set `probe.every: 0`."
+        )
+    return ProbeRunner(config.probe, tokenizer)
+
+
+class StepDriver:
+    """Drives one attached `STRHandle` through a host's training loop (see the module docstring).
+
+    Args:
+        handle: the attached handle.
+        probe: the refusal probe to run every `probe.every` optimizer steps (`build_probe`), or None.
+    """
+
+    def __init__(self, handle: STRHandle, probe: ProbeRunner | None = None) -> None:
+        self.handle = handle
+        self.probe = probe
+        self.prefix = handle.config.logging.prefix
+        self._window: list[dict[str, float]] = []
+        self._reset_step()
+
+    # -- per micro-batch -------------------------------------------------------------------------------
+    def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
+        """The batch to run the training forward on (`STRHandle.prepare_batch`)."""
+        return self.handle.prepare_batch(batch, extend_labels=extend_labels)
+
+    def penalty(self, normalization: HostNormalization, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The STR term for the micro-batch just forwarded, to add to the loss the host returns.
+
+        `STRHandle.loss` gives the term for a loss summed over the step's micro-batches; the host divides
+        what it gets by `host_divides_by`, so the term is multiplied by it here (and a token-normalized term
+        by `token_scale`). Records whether a term was computed and its metrics.
+        """
+        handle = self.handle
+        if handle.uses_anchors:
+            term = handle.loss(labels=labels)
+            factor = normalization.host_divides_by
+        elif normalization.num_items_in_batch is not None:
+            term = handle.loss(num_items_in_batch=normalization.num_items_in_batch, labels=labels)
+            factor = normalization.host_divides_by * normalization.token_scale
+        else:
+            # A per-micro-batch mean: divided by the accumulation steps for a summed loss, then multiplied
+            # back by what the host divides by (one factor, so that the usual case multiplies by exactly 1).
+            term = handle.loss(labels=labels)
+            if normalization.host_divides_by == normalization.accumulation_steps:
+                factor = 1
+            else:
+                term = term / normalization.accumulation_steps
+                factor = normalization.host_divides_by
+        value = term * factor if factor != 1 else term
+        self._record(handle.metrics(), float(value.detach()) / normalization.host_divides_by)
+        return value
+
+    @property
+    def term_computed(self) -> bool:
+        """Whether the last `penalty()` computed a term (False in eval mode, when no anchor step was due, or
+        for a skipped non-finite micro-batch)."""
+        return self._last_computed
+
+    # -- per optimizer step ----------------------------------------------------------------------------
+    def end_step(self, model: Any = None) -> dict[str, float]:
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule, closes
+        the step's metrics and runs the refusal probe on `model` when due. Returns the step's metrics
+        (unprefixed)."""
+        handle = self.handle
+        metrics: dict[str, float] = {
+            "penalty": self._penalty,
+            "coef": self._coef if self._coef is not None else handle.current_coef(),
+            "skipped": float(handle.metrics()["skipped"]),
+        }
+        if self._computed:
+            metrics.update({key: total / self._computed for key, total in self._drift.items()})
+        handle.step()
+        if self.probe is not None and model is not None and self.probe.due(handle.step_count):
+            metrics["refusal_rate"] = self.probe.run(model).refusal_rate
+        self._window.append(metrics)
+        self._reset_step()
+        return metrics
+
+    def log_metrics(self) -> dict[str, float]:
+        """The means over the optimizer steps since the last call, prefixed (`logging.prefix`); a key
+        present in only some steps (`refusal_rate`, drift of a step that computed no term) is averaged over
+        those. Empty when no step ended since the last call."""
+        totals: dict[str, list[float]] = {}
+        for metrics in self._window:
+            for key, value in metrics.items():
+                totals.setdefault(key, []).append(value)
+        self._window = []
+        return {f"{self.prefix}{key}": sum(values) / len(values) for key, values in totals.items()}
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.handle.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.handle.load_state_dict(state)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._penalty = 0.0
+        self._coef: float | None = None
+        self._computed = 0
+        self._drift: dict[str, float] = {}
+        self._last_computed = False
+
+    def _record(self, metrics: dict[str, float], term_in_step: float) -> None:
+        self._penalty += term_in_step
+        self._last_computed = "penalty" in metrics
+        if not self._last_computed:
+            return
+        self._computed += 1
+        self._coef = metrics["coef"]
+        for key, value in metrics.items():
+            if key in ("drift", "abs_drift") or key.startswith("drift/"):
+                self._drift[key] = self._drift.get(key, 0.0) + value
+
+
+__all__ = ["STEP_KEYS", "HostNormalization", "StepDriver", "build_probe"]
