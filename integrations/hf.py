@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from str_hooks.attach import register_str_hook
 from str_hooks.driver import HostNormalization, StepDriver, build_probe
 from str_hooks.errors import STRError
-from str_hooks.hook import STRHandle, register_str_hook
+from str_hooks.handle import STRHandle
 from str_hooks.optional import require
 from str_hooks.projection import ModuleSpec
 from str_hooks.schemas.config import STRConfig, load_config

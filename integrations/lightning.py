@@ -20,9 +20,10 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
+from str_hooks.attach import register_str_hook  # noqa: E402
 from str_hooks.driver import HostNormalization, StepDriver, build_probe  # noqa: E402
 from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
-from str_hooks.hook import STRHandle, register_str_hook  # noqa: E402
+from str_hooks.handle import STRHandle  # noqa: E402
 from str_hooks.projection import ModuleSpec  # noqa: E402
 from str_hooks.schemas.config import STRConfig, load_config  # noqa: E402
 from str_hooks.tokens import SafetyTokens  # noqa: E402

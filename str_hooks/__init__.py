@@ -17,6 +17,7 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "schemas").exists() and (_checkout / "schemas" / "__init__.py").is_file():
     __path__.append(str(_checkout))
 
+from str_hooks.attach import register_str_hook
 from str_hooks.cache import ReferenceCache, build_reference_cache
 from str_hooks.errors import (
     STRAttachError,
@@ -26,7 +27,7 @@ from str_hooks.errors import (
     STRNonFiniteError,
     STRTokensError,
 )
-from str_hooks.hook import STRHandle, register_str_hook
+from str_hooks.handle import STRHandle
 from str_hooks.mining import mine_safety_tokens
 from str_hooks.schemas.config import STRConfig, load_config
 from str_hooks.tokens import SafetyTokens, tokenizer_fingerprint

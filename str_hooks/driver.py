@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from str_hooks.errors import STRConfigError
-from str_hooks.hook import STRHandle
+from str_hooks.handle import STRHandle
 from str_hooks.probe import ProbeRunner
 from str_hooks.schemas.config import STRConfig
 

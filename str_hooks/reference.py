@@ -8,6 +8,7 @@ prompts, not on the training batch) and live in `anchors.py`.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from str_hooks.cache import ReferenceCache
 from str_hooks.errors import STRAttachError, STRCacheError
+from str_hooks.optional import require
 from str_hooks.tap import ModelTap, Sink, eval_mode
 
 
@@ -120,3 +122,37 @@ class CacheReference:
 
     def detach(self) -> None:
         return None
+
+
+def load_reference_model(
+    path: str | Path,
+    what: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The frozen aligned model for `reference.source: model`, from a local `save_pretrained` folder, with
+    gradients off and in eval mode (the one loader every entry point uses).
+
+    Args:
+        path: the model folder.
+        what: how the caller names `path` in an error (e.g. "`reference.model_path`").
+        dtype: load in this dtype (default: transformers' own choice).
+        device: move it there (default: where transformers loads it, the CPU).
+        trust_remote_code: passed to transformers.
+
+    Raises:
+        STRAttachError: nothing at `path`.
+        ImportError: transformers is not installed (the message names the install).
+    """
+    transformers: Any = require("transformers", "hf")
+    if not Path(path).exists():
+        raise STRAttachError(f"{what} {str(path)!r} does not exist: give a local model directory.")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.requires_grad_(False)
+    loaded: nn.Module = model.eval()
+    return loaded if device is None else loaded.to(device)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRAttachError, STRConfigError, STRError
-from str_hooks.integrations import require
 from str_hooks.integrations.axolotl.validation import check_config
+from str_hooks.optional import require
+from str_hooks.reference import load_reference_model
 from str_hooks.schemas.config import STRConfig
 
 require("axolotl", "axolotl")
@@ -167,10 +168,7 @@ def _refuse_zero3(trainer: Any) -> None:
 
 
 def _load_reference_model(config: STRConfig, cfg: Any, trainer: Any) -> torch.nn.Module:
-    """The frozen reference for `reference.source: model`, in the training dtype on the training device
-    (the core's own loader would keep it in float32 on the CPU)."""
-    from transformers import AutoModelForCausalLM
-
+    """The frozen reference for `reference.source: model`, in the training dtype on the training device."""
     path = config.reference.model_path or cfg.get("base_model")
     if not path:
         raise STRConfigError(
@@ -178,14 +176,13 @@ def _load_reference_model(config: STRConfig, cfg: Any, trainer: Any) -> torch.nn
         )
     dtype = cfg.get("torch_dtype")
     LOG.info("STR: loading the reference model from %s", path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
+    return load_reference_model(
+        path,
+        "`str.reference.model_path`" if config.reference.model_path else "`base_model`",
         dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+        device=trainer.args.device,
         trust_remote_code=bool(cfg.get("trust_remote_code")),
     )
-    model.requires_grad_(False)
-    loaded: torch.nn.Module = model.eval().to(trainer.args.device)
-    return loaded
 
 
 __all__ = ["STRPlugin"]

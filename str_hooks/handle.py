@@ -1,0 +1,453 @@
+"""`STRHandle`: an attached STR hook, which turns each training forward into the penalty term."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from str_hooks.anchors import AnchorSet
+from str_hooks.errors import STRAttachError, STRConfigError, STRError, STRNonFiniteError
+from str_hooks.folding import FoldedAnchors, fold_anchors
+from str_hooks.penalty import penalty_positions, weighted_penalty_sum
+from str_hooks.reference import ReferenceSource, safety_logprobs
+from str_hooks.schedule import StepSchedule
+from str_hooks.schemas.config import STRConfig
+from str_hooks.tap import ModelTap
+from str_hooks.tokens import SafetyTokens
+
+# Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
+ATTACHED_ATTR = "_str_hooks_handle"
+STATE_VERSION = 1
+
+
+@dataclass
+class Attachment:
+    """What `register_str_hook` built for a handle: the hooks (`tap`), the tokens, the reference."""
+
+    config: STRConfig
+    tokens: SafetyTokens
+    tap: ModelTap
+    peft_model: nn.Module | None
+    reference: ReferenceSource | None = None
+    anchors: AnchorSet | None = None
+    cache_identity: dict[str, Any] | None = None
+    projection_verified: bool | None = None
+
+
+class STRHandle:
+    """An attached STR hook: builds the penalty from the last training forward.
+
+    Use `loss()` after each training forward, `step()` after each optimizer step, `metrics()` to log,
+    `remove()` (or a `with` block) to detach. Create it with `register_str_hook`.
+    """
+
+    def __init__(self, parts: Attachment) -> None:
+        self.config = parts.config
+        self.tokens = parts.tokens
+        self.tap = parts.tap
+        self.peft_model = parts.peft_model
+        self.reference = parts.reference
+        self.anchors = parts.anchors
+        self.cache_identity = parts.cache_identity
+        self.projection_verified = parts.projection_verified
+        self._token_ids = torch.tensor(self.tokens.ids, dtype=torch.long)
+        self._weights = torch.tensor(self.tokens.weights, dtype=torch.float32)
+        self.schedule = StepSchedule(
+            self.config.coef,
+            self.config.warmup_steps,
+            self.config.reference.anchor_every,
+            len(self.anchors) if self.anchors is not None else 0,
+        )
+        self._folded: FoldedAnchors | None = None
+        self._loss_calls = 0
+        self._skipped = 0
+        self._last: dict[str, torch.Tensor] = {}
+        self._warned_no_step = False
+        self._warned_eval_mode = False
+        self._attached = True
+        setattr(self.tap.causal_lm, ATTACHED_ATTR, self)
+
+    # -- training-time API ---------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen through `step()` (drives warm-up and the anchor interval)."""
+        return self.schedule.step
+
+    def current_coef(self) -> float:
+        return self.schedule.current_coef()
+
+    def step(self) -> None:
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule."""
+        self.schedule.advance()
+
+    def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
+        """Fold this step's anchors into a training batch (`reference.anchor_placement: folded`).
+
+        Call on every training micro-batch, before the forward, and run the forward on what it returns
+        (`model(**batch)`): on the first micro-batch of an optimizer step where an anchor penalty is due
+        (every `anchor_every` steps) it returns a new batch with the anchor prompts packed in (into the
+        rows' trailing padding where they fit, else in front of the rows), and the following `loss()` reads their decision-point logits from that forward. On every
+        other call, in eval mode, and for any other source or placement it returns `batch` itself.
+
+        Args:
+            batch: a mapping with `input_ids` [B, T], unpadded or right-padded (`attention_mask`),
+                optionally `position_ids` (padding-free packing), `labels`, `shift_labels`,
+                `token_type_ids`.
+            extend_labels: False keeps the labels [B, T] and passes `logits_to_keep` (the rows), so the LM
+                head runs on the training positions only; True extends the labels with -100 over the anchor
+                prefix instead (for forwards that compute the loss from all hidden states, like TRL's
+                fused LM head). None: False when the model's forward accepts `logits_to_keep`.
+
+        Returns:
+            The batch to run the forward on.
+
+        Raises:
+            STRError: a batch that cannot be folded exactly (left padding, `inputs_embeds`, packed-sample
+                attention masks, unknown per-token fields); the message names the fix.
+        """
+        if not self._attached:
+            raise STRError("this STR handle was removed; register a new one with register_str_hook.")
+        anchors = self.anchors
+        if (
+            anchors is None
+            or self.config.reference.anchor_placement != "folded"
+            or not self.tap.causal_lm.training
+            or not self.schedule.anchor_due()
+        ):
+            return batch
+        if not isinstance(batch, dict) and not hasattr(batch, "keys"):
+            raise STRError(
+                f"`reference.anchor_placement` is 'folded' but the batch is a {type(batch).__name__}: fold needs "
+                "a mapping with `input_ids` (like the HF collators return), or set `reference.anchor_placement: "
+                "separate`."
+            )
+        keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
+        indices = anchors.batch_indices(self.schedule.anchor_cursor)
+        folded, where = fold_anchors(
+            batch,
+            [anchors.encoded[i] for i in indices],
+            indices,
+            pad_token_id=anchors.pad_token_id,
+            keep_logits=keep_logits,
+        )
+        if self.tap.accepts_use_cache:
+            # A KV cache (the config default) turns transformers' packed-sequence detection off.
+            folded["use_cache"] = False
+        self.schedule.take_anchors(indices)
+        self._folded = where
+        return folded
+
+    def loss(
+        self,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        accumulation_steps: int = 1,
+    ) -> torch.Tensor:
+        """The penalty term for the last training forward, for every source the same contract: the term to
+        add to this micro-batch's share of the optimizer step's loss, i.e. to a loss that is summed over the
+        step's micro-batches before the optimizer step. In a plain loop with gradient accumulation:
+
+            loss = out.loss / accumulation_steps + handle.loss(accumulation_steps=accumulation_steps)
+
+        Token sources (`adapter`, `model`, `cache`): `coef * pen_sum / num_items_in_batch` when the
+        host's cross-entropy is a token sum over that normalizer (pass the same number: then summing the
+        micro-batches gives the step's token mean); otherwise `coef * pen_sum / positions /
+        accumulation_steps` (this micro-batch's mean, as `out.loss / accumulation_steps` is).
+        Source `anchors`: `coef` times the mean over the anchor batch, on the first call of an optimizer
+        step where one is due (every `anchor_every` steps) and 0 on the others, so the step's sum holds it
+        once; the arguments do not change it.
+
+        Args:
+            num_items_in_batch: the host's cross-entropy normalizer over the whole optimizer step (e.g. the
+                HF Trainer's count of supervised tokens), or None.
+            labels: labels, when the forward was called without them (needed by positions `supervised`
+                and `first_n`).
+            accumulation_steps: micro-batches per optimizer step (used without `num_items_in_batch`).
+
+        Returns:
+            A 0-dim float32 tensor. Zero when the model was in eval mode (with a one-time warning when
+            gradients were enabled: a training step on an eval-mode model), or when no anchor term is due.
+
+        Raises:
+            STRError: no training forward since the last call (token sources), or the handle was removed.
+            STRConfigError: `accumulation_steps` < 1.
+            STRNonFiniteError: NaN/inf in the safety logits (when `penalty.on_nonfinite` is 'raise').
+        """
+        if accumulation_steps < 1:
+            raise STRConfigError(
+                f"`accumulation_steps` must be >= 1, got {accumulation_steps}: pass the number of micro-batches "
+                "per optimizer step (1 without gradient accumulation)."
+            )
+        term = self._loss(num_items_in_batch, labels)
+        if self.anchors is None and num_items_in_batch is None and accumulation_steps != 1:
+            term = term / accumulation_steps
+        return term
+
+    def _loss(
+        self, num_items_in_batch: int | torch.Tensor | None, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self._attached:
+            raise STRError("this STR handle was removed; register a new one with register_str_hook.")
+        self._loss_calls += 1
+        self._check_step_calls()
+        self._last = {}  # metrics() describe only a term this call computed
+        sink = self.tap.take()
+        self._check_training_mode(sink)
+        if self.anchors is not None:
+            if self.config.reference.anchor_placement == "folded":
+                return self._folded_anchor_loss(sink)
+            return self._anchor_loss()
+        if sink.safety_logits is None:
+            raise STRError(
+                "handle.loss() found no forward pass since the last call: run the model on the training batch "
+                "first (out = model(...)), then call handle.loss()."
+            )
+        device = sink.safety_logits.device
+        if not sink.training:
+            return torch.zeros((), device=device)
+        logprob = self.config.penalty.form == "logprob"
+        labels = labels if labels is not None else sink.get("labels")
+        mask = sink.get("attention_mask")
+        batch, width = sink.safety_logits.shape[:2]
+        positions = penalty_positions(
+            self.config.penalty.positions,
+            (batch, width),
+            device,
+            labels=labels,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            first_n=self.config.penalty.first_n,
+            shift_labels=sink.get("shift_labels"),
+        )
+        if logprob:
+            if sink.logits is None or sink.logits.shape[1] != width:
+                raise STRAttachError(
+                    "`penalty.form` 'logprob' needs the full logits of the training forward, but it returned "
+                    "none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge'."
+                )
+            policy = safety_logprobs(sink.logits, positions, self._token_ids)
+        else:
+            policy = sink.safety_logits[positions]
+        assert self.reference is not None  # set for every source but anchors
+        reference = self.reference.logits(sink, positions, logprob).to(policy.device)
+        return self._finish(policy, reference, int(positions.sum()), num_items_in_batch)
+
+    def _anchor_loss(self) -> torch.Tensor:
+        assert self.anchors is not None and self.anchors.reference is not None
+        device = self.tap.device()
+        if not self.tap.causal_lm.training or not self.schedule.anchor_due():
+            return torch.zeros((), device=device)
+        indices = self.anchors.batch_indices(self.schedule.anchor_cursor)
+        self.schedule.take_anchors(indices)
+        policy = self.anchors.decision_logits(self.tap, indices)
+        reference = self.anchors.reference[indices].to(policy.device)
+        return self._finish(policy, reference, len(indices), None)
+
+    def _folded_anchor_loss(self, sink: Any) -> torch.Tensor:
+        assert self.anchors is not None and self.anchors.reference is not None
+        where, self._folded = self._folded, None
+        device = self.tap.device()
+        if where is None:
+            if self.tap.causal_lm.training and self.schedule.anchor_due():
+                raise STRError(
+                    "`reference.anchor_placement` is 'folded' and an anchor penalty is due, but this batch was "
+                    "not folded: pass each training batch through `batch = handle.prepare_batch(batch)` before "
+                    "the forward (the trainer integrations do it for you)."
+                )
+            return torch.zeros((), device=device)
+        logits = sink.safety_logits
+        ids = sink.input_ids()
+        other_ids = ids is not None and ids is not where.input_ids and not torch.equal(ids, where.input_ids)
+        if logits is None or tuple(logits.shape[:2]) != where.shape or other_ids:
+            found = "no forward" if logits is None else f"a forward of shape {tuple(logits.shape[:2])}"
+            if logits is not None and other_ids:
+                found += " on other input_ids"
+            raise STRError(
+                f"handle.prepare_batch folded the anchors into a batch of shape {where.shape}, but handle.loss() "
+                f"found {found}: run the forward on the batch prepare_batch returned, with all its keys "
+                "(model(**batch))."
+            )
+        if not sink.training:
+            return torch.zeros((), device=logits.device)
+        policy = logits[where.rows, where.cols]
+        reference = self.anchors.reference[where.indices].to(policy.device)
+        return self._finish(policy, reference, len(where.indices), None)
+
+    def _finish(
+        self,
+        policy: torch.Tensor,
+        reference: torch.Tensor,
+        n_positions: int,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> torch.Tensor:
+        weights = self._weights.to(policy.device)
+        if not torch.isfinite(policy).all():
+            return self._nonfinite(policy)
+        pen_sum = weighted_penalty_sum(
+            policy, reference, weights, self.config.penalty.form, self.config.penalty.margin
+        )
+        if num_items_in_batch is None:
+            normalizer: int | torch.Tensor = max(n_positions, 1)
+        else:
+            normalizer = num_items_in_batch
+            if isinstance(normalizer, torch.Tensor):
+                normalizer = normalizer.to(pen_sum.device)
+        coef = self.current_coef()
+        value = coef * pen_sum / normalizer
+        with torch.no_grad():
+            drift = (
+                (policy.detach().float() - reference.float())
+                if n_positions
+                else policy.new_zeros((0, policy.shape[-1]))
+            )
+            self._last = {
+                "penalty": value.detach(),
+                "pen_mean": pen_sum.detach() / max(n_positions, 1),
+                "drift_sum": drift.sum(dim=0),
+                "abs_drift_sum": drift.abs().sum(dim=0),
+                "count": torch.tensor(float(n_positions)),
+            }
+        return value
+
+    def _nonfinite(self, policy: torch.Tensor) -> torch.Tensor:
+        message = (
+            "NaN/inf in the projected safety logits (the model's hidden states or head are not finite; "
+            "check the learning rate and precision)."
+        )
+        if self.config.penalty.on_nonfinite == "raise":
+            raise STRNonFiniteError(message + " Set `penalty.on_nonfinite: skip` to skip such steps instead.")
+        self._skipped += 1
+        warnings.warn(message + " The STR penalty is skipped for this step.", RuntimeWarning, stacklevel=3)
+        return torch.zeros((), device=policy.device)
+
+    def _check_training_mode(self, sink: Any) -> None:
+        """A forward that builds a graph while the causal LM is in eval mode is almost always a training
+        step whose model was never put in training mode (`from_pretrained` returns an eval-mode model, and
+        `get_peft_model` wraps it in a module that reports `training=True`): the penalty is 0 in eval mode,
+        so say so once instead of training without STR."""
+        if self._warned_eval_mode or sink.safety_logits is None or sink.training or not sink.grad_enabled:
+            return
+        self._warned_eval_mode = True
+        warnings.warn(
+            f"handle.loss() saw a forward with gradients enabled while {type(self.tap.causal_lm).__name__} "
+            "is in eval mode, so the STR penalty is 0 for it (the penalty applies in training mode only). "
+            "If this is a training step, call model.train() first (`from_pretrained` returns a model in eval "
+            "mode, and a PEFT wrapper reports training=True while its modules stay in eval mode); if it is an "
+            "evaluation, run it under torch.no_grad().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _check_step_calls(self) -> None:
+        needs_steps = self.config.warmup_steps > 0 or (
+            self.anchors is not None and self.config.reference.anchor_every > 1
+        )
+        if needs_steps and self.schedule.step == 0 and self._loss_calls > 1000 and not self._warned_no_step:
+            self._warned_no_step = True
+            warnings.warn(
+                "handle.loss() was called 1000 times but handle.step() never: coef warm-up and the anchor "
+                "interval count optimizer steps; call handle.step() after each optimizer.step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats from the last `loss()` call: `penalty` (the added term), `pen_mean` (penalty per
+        position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>` for the
+        top-weighted tokens (named as they read: `drift/Sorry`, not the tokenizer's `ĠSorry`), `coef`, `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when
+        that call computed no term (eval mode, no anchor step due, a skipped non-finite step)."""
+        out: dict[str, float] = {
+            "coef": float(self.current_coef()),
+            "skipped": float(self._skipped),
+            "step": float(self.schedule.step),
+        }
+        if not self._last:
+            return out
+        count = max(float(self._last["count"]), 1.0)
+        drift_sum = self._last["drift_sum"].float().cpu()
+        out["penalty"] = float(self._last["penalty"])
+        out["pen_mean"] = float(self._last["pen_mean"])
+        out["positions"] = float(self._last["count"])
+        out["drift"] = float(drift_sum.sum()) / (count * self.tokens.k)
+        out["abs_drift"] = float(self._last["abs_drift_sum"].float().sum().cpu()) / (count * self.tokens.k)
+        top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[
+            : self.config.logging.top_tokens
+        ]
+        names = self.tokens.readable_names
+        for i in top:
+            out[f"drift/{names[i]}"] = float(drift_sum[i]) / count
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state: step (warm-up, anchor schedule), anchor position, tokens, config, cache identity."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.schedule.step,
+            "anchor_cursor": self.schedule.anchor_cursor,
+            "skipped": self._skipped,
+            "tokens": self.tokens.to_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "cache": self.cache_identity,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output. Raises STRError if it belongs to other tokens or another cache."""
+        if state.get("version") != STATE_VERSION:
+            raise STRError(
+                f"STR state version {state.get('version')!r} is not {STATE_VERSION}; cannot resume."
+            )
+        saved = SafetyTokens.from_dict(state["tokens"], source="the STR checkpoint state")
+        if saved.ids != self.tokens.ids:
+            raise STRError(
+                f"the checkpoint's STR state is for safety tokens {saved.ids[:8]}..., not the attached "
+                f"{self.tokens.ids[:8]}...: resume with the same tokens (set `tokens.path` to the saved file)."
+            )
+        if (state.get("cache") or None) != (self.cache_identity or None):
+            raise STRError(
+                f"the checkpoint's STR state used reference cache {state.get('cache')}, not {self.cache_identity}: "
+                "resume with the same cache."
+            )
+        self.schedule.load(int(state["step"]), int(state["anchor_cursor"]))
+        self._skipped = int(state.get("skipped", 0))
+
+    def remove(self) -> None:
+        """Detach every hook and marker; the model is left exactly as before. Safe to call twice."""
+        if not self._attached:
+            return
+        self.tap.detach()
+        if self.reference is not None:
+            self.reference.detach()
+        if getattr(self.tap.causal_lm, ATTACHED_ATTR, None) is self:
+            delattr(self.tap.causal_lm, ATTACHED_ATTR)
+        self._attached = False
+        self._last = {}
+
+    @property
+    def uses_anchors(self) -> bool:
+        """True for source `anchors`: `loss()` is then a per-optimizer-step mean over the anchor batch,
+        added once per step, not a per-token term."""
+        return self.anchors is not None
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def __enter__(self) -> STRHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"STRHandle(source={self.config.reference.source!r}, form={self.config.penalty.form!r}, "
+            f"k={self.tokens.k}, coef={self.config.coef}, attached={self._attached})"
+        )
+
+
+__all__ = ["ATTACHED_ATTR", "STATE_VERSION", "Attachment", "STRHandle"]
