@@ -24,7 +24,7 @@ from str_hooks.attach import register_str_hook  # noqa: E402
 from str_hooks.driver import HostNormalization, StepDriver, build_probe  # noqa: E402
 from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
 from str_hooks.handle import STRHandle  # noqa: E402
-from str_hooks.projection import ModuleSpec  # noqa: E402
+from str_hooks.projection import ModuleSpec, find_causal_lm  # noqa: E402
 from str_hooks.schemas.config import STRConfig, load_config  # noqa: E402
 from str_hooks.tokens import SafetyTokens  # noqa: E402
 
@@ -262,35 +262,7 @@ class STRCallback(pl.Callback):
 
     # -- internals -----------------------------------------------------------------------------------
     def _find_causal_lm(self, pl_module: pl.LightningModule) -> nn.Module:
-        spec = self.model_spec
-        found: Any
-        if isinstance(spec, nn.Module):
-            found = spec
-        elif isinstance(spec, str):
-            found = pl_module
-            walked: list[str] = []
-            for part in spec.split("."):
-                if not hasattr(found, part):
-                    where = ".".join(walked) or type(pl_module).__name__
-                    raise STRAttachError(
-                        f"`model={spec!r}`: {type(pl_module).__name__} has no attribute path {spec!r} ({where} "
-                        f"has no attribute {part!r}); name the causal LM by its attribute path from the "
-                        "LightningModule, e.g. 'model' or 'net.lm', or pass a callable taking the LightningModule."
-                    )
-                walked.append(part)
-                found = getattr(found, part)
-            what = f"`model={spec!r}`"
-        elif spec is not None:
-            what = "the `model` callable"
-            try:
-                found = spec(pl_module)
-            except Exception as exc:  # a failed lookup is a model that cannot be found (maybe not yet built)
-                raise STRAttachError(f"{what} raised {type(exc).__name__}: {exc}") from exc
-        else:
-            return _search_causal_lm(pl_module)
-        if not isinstance(found, nn.Module):
-            raise STRAttachError(f"{what} gives a {type(found).__name__}, not a torch module.")
-        return found
+        return find_causal_lm(pl_module, self.model_spec, "the LightningModule")
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, causal_lm: nn.Module) -> None:
         self._detach()  # a previous fit that ended without teardown (should not happen, but be safe)
@@ -397,37 +369,6 @@ class STRCallback(pl.Callback):
                 return updated
             return {**output, "loss": new_loss}
         return new_loss
-
-
-def _is_causal_lm(module: nn.Module) -> bool:
-    if hasattr(module, "disable_adapter") and hasattr(module, "get_base_model"):
-        return True  # a PEFT model
-    return callable(getattr(module, "get_output_embeddings", None))
-
-
-def _search_causal_lm(pl_module: pl.LightningModule) -> nn.Module:
-    """The LightningModule itself, or its shallowest submodule that looks like a causal LM."""
-    if _is_causal_lm(pl_module):
-        return pl_module
-    level: list[nn.Module] = [pl_module]
-    seen: set[int] = {id(pl_module)}
-    while level:
-        below: list[nn.Module] = []
-        for module in level:
-            for child in module.children():
-                if id(child) in seen:
-                    continue
-                seen.add(id(child))
-                if _is_causal_lm(child):
-                    return child
-                below.append(child)
-        level = below
-    raise STRAttachError(
-        f"could not find the causal LM inside {type(pl_module).__name__}: looked for the LightningModule itself "
-        "and its submodules being a PEFT model or having get_output_embeddings() (a transformers "
-        "PreTrainedModel). Pass `model=` to STRCallback: an attribute path such as 'model' or 'net.lm', or a "
-        "callable taking the LightningModule (and `decoder=` / `head=` if those cannot be found inside it)."
-    )
 
 
 __all__ = ["STRCallback"]

@@ -88,6 +88,85 @@ def _resolve(base: nn.Module, spec: ModuleSpec, what: str) -> nn.Module | None:
     )
 
 
+CausalLMSpec = nn.Module | str | Callable[[Any], nn.Module] | None
+
+
+def find_causal_lm(root: nn.Module, spec: CausalLMSpec = None, owner: str = "the module") -> nn.Module:
+    """The causal LM inside a training module (a LightningModule, a user's wrapper).
+
+    Args:
+        root: the module that holds the causal LM.
+        spec: the module itself, an attribute path from `root` (`"model"`, `"net.lm"`), or a callable
+            taking `root`. None searches: `root` itself when it has `get_output_embeddings()`, else its
+            shallowest submodule that is a PEFT model or has `get_output_embeddings()` (any transformers
+            `PreTrainedModel`).
+        owner: how errors name `root`'s role (e.g. "the LightningModule").
+
+    Raises:
+        STRAttachError: nothing found, an attribute path that does not exist, a callable that raises or
+            gives something other than a module.
+    """
+    found: Any
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        found = root
+        walked: list[str] = []
+        for part in spec.split("."):
+            if not hasattr(found, part):
+                where = ".".join(walked) or type(root).__name__
+                raise STRAttachError(
+                    f"`model={spec!r}`: {type(root).__name__} has no attribute path {spec!r} ({where} has no "
+                    f"attribute {part!r}); name the causal LM by its attribute path from {owner}, e.g. 'model' "
+                    f"or 'net.lm', or pass a callable taking {owner}."
+                )
+            walked.append(part)
+            found = getattr(found, part)
+        what = f"`model={spec!r}`"
+    elif spec is not None:
+        what = "the `model` callable"
+        try:
+            found = spec(root)
+        except Exception as exc:  # a failed lookup is a model that cannot be found (maybe not yet built)
+            raise STRAttachError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+    else:
+        return _search_causal_lm(root, owner)
+    if not isinstance(found, nn.Module):
+        raise STRAttachError(f"{what} gives a {type(found).__name__}, not a torch module.")
+    return found
+
+
+def _is_causal_lm(module: nn.Module) -> bool:
+    if hasattr(module, "disable_adapter") and hasattr(module, "get_base_model"):
+        return True  # a PEFT model
+    return callable(getattr(module, "get_output_embeddings", None))
+
+
+def _search_causal_lm(root: nn.Module, owner: str) -> nn.Module:
+    """`root` itself, or its shallowest submodule that looks like a causal LM (breadth-first)."""
+    if _is_causal_lm(root):
+        return root
+    level: list[nn.Module] = [root]
+    seen: set[int] = {id(root)}
+    while level:
+        below: list[nn.Module] = []
+        for module in level:
+            for child in module.children():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if _is_causal_lm(child):
+                    return child
+                below.append(child)
+        level = below
+    raise STRAttachError(
+        f"could not find the causal LM inside {type(root).__name__}: looked for {owner} itself and its "
+        "submodules being a PEFT model or having get_output_embeddings() (a transformers PreTrainedModel). "
+        f"Pass `model=`: an attribute path such as 'model' or 'net.lm', or a callable taking {owner} (and "
+        "`decoder=` / `head=` if those cannot be found inside it)."
+    )
+
+
 def find_decoder(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
     """The decoder backbone whose output is the final normed hidden state."""
     explicit = _resolve(base, spec, "decoder")
