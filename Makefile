@@ -15,7 +15,7 @@ AXOLOTL_DEPS := $(AXOLOTL_VENV)/.axolotl-installed
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.str-hooks-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install subject-deps axolotl-venv lint typecheck test demo study study-quick subject clean
+.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick subject clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ typecheck: install
 
 test: lint typecheck axolotl-venv
 	$(BIN)/pytest
+
+# The suite without the Axolotl end-to-end runs (no .venv-axolotl): for quick checks while changing code.
+test-fast: lint typecheck
+	$(BIN)/pytest -m "not axolotl_env"
 
 # The README's main job: build the real aligned subject (SmolLM2-135M-Instruct, safety-tuned on the
 # package's own texts; cached in ~/.cache/str-hooks after the first run), fine-tune it with and without

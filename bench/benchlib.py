@@ -100,7 +100,7 @@ class StubTokenizer:
     """Just enough of a tokenizer for anchor prompts on a random-init model of any vocabulary.
 
     Each text maps to `length` pseudo-random ids (a hash of the text seeds them), so every anchor prompt
-    has exactly the length the cost anchors assume (DESIGN section 4 used 8 x 128). There is no chat
+    has exactly the length the cost anchors assume (docs/design.md section 4 used 8 x 128). There is no chat
     template: `encode_prompt` then tokenizes `text + "\\n"`, which this maps the same way.
     """
 

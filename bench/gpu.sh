@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the step-cost benchmark: both DESIGN section 4 shapes (Llama-3-8B 4x2048 and
+# The prepared GPU run of the step-cost benchmark: both docs/design.md section 4 shapes (Llama-3-8B 4x2048 and
 # Qwen2.5-1.5B 8x2048, random init, bf16, LoRA r=16 on all linear layers, gradient checkpointing), every
 # mode, 3 timed repeats after 1 warm-up round: about 5 minutes on one H100/H200 (plus model init).
 # Never run it without a GPU. From the repository root:

@@ -62,7 +62,7 @@ class Shape:
 
     @property
     def anchor_len(self) -> int:
-        # DESIGN section 4's anchors are 128 tokens; a real harmful prompt in a chat template is ~30-60.
+        # docs/design.md section 4's anchors are 128 tokens; a real harmful prompt in a chat template is ~30-60.
         # Scaled with the sequence so anchor tokens are the same share of a step on every shape.
         return max(8, self.seq // 32)
 
@@ -75,7 +75,7 @@ SHAPES = {
         # Many thin layers: per-op overhead dominates, the CPU analog of a launch-bound GPU step (run it
         # with --gc on, as the GPU shapes are), where a separate anchor forward costs its op count.
         Shape("deep-narrow", "llama", 64, 32, 4, 2, 128, 16384, False, 4, 128, gpu=False),
-        # DESIGN section 4: real dims, random init; 4 x 2048 and 8 x 2048 tokens per step.
+        # docs/design.md section 4: real dims, random init; 4 x 2048 and 8 x 2048 tokens per step.
         Shape("llama3-8b", "llama", 4096, 32, 32, 8, 14336, 128256, False, 4, 2048, gpu=True),
         Shape("qwen2.5-1.5b", "qwen2", 1536, 28, 12, 2, 8960, 151936, True, 8, 2048, gpu=True),
     ]

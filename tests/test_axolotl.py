@@ -435,6 +435,7 @@ def safety_drift(work: Path, run_dir: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.axolotl_env
 def test_axolotl_train_logs_the_penalty_and_keeps_the_safety_logits(work: Path, runs: Runs) -> None:
     """`axolotl train` of a LoRA adapter, coef 0 and 20 from the same initial adapter: str/* in Axolotl's
     logs (once per step), and the adapter trained with the penalty moves the safety logits far less."""
@@ -454,6 +455,7 @@ def test_axolotl_train_logs_the_penalty_and_keeps_the_safety_logits(work: Path, 
 
 
 @pytest.mark.slow
+@pytest.mark.axolotl_env
 def test_misspelt_key_fails_axolotl_train(work: Path, runs: Runs) -> None:
     result = runs.result("misspelt")
     assert result.returncode != 0
@@ -462,6 +464,7 @@ def test_misspelt_key_fails_axolotl_train(work: Path, runs: Runs) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.axolotl_env
 def test_liger_fused_cross_entropy_full_finetune_with_model_reference(work: Path, runs: Runs) -> None:
     """Liger's fused linear cross-entropy (its kernel swapped for plain torch: Triton needs a GPU) never
     builds logits in training; STR projects the safety logits from hidden states. Full fine-tuning with a
@@ -477,6 +480,7 @@ def test_liger_fused_cross_entropy_full_finetune_with_model_reference(work: Path
 
 
 @pytest.mark.slow
+@pytest.mark.axolotl_env
 def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> None:
     """`reference.anchor_placement: folded` under Axolotl with Liger's fused cross-entropy: the anchors
     are packed into every training forward (the fused loss runs once per step, on the rows only), and the
@@ -490,6 +494,7 @@ def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.axolotl_env
 def test_plugin_inside_axolotl(runs: Runs) -> None:
     """Axolotl's own config validation with the plugin (and without it), register() failing fast, the
     examples, and the hooks on a plain Trainer: tests/axolotl_plugin_checks.py in Axolotl's environment."""

@@ -411,3 +411,14 @@ def test_probe_options_need_the_probe_on() -> None:
     validation_error({"probe": {"every": 5, "phrases": [" "]}}, r"`probe.phrases` is empty")
     cfg = STRConfig.model_validate({"probe": {"every": 5, "n_prompts": 4}})
     assert STRConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_docs_config_md_is_generated_from_the_schema() -> None:
+    from str_hooks.schemas.docs import render
+
+    committed = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert committed == render(), "regenerate: python -m str_hooks.schemas.docs > docs/config.md"
+    # Every field of every section has a row: a new field cannot be left out of the reference.
+    for name, section in SECTIONS.items():
+        for field in section.model_fields:
+            assert f"| `{name}.{field}` |" in committed
