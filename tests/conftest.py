@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-# The tiny-model factory is a plain module beside the tests (importlib import mode adds no path).
+# The shared helpers (tests/helpers/) import as `helpers` (importlib import mode adds no path).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factory import make_tokenizer
+from helpers.factory import make_tokenizer
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

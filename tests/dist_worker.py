@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_common import COEF, PadCollator, examples, trainable_snapshot
+from helpers.hf import COEF, PadCollator, examples, trainable_snapshot
 
 from str_hooks import mine_safety_tokens, register_str_hook
 from str_hooks.testing import make_lora, make_model, make_tokenizer

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from factory import make_model, make_tokenizer
+from helpers.factory import make_model, make_tokenizer
 
 from str_hooks import STRConfig, STRConfigError
 from str_hooks.integrations.axolotl import PLUGIN_PATH, STRArgs, check_config

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factory import make_batch, make_model
+from helpers.factory import make_batch, make_model
 
 from str_hooks import ReferenceCache, SafetyTokens, mine_safety_tokens
 from str_hooks.cli import main

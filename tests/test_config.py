@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from factory import make_model
+from helpers.factory import make_model
 from pydantic import BaseModel, ValidationError
 
 from str_hooks.errors import STRConfigError

@@ -7,16 +7,14 @@ computation in one process over the whole batch.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hf_common import COEF, PadCollator, examples, hand_written_loss
+from helpers.hf import COEF, PadCollator, examples, hand_written_loss
+from helpers.launch import run_two_processes
+from helpers.losses import assert_grads_close
 from safetensors.torch import load_file
 
 from str_hooks.testing import make_lora, make_model
@@ -24,44 +22,9 @@ from str_hooks.testing import make_lora, make_model
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(mode: str, out: Path) -> dict[str, torch.Tensor]:
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        mode,
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run_two_processes(WORKER, mode, str(out))
     return load_file(str(out / "result.safetensors"))
-
-
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        scale = b[name].abs().max().clamp_min(1e-8)
-        err = (a[name] - b[name]).abs().max()
-        assert err <= rtol * scale + 1e-7, f"{name}: {float(err):.3g} vs {float(scale):.3g}"
 
 
 @pytest.mark.parametrize("mode", ["trainer", "sft"])
@@ -74,13 +37,13 @@ def test_ddp_two_processes_equal_one_big_batch(
     batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
     hand_written_loss(model, batch, tokens.ids, tokens.weights, per_token=True).backward()
     expected = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert_close(update, expected)
+    assert_grads_close(update, expected)
 
 
 def test_ddp_folded_anchors_equal_one_process(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     """`anchor_placement: folded` under DDP (2 x 4): the update equals one process with all 8 rows and a
     separate anchor forward (CE normalized over both ranks' tokens, the anchor mean added once)."""
-    from hf_common import trainable_snapshot
+    from helpers.hf import trainable_snapshot
     from test_hf import common_args, make_trainer
 
     from str_hooks.integrations.hf import attach
@@ -93,7 +56,7 @@ def test_ddp_folded_anchors_equal_one_process(tmp_path: Path, tokenizer: Any, to
     attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
     trainer.train()
     expected = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
-    assert_close(update, expected, rtol=2e-5)
+    assert_grads_close(update, expected, rtol=2e-5)
 
 
 def full_finetune_gradient(tokenizer: Any, tokens: Any, frozen_head: bool) -> dict[str, torch.Tensor]:
@@ -132,10 +95,10 @@ def test_fsdp2_two_processes_equal_one_big_batch(
     grads = launch(mode, tmp_path)
     expected = full_finetune_gradient(tokenizer, tokens, frozen_head=mode == "fsdp2_frozen_head")
     assert ("lm_head.weight" in expected) == (mode == "fsdp2")
-    assert_close(grads, expected, rtol=2e-5)
+    assert_grads_close(grads, expected, rtol=2e-5)
 
 
 def test_trainer_with_accelerate_fsdp2_plugin(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     """The HF Trainer with accelerate's FSDP plugin (fsdp_version 2) on CPU, full fine-tuning."""
     update = launch("trainer_fsdp2", tmp_path)
-    assert_close(update, full_finetune_gradient(tokenizer, tokens, frozen_head=False), rtol=2e-5)
+    assert_grads_close(update, full_finetune_gradient(tokenizer, tokens, frozen_head=False), rtol=2e-5)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from factory import make_batch, make_lora, make_model
+from helpers.factory import make_batch, make_lora, make_model
 
 from str_hooks import STRConfigError, register_str_hook
 from str_hooks.driver import STEP_KEYS, HostNormalization, StepDriver

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from factory import ARCHITECTURES, make_batch, make_lora, make_model
-from test_gradients import assert_grads_close, grads
+from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model
+from helpers.losses import assert_grads_close, grads
 
 from str_hooks import register_str_hook
 from str_hooks.errors import STRAttachError, STRError

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from factory import make_lora, make_model
-from hf_common import COEF, PadCollator, examples, hand_written_loss, trainable_snapshot
+from helpers.factory import make_lora, make_model
+from helpers.hf import COEF, PadCollator, examples, hand_written_loss, trainable_snapshot
+from helpers.losses import assert_grads_close
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
@@ -85,14 +86,6 @@ def one_step_update(
     return {n: before[n] - after[n] for n in before}  # SGD, lr 1: the update is the gradient
 
 
-def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        scale = b[name].abs().max().clamp_min(1e-8)
-        err = (a[name] - b[name]).abs().max()
-        assert err <= rtol * scale + 1e-8, f"{name}: {float(err):.3g} vs {float(scale):.3g}"
-
-
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
 def test_gradient_accumulation_invariance(kind: str, tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     """One optimizer step over the same 8 examples (unequal supervised counts) gives the same update at
@@ -106,7 +99,7 @@ def test_gradient_accumulation_invariance(kind: str, tmp_path: Path, tokenizer: 
     hand_written_loss(model, collated, tokens.ids, tokens.weights, per_token=True).backward()
     expected = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for ga, update in updates.items():
-        assert_close(update, expected), f"GA {ga}"
+        assert_grads_close(update, expected, rtol=1e-5, atol=1e-8, what=f"GA {ga}")
 
 
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
@@ -135,7 +128,7 @@ def test_folded_anchors_equal_a_separate_anchor_forward(
             e[f"{callback.config.logging.prefix}penalty"] for e in trainer.state.log_history if "loss" in e
         ]
         assert penalty and penalty[0] > 0
-    assert_close(updates["folded"], updates["separate"], rtol=2e-5)
+    assert_grads_close(updates["folded"], updates["separate"], rtol=2e-5)
 
 
 def test_per_micro_batch_mean_mode(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
@@ -166,7 +159,7 @@ def test_per_micro_batch_mean_mode(tmp_path: Path, tokenizer: Any, tokens: Any) 
     assert total is not None
     total.backward()
     expected = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
-    assert_close(update, expected)
+    assert_grads_close(update, expected)
 
 
 def test_penalty_reduces_drift(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
@@ -259,7 +252,7 @@ def test_callback_alone_attaches_itself(kind: str, tmp_path: Path, tokenizer: An
         )
     trainer.train()
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
-    assert_close(update, one_step_update(kind, tmp_path, tokenizer, tokens, 8, 1))
+    assert_grads_close(update, one_step_update(kind, tmp_path, tokenizer, tokens, 8, 1))
     assert [e for e in trainer.state.log_history if "str/penalty" in e]
 
 
@@ -345,7 +338,7 @@ def test_reference_model_source_full_finetune(tmp_path: Path, tokenizer: Any, to
     batch = PadCollator(tokenizer.pad_token_id)(rows)
     fresh(**batch).loss.backward()
     expected = {n: p.grad.detach().clone() for n, p in fresh.named_parameters()}
-    assert_close(update, expected, rtol=1e-4)
+    assert_grads_close(update, expected, rtol=1e-4)
 
 
 def test_sft_assistant_only_loss_on_conversations(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
@@ -385,7 +378,7 @@ def test_sft_assistant_only_loss_on_conversations(tmp_path: Path, tokenizer: Any
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
     reference = fresh_model()
     hand_written_loss(reference, batch, tokens.ids, tokens.weights, per_token=True).backward()
-    assert_close(
+    assert_grads_close(
         update, {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from factory import ARCHITECTURES, make_batch, make_lora, make_model, make_tokenizer
+from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model, make_tokenizer
 
 from str_hooks import (
     STRAttachError,

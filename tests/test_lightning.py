@@ -5,9 +5,6 @@ the refusal probe, errors and teardown."""
 from __future__ import annotations
 
 import csv
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +13,8 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers.launch import run_two_processes
+from helpers.losses import assert_grads_close, ce_by_hand, penalty_by_hand, positions_by_hand
 from lightning.pytorch.loggers import CSVLogger
 from lightning_ddp_worker import (
     COEF,
@@ -27,7 +26,6 @@ from lightning_ddp_worker import (
     supervised_count,
     trainer_kwargs,
 )
-from test_gradients import assert_grads_close, ce_by_hand, penalty_by_hand, positions_by_hand
 from torch.utils.data import DataLoader
 
 from str_hooks import STRError, register_str_hook
@@ -145,37 +143,11 @@ def test_folded_anchors_give_the_separate_placements_gradient(
     assert_grads_close(grads[1], grads[0])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ddp_two_cpu_processes(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     """strategy="ddp", 2 processes (gloo), micro-batch 4 per rank: the all-reduced gradient is the mean over
     the ranks of (CE + coef * penalty) per-rank means; with equal supervised counts per rank it equals one
     process with a batch of 8."""
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(tmp_path),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run_two_processes(WORKER, str(tmp_path))
     for order in ("unequal", "equal"):
         grads = torch.load(tmp_path / f"grads_{order}.pt", weights_only=True)
         halves = [torch.load(tmp_path / f"batch_{order}_rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -238,7 +210,11 @@ def test_metrics_and_refusal_probe(tmp_path: Path, tokenizer: Any, tokens: Any) 
     assert sum(key.startswith("safety/drift/") for key in rows[0]) == 2
     probed = [int(r["step"]) for r in rows if r["safety/refusal_rate"]]
     assert probed == [1, 3]  # after the 2nd and the 4th optimizer step
-    assert all(0.0 <= float(r["safety/refusal_rate"]) <= 1.0 for r in rows if r["safety/refusal_rate"])
+    # The logged rate is the probe's own: its judged replies after the 4th step.
+    assert callback.probe is not None and callback.probe.last is not None
+    last = callback.probe.last
+    assert len(last.responses) == 2
+    assert float(rows[3]["safety/refusal_rate"]) == pytest.approx(sum(last.refused) / len(last.refused))
 
 
 # -- resume ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from factory import make_model, make_tokenizer
+from helpers.factory import make_model, make_tokenizer
 
 from str_hooks.errors import STRConfigError, STRTokensError
 from str_hooks.mining import mine_safety_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,26 +60,15 @@ def test_default_texts_ship_with_the_package() -> None:
     assert len(set(default_texts("harmful_anchors"))) == len(default_texts("harmful_anchors"))
 
 
-def test_readme_documents_every_config_key() -> None:
-    from str_hooks.schemas import (
-        LoggingConfig,
-        PenaltyConfig,
-        ProbeConfig,
-        ReferenceConfig,
-        STRConfig,
-        TokensConfig,
+def test_readme_is_short_and_links_only_to_files_that_exist() -> None:
+    # The configuration reference is docs/config.md (generated; tests/test_config.py keeps it in sync).
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode()) <= 12 * 1024
+    links = re.findall(r"\]\(([^)#]+)\)", readme) + re.findall(
+        r"`((?:docs|results|bench|examples|integrations)/[^`\s]*)`", readme
     )
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    sections = ("tokens", "penalty", "reference", "logging", "probe")
-    keys = [f"`{k}`" for k in STRConfig.model_fields if k not in sections]
-    for section, cls in (
-        ("tokens", TokensConfig),
-        ("penalty", PenaltyConfig),
-        ("reference", ReferenceConfig),
-        ("logging", LoggingConfig),
-        ("probe", ProbeConfig),
-    ):
-        keys += [f"`{section}.{k}`" for k in cls.model_fields]
-    missing = [k for k in keys if k not in readme]
-    assert not missing, f"README's configuration reference lacks {missing}"
+    local = [link for link in links if not link.startswith("http")]
+    assert "docs/config.md" in local and "results/README.md" in local
+    missing = [link for link in local if not (root / link).exists()]
+    assert not missing, f"README links to files the repository does not contain: {missing}"

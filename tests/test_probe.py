@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from factory import make_lora, make_model
+from helpers.factory import make_lora, make_model
 
 from str_hooks.probe import DEFAULT_REFUSAL_PHRASES, is_refusal, refusal_probe
 from str_hooks.prompts import default_texts, encode_prompt
@@ -27,7 +27,10 @@ def test_probe_matches_one_by_one_greedy_decoding(tokenizer: Any) -> None:
     prompts = default_texts("harmful_anchors")[:5]
     result = refusal_probe(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     assert model.training, "the probe restores training mode"
-    assert len(result.responses) == 5 and 0.0 <= result.refusal_rate <= 1.0
+    assert len(result.responses) == 5
+    # The rate is the keyword judge's verdicts on these replies, counted by hand.
+    assert result.refused == [is_refusal(r) for r in result.responses]
+    assert result.refusal_rate == sum(result.refused) / 5
     model.eval()
     for prompt, response in zip(prompts, result.responses, strict=True):
         ids = torch.tensor([encode_prompt(tokenizer, prompt)])

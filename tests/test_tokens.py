@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factory import make_tokenizer
+from helpers.factory import make_tokenizer
 
 from str_hooks.errors import STRTokensError
 from str_hooks.tokens import SafetyTokens, TokenizerFingerprint, readable_token, tokenizer_fingerprint
