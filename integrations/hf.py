@@ -89,7 +89,7 @@ class STRCallback(transformers.TrainerCallback):
     ) -> torch.Tensor:
         """The penalty term for the micro-batch just forwarded, normalized exactly like the trainer's CE.
 
-        The trainer's scaling, read from its own flags at run time (DESIGN section 3): when its loss is
+        The trainer's scaling, read from its own flags at run time (docs/design.md section 3): when its loss is
         already normalized over the accumulated batch (by `num_items_in_batch`: the model accepts loss
         kwargs, or a `compute_loss_func` is set) it does not divide by the accumulation steps, and under
         `average_tokens_across_devices` it multiplied its CE by `num_processes // tp_size` (undoing DDP's

@@ -32,7 +32,7 @@ STEP_KEYS = ("penalty", "coef", "drift", "abs_drift", "skipped")
 @dataclass(frozen=True)
 class HostNormalization:
     """How the host turns a micro-batch's loss into the optimizer step's gradient, so that the penalty is
-    normalized exactly like the host's cross-entropy (DESIGN section 3).
+    normalized exactly like the host's cross-entropy (docs/design.md section 3).
 
     Args:
         num_items_in_batch: the host's cross-entropy normalizer over the whole optimizer step (the HF

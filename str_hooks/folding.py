@@ -1,7 +1,7 @@
 """Folding anchor prompts into a training batch (`reference.anchor_placement: folded`).
 
 A separate anchor forward+backward is latency-bound on a GPU: it costs x1.28-x1.41 per step whatever its
-size (DESIGN section 4), and running it only every N-th step loses the refusals it was meant to keep
+size (docs/design.md section 4), and running it only every N-th step loses the refusals it was meant to keep
 (results/study). Folded, the anchors ride in the training forward as packed segments of their own, in the
 rows' trailing padding where they fit, else in front of the rows: every segment restarts its position ids
 at 0 and the attention mask is dropped, so transformers builds a block-diagonal causal mask (it detects

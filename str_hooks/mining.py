@@ -1,6 +1,6 @@
 """Safety-token mining: which tokens an aligned model uses when it refuses.
 
-Methods (DESIGN section 1):
+Methods (docs/design.md section 1):
 - `frequency`: position-weighted frequency over refusal templates, minus tokens as common in benign text.
 - `contrastive`: mean first-response log-prob on harmful prompts minus benign prompts, over template tokens.
 - `list`: tokens the user names.

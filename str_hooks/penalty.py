@@ -1,6 +1,6 @@
 """Framework-free penalty math: which positions are penalized and how much.
 
-`pen_sum = sum_{t in P} sum_s w_s * phi(z_{t,s} - r_{t,s})` (DESIGN section 1); the caller divides by the
+`pen_sum = sum_{t in P} sum_s w_s * phi(z_{t,s} - r_{t,s})` (docs/design.md section 1); the caller divides by the
 host's normalizer and multiplies by coef.
 """
 
