@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from str_hooks.anchors import AnchorSet
-from str_hooks.errors import STRAttachError, STRConfigError, STRError, STRNonFiniteError
-from str_hooks.folding import FoldedAnchors, fold_anchors
-from str_hooks.penalty import penalty_positions, weighted_penalty_sum
-from str_hooks.reference import ReferenceSource, safety_logprobs
+from str_hooks.errors import STRConfigError, STRError, STRNonFiniteError
+from str_hooks.folding import fold_anchors
+from str_hooks.penalty import weighted_penalty_sum
+from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
+from str_hooks.sites import AnchorSite, TokenSite
 from str_hooks.tap import ModelTap
 from str_hooks.tokens import SafetyTokens
 
@@ -62,7 +63,12 @@ class STRHandle:
             self.config.reference.anchor_every,
             len(self.anchors) if self.anchors is not None else 0,
         )
-        self._folded: FoldedAnchors | None = None
+        self.site: TokenSite | AnchorSite
+        if self.anchors is not None:
+            self.site = AnchorSite(self.config, self.anchors, self.tap, self.schedule)
+        else:
+            assert self.reference is not None  # every source but anchors has one
+            self.site = TokenSite(self.config, self.reference, self._token_ids)
         self._loss_calls = 0
         self._skipped = 0
         self._last: dict[str, torch.Tensor] = {}
@@ -138,7 +144,8 @@ class STRHandle:
             # A KV cache (the config default) turns transformers' packed-sequence detection off.
             folded["use_cache"] = False
         self.schedule.take_anchors(indices)
-        self._folded = where
+        assert isinstance(self.site, AnchorSite)
+        self.site.pending = where
         return folded
 
     def loss(
@@ -198,84 +205,15 @@ class STRHandle:
         self._last = {}  # metrics() describe only a term this call computed
         sink = self.tap.take()
         self._check_training_mode(sink)
-        if self.anchors is not None:
-            if self.config.reference.anchor_placement == "folded":
-                return self._folded_anchor_loss(sink)
-            return self._anchor_loss()
-        if sink.safety_logits is None:
-            raise STRError(
-                "handle.loss() found no forward pass since the last call: run the model on the training batch "
-                "first (out = model(...)), then call handle.loss()."
-            )
-        device = sink.safety_logits.device
-        if not sink.training:
+        term = self.site.term(sink) if isinstance(self.site, AnchorSite) else self.site.term(sink, labels)
+        if term is None:
+            device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
             return torch.zeros((), device=device)
-        logprob = self.config.penalty.form == "logprob"
-        labels = labels if labels is not None else sink.get("labels")
-        mask = sink.get("attention_mask")
-        batch, width = sink.safety_logits.shape[:2]
-        positions = penalty_positions(
-            self.config.penalty.positions,
-            (batch, width),
-            device,
-            labels=labels,
-            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
-            first_n=self.config.penalty.first_n,
-            shift_labels=sink.get("shift_labels"),
+        policy, reference, n_positions = term
+        # The anchor term is a mean over the anchor batch: the host's normalizer does not apply to it.
+        return self._finish(
+            policy, reference, n_positions, None if self.anchors is not None else num_items_in_batch
         )
-        if logprob:
-            if sink.logits is None or sink.logits.shape[1] != width:
-                raise STRAttachError(
-                    "`penalty.form` 'logprob' needs the full logits of the training forward, but it returned "
-                    "none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge'."
-                )
-            policy = safety_logprobs(sink.logits, positions, self._token_ids)
-        else:
-            policy = sink.safety_logits[positions]
-        assert self.reference is not None  # set for every source but anchors
-        reference = self.reference.logits(sink, positions, logprob).to(policy.device)
-        return self._finish(policy, reference, int(positions.sum()), num_items_in_batch)
-
-    def _anchor_loss(self) -> torch.Tensor:
-        assert self.anchors is not None and self.anchors.reference is not None
-        device = self.tap.device()
-        if not self.tap.causal_lm.training or not self.schedule.anchor_due():
-            return torch.zeros((), device=device)
-        indices = self.anchors.batch_indices(self.schedule.anchor_cursor)
-        self.schedule.take_anchors(indices)
-        policy = self.anchors.decision_logits(self.tap, indices)
-        reference = self.anchors.reference[indices].to(policy.device)
-        return self._finish(policy, reference, len(indices), None)
-
-    def _folded_anchor_loss(self, sink: Any) -> torch.Tensor:
-        assert self.anchors is not None and self.anchors.reference is not None
-        where, self._folded = self._folded, None
-        device = self.tap.device()
-        if where is None:
-            if self.tap.causal_lm.training and self.schedule.anchor_due():
-                raise STRError(
-                    "`reference.anchor_placement` is 'folded' and an anchor penalty is due, but this batch was "
-                    "not folded: pass each training batch through `batch = handle.prepare_batch(batch)` before "
-                    "the forward (the trainer integrations do it for you)."
-                )
-            return torch.zeros((), device=device)
-        logits = sink.safety_logits
-        ids = sink.input_ids()
-        other_ids = ids is not None and ids is not where.input_ids and not torch.equal(ids, where.input_ids)
-        if logits is None or tuple(logits.shape[:2]) != where.shape or other_ids:
-            found = "no forward" if logits is None else f"a forward of shape {tuple(logits.shape[:2])}"
-            if logits is not None and other_ids:
-                found += " on other input_ids"
-            raise STRError(
-                f"handle.prepare_batch folded the anchors into a batch of shape {where.shape}, but handle.loss() "
-                f"found {found}: run the forward on the batch prepare_batch returned, with all its keys "
-                "(model(**batch))."
-            )
-        if not sink.training:
-            return torch.zeros((), device=logits.device)
-        policy = logits[where.rows, where.cols]
-        reference = self.anchors.reference[where.indices].to(policy.device)
-        return self._finish(policy, reference, len(where.indices), None)
 
     def _finish(
         self,

@@ -1,0 +1,117 @@
+"""Where the penalty is evaluated: the two sites of STR's one loss path.
+
+A site turns the last training forward (the tap's capture) into `(policy, reference, n_positions)`: the
+safety logits of the model being trained, the aligned model's at the same places, and how many places.
+`TokenSite` takes the training batch's own positions (sources `adapter`, `model`, `cache`);
+`AnchorSite` takes the anchor prompts' decision points (source `anchors`), from a forward of their own
+(`separate`) or from the training forward they were folded into (`folded`). None means no term this call
+(eval mode, or no anchor term due this step); `STRHandle` does the rest the same way for both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from str_hooks.anchors import AnchorSet
+from str_hooks.errors import STRAttachError, STRError
+from str_hooks.folding import FoldedAnchors
+from str_hooks.penalty import penalty_positions
+from str_hooks.reference import ReferenceSource, safety_logprobs
+from str_hooks.schedule import StepSchedule
+from str_hooks.schemas.config import STRConfig
+from str_hooks.tap import ModelTap, Sink
+
+SiteTerm = tuple[torch.Tensor, torch.Tensor, int] | None
+
+
+class TokenSite:
+    """The training batch's positions (`penalty.positions`) against a reference source."""
+
+    def __init__(self, config: STRConfig, reference: ReferenceSource, token_ids: torch.Tensor) -> None:
+        self.config = config
+        self.reference = reference
+        self.token_ids = token_ids
+
+    def term(self, sink: Sink, labels: torch.Tensor | None) -> SiteTerm:
+        if sink.safety_logits is None:
+            raise STRError(
+                "handle.loss() found no forward pass since the last call: run the model on the training batch "
+                "first (out = model(...)), then call handle.loss()."
+            )
+        if not sink.training:
+            return None
+        logprob = self.config.penalty.form == "logprob"
+        labels = labels if labels is not None else sink.get("labels")
+        mask = sink.get("attention_mask")
+        batch, width = sink.safety_logits.shape[:2]
+        positions = penalty_positions(
+            self.config.penalty.positions,
+            (batch, width),
+            sink.safety_logits.device,
+            labels=labels,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            first_n=self.config.penalty.first_n,
+            shift_labels=sink.get("shift_labels"),
+        )
+        if logprob:
+            if sink.logits is None or sink.logits.shape[1] != width:
+                raise STRAttachError(
+                    "`penalty.form` 'logprob' needs the full logits of the training forward, but it returned "
+                    "none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge'."
+                )
+            policy = safety_logprobs(sink.logits, positions, self.token_ids)
+        else:
+            policy = sink.safety_logits[positions]
+        reference = self.reference.logits(sink, positions, logprob).to(policy.device)
+        return policy, reference, int(positions.sum())
+
+
+class AnchorSite:
+    """The anchor prompts' decision points, once per optimizer step where the schedule says one is due."""
+
+    def __init__(self, config: STRConfig, anchors: AnchorSet, tap: ModelTap, schedule: StepSchedule) -> None:
+        assert anchors.reference is not None  # computed at attach
+        self.folded = config.reference.anchor_placement == "folded"
+        self.anchors = anchors
+        self.reference = anchors.reference
+        self.tap = tap
+        self.schedule = schedule
+        self.pending: FoldedAnchors | None = None  # set by `STRHandle.prepare_batch`
+
+    def term(self, sink: Sink) -> SiteTerm:
+        return self._folded(sink) if self.folded else self._separate()
+
+    def _separate(self) -> SiteTerm:
+        if not self.tap.causal_lm.training or not self.schedule.anchor_due():
+            return None
+        indices = self.anchors.batch_indices(self.schedule.anchor_cursor)
+        self.schedule.take_anchors(indices)
+        policy = self.anchors.decision_logits(self.tap, indices)
+        return policy, self.reference[indices].to(policy.device), len(indices)
+
+    def _folded(self, sink: Sink) -> SiteTerm:
+        where, self.pending = self.pending, None
+        if where is None:
+            if self.tap.causal_lm.training and self.schedule.anchor_due():
+                raise STRError(
+                    "`reference.anchor_placement` is 'folded' and an anchor penalty is due, but this batch was "
+                    "not folded: pass each training batch through `batch = handle.prepare_batch(batch)` before "
+                    "the forward (the trainer integrations do it for you)."
+                )
+            return None
+        logits = sink.safety_logits
+        ids = sink.input_ids()
+        other_ids = ids is not None and ids is not where.input_ids and not torch.equal(ids, where.input_ids)
+        if logits is None or tuple(logits.shape[:2]) != where.shape or other_ids:
+            found = "no forward" if logits is None else f"a forward of shape {tuple(logits.shape[:2])}"
+            if logits is not None and other_ids:
+                found += " on other input_ids"
+            raise STRError(
+                f"handle.prepare_batch folded the anchors into a batch of shape {where.shape}, but handle.loss() "
+                f"found {found}: run the forward on the batch prepare_batch returned, with all its keys "
+                "(model(**batch))."
+            )
+        if not sink.training:
+            return None
+        policy = logits[where.rows, where.cols]
+        return policy, self.reference[where.indices].to(policy.device), len(where.indices)
