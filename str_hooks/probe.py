@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from str_hooks.errors import STRConfigError
 from str_hooks.prompts import encode_prompt
 from str_hooks.tap import eval_mode
 
@@ -83,7 +84,7 @@ def refusal_probe(
         ProbeResult with the refusal rate in [0, 1] and the per-prompt responses.
     """
     if not prompts:
-        raise ValueError("refusal_probe needs at least one prompt.")
+        raise STRConfigError("refusal_probe needs at least one prompt, got none: pass a non-empty list.")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     responses: list[str] = []

@@ -23,7 +23,7 @@ def default_texts(name: str) -> list[str]:
     """One of the package's own text sets: `refusal_templates`, `harmful_anchors`, `benign_prompts`,
     `benign_contrast` (all written by this project)."""
     if name not in DEFAULT_FILES:
-        raise KeyError(f"no default text set {name!r}; known: {sorted(DEFAULT_FILES)}")
+        raise STRConfigError(f"no default text set {name!r}: use one of {sorted(DEFAULT_FILES)}.")
     text = resources.files("str_hooks").joinpath("data", DEFAULT_FILES[name]).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 

@@ -24,6 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from str_hooks.errors import STRConfigError
 from str_hooks.prompts import default_texts, encode_prompt
 
 CHAT_TEMPLATE = (
@@ -105,7 +106,7 @@ def make_config(arch: str, vocab_size: int = 512, **overrides: Any) -> Any:
             # A small softcap so the tanh is far from linear on these logits: a missed transform shows.
             cfg = Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **llama_like)
         else:
-            raise ValueError(arch)
+            raise STRConfigError(f"make_config: unknown architecture {arch!r}; use one of {ARCHITECTURES}.")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
