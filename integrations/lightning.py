@@ -74,36 +74,7 @@ class STRCallback(pl.Callback):
             uses manual optimization, or the hook cannot attach (at `setup` / `on_fit_start`).
         STRError: `training_step` returned something other than the loss (at the first step).
 
-    Example::
-
-        import lightning.pytorch as L
-        import torch
-        from str_hooks.integrations.lightning import STRCallback
-        from str_hooks.testing import make_batch, make_lora, make_model, make_tokenizer
-
-        class LitLM(L.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.model = make_lora(make_model("llama"))  # any HF causal LM, PEFT-wrapped or not
-
-            def training_step(self, batch, batch_idx):
-                return self.model(**batch).loss  # a tensor, or a dict with "loss"
-
-            def configure_optimizers(self):
-                return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
-
-        tok = make_tokenizer()
-        batch = make_batch(tok, n=8)  # input_ids, attention_mask, labels (-100 on prompt tokens)
-        loader = torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(8)], batch_size=2)
-        trainer = L.Trainer(
-            callbacks=[STRCallback({"coef": 0.1}, tokenizer=tok)],
-            accumulate_grad_batches=4,
-            max_steps=2,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-        )
-        trainer.fit(LitLM(), loader)
+    Example: `examples/lightning_module.py` (a runnable LightningModule with a tiny model).
     """
 
     def __init__(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -394,10 +393,3 @@ def test_teardown_after_fit_after_an_exception_and_fitting_twice(tokenizer: Any,
     assert "training_step" not in module.__dict__ and hook_counts(module) == counts
     assert callback.handle is None and not hasattr(module.model.get_base_model(), "_str_hooks_handle")
     assert type(module).training_step is LitLM.training_step
-
-
-def test_docstring_example_runs() -> None:
-    doc = STRCallback.__doc__
-    assert doc is not None
-    code = textwrap.dedent(doc.split("Example::", 1)[1])
-    exec(compile(code, "STRCallback docstring", "exec"), {"__name__": "example"})
