@@ -23,7 +23,8 @@ from str_hooks.errors import STRError
 from str_hooks.handle import STRHandle
 from str_hooks.optional import require
 from str_hooks.projection import ModuleSpec
-from str_hooks.schemas.config import STRConfig, load_config
+from str_hooks.schemas.config import STRConfig
+from str_hooks.schemas.load import load_config
 from str_hooks.tokens import SafetyTokens
 
 transformers: Any = require("transformers", "hf")

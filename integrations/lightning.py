@@ -25,7 +25,8 @@ from str_hooks.driver import HostNormalization, StepDriver, build_probe  # noqa:
 from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
 from str_hooks.handle import STRHandle  # noqa: E402
 from str_hooks.projection import ModuleSpec, find_causal_lm  # noqa: E402
-from str_hooks.schemas.config import STRConfig, load_config  # noqa: E402
+from str_hooks.schemas.config import STRConfig  # noqa: E402
+from str_hooks.schemas.load import load_config  # noqa: E402
 from str_hooks.tokens import SafetyTokens  # noqa: E402
 
 ModelSpec = nn.Module | str | Callable[[pl.LightningModule], nn.Module] | None

@@ -9,8 +9,8 @@ from str_hooks.schemas.config import (
     ReferenceConfig,
     STRConfig,
     TokensConfig,
-    load_config,
 )
+from str_hooks.schemas.load import load_config
 
 __all__ = [
     "LoggingConfig",

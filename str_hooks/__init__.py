@@ -29,7 +29,8 @@ from str_hooks.errors import (
 )
 from str_hooks.handle import STRHandle
 from str_hooks.mining import mine_safety_tokens
-from str_hooks.schemas.config import STRConfig, load_config
+from str_hooks.schemas.config import STRConfig
+from str_hooks.schemas.load import load_config
 from str_hooks.tokens import SafetyTokens, tokenizer_fingerprint
 
 __version__ = "0.1.0"

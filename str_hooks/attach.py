@@ -23,7 +23,8 @@ from str_hooks.reference import (
     ModelReference,
     load_reference_model,
 )
-from str_hooks.schemas.config import STRConfig, load_config
+from str_hooks.schemas.config import STRConfig
+from str_hooks.schemas.load import load_config
 from str_hooks.tap import ModelTap, eval_mode, logits_close
 from str_hooks.tokens import SafetyTokens
 
