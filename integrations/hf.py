@@ -253,9 +253,9 @@ def _wrap_compute_loss(trainer: Any, callback: STRCallback) -> None:
     ) -> Any:
         # Read before the call: the Trainer pops labels out of `inputs` for label smoothing / compute_loss_func.
         labels = inputs.get("labels") if isinstance(inputs, dict) else None
-        if trainer.model.training and callback.handle is not None:
+        if trainer.model.training and callback.driver is not None:
             # `reference.anchor_placement: folded`: this step's anchors ride in this forward (else a no-op).
-            inputs = callback.handle.prepare_batch(inputs, extend_labels=_scores_all_hidden_states(trainer))
+            inputs = callback.driver.prepare_batch(inputs, extend_labels=_scores_all_hidden_states(trainer))
         result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not trainer.model.training:
             return result  # evaluation: the reported eval loss excludes the penalty
