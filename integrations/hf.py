@@ -22,6 +22,7 @@ from str_hooks.driver import HostNormalization, StepDriver, build_probe
 from str_hooks.errors import STRError
 from str_hooks.handle import STRHandle
 from str_hooks.optional import require
+from str_hooks.probe import ProbeRunner
 from str_hooks.projection import ModuleSpec
 from str_hooks.schemas.config import STRConfig
 from str_hooks.schemas.load import load_config
@@ -83,6 +84,11 @@ class STRCallback(transformers.TrainerCallback):
         self.handle: STRHandle | None = None
         self.driver: StepDriver | None = None
         self.trainer: Any = None
+
+    @property
+    def probe(self) -> ProbeRunner | None:
+        """The refusal probe (`probe.every`), once training has begun."""
+        return self.driver.probe if self.driver is not None else None
 
     # -- the loss ------------------------------------------------------------------------------------
     def penalty(

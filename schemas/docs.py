@@ -20,8 +20,9 @@ Generated from the field descriptions of `STRConfig` (`schemas/config.py`) by
 
 `STRConfig` (pydantic v2) loads from a dict, a YAML or JSON file (`load_config(path)`; a file with a
 top-level `str:` block, like an Axolotl config, works too) and round-trips through JSON. Unknown keys
-are errors with a did-you-mean hint; values and combinations that cannot work are errors
-(`STRConfigError`) that name the field, the value and the fix, raised before any training step.
+are errors with a did-you-mean hint; values and combinations that cannot work are errors that name the
+field, the value and the fix, raised before any training step: `STRConfigError` from `load_config` and
+every entry point that takes a config, pydantic's `ValidationError` from `STRConfig(...)` itself.
 """
 
 

@@ -77,7 +77,11 @@ class StepDriver:
         self.handle = handle
         self.probe = probe
         self.prefix = handle.config.logging.prefix
-        self._window: list[dict[str, float]] = []
+        # Sums and counts over the optimizer steps since the last `log_metrics()` (bounded however rarely
+        # the host logs).
+        self._window_sums: dict[str, float] = {}
+        self._window_counts: dict[str, int] = {}
+        self._skipped = 0.0
         self._reset_step()
 
     # -- per micro-batch -------------------------------------------------------------------------------
@@ -134,20 +138,24 @@ class StepDriver:
         handle.step()
         if self.probe is not None and model is not None and self.probe.due(handle.step_count):
             metrics["refusal_rate"] = self.probe.run(model).refusal_rate
-        self._window.append(metrics)
+        for key, value in metrics.items():
+            self._window_sums[key] = self._window_sums.get(key, 0.0) + value
+            self._window_counts[key] = self._window_counts.get(key, 0) + 1
+        self._skipped = metrics["skipped"]
         self._reset_step()
         return metrics
 
     def log_metrics(self) -> dict[str, float]:
         """The means over the optimizer steps since the last call, prefixed (`logging.prefix`); a key
         present in only some steps (`refusal_rate`, drift of a step that computed no term) is averaged over
-        those. Empty when no step ended since the last call."""
-        totals: dict[str, list[float]] = {}
-        for metrics in self._window:
-            for key, value in metrics.items():
-                totals.setdefault(key, []).append(value)
-        self._window = []
-        return {f"{self.prefix}{key}": sum(values) / len(values) for key, values in totals.items()}
+        those, and `skipped` (a running count) is its latest value. Empty when no step ended since the
+        last call."""
+        if not self._window_counts:
+            return {}
+        means = {key: total / self._window_counts[key] for key, total in self._window_sums.items()}
+        means["skipped"] = self._skipped
+        self._window_sums, self._window_counts = {}, {}
+        return {f"{self.prefix}{key}": value for key, value in means.items()}
 
     # -- resume ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def load_reference_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    local_only: bool = True,
 ) -> nn.Module:
     """The frozen aligned model for `reference.source: model`, from a local `save_pretrained` folder, with
     gradients off and in eval mode (the one loader every entry point uses).
@@ -141,13 +142,15 @@ def load_reference_model(
         dtype: load in this dtype (default: transformers' own choice).
         device: move it there (default: where transformers loads it, the CPU).
         trust_remote_code: passed to transformers.
+        local_only: refuse a path that does not exist here (False lets transformers resolve a hub id, as
+            Axolotl's `base_model` may be).
 
     Raises:
-        STRAttachError: nothing at `path`.
+        STRAttachError: nothing at `path` (with `local_only`).
         ImportError: transformers is not installed (the message names the install).
     """
     transformers: Any = require("transformers", "hf")
-    if not Path(path).exists():
+    if local_only and not Path(path).exists():
         raise STRAttachError(f"{what} {str(path)!r} does not exist: give a local model directory.")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:

@@ -23,16 +23,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers.hf import COEF, PadCollator, examples, trainable_snapshot
+from helpers.hf import COEF, PadCollator, common_args, examples, make_trainer, trainable_snapshot
 
 from str_hooks import mine_safety_tokens, register_str_hook
 from str_hooks.testing import make_lora, make_model, make_tokenizer
 
 
 def hf_mode(mode: str, out: Path) -> None:
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-    from trl import SFTConfig, SFTTrainer
 
     from str_hooks.integrations.hf import attach
 
@@ -41,6 +38,21 @@ def hf_mode(mode: str, out: Path) -> None:
     rows = examples(tokenizer)
     reference = None
     cfg: dict[str, object] = {"coef": COEF}
+    if mode == "trainer_fsdp2":
+        model = make_model("llama")
+        reference = copy.deepcopy(model).requires_grad_(False)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        cfg["reference"] = {"source": "model"}
+    else:
+        model = make_lora(make_model("llama"))
+    if mode == "trainer_folded":
+        # Every rank folds the same anchors into its first micro-batch; DDP averages identical terms.
+        cfg["reference"] = {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 4}
+    before = trainable_snapshot(model)
+    args = common_args(out / "run", batch=4, ga=1, ddp_backend="gloo")
     if mode == "trainer_fsdp2":
         model = make_model("llama")
         reference = copy.deepcopy(model).requires_grad_(False)
@@ -81,23 +93,8 @@ def hf_mode(mode: str, out: Path) -> None:
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
-    if mode in ("trainer", "trainer_fsdp2", "trainer_folded"):
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(**args),
-            train_dataset=rows,
-            data_collator=PadCollator(tokenizer.pad_token_id),
-        )
-    else:
-        dataset = Dataset.from_list(
-            [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows]
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(**args, completion_only_loss=True, max_length=None),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
+    kind = "trainer" if mode in ("trainer", "trainer_fsdp2", "trainer_folded") else "sft"
+    trainer = make_trainer(kind, model, tokenizer, rows, args)
     attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer, reference_model=reference)
     trainer.train()
     assert trainer.args.world_size == 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.hf import COEF, PadCollator, examples, hand_written_loss
+from helpers.hf import COEF, PadCollator, common_args, examples, hand_written_loss, make_trainer
 from helpers.launch import run_two_processes
 from helpers.losses import assert_grads_close
 from safetensors.torch import load_file
@@ -44,7 +44,6 @@ def test_ddp_folded_anchors_equal_one_process(tmp_path: Path, tokenizer: Any, to
     """`anchor_placement: folded` under DDP (2 x 4): the update equals one process with all 8 rows and a
     separate anchor forward (CE normalized over both ranks' tokens, the anchor mean added once)."""
     from helpers.hf import trainable_snapshot
-    from test_hf import common_args, make_trainer
 
     from str_hooks.integrations.hf import attach
 

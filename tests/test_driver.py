@@ -117,3 +117,11 @@ def test_driver_metrics_one_key_set_per_optimizer_step(source: str, tokenizer: A
         logged = driver.log_metrics()
         assert logged == {f"s/{k}": v for k, v in step.items()}
         assert driver.log_metrics() == {}  # the window closed
+        # Over a window of several steps: means, except `skipped`, a running count, which is its latest.
+        for _ in range(3):
+            model(**batch)
+            driver.penalty(normalization)
+            driver.end_step()
+        window = driver.log_metrics()
+        assert window["s/skipped"] == handle.metrics()["skipped"] == 0.0
+        assert window["s/coef"] == pytest.approx(5.0)

@@ -12,7 +12,15 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers.factory import make_lora, make_model
-from helpers.hf import COEF, PadCollator, examples, hand_written_loss, trainable_snapshot
+from helpers.hf import (
+    COEF,
+    PadCollator,
+    common_args,
+    examples,
+    hand_written_loss,
+    make_trainer,
+    trainable_snapshot,
+)
 from helpers.losses import assert_grads_close
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -22,54 +30,8 @@ from str_hooks.integrations.hf import STATE_KEY, STRCallback, attach
 from str_hooks.projection import unwrap_model
 
 
-def common_args(tmp_path: Path, batch: int, ga: int, steps: int = 1, **extra: Any) -> dict[str, Any]:
-    return dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=ga,
-        max_steps=steps,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        remove_unused_columns=False,
-        # TRL's SFTConfig turns bf16 on by default; exact comparisons need fp32 on both trainers.
-        bf16=False,
-        **extra,
-    )
-
-
 def fresh_model() -> Any:
     return make_lora(make_model("llama"))
-
-
-def make_trainer(
-    kind: str, model: Any, tokenizer: Any, rows: list[dict[str, Any]], args: dict[str, Any]
-) -> Any:
-    if kind == "trainer":
-        return Trainer(
-            model=model,
-            args=TrainingArguments(**args),
-            train_dataset=rows,
-            data_collator=PadCollator(tokenizer.pad_token_id),
-        )
-    dataset = Dataset.from_list(
-        [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows]
-    )
-    return SFTTrainer(
-        model=model,
-        args=SFTConfig(**args, completion_only_loss=True, max_length=None, dataset_num_proc=None),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
 
 
 def one_step_update(

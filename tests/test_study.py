@@ -67,7 +67,7 @@ def test_one_run_end_to_end(tmp_path: Path) -> None:
         assert result["steps"] == 2 and len(result["refusal_curve"]) == 3
         # Each rate counts verdicts on a known number of prompts (6 held-out, 4 XSTest, the 8 test rows).
         for key, n in (("heldout_refusal", 6), ("xstest_over_refusal", 4), ("task_exact_match", 8)):
-            assert result[key] * n == pytest.approx(round(result[key] * n)), (key, result[key])
+            assert 0.0 <= result[key] <= 1.0 and result[key] * n == pytest.approx(round(result[key] * n)), key
         assert result["task_heldout_loss"] > 0 and result["step_time_median_s"] > 0
     assert set(METHODS) >= {
         "plain SFT",

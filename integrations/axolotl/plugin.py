@@ -182,6 +182,7 @@ def _load_reference_model(config: STRConfig, cfg: Any, trainer: Any) -> torch.nn
         dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
         device=trainer.args.device,
         trust_remote_code=bool(cfg.get("trust_remote_code")),
+        local_only=False,  # `base_model` may be a hub id, which Axolotl itself resolves
     )
 
 
