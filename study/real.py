@@ -62,8 +62,8 @@ ANCHOR_CURVE = ["STR anchors mse c1 folded", "STR anchors mse c3 folded"]
 # Blocks run in this order, cheapest evidence first, so that a partial run (the plan is resumable) still
 # compares everything: every method with one seed on the short tasks, the anchor coefficient curve there, the
 # main methods' extra seeds on `attack`; then GSM8K's main methods (seed 0 first: plain SFT must erase the
-# refusals for GSM8K to say anything), SST-2's extra seeds, full fine-tuning, GSM8K's extra seeds, and the
-# rest of GSM8K. Separate anchors are the folded ones' gradient (tests/test_folding.py) and gave the same
+# refusals for GSM8K to say anything), full fine-tuning on SST-2, SST-2's extra seeds, GSM8K's extra seeds,
+# and the rest of GSM8K. Separate anchors are the folded ones' gradient (tests/test_folding.py) and gave the same
 # results on attack and SST-2, so GSM8K runs them last.
 SUBJECT_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", LORA_METHODS, range(1)),
@@ -72,8 +72,8 @@ SUBJECT_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", ANCHOR_CURVE, range(1)),
     ("attack", "lora", MAIN_METHODS, range(1, 3)),
     ("gsm8k", "lora", MAIN_METHODS, range(1)),
-    ("sst2", "lora", MAIN_METHODS, range(1, 3)),
     ("sst2", "full", FULL_METHODS, range(1)),
+    ("sst2", "lora", MAIN_METHODS, range(1, 3)),
     ("gsm8k", "lora", MAIN_METHODS, range(1, 3)),
     ("gsm8k", "lora", ["KL-SFT (full vocab, beta 1)", "mix 10% refusals"], range(1)),
     ("gsm8k", "lora", ANCHOR_CURVE, range(1)),
