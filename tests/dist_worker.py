@@ -54,41 +54,6 @@ def hf_mode(mode: str, out: Path) -> None:
     before = trainable_snapshot(model)
     args = common_args(out / "run", batch=4, ga=1, ddp_backend="gloo")
     if mode == "trainer_fsdp2":
-        model = make_model("llama")
-        reference = copy.deepcopy(model).requires_grad_(False)
-        torch.manual_seed(7)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        cfg["reference"] = {"source": "model"}
-    else:
-        model = make_lora(make_model("llama"))
-    if mode == "trainer_folded":
-        # Every rank folds the same anchors into its first micro-batch; DDP averages identical terms.
-        cfg["reference"] = {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 4}
-    before = trainable_snapshot(model)
-    args = dict(
-        output_dir=str(out / "run"),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        remove_unused_columns=False,
-        bf16=False,
-        ddp_backend="gloo",
-    )
-    if mode == "trainer_fsdp2":
         args.update(
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
