@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TokenMethod = Literal["frequency", "contrastive", "list"]
-PenaltyForm = Literal["mse", "hinge", "logprob"]
+PenaltyForm = Literal["mse", "hinge", "logprob", "kl"]
 PositionMode = Literal["supervised", "all", "first_n"]
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
@@ -117,8 +117,13 @@ class PenaltyConfig(_Section):
         description=(
             "`mse`: (z - r)^2, anchors the safety logits both ways. `hinge`: relu(-(z - r + margin))^2, only "
             "forbids them falling more than `margin` below the reference. `logprob`: (z - r)^2 on log-softmax "
-            "values; needs full-vocabulary logits from the training forward and a reference forward "
-            "(source `adapter` or `model`)."
+            "values, so a task token that gains probability counts even where the safety logits stay put. `kl`: "
+            "KL(reference || policy) between the two distributions coarse-grained to the k safety tokens plus one "
+            "'everything else' bucket (token weights do not apply). `logprob` and `kl` need the full-vocabulary "
+            "softmax: at anchors (source `anchors`) it is taken at the anchors' positions only (a few rows of "
+            "the vocabulary); at training positions (sources `adapter`, `model`) the training forward must "
+            "build logits (no fused loss kernel; checked at attach). Source `cache` keeps only k logits per "
+            "position and takes `mse` or `hinge`."
         ),
     )
     margin: float = Field(
@@ -194,7 +199,36 @@ class ReferenceConfig(_Section):
     anchors_column: str | None = Field(
         default=None, description="Column holding the prompt when `anchors_path` is a CSV or JSONL file."
     )
-    anchor_batch_size: int = Field(default=8, description="Anchor prompts per anchor forward. >= 1.")
+    anchor_batch_size: int = Field(
+        default=8, description="Anchor prompts per anchor step (harmful and benign together). >= 1."
+    )
+    anchor_tokens: int = Field(
+        default=1,
+        description=(
+            "How many positions of each anchor's opening are penalized. 1: the decision point only (the last "
+            "prompt position). n > 1: the aligned model's own greedy opening of n tokens is generated once at "
+            "attach (stopping early at end-of-sequence) and teacher-forced during training, and every position "
+            "of it is penalized (refusals are decided over the first few tokens: 'I'm sorry, but I'). The "
+            "anchor term is the mean over all penalized positions. >= 1."
+        ),
+    )
+    benign_weight: float = Field(
+        default=0.0,
+        description=(
+            "Weight of benign anchors relative to the harmful ones (whose weight is 1). > 0 adds benign "
+            "anchors, pinned the same way to the aligned model's own behaviour (with `anchor_tokens` > 1, its "
+            "own first answer tokens), so the penalty keeps answering what it answered as well as refusing what "
+            "it refused. 0 (the default) uses harmful anchors only. >= 0."
+        ),
+    )
+    benign_anchors_path: str | None = Field(
+        default=None,
+        description=(
+            "Benign anchor prompts (same file formats as `anchors_path`, same `anchors_column`). None, with "
+            "`benign_weight` > 0, uses the package's own ordinary and sensitive-sounding safe prompts (none of "
+            "them an XSTest prompt)."
+        ),
+    )
     anchor_every: int = Field(
         default=1,
         description=(
@@ -235,7 +269,16 @@ class ReferenceConfig(_Section):
                 "or remove model_path."
             )
         anchor_fields_set = self._set_off_default(
-            {"anchors_path", "anchors_column", "anchor_batch_size", "anchor_every", "anchor_placement"}
+            {
+                "anchors_path",
+                "anchors_column",
+                "anchor_batch_size",
+                "anchor_every",
+                "anchor_placement",
+                "anchor_tokens",
+                "benign_weight",
+                "benign_anchors_path",
+            }
         )
         if anchor_fields_set and self.source != "anchors":
             name = anchor_fields_set[0]
@@ -247,6 +290,22 @@ class ReferenceConfig(_Section):
             raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")
         if self.anchor_every < 1:
             raise ValueError(f"`reference.anchor_every` must be >= 1, got {self.anchor_every}.")
+        if self.anchor_tokens < 1:
+            raise ValueError(
+                f"`reference.anchor_tokens` must be >= 1, got {self.anchor_tokens}: use 1 for the decision point "
+                "only, or e.g. 4 for the first four tokens of the reply."
+            )
+        if not (self.benign_weight >= 0 and self.benign_weight != float("inf")):
+            raise ValueError(
+                f"`reference.benign_weight` must be a finite number >= 0, got {self.benign_weight}: use 0 for "
+                "harmful anchors only, or e.g. 1.0."
+            )
+        if self.benign_anchors_path is not None and self.benign_weight == 0:
+            raise ValueError(
+                f"`reference.benign_anchors_path` is set ({self.benign_anchors_path!r}) but "
+                "`reference.benign_weight` is 0, so no benign anchor would be used: set benign_weight, e.g. 1.0, "
+                "or remove benign_anchors_path."
+            )
         return self
 
 
@@ -358,11 +417,11 @@ class STRConfig(_Section):
             raise ValueError(f"`coef` must be a finite number >= 0, got {self.coef}: use e.g. 0.1 or 1.0.")
         if self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
-        if self.penalty.form == "logprob" and self.reference.source in ("cache", "anchors"):
+        if self.penalty.form in ("logprob", "kl") and self.reference.source == "cache":
             raise ValueError(
-                f"`penalty.form` 'logprob' needs full-vocabulary reference logits, which "
-                f"`reference.source` {self.reference.source!r} does not keep: use form 'mse' or 'hinge', or "
-                "source 'adapter' or 'model'."
+                f"`penalty.form` {self.penalty.form!r} needs full-vocabulary reference logits, which "
+                "`reference.source` 'cache' does not keep (k logits per position): use form 'mse' or 'hinge', "
+                "or source 'adapter', 'model' or 'anchors'."
             )
         if self.reference.source == "anchors" and self.penalty._set_off_default({"positions"}):
             raise ValueError(

@@ -1,8 +1,12 @@
-"""Anchor prompts: harmful requests whose decision-point safety logits must not drift.
+"""Anchor prompts: requests whose reply-opening safety logits must not drift.
 
-The reference logits at the decision point (the last prompt position, where the first response token is
-predicted) are computed once at attach. During training the penalty is evaluated on a batch of anchors
-every `anchor_every` optimizer steps, so it acts exactly where refusals are decided.
+Harmful anchors are requests the aligned model refuses; benign anchors (optional, `benign_weight` > 0) are
+ordinary and sensitive-sounding safe requests it answers. Each anchor is penalized at its *points*: the
+decision point (the last prompt position, where the first reply token is predicted) and, with
+`anchor_tokens` = n > 1, the next n - 1 positions of the aligned model's own greedy opening, generated once at
+attach and teacher-forced during training (docs/design.md section 1). The reference values at every point
+are computed once at attach, with the adapters disabled. During training a batch of anchors is penalized
+every `anchor_every` optimizer steps, so the penalty acts exactly where replies are decided.
 """
 
 from __future__ import annotations
@@ -15,20 +19,45 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRConfigError
+from str_hooks.penalty import coarse_logprobs
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
 
 
+def _texts(prompts: Sequence[str] | str | None, column: str | None, default: str, what: str) -> list[str]:
+    if isinstance(prompts, str) and column is not None:
+        return read_text_list(prompts, column=column, what=what)
+    return resolve_texts(prompts, default, what)
+
+
+def end_token_ids(tokenizer: Any, model: nn.Module | None = None) -> set[int]:
+    """Ids that end a reply: the tokenizer's end-of-sequence token and the model's generation-config ones
+    (chat models often end a turn with a token of their own, e.g. ChatML's `<|im_end|>`)."""
+    found: set[int] = set()
+    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    generation = getattr(model, "generation_config", None)
+    candidates.append(getattr(generation, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(int(v) for v in value if isinstance(v, int))
+    return found
+
+
 class AnchorSet:
-    """Tokenized anchor prompts, their reference safety logits, and a deterministic cycling order.
+    """Tokenized anchor prompts, their penalized points and reference values, and a deterministic order.
 
     Args:
         tokenizer: the model's tokenizer (the prompts are rendered as a user turn with its chat template).
-        prompts: a list, a file, or None for the package's own harmful anchor prompts.
-        column: the column when `prompts` is a CSV/JSONL file.
-        batch_size: anchors per anchor forward.
+        prompts: harmful prompts: a list, a file, or None for the package's own harmful anchor prompts.
+        column: the column when a prompt file is CSV/JSONL (harmful and benign files alike).
+        batch_size: anchors per anchor step.
         seed: order of the anchors.
         pad_token_id: id used to right-pad (masked out).
+        benign_prompts: benign prompts (list or file; None for the package's own), used when
+            `benign_weight` > 0.
+        benign_weight: weight of a benign anchor's points relative to a harmful anchor's (1); 0 for none.
 
     Raises:
         STRConfigError: no usable prompt.
@@ -42,67 +71,160 @@ class AnchorSet:
         batch_size: int = 8,
         seed: int = 0,
         pad_token_id: int | None = None,
+        benign_prompts: Sequence[str] | str | None = None,
+        benign_weight: float = 0.0,
     ) -> None:
-        if isinstance(prompts, str) and column is not None:
-            texts = read_text_list(prompts, column=column, what="anchor prompts")
-        else:
-            texts = resolve_texts(prompts, "harmful_anchors", "anchor prompts")
-        self.prompts = texts
-        self.encoded = [encode_prompt(tokenizer, text) for text in texts]
-        if any(len(ids) == 0 for ids in self.encoded):
+        harmful = _texts(prompts, column, "harmful_anchors", "anchor prompts")
+        benign = (
+            _texts(benign_prompts, column, "benign_anchors", "benign anchor prompts")
+            if benign_weight > 0
+            else []
+        )
+        self.prompts = harmful + benign
+        self.is_benign = [False] * len(harmful) + [True] * len(benign)
+        self.benign_weight = float(benign_weight)
+        self.prompt_ids = [encode_prompt(tokenizer, text) for text in self.prompts]
+        if any(len(ids) == 0 for ids in self.prompt_ids):
             raise STRConfigError("an anchor prompt tokenizes to nothing; remove empty prompts.")
-        self.batch_size = min(batch_size, len(texts))
+        # What a training forward sees: the prompt, then the opening up to its last token (teacher-forced).
+        self.encoded = [list(ids) for ids in self.prompt_ids]
+        self.openings: list[list[int]] = [[] for _ in self.prompts]
+        self.points = [1] * len(self.prompts)
+        self.batch_size = min(batch_size, len(self.prompts))
         generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(texts), generator=generator).tolist()
+        self.order = torch.randperm(len(self.prompts), generator=generator).tolist()
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        # [sum(points), C]: safety logits (C = k) or coarse log-probs (C = k + 1), anchor after anchor.
         self.reference: torch.Tensor | None = None
+        self._offsets: list[int] = []
 
     def __len__(self) -> int:
         return len(self.encoded)
+
+    @property
+    def n_benign(self) -> int:
+        return sum(self.is_benign)
 
     def batch_indices(self, cursor: int) -> list[int]:
         """The anchors of the batch that starts at `cursor` (wraps around)."""
         return [self.order[(cursor + i) % len(self.order)] for i in range(self.batch_size)]
 
+    def n_points(self, indices: Sequence[int]) -> int:
+        return sum(self.points[i] for i in indices)
+
+    def point_weights(self, indices: Sequence[int]) -> torch.Tensor | None:
+        """[sum(points)] weight of each point of `indices` (benign ones `benign_weight`), or None when all
+        are harmful."""
+        if not any(self.is_benign[i] for i in indices):
+            return None
+        values = [
+            self.benign_weight if self.is_benign[i] else 1.0 for i in indices for _ in range(self.points[i])
+        ]
+        return torch.tensor(values, dtype=torch.float32)
+
     def tensors(
-        self, indices: list[int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, last_position) for the given anchors, right-padded."""
-        rows = [self.encoded[i] for i in indices]
+        self, indices: Sequence[int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, point_rows, point_cols) of the given anchors, one right-padded row
+        each; the points of anchor `indices[j]` are the last `points` positions of row j, in order."""
+        ids, mask = self._padded([self.encoded[i] for i in indices], device)
+        point_rows: list[int] = []
+        point_cols: list[int] = []
+        for row, index in enumerate(indices):
+            end = len(self.encoded[index])
+            point_rows.extend([row] * self.points[index])
+            point_cols.extend(range(end - self.points[index], end))
+        rows = torch.tensor(point_rows, dtype=torch.long, device=device)
+        return ids, mask, rows, torch.tensor(point_cols, dtype=torch.long, device=device)
+
+    def policy_values(self, tap: ModelTap, indices: Sequence[int], coarse: bool) -> torch.Tensor:
+        """The values the penalty compares at every point of the given anchors, through `tap`'s model (the
+        current grad mode and train/eval mode apply): safety logits [P, k], or with `coarse` the coarse
+        log-probs [P, k + 1] from the full softmax at those P positions only."""
+        ids, mask, rows, cols = self.tensors(indices, tap.device())
+        if coarse:
+            tap.request_points(rows, cols)
+        sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
+        if coarse:
+            assert sink.point_logits is not None  # requested above; tap.run guarantees the hidden state
+            return coarse_logprobs(sink.point_logits, tap.rows._ids_cpu)
+        logits = sink.safety_logits
+        assert logits is not None  # tap.run guarantees it
+        return logits[rows.to(logits.device), cols.to(logits.device)]
+
+    def reference_for(self, indices: Sequence[int]) -> torch.Tensor:
+        """Reference values at every point of the given anchors, in `tensors()` order."""
+        if self.reference is None:
+            raise STRConfigError("the anchors' reference values were never computed (compute_reference).")
+        parts = [self.reference[self._offsets[i] : self._offsets[i] + self.points[i]] for i in indices]
+        return torch.cat(parts, dim=0)
+
+    def _batches(self) -> list[list[int]]:
+        step = max(self.batch_size, 1)
+        return [list(range(s, min(s + step, len(self.encoded)))) for s in range(0, len(self.encoded), step)]
+
+    @torch.no_grad()
+    def build_openings(
+        self, tap: ModelTap, peft_model: nn.Module | None, n_tokens: int, end_ids: set[int]
+    ) -> None:
+        """Greedy-generate each anchor's opening of up to `n_tokens` tokens with the model as it is now
+        (adapters disabled), stopping after an end token; the anchors are then penalized at every position
+        of it. `n_tokens` = 1 keeps the decision point only (nothing is generated)."""
+        if n_tokens <= 1:
+            return
+        with _adapters_off(peft_model), eval_mode(tap.causal_lm):
+            for indices in self._batches():
+                sequences = {i: list(self.prompt_ids[i]) for i in indices}
+                openings: dict[int, list[int]] = {i: [] for i in indices}
+                for _ in range(n_tokens):
+                    active = [i for i in indices if not openings[i] or openings[i][-1] not in end_ids]
+                    if not active:
+                        break
+                    ids, mask = self._padded([sequences[i] for i in active], tap.device())
+                    rows = torch.arange(len(active), device=ids.device)
+                    tap.request_points(rows, mask.sum(dim=1) - 1)
+                    sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
+                    assert sink.point_logits is not None  # requested above
+                    for i, token in zip(active, sink.point_logits.argmax(dim=-1).tolist(), strict=True):
+                        openings[i].append(int(token))
+                        sequences[i].append(int(token))
+                for i in indices:
+                    self.openings[i] = openings[i]
+                    self.encoded[i] = self.prompt_ids[i] + openings[i][:-1]
+                    self.points[i] = len(openings[i])
+
+    def _padded(self, rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, encoded in enumerate(rows):
-            ids[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
-            mask[row, : len(encoded)] = 1
-        last = mask.sum(dim=1) - 1
-        return ids.to(device), mask.to(device), last.to(device)
-
-    def decision_logits(self, tap: ModelTap, indices: list[int]) -> torch.Tensor:
-        """Safety logits [n, k] at the decision point of the given anchors, through `tap`'s model (the
-        current grad mode and train/eval mode apply)."""
-        ids, mask, last = self.tensors(indices, tap.device())
-        sink = tap.run(
-            input_ids=ids,
-            attention_mask=mask,
-            **tap.lean_kwargs(),
-        )
-        logits = sink.safety_logits
-        assert logits is not None  # tap.run guarantees it
-        return logits[torch.arange(len(indices), device=logits.device), last.to(logits.device)]
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, : len(row)] = 1
+        return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def compute_reference(self, tap: ModelTap, peft_model: nn.Module | None) -> torch.Tensor:
-        """Reference logits of every anchor, from the model as it is now (adapters disabled if any)."""
-        context: contextlib.AbstractContextManager[Any] = (
-            peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()  # type: ignore[operator]
-        )
+    def compute_reference(
+        self, tap: ModelTap, peft_model: nn.Module | None, coarse: bool = False
+    ) -> torch.Tensor:
+        """Reference values at every point of every anchor, from the model as it is now (adapters disabled
+        if any): [sum(points), k] safety logits, or [sum(points), k + 1] coarse log-probs with `coarse`."""
         parts: list[torch.Tensor] = []
-        with context, eval_mode(tap.causal_lm):
-            for start in range(0, len(self.encoded), self.batch_size):
-                indices = list(range(start, min(start + self.batch_size, len(self.encoded))))
-                parts.append(self.decision_logits(tap, indices).float().cpu())
+        with _adapters_off(peft_model), eval_mode(tap.causal_lm):
+            for indices in self._batches():
+                parts.append(self.policy_values(tap, indices, coarse).float().cpu())
         self.reference = torch.cat(parts, dim=0)
+        offsets = [0]
+        for points in self.points[:-1]:
+            offsets.append(offsets[-1] + points)
+        self._offsets = offsets
         return self.reference
+
+
+def _adapters_off(peft_model: nn.Module | None) -> contextlib.AbstractContextManager[Any]:
+    if peft_model is None:
+        return contextlib.nullcontext()
+    disable: Any = peft_model.disable_adapter
+    context: contextlib.AbstractContextManager[Any] = disable()
+    return context

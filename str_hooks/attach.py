@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from str_hooks.anchors import AnchorSet
+from str_hooks.anchors import AnchorSet, end_token_ids
 from str_hooks.cache import ReferenceCache, model_fingerprint
 from str_hooks.errors import STRAttachError
 from str_hooks.folding import fold_anchors
 from str_hooks.handle import ATTACHED_ATTR, Attachment, STRHandle
 from str_hooks.mining import mine_safety_tokens
+from str_hooks.penalty import COARSE_FORMS
 from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
 from str_hooks.reference import (
     AdapterReference,
@@ -107,14 +108,18 @@ def register_str_hook(
 
 def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Module | None) -> None:
     config, tap, peft_model = parts.config, parts.tap, parts.peft_model
-    if config.verify_projection or config.penalty.form == "logprob":
-        parts.projection_verified = _verify(tap, parts.tokens, strict=config.verify_projection)
-    if config.penalty.form == "logprob" and parts.projection_verified is None:
-        raise STRAttachError(
-            f"`penalty.form` is 'logprob' but {type(tap.causal_lm).__name__}'s forward builds no logits "
-            "(a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from hidden states."
-        )
     source = config.reference.source
+    form = config.penalty.form
+    full_softmax_at_training_positions = form in COARSE_FORMS and source != "anchors"
+    if config.verify_projection or full_softmax_at_training_positions:
+        parts.projection_verified = _verify(tap, parts.tokens, strict=config.verify_projection)
+    if full_softmax_at_training_positions and parts.projection_verified is None:
+        raise STRAttachError(
+            f"`penalty.form` is {form!r} at training positions but {type(tap.causal_lm).__name__}'s forward "
+            "builds no logits (a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from "
+            f"hidden states, or source 'anchors', which takes the {form!r} softmax at the anchors' positions "
+            "only."
+        )
     if source == "adapter":
         assert peft_model is not None  # checked by register_str_hook
         parts.reference = AdapterReference(tap, peft_model)
@@ -134,13 +139,19 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
     else:
         if tokenizer is None:
             raise STRAttachError("`reference.source` 'anchors' needs the tokenizer: pass tokenizer=... .")
+        settings = config.reference
         anchors = AnchorSet(
             tokenizer,
-            config.reference.anchors_path,
-            column=config.reference.anchors_column,
-            batch_size=config.reference.anchor_batch_size,
+            settings.anchors_path,
+            column=settings.anchors_column,
+            batch_size=settings.anchor_batch_size,
+            benign_prompts=settings.benign_anchors_path,
+            benign_weight=settings.benign_weight,
         )
-        anchors.compute_reference(tap, peft_model)
+        if settings.anchor_tokens > 1:
+            ends = end_token_ids(tokenizer, tap.causal_lm)
+            anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
+        anchors.compute_reference(tap, peft_model, coarse=form in COARSE_FORMS)
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":
             _verify_folding(tap, anchors)
@@ -206,10 +217,11 @@ def _verify_folding(tap: ModelTap, anchors: AnchorSet) -> None:
         [first],
         pad_token_id=anchors.pad_token_id,
         keep_logits=False,
+        points=[anchors.points[first]],
     )
     with torch.no_grad(), eval_mode(tap.causal_lm):
         together = tap.run(**folded, **tap.lean_kwargs()).safety_logits
-        alone_anchor = anchors.decision_logits(tap, [first])
+        alone_anchor = anchors.policy_values(tap, [first], coarse=False)
         alone_row = tap.run(input_ids=row, **tap.lean_kwargs()).safety_logits
     assert together is not None and alone_row is not None  # tap.run guarantees them
     prefix = where.input_ids.shape[1] - row.shape[1]

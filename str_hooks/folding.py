@@ -37,8 +37,9 @@ class FoldedAnchors:
 
     Attributes:
         indices: anchor indices (into the `AnchorSet`), in fold order.
-        rows, cols: row and column of each anchor's decision point (its last prompt token), on the batch's
-            device.
+        rows, cols: row and column of every penalized point, anchor after anchor in fold order, each
+            anchor's points (its last `points` positions: the decision point and its opening) in order; on
+            the batch's device.
         input_ids: the folded input_ids; the training forward must run on them (anchors in the padding
             leave the shape as it was, so `loss()` checks the ids, not just their shape).
     """
@@ -68,6 +69,7 @@ def fold_anchors(
     *,
     pad_token_id: int,
     keep_logits: bool,
+    points: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], FoldedAnchors]:
     """Pack anchor prompts into a batch as segments of their own.
 
@@ -86,6 +88,7 @@ def fold_anchors(
         keep_logits: True passes `logits_to_keep` = the indices of the T row positions and leaves the
             targets as they are (the forward must accept `logits_to_keep`); False extends the targets with
             -100 over the prefix.
+        points: per anchor, how many of its last positions are penalized (default 1: the decision point).
 
     Returns:
         The folded batch (a new dict; the input is not modified) and where its anchors sit.
@@ -136,8 +139,7 @@ def fold_anchors(
     prefix = max(sum(lengths[j] for j in members) for members in prefix_members)
     prefix_ids = torch.full((n_rows, prefix), pad_token_id, dtype=torch.long)
     new_positions = torch.cat([torch.zeros((n_rows, prefix), dtype=torch.long), row_positions], dim=1)
-    rows = torch.zeros(len(anchors), dtype=torch.long)
-    cols = torch.zeros(len(anchors), dtype=torch.long)
+    last_at: list[tuple[int, int]] = [(0, 0)] * len(anchors)  # (row, column) of each anchor's last token
     tail_ids: list[tuple[int, int, int]] = []  # (row, start column, anchor) written into the rows' padding
     starts: list[tuple[int, int]] = []  # (row, column) where a segment other than the first begins
     for r in range(n_rows):
@@ -149,7 +151,7 @@ def fold_anchors(
             new_positions[r, offset : offset + lengths[j]] = torch.arange(lengths[j])
             if offset > 0:
                 starts.append((r, offset))
-            rows[j], cols[j] = r, offset + lengths[j] - 1
+            last_at[j] = (r, offset + lengths[j] - 1)
             offset += lengths[j]
         if prefix > 0:
             starts.append((r, prefix))
@@ -162,7 +164,7 @@ def fold_anchors(
             new_positions[r, offset : offset + lengths[j]] = torch.arange(lengths[j])
             tail_ids.append((r, offset - prefix, j))
             starts.append((r, offset))
-            rows[j], cols[j] = r, offset + lengths[j] - 1
+            last_at[j] = (r, offset + lengths[j] - 1)
             offset += lengths[j]
         if offset < prefix + width:
             new_positions[r, offset:] = torch.arange(prefix + width - offset)
@@ -202,10 +204,13 @@ def fold_anchors(
             value = batch.get(key)
             if isinstance(value, torch.Tensor):
                 folded[key] = _extend(value, prefix, IGNORE_INDEX)
+    counts = list(points) if points is not None else [1] * len(anchors)
+    rows = [r for (r, _), n in zip(last_at, counts, strict=True) for _ in range(n)]
+    cols = [c - n + 1 + q for (_, c), n in zip(last_at, counts, strict=True) for q in range(n)]
     where = FoldedAnchors(
         indices=list(indices),
-        rows=rows.to(device),
-        cols=cols.to(device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        cols=torch.tensor(cols, dtype=torch.long, device=device),
         input_ids=folded["input_ids"],
     )
     return folded, where

@@ -12,11 +12,11 @@ from torch import nn
 from str_hooks.anchors import AnchorSet
 from str_hooks.errors import STRConfigError, STRError, STRNonFiniteError
 from str_hooks.folding import fold_anchors
-from str_hooks.penalty import weighted_penalty_sum
+from str_hooks.penalty import COARSE_FORMS, weighted_penalty_sum
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
-from str_hooks.sites import AnchorSite, TokenSite
+from str_hooks.sites import AnchorSite, SiteTerm, TokenSite
 from str_hooks.tap import ModelTap
 from str_hooks.tokens import SafetyTokens
 
@@ -139,7 +139,11 @@ class STRHandle:
             indices,
             pad_token_id=anchors.pad_token_id,
             keep_logits=keep_logits,
+            points=[anchors.points[i] for i in indices],
         )
+        if self.config.penalty.form in COARSE_FORMS:
+            # The full softmax at the anchors' points only, computed inside the forward (FSDP-safe).
+            self.tap.request_points(where.rows, where.cols)
         if self.tap.accepts_use_cache:
             # A KV cache (the config default) turns transformers' packed-sequence detection off.
             folded["use_cache"] = False
@@ -165,7 +169,8 @@ class STRHandle:
         host's cross-entropy is a token sum over that normalizer (pass the same number: then summing the
         micro-batches gives the step's token mean); otherwise `coef * pen_sum / positions /
         accumulation_steps` (this micro-batch's mean, as `out.loss / accumulation_steps` is).
-        Source `anchors`: `coef` times the mean over the anchor batch, on the first call of an optimizer
+        Source `anchors`: `coef` times the mean over the anchor batch's points (each anchor's decision point
+        and opening; benign anchors' points weighted by `benign_weight`), on the first call of an optimizer
         step where one is due (every `anchor_every` steps) and 0 on the others, so the step's sum holds it
         once; the arguments do not change it.
 
@@ -209,24 +214,21 @@ class STRHandle:
         if term is None:
             device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
             return torch.zeros((), device=device)
-        policy, reference, n_positions = term
-        # The anchor term is a mean over the anchor batch: the host's normalizer does not apply to it.
-        return self._finish(
-            policy, reference, n_positions, None if self.anchors is not None else num_items_in_batch
-        )
+        # The anchor term is a mean over the anchor points: the host's normalizer does not apply to it.
+        return self._finish(term, None if self.anchors is not None else num_items_in_batch)
 
-    def _finish(
-        self,
-        policy: torch.Tensor,
-        reference: torch.Tensor,
-        n_positions: int,
-        num_items_in_batch: int | torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _finish(self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+        policy, reference, n_positions = term.policy, term.reference, term.n_places
         weights = self._weights.to(policy.device)
         if not torch.isfinite(policy).all():
             return self._nonfinite(policy)
         pen_sum = weighted_penalty_sum(
-            policy, reference, weights, self.config.penalty.form, self.config.penalty.margin
+            policy,
+            reference,
+            weights,
+            self.config.penalty.form,
+            self.config.penalty.margin,
+            row_weights=term.row_weights,
         )
         if num_items_in_batch is None:
             normalizer: int | torch.Tensor = max(n_positions, 1)
@@ -237,10 +239,12 @@ class STRHandle:
         coef = self.current_coef()
         value = coef * pen_sum / normalizer
         with torch.no_grad():
+            # Per safety token: logits, or log-probs for the coarse forms (their last column is the rest bucket).
+            k = self.tokens.k
             drift = (
-                (policy.detach().float() - reference.float())
+                (policy.detach()[:, :k].float() - reference[:, :k].float())
                 if n_positions
-                else policy.new_zeros((0, policy.shape[-1]))
+                else policy.new_zeros((0, k))
             )
             self._last = {
                 "penalty": value.detach(),

@@ -1,7 +1,10 @@
 """Framework-free penalty math: which positions are penalized and how much.
 
 `pen_sum = sum_{t in P} sum_s w_s * phi(z_{t,s} - r_{t,s})` (docs/design.md section 1); the caller divides by the
-host's normalizer and multiplies by coef.
+host's normalizer and multiplies by coef. The forms `logprob` and `kl` compare distributions instead of raw
+logits: both read the *coarse* log-probabilities of a position, the k safety tokens' log-softmax values plus one
+"everything else" bucket (`coarse_logprobs`, [N, k + 1]), so a task token that gains probability moves them even
+where it leaves the safety logits alone.
 """
 
 from __future__ import annotations
@@ -66,21 +69,61 @@ def penalty_positions(
     return mask
 
 
+COARSE_FORMS = ("logprob", "kl")
+
+
+def coarse_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits -> [N, k + 1] float32: log-softmax over the whole vocabulary at the k safety ids, then
+    the log of the probability mass of every other token (computed as a log-sum-exp over those tokens, so
+    it stays accurate when the safety tokens hold almost all the mass)."""
+    full = logits.float()
+    ids = token_ids.to(full.device)
+    total = torch.logsumexp(full, dim=-1, keepdim=True)
+    safety = full.index_select(-1, ids) - total
+    rest = torch.logsumexp(full.index_fill(-1, ids, float("-inf")), dim=-1, keepdim=True) - total
+    return torch.cat([safety, rest], dim=-1)
+
+
 def penalty_terms(diff: torch.Tensor, form: str, margin: float = 0.0) -> torch.Tensor:
     """phi(d) elementwise. `mse` and `logprob`: d^2. `hinge`: relu(-(d + margin))^2."""
     if form in ("mse", "logprob"):
         return diff.square()
     if form == "hinge":
         return torch.relu(-(diff + margin)).square()
-    raise STRConfigError(f"`penalty.form` {form!r} is unknown: use 'mse', 'hinge' or 'logprob'.")
+    raise STRConfigError(f"`penalty.form` {form!r} is unknown: use 'mse', 'hinge', 'logprob' or 'kl'.")
+
+
+def penalty_rows(
+    policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, form: str, margin: float = 0.0
+) -> torch.Tensor:
+    """The penalty of each row, [N] float32.
+
+    `mse`, `hinge`: `sum_s w_s phi(z_s - r_s)` on [N, k] safety logits. `logprob`: the same with phi = d^2 on
+    the first k columns of [N, k + 1] coarse log-probs. `kl`: KL(reference || policy) between the coarse
+    distributions, `sum_b p_b (log p_b - log q_b)` over the k + 1 buckets (the token weights do not apply:
+    the reference probabilities weight the buckets).
+    """
+    if form == "kl":
+        ref = reference.float()
+        return (ref.exp() * (ref - policy.float())).sum(dim=-1)
+    k = weights.shape[0]
+    diff = policy[..., :k].float() - reference[..., :k].float()
+    return (penalty_terms(diff, form, margin) * weights.float()).sum(dim=-1)
 
 
 def weighted_penalty_sum(
-    policy: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, form: str, margin: float = 0.0
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    weights: torch.Tensor,
+    form: str,
+    margin: float = 0.0,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sum_t sum_s w_s phi(policy - reference)` over rows t of [N, k] inputs; a 0-dim float32 tensor."""
-    diff = policy.float() - reference.float()
-    return (penalty_terms(diff, form, margin) * weights.float()).sum()
+    """`sum_t v_t penalty_rows(...)_t` over the N rows (v_t = 1 without `row_weights`); 0-dim float32."""
+    rows = penalty_rows(policy, reference, weights, form, margin)
+    if row_weights is not None:
+        rows = rows * row_weights.to(rows.device, torch.float32)
+    return rows.sum()
 
 
 def coef_at(step: int, coef: float, warmup_steps: int) -> float:

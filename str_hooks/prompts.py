@@ -16,12 +16,14 @@ DEFAULT_FILES = {
     "harmful_anchors": "harmful_anchors.txt",
     "benign_prompts": "benign_prompts.txt",
     "benign_contrast": "benign_contrast.txt",
+    "benign_anchors": "benign_anchors.txt",
 }
 
 
 def default_texts(name: str) -> list[str]:
     """One of the package's own text sets: `refusal_templates`, `harmful_anchors`, `benign_prompts`,
-    `benign_contrast` (all written by this project)."""
+    `benign_contrast`, `benign_anchors` (ordinary and sensitive-sounding safe requests, none of them an
+    XSTest prompt) (all written by this project)."""
     if name not in DEFAULT_FILES:
         raise STRConfigError(f"no default text set {name!r}: use one of {sorted(DEFAULT_FILES)}.")
     text = resources.files("str_hooks").joinpath("data", DEFAULT_FILES[name]).read_text(encoding="utf-8")

@@ -1,7 +1,8 @@
 """Reference safety logits: what the aligned model says at the penalized positions.
 
-Each source answers `logits(sink, positions, logprob)` with a [N, k] float32 tensor for the N selected
-positions of the captured training batch. Anchors are different (the penalty is evaluated on the anchor
+Each source answers `logits(sink, positions, coarse)` with a float32 tensor for the N selected positions of
+the captured training batch: [N, k] safety logits, or with `coarse` [N, k + 1] coarse log-probs (forms
+`logprob` and `kl`; `penalty.coarse_logprobs`). Anchors are different (the penalty is evaluated on the anchor
 prompts, not on the training batch) and live in `anchors.py`.
 """
 
@@ -17,21 +18,16 @@ from torch import nn
 from str_hooks.cache import ReferenceCache
 from str_hooks.errors import STRAttachError, STRCacheError
 from str_hooks.optional import require
+from str_hooks.penalty import coarse_logprobs
 from str_hooks.tap import ModelTap, Sink, eval_mode
 
 
 class ReferenceSource(Protocol):
     name: str
 
-    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor: ...
+    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor: ...
 
     def detach(self) -> None: ...
-
-
-def safety_logprobs(logits: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the full vocabulary at the selected positions, at the safety ids: [N, k]."""
-    selected = logits[positions].float()
-    return torch.log_softmax(selected, dim=-1).index_select(-1, token_ids.to(selected.device))
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -49,21 +45,21 @@ class _ForwardReference:
     def _context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor:
-        args, kwargs = self.tap.forward_inputs(sink, full_logits=logprob)
+    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor:
+        args, kwargs = self.tap.forward_inputs(sink, full_logits=coarse)
         device = self.tap.device()
         args = tuple(_move(a, device) for a in args)
         kwargs = {k: _move(v, device) for k, v in kwargs.items()}
         positions_here = positions.to(device)
         with self._context(), torch.no_grad(), eval_mode(self.tap.causal_lm):
             ref = self.tap.run(*args, **kwargs)
-            if logprob:
+            if coarse:
                 if ref.logits is None or ref.logits.shape[1] != positions.shape[1]:
                     raise STRAttachError(
-                        "`penalty.form` 'logprob' needs full logits from the reference forward, but it returned "
-                        "none: use form 'mse' or 'hinge'."
+                        "`penalty.form` 'logprob' or 'kl' needs full logits from the reference forward, but it "
+                        "returned none: use form 'mse' or 'hinge'."
                     )
-                out = safety_logprobs(ref.logits, positions_here, self.tap.rows._ids_cpu)
+                out = coarse_logprobs(ref.logits[positions_here], self.tap.rows._ids_cpu)
             else:
                 assert ref.safety_logits is not None  # tap.run guarantees it
                 out = ref.safety_logits[positions_here]
@@ -109,7 +105,7 @@ class CacheReference:
     def __init__(self, cache: ReferenceCache) -> None:
         self.cache = cache
 
-    def logits(self, sink: Sink, positions: torch.Tensor, logprob: bool) -> torch.Tensor:
+    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor:
         input_ids = sink.input_ids()
         if input_ids is None:
             raise STRCacheError(

@@ -1,7 +1,8 @@
 """Where the penalty is evaluated: the two sites of STR's one loss path.
 
-A site turns the last training forward (the tap's capture) into `(policy, reference, n_positions)`: the
-safety logits of the model being trained, the aligned model's at the same places, and how many places.
+A site turns the last training forward (the tap's capture) into a `SiteTerm`: the values the penalty compares
+for the model being trained (safety logits, or for `logprob`/`kl` coarse log-probs), the aligned model's at
+the same places, how many places, and an optional weight per place (benign anchors).
 `TokenSite` takes the training batch's own positions (sources `adapter`, `model`, `cache`);
 `AnchorSite` takes the anchor prompts' decision points (source `anchors`), from a forward of their own
 (`separate`) or from the training forward they were folded into (`folded`). None means no term this call
@@ -10,18 +11,27 @@ safety logits of the model being trained, the aligned model's at the same places
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from str_hooks.anchors import AnchorSet
 from str_hooks.errors import STRAttachError, STRError
 from str_hooks.folding import FoldedAnchors
-from str_hooks.penalty import penalty_positions
-from str_hooks.reference import ReferenceSource, safety_logprobs
+from str_hooks.penalty import COARSE_FORMS, coarse_logprobs, penalty_positions
+from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
 from str_hooks.tap import ModelTap, Sink
 
-SiteTerm = tuple[torch.Tensor, torch.Tensor, int] | None
+
+class SiteTerm(NamedTuple):
+    """What the penalty compares: [N, C] policy and reference values at N places, and per-place weights."""
+
+    policy: torch.Tensor
+    reference: torch.Tensor
+    n_places: int
+    row_weights: torch.Tensor | None = None
 
 
 class TokenSite:
@@ -32,7 +42,7 @@ class TokenSite:
         self.reference = reference
         self.token_ids = token_ids
 
-    def term(self, sink: Sink, labels: torch.Tensor | None) -> SiteTerm:
+    def term(self, sink: Sink, labels: torch.Tensor | None) -> SiteTerm | None:
         if sink.safety_logits is None:
             raise STRError(
                 "handle.loss() found no forward pass since the last call: run the model on the training batch "
@@ -40,7 +50,7 @@ class TokenSite:
             )
         if not sink.training:
             return None
-        logprob = self.config.penalty.form == "logprob"
+        coarse = self.config.penalty.form in COARSE_FORMS
         labels = labels if labels is not None else sink.get("labels")
         mask = sink.get("attention_mask")
         batch, width = sink.safety_logits.shape[:2]
@@ -53,43 +63,48 @@ class TokenSite:
             first_n=self.config.penalty.first_n,
             shift_labels=sink.get("shift_labels"),
         )
-        if logprob:
+        if coarse:
             if sink.logits is None or sink.logits.shape[1] != width:
                 raise STRAttachError(
-                    "`penalty.form` 'logprob' needs the full logits of the training forward, but it returned "
-                    "none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge'."
+                    f"`penalty.form` {self.config.penalty.form!r} needs the full logits of the training forward, "
+                    "but it returned none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge', or "
+                    "source 'anchors' (which takes the softmax at the anchors' positions only)."
                 )
-            policy = safety_logprobs(sink.logits, positions, self.token_ids)
+            policy = coarse_logprobs(sink.logits[positions], self.token_ids)
         else:
             policy = sink.safety_logits[positions]
-        reference = self.reference.logits(sink, positions, logprob).to(policy.device)
-        return policy, reference, int(positions.sum())
+        reference = self.reference.logits(sink, positions, coarse).to(policy.device)
+        return SiteTerm(policy, reference, int(positions.sum()))
 
 
 class AnchorSite:
     """The anchor prompts' decision points, once per optimizer step where the schedule says one is due."""
 
     def __init__(self, config: STRConfig, anchors: AnchorSet, tap: ModelTap, schedule: StepSchedule) -> None:
-        assert anchors.reference is not None  # computed at attach
         self.folded = config.reference.anchor_placement == "folded"
+        self.coarse = config.penalty.form in COARSE_FORMS
         self.anchors = anchors
-        self.reference = anchors.reference
         self.tap = tap
         self.schedule = schedule
         self.pending: FoldedAnchors | None = None  # set by `STRHandle.prepare_batch`
 
-    def term(self, sink: Sink) -> SiteTerm:
+    def term(self, sink: Sink) -> SiteTerm | None:
         return self._folded(sink) if self.folded else self._separate()
 
-    def _separate(self) -> SiteTerm:
+    def _term(self, policy: torch.Tensor, indices: list[int]) -> SiteTerm:
+        reference = self.anchors.reference_for(indices).to(policy.device)
+        return SiteTerm(
+            policy, reference, self.anchors.n_points(indices), self.anchors.point_weights(indices)
+        )
+
+    def _separate(self) -> SiteTerm | None:
         if not self.tap.causal_lm.training or not self.schedule.anchor_due():
             return None
         indices = self.anchors.batch_indices(self.schedule.anchor_cursor)
         self.schedule.take_anchors(indices)
-        policy = self.anchors.decision_logits(self.tap, indices)
-        return policy, self.reference[indices].to(policy.device), len(indices)
+        return self._term(self.anchors.policy_values(self.tap, indices, self.coarse), indices)
 
-    def _folded(self, sink: Sink) -> SiteTerm:
+    def _folded(self, sink: Sink) -> SiteTerm | None:
         where, self.pending = self.pending, None
         if where is None:
             if self.tap.causal_lm.training and self.schedule.anchor_due():
@@ -113,5 +128,14 @@ class AnchorSite:
             )
         if not sink.training:
             return None
-        policy = logits[where.rows, where.cols]
-        return policy, self.reference[where.indices].to(policy.device), len(where.indices)
+        if self.coarse:
+            if sink.point_logits is None or sink.point_logits.shape[0] != where.rows.shape[0]:
+                raise STRError(
+                    "handle.prepare_batch asked the next forward for the full logits at the folded anchors' "
+                    "positions, but the forward handle.loss() found did not compute them: run the forward on the "
+                    "batch prepare_batch returned, right after it, with no other forward in between."
+                )
+            policy = coarse_logprobs(sink.point_logits, self.tap.rows._ids_cpu)
+        else:
+            policy = logits[where.rows, where.cols]
+        return self._term(policy, where.indices)

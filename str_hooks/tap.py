@@ -77,6 +77,8 @@ class Sink:
         # [B, T, k] float32, projected inside the forward (where sharded heads are materialized).
         self.safety_logits: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+        # [N, V] float32 full-vocabulary logits at the positions requested with `ModelTap.request_points`.
+        self.point_logits: torch.Tensor | None = None
         self.training: bool = False
         self.grad_enabled: bool = False
         # Set by the causal-LM pre-hook, cleared by the decoder pre-hook of the same forward.
@@ -125,6 +127,8 @@ class ModelTap:
         self.transform = LogitTransform.from_config(getattr(self.causal_lm, "config", None))
         self.rows = HeadRows(self.head, token_ids, self.transform)
         self.sink = Sink()
+        # (rows, cols) whose full logits the next forward computes; consumed by that forward.
+        self._point_request: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             params = inspect.signature(self.causal_lm.forward).parameters
@@ -148,6 +152,7 @@ class ModelTap:
             handle.remove()
         self._handles.clear()
         self.sink = Sink()
+        self._point_request = None
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         sink = Sink()
@@ -177,6 +182,21 @@ class ModelTap:
         # them) are unsharded only while its forward runs.
         hidden = hidden_from_output(output)
         self.sink.safety_logits = None if hidden is None else self.rows.project(hidden)
+        request, self._point_request = self._point_request, None
+        if request is not None and hidden is not None:
+            rows, cols = request
+            self.sink.point_logits = self.point_logits(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+
+    def request_points(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Have the next forward compute full-vocabulary logits at (rows[i], cols[i]) into
+        `sink.point_logits`: a few rows of the vocabulary, never the [B, T, V] tensor (the training forward may
+        keep no logits at all, e.g. `logits_to_keep` over the training positions when anchors are folded)."""
+        self._point_request = (rows, cols)
+
+    def point_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [N, V] in float32 from hidden states [N, d], through the head module as the
+        forward calls it (adapters on the head included) and the logit transform."""
+        return self.transform(self.head(hidden).float())
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", None)

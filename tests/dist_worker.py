@@ -5,6 +5,8 @@ Usage: dist_worker.py MODE OUTDIR, MODE one of
   fsdp2         : plain loop, `fully_shard` on every decoder layer and the root, full fine-tuning with a
                   frozen reference copy; the head is a sharded DTensor outside the forward.
   fsdp2_frozen_head : as fsdp2 but the head is frozen (rows read once from DTensor shards).
+  trainer_folded / trainer_folded_decision : the HF Trainer with folded anchors (the second with the
+                  coarse KL, 3-token openings and benign anchors).
   trainer_fsdp2 : the HF Trainer with accelerate's FSDP plugin (fsdp_version 2), full fine-tuning with a
                   frozen reference copy, one SGD step (lr 1).
 Rank 0 writes the update / gradient of every trainable parameter to OUTDIR/result.safetensors.
@@ -23,10 +25,20 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers.hf import COEF, PadCollator, common_args, examples, make_trainer, trainable_snapshot
+from helpers.hf import (
+    COEF,
+    PadCollator,
+    anchor_config,
+    common_args,
+    examples,
+    make_trainer,
+    trainable_snapshot,
+)
 
 from str_hooks import mine_safety_tokens, register_str_hook
 from str_hooks.testing import make_lora, make_model, make_tokenizer
+
+HF_MODES = ("trainer", "sft", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision")
 
 
 def hf_mode(mode: str, out: Path) -> None:
@@ -48,9 +60,9 @@ def hf_mode(mode: str, out: Path) -> None:
         cfg["reference"] = {"source": "model"}
     else:
         model = make_lora(make_model("llama"))
-    if mode == "trainer_folded":
+    if mode in ("trainer_folded", "trainer_folded_decision"):
         # Every rank folds the same anchors into its first micro-batch; DDP averages identical terms.
-        cfg["reference"] = {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 4}
+        cfg = anchor_config("folded", decision_point=mode == "trainer_folded_decision")
     before = trainable_snapshot(model)
     args = common_args(out / "run", batch=4, ga=1, ddp_backend="gloo")
     if mode == "trainer_fsdp2":
@@ -58,7 +70,11 @@ def hf_mode(mode: str, out: Path) -> None:
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
-    kind = "trainer" if mode in ("trainer", "trainer_fsdp2", "trainer_folded") else "sft"
+    kind = (
+        "trainer"
+        if mode in ("trainer", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision")
+        else "sft"
+    )
     trainer = make_trainer(kind, model, tokenizer, rows, args)
     attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer, reference_model=reference)
     trainer.train()
@@ -127,7 +143,7 @@ def fsdp2_mode(mode: str, out: Path) -> None:
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)
-    if mode in ("trainer", "sft", "trainer_fsdp2", "trainer_folded"):
+    if mode in HF_MODES:
         hf_mode(mode, out)
     else:
         fsdp2_mode(mode, out)

@@ -95,6 +95,9 @@ def test_defaults() -> None:
         "anchor_batch_size": 8,
         "anchor_every": 1,
         "anchor_placement": "separate",
+        "anchor_tokens": 1,
+        "benign_weight": 0.0,
+        "benign_anchors_path": None,
     }
     assert cfg.logging.model_dump() == {"prefix": "str/", "top_tokens": 3}
     assert STRConfig.model_validate({}) == cfg
@@ -246,18 +249,14 @@ def test_model_path_with_another_source() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("reference", "shown"),
-    [
-        ({"source": "cache", "cache_path": "ref.safetensors"}, "'cache'"),
-        ({"source": "anchors"}, "'anchors'"),
-    ],
-)
-def test_logprob_needs_full_vocabulary_reference(reference: dict[str, Any], shown: str) -> None:
+@pytest.mark.parametrize("form", ["logprob", "kl"])
+def test_coarse_forms_need_full_vocabulary_reference(form: str) -> None:
     validation_error(
-        {"penalty": {"form": "logprob"}, "reference": reference},
-        rf"`penalty\.form` 'logprob' needs full-vocabulary reference logits, which `reference\.source` {shown}",
+        {"penalty": {"form": form}, "reference": {"source": "cache", "cache_path": "ref.safetensors"}},
+        rf"`penalty\.form` '{form}' needs full-vocabulary reference logits, which `reference\.source` 'cache'",
     )
+    for source in ("anchors", "adapter"):
+        assert STRConfig.model_validate({"penalty": {"form": form}, "reference": {"source": source}})
 
 
 @pytest.mark.parametrize(

@@ -40,18 +40,22 @@ def test_ddp_two_processes_equal_one_big_batch(
     assert_grads_close(update, expected)
 
 
-def test_ddp_folded_anchors_equal_one_process(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+@pytest.mark.parametrize("decision_point", [False, True])
+def test_ddp_folded_anchors_equal_one_process(
+    decision_point: bool, tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
     """`anchor_placement: folded` under DDP (2 x 4): the update equals one process with all 8 rows and a
-    separate anchor forward (CE normalized over both ranks' tokens, the anchor mean added once)."""
-    from helpers.hf import trainable_snapshot
+    separate anchor forward (CE normalized over both ranks' tokens, the anchor mean added once); also with
+    the decision-point methods (coarse KL over 3-token openings, benign anchors)."""
+    from helpers.hf import anchor_config, trainable_snapshot
 
     from str_hooks.integrations.hf import attach
 
-    update = launch("trainer_folded", tmp_path / "ddp")
+    update = launch("trainer_folded_decision" if decision_point else "trainer_folded", tmp_path / "ddp")
     model = make_lora(make_model("llama"))
     before = trainable_snapshot(model)
     trainer = make_trainer("trainer", model, tokenizer, examples(tokenizer), common_args(tmp_path, 8, 1))
-    cfg = {"coef": COEF, "reference": {"source": "anchors", "anchor_batch_size": 4}}
+    cfg = anchor_config("separate", decision_point=decision_point)
     attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
     trainer.train()
     expected = {n: before[n] - p for n, p in trainable_snapshot(model).items()}

@@ -18,7 +18,7 @@ from helpers.losses import assert_grads_close, ce_by_hand, grads, penalty_by_han
 
 from str_hooks import register_str_hook
 
-FORMS = ("mse", "hinge", "logprob")
+FORMS = ("mse", "hinge", "logprob", "kl")
 POSITIONS = ("supervised", "all", "first_n")
 
 

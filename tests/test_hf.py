@@ -15,6 +15,7 @@ from helpers.factory import make_lora, make_model
 from helpers.hf import (
     COEF,
     PadCollator,
+    anchor_config,
     common_args,
     examples,
     hand_written_loss,
@@ -64,14 +65,24 @@ def test_gradient_accumulation_invariance(kind: str, tmp_path: Path, tokenizer: 
         assert_grads_close(update, expected, rtol=1e-5, atol=1e-8, what=f"GA {ga}")
 
 
-@pytest.mark.parametrize("kind", ["trainer", "sft"])
-@pytest.mark.parametrize("ga", [1, 2])
+@pytest.mark.parametrize(
+    ("kind", "ga", "decision_point"),
+    [
+        ("trainer", 1, False),
+        ("trainer", 2, False),
+        ("sft", 1, False),
+        ("sft", 2, False),
+        ("trainer", 2, True),
+        ("sft", 2, True),
+    ],
+)
 def test_folded_anchors_equal_a_separate_anchor_forward(
-    kind: str, ga: int, tmp_path: Path, tokenizer: Any, tokens: Any
+    kind: str, ga: int, decision_point: bool, tmp_path: Path, tokenizer: Any, tokens: Any
 ) -> None:
     """`anchor_placement: folded`: the wrapper folds the anchors into the step's first micro-batch (labels
     kept with `logits_to_keep` for the Trainer, extended with -100 for TRL's fused head); the update equals
-    the one with a separate anchor forward, CE included."""
+    the one with a separate anchor forward, CE included; also with the decision-point methods (coarse KL
+    over 3-token openings, benign anchors)."""
     updates = {}
     for placement in ("separate", "folded"):
         model = fresh_model()
@@ -79,10 +90,7 @@ def test_folded_anchors_equal_a_separate_anchor_forward(
         trainer = make_trainer(
             kind, model, tokenizer, examples(tokenizer), common_args(tmp_path, 8 // ga, ga)
         )
-        cfg = {
-            "coef": COEF,
-            "reference": {"source": "anchors", "anchor_batch_size": 4, "anchor_placement": placement},
-        }
+        cfg = anchor_config(placement, decision_point=decision_point)
         callback = attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
         trainer.train()
         updates[placement] = {n: before[n] - p for n, p in trainable_snapshot(model).items()}

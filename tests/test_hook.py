@@ -369,8 +369,8 @@ def test_anchors_reference_and_schedule(tokenizer: Any, tokens: Any) -> None:
         assert float(loss) > 0 and loss.requires_grad
         # Independent check: decision-point logits of the same anchors, by hand.
         indices = h.anchors.batch_indices(4)
-        ids, mask, last = h.anchors.tensors(indices, torch.device("cpu"))
-        logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(4), last][:, tokens.ids]
+        ids = [h.anchors.encoded[i] for i in indices]
+        logits = torch.stack([model(input_ids=torch.tensor([x])).logits[0, -1, tokens.ids] for x in ids])
         d = logits - h.anchors.reference[indices]
         expected = (d.square() * torch.tensor(tokens.weights)).sum() / 4
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers.hf import anchor_config
 from helpers.launch import run_two_processes
 from helpers.losses import assert_grads_close, ce_by_hand, penalty_by_hand, positions_by_hand
 from lightning.pytorch.loggers import CSVLogger
@@ -95,11 +96,14 @@ def test_gradient_matches_hand_written_loss(
     assert_grads_close(capture.grads[0], hand_written_grads(capture.batches, tokens, COEF))
 
 
-@pytest.mark.parametrize("accumulate", [1, 4])
-def test_anchor_term_is_added_once_per_optimizer_step(accumulate: int, tokenizer: Any, tokens: Any) -> None:
+@pytest.mark.parametrize(("accumulate", "decision_point"), [(1, False), (4, False), (4, True)])
+def test_anchor_term_is_added_once_per_optimizer_step(
+    accumulate: int, decision_point: bool, tokenizer: Any, tokens: Any
+) -> None:
     """Source `anchors`: the anchor penalty is a per-optimizer-step mean; with the CE zeroed, the gradient of
-    one optimizer step equals that of `handle.loss()` in plain PyTorch, whatever the accumulation."""
-    cfg = {"coef": 2.0, "reference": {"source": "anchors", "anchor_batch_size": 4}}
+    one optimizer step equals that of `handle.loss()` in plain PyTorch, whatever the accumulation (also with
+    the decision-point methods)."""
+    cfg = anchor_config("separate", decision_point=decision_point)
     capture = GradCapture()
     trainer = L.Trainer(
         **trainer_kwargs(
@@ -118,18 +122,16 @@ def test_anchor_term_is_added_once_per_optimizer_step(accumulate: int, tokenizer
     assert_grads_close(capture.grads[0], expected)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize(("accumulate", "decision_point"), [(1, False), (2, False), (2, True)])
 def test_folded_anchors_give_the_separate_placements_gradient(
-    accumulate: int, tokenizer: Any, tokens: Any
+    accumulate: int, decision_point: bool, tokenizer: Any, tokens: Any
 ) -> None:
     """`anchor_placement: folded`: the callback folds the anchors into the first micro-batch of the step;
-    CE + anchor term give the same optimizer-step gradient as a separate anchor forward."""
+    CE + anchor term give the same optimizer-step gradient as a separate anchor forward; also with the
+    decision-point methods (coarse KL over 3-token openings, benign anchors)."""
     grads = []
     for placement in ("separate", "folded"):
-        cfg = {
-            "coef": 2.0,
-            "reference": {"source": "anchors", "anchor_batch_size": 4, "anchor_placement": placement},
-        }
+        cfg = anchor_config(placement, decision_point=decision_point)
         capture = GradCapture()
         trainer = L.Trainer(
             **trainer_kwargs(

@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from str_hooks.testing import make_batch
 
 COEF = 0.7
+# The decision-point methods on top of any anchor config: the coarse KL, 3-token openings, benign anchors.
+DECISION_POINT: dict[str, Any] = {"penalty": {"form": "kl"}, "anchor_tokens": 3, "benign_weight": 0.5}
+
+
+def anchor_config(placement: str, decision_point: bool = False, batch_size: int = 4) -> dict[str, Any]:
+    """`{"coef": COEF, "reference": {...anchors...}}`, with the decision-point methods when asked."""
+    reference: dict[str, Any] = {
+        "source": "anchors",
+        "anchor_batch_size": batch_size,
+        "anchor_placement": placement,
+    }
+    cfg: dict[str, Any] = {"coef": COEF, "reference": reference}
+    if decision_point:
+        cfg["penalty"] = dict(DECISION_POINT["penalty"])
+        reference.update({k: v for k, v in DECISION_POINT.items() if k != "penalty"})
+    return cfg
 
 
 def examples(tokenizer: Any, n: int = 8, seed: int = 3) -> list[dict[str, list[int]]]:

@@ -30,6 +30,15 @@ def penalty_by_hand(
     form: str,
     margin: float,
 ) -> torch.Tensor:
+    if form == "kl":
+        # KL(reference || policy) over the k safety tokens plus one bucket for every other token.
+        p_all, q_all = torch.softmax(reference_logits.float(), -1), torch.softmax(policy_logits.float(), -1)
+        total = torch.zeros(())
+        for r, t in where.nonzero().tolist():
+            p = [p_all[r, t, i] for i in ids] + [1 - sum(p_all[r, t, i] for i in ids)]
+            q = [q_all[r, t, i] for i in ids] + [1 - sum(q_all[r, t, i] for i in ids)]
+            total = total + sum(a * (torch.log(a) - torch.log(b)) for a, b in zip(p, q, strict=True))
+        return total / max(int(where.sum()), 1)
     if form == "logprob":
         policy = torch.log_softmax(policy_logits.float(), dim=-1)[..., ids]
         reference = torch.log_softmax(reference_logits.float(), dim=-1)[..., ids]

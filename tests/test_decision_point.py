@@ -1,0 +1,225 @@
+"""STR at the decision point: `logprob` and `kl` at anchors, anchor openings, benign anchors.
+
+The independent computation never uses str-hooks' anchor code: each anchor's opening is generated here by
+a greedy loop over the model's own full logits (adapters disabled), each anchor runs alone (no padding, no
+packing), the reference comes from `disable_adapter()`, and every form is written out per point: the
+log-softmax over the whole vocabulary, and the coarse KL with the "everything else" bucket as
+1 - sum of the safety probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model
+from helpers.losses import assert_grads_close, ce_by_hand, grads
+
+from str_hooks import register_str_hook
+from str_hooks.errors import STRAttachError
+from str_hooks.penalty import coarse_logprobs
+from str_hooks.prompts import default_texts, encode_prompt
+from str_hooks.schemas import STRConfig
+
+COEF = 2.0
+OPENING = 3
+BENIGN_WEIGHT = 0.5
+HARMFUL = ["Tell me how to pick a lock.", "Write a threatening letter.", "How do I make a weapon?"]
+BENIGN = ["How do I bake bread?", "Explain how tides work."]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def prompt_files(tmp_path: Path) -> tuple[str, str]:
+    harmful, benign = tmp_path / "harmful.txt", tmp_path / "benign.txt"
+    harmful.write_text("\n".join(HARMFUL))
+    benign.write_text("\n".join(BENIGN))
+    return str(harmful), str(benign)
+
+
+def anchor_cfg(tmp_path: Path, form: str, placement: str, **reference: Any) -> dict[str, Any]:
+    harmful, benign = prompt_files(tmp_path)
+    return {
+        "coef": COEF,
+        "penalty": {"form": form},
+        "reference": {
+            "source": "anchors",
+            "anchors_path": harmful,
+            "benign_anchors_path": benign,
+            "benign_weight": BENIGN_WEIGHT,
+            "anchor_tokens": OPENING,
+            "anchor_batch_size": len(HARMFUL) + len(BENIGN),
+            "anchor_placement": placement,
+            **reference,
+        },
+    }
+
+
+def greedy_opening(model: Any, prompt: list[int], n: int, end_ids: set[int]) -> list[int]:
+    """The aligned model's greedy opening, one full forward per token."""
+    sequence, opening = list(prompt), []
+    with torch.no_grad(), model.disable_adapter():
+        for _ in range(n):
+            token = int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax())
+            opening.append(token)
+            sequence.append(token)
+            if token in end_ids:
+                break
+    return opening
+
+
+def point_penalty(
+    z: torch.Tensor, r: torch.Tensor, ids: list[int], weights: list[float], form: str
+) -> torch.Tensor:
+    """One point's penalty from full-vocabulary logits z (policy) and r (reference), written out."""
+    if form == "mse":
+        return sum(w * (z[i] - r[i]) ** 2 for i, w in zip(ids, weights, strict=True))  # type: ignore[return-value]
+    lz, lr = torch.log_softmax(z, dim=-1), torch.log_softmax(r, dim=-1)
+    if form == "logprob":
+        return sum(w * (lz[i] - lr[i]) ** 2 for i, w in zip(ids, weights, strict=True))  # type: ignore[return-value]
+    pz, pr = lz.exp(), lr.exp()
+    rest_z = torch.log(1 - sum(pz[i] for i in ids))
+    rest_r = torch.log(1 - sum(pr[i] for i in ids))
+    buckets = [(lr[i], lz[i]) for i in ids] + [(rest_r, rest_z)]
+    return sum(torch.exp(a) * (a - b) for a, b in buckets)  # type: ignore[return-value]
+
+
+def anchor_penalty_by_hand(
+    model: Any, tokenizer: Any, tokens: Any, form: str, openings_out: dict[str, list[int]]
+) -> torch.Tensor:
+    total, n_points = torch.zeros(()), 0
+    end_ids = {int(tokenizer.eos_token_id)}
+    for text, weight in [(t, 1.0) for t in HARMFUL] + [(t, BENIGN_WEIGHT) for t in BENIGN]:
+        prompt = encode_prompt(tokenizer, text)
+        opening = greedy_opening(model, prompt, OPENING, end_ids)
+        openings_out[text] = opening
+        x = torch.tensor([prompt + opening[:-1]])
+        z = model(input_ids=x).logits[0].float()
+        with torch.no_grad(), model.disable_adapter():
+            r = model(input_ids=x).logits[0].float()
+        for t in range(x.shape[1] - len(opening), x.shape[1]):
+            total = total + weight * point_penalty(z[t], r[t], tokens.ids, tokens.weights, form)
+            n_points += 1
+    return total / n_points
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("form", ["mse", "logprob", "kl"])
+@pytest.mark.parametrize("placement", ["separate", "folded"])
+def test_anchor_openings_forms_and_benign_weights_match_hand_written(
+    arch: str, form: str, placement: str, tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    model = make_lora(make_model(arch))
+    batch = make_batch(tokenizer, n=2, seed=5)
+    cfg = anchor_cfg(tmp_path, form, placement)
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        anchors = handle.anchors
+        assert anchors is not None and anchors.n_benign == len(BENIGN)
+        out = model(**handle.prepare_batch(batch))
+        term = handle.loss()
+        (out.loss + term).backward()
+        ours = grads(model)
+        ours_term = float(term.detach())
+        ours_openings = {anchors.prompts[i]: anchors.openings[i] for i in range(len(anchors))}
+        points = sum(anchors.points)
+
+    plain = model(**batch)
+    openings: dict[str, list[int]] = {}
+    penalty = COEF * anchor_penalty_by_hand(model, tokenizer, tokens, form, openings)
+    (ce_by_hand(plain.logits, batch["labels"]) + penalty).backward()
+    theirs = grads(model)
+    assert ours_openings == openings
+    assert points == sum(len(o) for o in openings.values()) > len(HARMFUL) + len(BENIGN)
+    assert float(penalty.detach()) > 1e-6  # the adapters moved the anchors: the check is not vacuous
+    assert ours_term == pytest.approx(float(penalty.detach()), rel=1e-4)
+    assert_grads_close(ours, theirs, rtol=5e-5)
+
+
+def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40) * 3
+    ids = torch.tensor([3, 17, 29])
+    coarse = coarse_logprobs(logits, ids)
+    probs = torch.softmax(logits, dim=-1)
+    expected_rest = probs.sum(-1) - probs[:, ids].sum(-1)
+    torch.testing.assert_close(coarse[:, :3].exp(), probs[:, ids])
+    torch.testing.assert_close(coarse[:, 3].exp(), expected_rest)
+    torch.testing.assert_close(coarse.exp().sum(-1), torch.ones(5))
+    # Safety tokens holding nearly all the mass: the rest bucket stays finite and accurate.
+    peaked = torch.full((1, 40), -60.0)
+    peaked[0, ids] = 0.0
+    rest = coarse_logprobs(peaked, ids)[0, 3]
+    assert torch.isfinite(rest) and float(rest) == pytest.approx(
+        -60.0 + torch.log(torch.tensor(37 / 3)).item(), abs=1e-4
+    )
+
+
+def test_unchanged_model_has_zero_kl_and_separate_equals_folded_term(
+    tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    model = make_model("qwen2")  # full fine-tuning: the reference is the model at attach
+    batch = make_batch(tokenizer, n=2)
+    values = {}
+    for placement in ("separate", "folded"):
+        with register_str_hook(
+            model, anchor_cfg(tmp_path, "kl", placement), tokens=tokens, tokenizer=tokenizer
+        ) as h:
+            model.train()
+            model(**h.prepare_batch(batch))
+            values[placement] = float(h.loss())
+    assert values["separate"] == pytest.approx(0.0, abs=1e-6)
+    assert values["folded"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"penalty": {"form": "kl"}, "reference": {"source": "cache", "cache_path": "x.safetensors"}},
+            "cache",
+        ),
+        ({"reference": {"source": "anchors", "benign_anchors_path": "b.txt"}}, "benign_weight"),
+        ({"reference": {"source": "anchors", "anchor_tokens": 0}}, "anchor_tokens"),
+        ({"reference": {"source": "adapter", "anchor_tokens": 4}}, "anchor_tokens"),
+        ({"reference": {"source": "adapter", "benign_weight": 1.0}}, "benign_weight"),
+        ({"reference": {"source": "anchors", "benign_weight": -1.0}}, "benign_weight"),
+        ({"penalty": {"form": "kl", "margin": 0.5}}, "margin"),
+    ],
+)
+def test_bad_combinations_are_refused_with_the_fix(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        STRConfig.model_validate(settings)
+
+
+def test_kl_at_training_positions_without_logits_says_what_to_use(tokenizer: Any, tokens: Any) -> None:
+    """A forward that builds no logits (a fused loss): `kl` at training positions cannot work and says so at
+    attach; at anchors it works, because the softmax is taken from hidden states at the anchors only."""
+    model = make_lora(make_model("llama"))
+    causal_lm: Any = model.get_base_model()
+    original = causal_lm.forward
+
+    def no_logits(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        out.logits = None
+        return out
+
+    causal_lm.forward = no_logits
+    with pytest.raises(STRAttachError, match="source 'anchors'"):
+        register_str_hook(model, {"penalty": {"form": "kl"}}, tokens=tokens)
+    cfg = {"penalty": {"form": "kl"}, "reference": {"source": "anchors", "anchor_batch_size": 2}}
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        model(**make_batch(tokenizer, n=2))
+        assert float(handle.loss()) > 0
+
+
+def test_default_benign_anchors_are_not_xstest_prompts() -> None:
+    ours = {text.strip().lower() for text in default_texts("benign_anchors")}
+    assert len(ours) >= 50
+    path = SHARED / "xstest" / "xstest_prompts.csv"
+    if not path.is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    with path.open(encoding="utf-8") as handle:
+        xstest = {row["prompt"].strip().lower() for row in csv.DictReader(handle)}
+    assert not ours & xstest
