@@ -411,6 +411,18 @@ class STRConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics.")
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Refusal probe during training.")
 
+    def where_penalized(self) -> str:
+        """Where the penalty acts, in words (for logs and `str-hooks` checks)."""
+        reference = self.reference
+        if reference.source != "anchors":
+            return f"{self.penalty.positions} positions"
+        where = "the decision point of anchor prompts"
+        if reference.anchor_tokens > 1:
+            where += f" and up to {reference.anchor_tokens - 1} more tokens of the aligned model's openings"
+        if reference.benign_weight > 0:
+            where += f", benign anchors weighted {reference.benign_weight:g}"
+        return where
+
     @model_validator(mode="after")
     def _check(self) -> STRConfig:
         if self.coef < 0 or self.coef != self.coef or self.coef == float("inf"):

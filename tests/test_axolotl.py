@@ -106,6 +106,10 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             r"'logprob' but `liger_fused_linear_cross_entropy: true`",
         ),
         (
+            {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "kl"}}},
+            r"'kl' but `liger_fused_linear_cross_entropy: true`",
+        ),
+        (
             {"sample_packing": True, "str": {"reference": {"source": "cache", "cache_path": str(cache)}}},
             r"'cache' but `sample_packing: true`",
         ),
@@ -136,6 +140,18 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
         {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "hinge"}}},
         {"str": {"reference": {"source": "cache", "cache_path": str(cache)}}},
         {"str": {"reference": {"source": "anchors", "anchor_placement": "folded"}}},
+        {
+            "liger_fused_linear_cross_entropy": True,
+            "str": {
+                "penalty": {"form": "kl"},
+                "reference": {
+                    "source": "anchors",
+                    "anchor_placement": "folded",
+                    "anchor_tokens": 4,
+                    "benign_weight": 1.0,
+                },
+            },
+        },
         {"deepspeed": str(zero2)},
         {"fsdp_config": {"fsdp_version": 2}, "adapter": None, "str": {"reference": {"source": "anchors"}}},
     ):
@@ -384,7 +400,16 @@ def runs(work: Path) -> Iterator[Runs]:
     folded_block = {
         **block,
         "coef": 5.0,
-        "reference": {"source": "anchors", "anchor_placement": "folded", "anchor_batch_size": 2},
+        # The decision-point methods: the coarse KL needs the full softmax at the anchors, which the fused
+        # forward never builds; the tap takes it from the hidden states at the anchor positions.
+        "penalty": {"form": "kl"},
+        "reference": {
+            "source": "anchors",
+            "anchor_placement": "folded",
+            "anchor_batch_size": 2,
+            "anchor_tokens": 3,
+            "benign_weight": 0.5,
+        },
     }
     liger_folded = liger_config(work, "liger-folded", folded_block, lora=True)
     prepared = started.result("preprocess")
@@ -484,10 +509,12 @@ def test_liger_fused_cross_entropy_full_finetune_with_model_reference(work: Path
 def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> None:
     """`reference.anchor_placement: folded` under Axolotl with Liger's fused cross-entropy: the anchors
     are packed into every training forward (the fused loss runs once per step, on the rows only), and the
-    anchor penalty is logged each step, positive once the adapter has moved (its B starts at 0)."""
+    anchor penalty is logged each step, positive once the adapter has moved (its B starts at 0). The block
+    uses the decision-point methods (coarse KL over 3-token openings, benign anchors), which need the full
+    softmax at the anchor positions of a forward that builds no logits."""
     result = runs.result("liger-folded")
     assert result.returncode == 0, result.stdout[-5000:]
-    assert "the decision point of anchor prompts" in result.stdout
+    assert "the decision point of anchor prompts and up to 2 more tokens" in result.stdout
     assert int((work / "liger-folded-calls.txt").read_text()) == LIGER_STEPS
     penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
     assert len(penalties) == LIGER_STEPS and all(p > 0 for p in penalties[1:]), penalties

@@ -44,11 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config is None:
             print(f"{path}: no `str:` block, STR is off.")
         else:
-            where = (
-                "the decision point of anchor prompts"
-                if config.reference.source == "anchors"
-                else f"{config.penalty.positions} positions"
-            )
+            where = config.where_penalized()
             print(
                 f"{path}: OK (coef {config.coef}, reference {config.reference.source}, penalty "
                 f"{config.penalty.form} at {where}, {config.tokens.k} tokens by {config.tokens.method})."

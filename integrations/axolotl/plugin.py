@@ -98,11 +98,7 @@ class STRPlugin(BasePlugin):
         except BaseException:
             self.post_train(cfg, trainer.model)
             raise
-        where = (
-            "the decision point of anchor prompts"
-            if config.reference.source == "anchors"
-            else f"{config.penalty.positions} positions"
-        )
+        where = config.where_penalized()
         LOG.info(
             "STR attached: coef %s, reference %s, penalty %s at %s, %d safety tokens (%s).",
             config.coef,

@@ -91,10 +91,12 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
             "`str.reference.model_path` defaults to `base_model`)."
         )
     fused = [key for key in _FUSED_CE_KEYS if cfg.get(key)]
-    if form == "logprob" and fused:
+    if form in ("logprob", "kl") and source != "anchors" and fused:
+        # At anchors the softmax is taken from hidden states at the anchor positions: fused kernels are fine.
         out.append(
-            f"`str.penalty.form` is 'logprob' but `{fused[0]}: true` never builds the full logits it needs: "
-            f"use `str.penalty.form: mse` or `hinge` (they project from hidden states), or turn `{fused[0]}` off."
+            f"`str.penalty.form` is {form!r} but `{fused[0]}: true` never builds the full logits it needs at "
+            f"training positions: use `str.penalty.form: mse` or `hinge` (they project from hidden states), "
+            f"`str.reference.source: anchors` (the softmax at the anchor positions only), or turn `{fused[0]}` off."
         )
     if source == "cache" and cfg.get("sample_packing"):
         out.append(
