@@ -97,6 +97,10 @@ MODES: dict[str, str] = {
     "tokens), every step.",
     "str-anchors-folded-b2": "as str-anchors-folded with 2 anchors per step (`anchor_batch_size: 2`).",
     "str-anchors-folded-every8": "as str-anchors-folded, every 8th step (mean over 8-step blocks).",
+    "str-anchors-folded-kl": "STR kl (coarse KL over the k safety tokens + rest) at the 8 folded anchors' "
+    "decision points: the full softmax on [8, V] rows from their hidden states, none at training positions.",
+    "str-anchors-folded-kl-open4": "as str-anchors-folded-kl with 4-token openings (`anchor_tokens: 4`, "
+    "generated at attach, teacher-forced) and benign anchors (`benign_weight: 1`, half the set): [<=32, V].",
 }
 DEFAULT_MODES = list(MODES)
 
@@ -199,6 +203,10 @@ class Bench:
         self.anchor_texts = [f"anchor prompt {i}" for i in range(args.n_anchors)]
         self.anchors_path = workdir / "anchors.txt"
         self.anchors_path.write_text("\n".join(self.anchor_texts) + "\n")
+        self.benign_anchors_path = workdir / "benign_anchors.txt"
+        self.benign_anchors_path.write_text(
+            "\n".join(f"benign prompt {i}" for i in range(args.n_anchors)) + "\n"
+        )
         self.cache_path: Path | None = None
         self.cache_build: dict[str, Any] | None = None
 
@@ -311,12 +319,17 @@ class STRMode(Mode):
         if source == "cache":
             self.config["reference"]["cache_path"] = str(b.ensure_cache())
         if source == "anchors":
-            self.config["reference"]["anchors_path"] = str(b.anchors_path)
-            if self.config["reference"].get("anchor_placement") == "folded":
+            reference = self.config["reference"]
+            reference["anchors_path"] = str(b.anchors_path)
+            if reference.get("benign_weight", 0) > 0:
+                reference["benign_anchors_path"] = str(b.benign_anchors_path)
+            if reference.get("anchor_placement") == "folded":
                 # Folding adds a prefix to every row (every `anchor_every` steps): anchor j goes to row
                 # j % B and shorter rows are padded to the longest prefix, so fewer anchors than rows pad.
-                per_row = -(-self.config["reference"]["anchor_batch_size"] // b.shape.batch)
-                self.extra_tokens = per_row * b.shape.anchor_len / b.shape.seq / self.block
+                # An opening of n tokens adds its first n - 1 (teacher-forced) to the anchor.
+                per_row = -(-reference["anchor_batch_size"] // b.shape.batch)
+                anchor_len = b.shape.anchor_len + reference.get("anchor_tokens", 1) - 1
+                self.extra_tokens = per_row * anchor_len / b.shape.seq / self.block
         if source == "model" and b.device.type == "cuda":
             param_bytes = storage_bytes(b.model.parameters())
             total = torch.cuda.get_device_properties(0).total_memory
@@ -449,6 +462,20 @@ def make_mode(name: str) -> Mode:
         ),
         "str-anchors-folded-every8": lambda: STRMode(
             name, cfg("anchors", anchor_batch_size=8, anchor_every=8, anchor_placement="folded"), every=8
+        ),
+        "str-anchors-folded-kl": lambda: STRMode(
+            name, cfg("anchors", "kl", anchor_batch_size=8, anchor_placement="folded")
+        ),
+        "str-anchors-folded-kl-open4": lambda: STRMode(
+            name,
+            cfg(
+                "anchors",
+                "kl",
+                anchor_batch_size=8,
+                anchor_placement="folded",
+                anchor_tokens=4,
+                benign_weight=1.0,
+            ),
         ),
     }
     return table[name]()

@@ -44,7 +44,8 @@ def test_step_cost_report_and_vocab_growth(tmp_path: Path) -> None:
         "--repeats", "1",
         "--warmup", "0",
         "--k", "16",
-        "--modes", "str-cache-mse", "str-anchors-folded", "gather-from-logits", "kl-sft",
+        "--modes", "str-cache-mse", "str-anchors-folded", "str-anchors-folded-kl-open4", "gather-from-logits",
+        "kl-sft",
         "--out", str(out),
         "--no-progress",
         "--no-plot",
@@ -62,6 +63,7 @@ def test_step_cost_report_and_vocab_growth(tmp_path: Path) -> None:
             "plain",
             "str-cache-mse",
             "str-anchors-folded",
+            "str-anchors-folded-kl-open4",
             "gather-from-logits",
             "kl-sft",
         }
@@ -83,6 +85,11 @@ def test_step_cost_report_and_vocab_growth(tmp_path: Path) -> None:
     assert growth["kl-sft"]["growth_in_fp32_BTdV"] >= 1.0
     assert growth["str-cache-mse"]["growth_bytes"] == 0
     assert growth["str-anchors-folded"]["growth_bytes"] == 0
+    # The coarse KL at anchors takes the softmax on the anchors' points only: its growth with the vocabulary
+    # is a few fp32 [points, dV] rows (8 anchors x a 4-token opening = 32 points), never a [B, T, dV] tensor.
+    points_row = 32 * (4096 - 512) * 4
+    kl_growth = growth["str-anchors-folded-kl-open4"]["growth_bytes"]
+    assert 0 < kl_growth <= 2 * points_row and kl_growth < growth["kl-sft"]["growth_bytes"]
     with pytest.raises(SystemExit, match="--overwrite"):
         step_cost.main(argv)
 
