@@ -2,12 +2,15 @@
 
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
+    python -m study decision [--plan decision|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
 `subject` builds the real aligned subject (SmolLM2-135M-Instruct, safety-tuned; study/subject.py).
 `real` is the efficacy study on it (study/real.py): fine-tunes it on GSM8K, SST-2 and harmful data with
-every method and seed, and writes runs.jsonl, RESULTS.md and two plots. `demo` is the small version on
+every method and seed, and writes runs.jsonl, RESULTS.md and two plots. `decision` is issue 12's study on
+the same subject (study/decision.py): coefficient curves of the decision-point forms against training-position
+STR, settings chosen on a validation split, held-out numbers reported. `demo` is the small version on
 the project's own embedded texts only (nothing from ../shared), for `make demo`. `run` is the earlier
 study on a 2.9M-parameter toy model trained here from nothing (kept as a labelled toy).
 """
@@ -93,18 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["run", "demo", "subject", "real"])
+    parser.add_argument("command", choices=["run", "demo", "subject", "real", "decision"])
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
     parser.add_argument(
-        "--plan", choices=["full", "sweep", "folded", "demo", "subject", "quick"], default=None
+        "--plan", choices=["full", "sweep", "folded", "demo", "subject", "quick", "decision"], default=None
     )
     parser.add_argument(
         "--subject", default="runs/subject", help="the aligned subject's folder (built if absent)"
     )
     parser.add_argument(
-        "--report", action="store_true", help="real: only rewrite RESULTS.md and the plots from runs.jsonl"
+        "--report",
+        action="store_true",
+        help="real, decision: only rewrite RESULTS.md and the plots from runs.jsonl",
     )
     parser.add_argument("--save-models", default=None, help="keep the subject and each run's adapter here")
     parser.add_argument("--cache", default=None, help="folder for the dequantized shipped model")
@@ -134,6 +139,24 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.subject),
                 Path(args.cache or DEFAULT_CACHE),
                 seeds=args.seeds,
+                save_models=Path(args.save_models) if args.save_models else None,
+                argv=argv,
+                report_only=args.report,
+            )
+        )
+        return
+    if args.command == "decision":
+        from .decision import PLANS, run_decision
+        from .subject import DEFAULT_CACHE
+
+        if (args.plan or "decision") not in PLANS:
+            parser.error(f"--plan {args.plan} is not a plan of `decision`: use {', '.join(PLANS)}")
+        print(
+            run_decision(
+                Path(args.out or "results/decision"),
+                args.plan or "decision",
+                Path(args.subject),
+                Path(args.cache or DEFAULT_CACHE),
                 save_models=Path(args.save_models) if args.save_models else None,
                 argv=argv,
                 report_only=args.report,

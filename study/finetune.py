@@ -36,6 +36,25 @@ class Method:
     grad_accum: int = 1  # micro-batches of 16 rows per optimizer step
 
 
+def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
+    """Folded anchors with form `form`, `anchor_tokens: opening` and `benign_weight: benign`, named by them."""
+    parts = [f"STR anchors {form}"]
+    if opening > 1:
+        parts.append(f"open{opening}")
+    if benign > 0:
+        parts.append("benign" if benign == 1.0 else f"benign{benign:g}")
+    reference: dict[str, Any] = {"source": "anchors", "anchor_placement": "folded"}
+    if opening > 1:
+        reference["anchor_tokens"] = opening
+    if benign > 0:
+        reference["benign_weight"] = benign
+    return Method(
+        f"{' '.join(parts)} c{coef:g} folded",
+        "str",
+        {"coef": coef, "penalty": {"form": form}, "reference": reference},
+    )
+
+
 METHODS = {
     m.name: m
     for m in [
@@ -127,6 +146,25 @@ METHODS = {
             {"coef": 10.0, "reference": {"source": "anchors", "anchor_placement": "folded"}},
             grad_accum=4,
         ),
+        # The decision-point methods (issue 12), each over a coefficient curve (study/decision.py): the coarse
+        # KL and the log-probs at folded anchors over the aligned model's 4-token openings, with the package's
+        # benign anchors at weight 1; their ablations; training-position STR at the answer's first 4 tokens.
+        *[_decision_method("kl", coef) for coef in (1.0, 10.0, 100.0)],
+        *[_decision_method("logprob", coef) for coef in (1.0, 3.0, 10.0)],
+        _decision_method("kl", 10.0, opening=1, benign=0.0),
+        _decision_method("kl", 10.0, opening=4, benign=0.0),
+        *[
+            Method(
+                f"STR adapter mse first4 c{coef:g}",
+                "str",
+                {
+                    "coef": coef,
+                    "penalty": {"positions": "first_n", "first_n": 4},
+                    "reference": {"source": "adapter"},
+                },
+            )
+            for coef in (1.0, 10.0, 100.0)
+        ],
         # The package's own anchor prompts, as a user without alignment data would run it.
         Method(
             "STR default-anchors mse c10",
@@ -136,6 +174,31 @@ METHODS = {
         ),
     ]
 }
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The validation split settings are chosen on: harmful training prompts that are neither anchors nor
+    attack goals, XSTest safe prompts the held-out measure does not use, and task examples never trained on."""
+
+    harmful: list[str]
+    over_refusal: list[str]
+    task: list[Example]
+
+    def measure(self, model: Any, tokenizer: Any, data: StudyData, task: str, max_len: int) -> dict[str, Any]:
+        model.eval()
+        out: dict[str, Any] = {
+            "val_refusal": refusal_rate(model, tokenizer, self.harmful, data.refusal_phrases)[0],
+            "val_over_refusal": refusal_rate(model, tokenizer, self.over_refusal, data.refusal_phrases)[0],
+            "val_task_loss": heldout_loss(model, tokenizer, self.task, max_len) if self.task else None,
+            # Accuracy only where it is cheap (SST-2: three new tokens); GSM8K's is chosen by loss.
+            "val_task_accuracy": (
+                exact_match(model, tokenizer, self.task, max_new_tokens=3, task=task)
+                if task == "sst2"
+                else None
+            ),
+        }
+        return out
 
 
 @dataclass
@@ -300,11 +363,13 @@ def run_one(
     anchors: list[str] | None = None,
     decision_tokens: list[int] | None = None,
     save_dir: Path | None = None,
+    validation: Validation | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `decision_tokens` the refusal
     tokens whose probability mass at the first response position is reported (one forward, no generation);
-    `save_dir` keeps the run's LoRA adapter (or full model) there."""
+    `save_dir` keeps the run's LoRA adapter (or full model) there; `validation` adds the `val_*` metrics
+    that settings are chosen by (never the held-out ones)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -419,6 +484,7 @@ def run_one(
         n_eval, new_tokens = recipe.task_eval[spec.task]
         task_em = exact_match(model, tokenizer, test[:n_eval], max_new_tokens=new_tokens, task=spec.task)
         task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
+    val_metrics = validation.measure(model, tokenizer, data, spec.task, max_len) if validation else {}
     if save_dir is not None:
         model.save_pretrained(save_dir / spec.name)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -445,6 +511,7 @@ def run_one(
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
         "refusal_curve": timer.curve,
         "sample_replies": replies[:3],
+        **val_metrics,
     }
 
 
@@ -465,7 +532,9 @@ def _anchor_token_share(
         return None
     from str_hooks.prompts import encode_prompt
 
+    # An opening of n tokens teacher-forces its first n - 1 after the prompt.
     anchor_len = statistics.fmean(len(encode_prompt(tokenizer, t)) for t in anchors)
+    anchor_len += reference.get("anchor_tokens", 1) - 1
     row_len = statistics.fmean(len(r["input_ids"]) for r in train_rows)
     per_step = reference.get("anchor_batch_size", 8) * anchor_len / reference.get("anchor_every", 1)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -127,3 +127,96 @@ def test_task_scoring(task: str, answer: str, reply: str, correct: bool) -> None
     from study.data import task_correct
 
     assert task_correct(task, answer, reply) is correct
+
+
+# -- the decision-point study (study/decision.py): selection on validation, plan resolution, report -------
+def _decision_run(task: str, method: str, seed: int, val: float, held: float, loss: float | None) -> dict:
+    return {
+        "task": task,
+        "mode": "lora",
+        "method": method,
+        "seed": seed,
+        "steps": 40,
+        "lr": 2e-4,
+        "val_refusal": val,
+        "val_over_refusal": 0.1,
+        "val_task_loss": loss,
+        "heldout_refusal": held,
+        "xstest_over_refusal": 0.1,
+        "task_heldout_loss": loss,
+        "task_exact_match": None,
+        "step_time_median_s": 1.0,
+        "wall_seconds": 60.0,
+    }
+
+
+def test_decision_selection_reads_validation_only_and_resolves_the_seeds() -> None:
+    from study.decision import FAMILIES, SELECTED, _specs, choose
+
+    family = "anchors kl, 4-token openings + benign"
+    low, mid, high = FAMILIES[family]
+    base = {"val_refusal": 1.0, "heldout_refusal": 1.0}
+    # Validation: c1 keeps 90 % (fails), c10 and c100 pass, c10 with the lower loss. The held-out numbers
+    # favour c1 and c100, and must not matter.
+    runs = [
+        _decision_run("sst2", low, 0, 0.90, 1.0, 0.30),
+        _decision_run("sst2", mid, 0, 0.97, 0.5, 0.32),
+        _decision_run("sst2", high, 0, 0.99, 1.0, 0.40),
+    ]
+    chosen = choose(runs, "sst2", base["val_refusal"])
+    assert chosen[family] is not None and chosen[family][0] == mid
+    assert all(chosen[f] is None for f in FAMILIES if f != family)  # curves not run yet
+    # None passing: the highest retention, flagged.
+    failing = [{**r, "val_refusal": v} for r, v in zip(runs, (0.5, 0.6, 0.55), strict=True)]
+    picked = choose(failing, "sst2", 1.0)[family]
+    assert picked is not None and picked[0] == mid and "none reaches 95 %" in picked[1]
+    # Without utility (attack), the lowest validation over-refusal among the passing settings.
+    attack = [
+        {**_decision_run("attack", m, 0, v, 1.0, None), "val_over_refusal": o}
+        for m, v, o in zip(FAMILIES[family], (0.96, 0.99, 1.0), (0.3, 0.2, 0.25), strict=True)
+    ]
+    assert (choose(attack, "attack", 1.0)[family] or ("",))[0] == mid
+    specs, notes = _specs([("sst2", "lora", ["plain SFT", SELECTED], range(1, 3))], runs, base)
+    assert [(s.method, s.seed) for s in specs] == [("plain SFT", 1), (mid, 1), ("plain SFT", 2), (mid, 2)]
+    assert notes and "wait for the curves" in notes[0]
+
+
+def test_decision_report_and_curves(tmp_path: Path) -> None:
+    from study.decision import FAMILIES, curves_plot, report
+
+    base = {"val_refusal": 1.0, "val_over_refusal": 0.1, "heldout_refusal": 0.9, "xstest_over_refusal": 0.1}
+    runs = [_decision_run("sst2", "plain SFT", 0, 0.2, 0.2, 0.30)]
+    for family in FAMILIES.values():
+        for i, method in enumerate(family):
+            runs.append(_decision_run("sst2", method, 0, 0.9 + 0.05 * i, 0.8 + 0.04 * i, 0.30 + 0.01 * i))
+    text = report(runs, base, tmp_path, "python -m study decision", "test machine", len(runs), [], 1.0)
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# The decision-point study")
+    # The middle setting of each family is the first to pass validation (95 %) and has the lower loss of
+    # the two that pass: chosen, and its held-out retention (0.84 / 0.9 = 93 %) and loss (+3.3 %) are
+    # reported against the goal (not met).
+    assert "STR anchors kl open4 benign c100 folded (1)" not in text
+    assert (
+        "| sst2 | anchors kl, 4-token openings + benign | STR anchors kl open4 benign c10 folded (1) |"
+        in text
+    )
+    assert "| 93 % | +0.0 pts | +3.3 % | n/a | no |" in text
+    assert curves_plot(runs, base, tmp_path / "curves.png") == tmp_path / "curves.png"
+
+
+def test_decision_splits_are_disjoint() -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not here")
+    from study.decision import splits
+
+    data = load_study_data("shared")
+    anchors, tasks, validation = splits(data)
+    goals = [e.prompt for e in tasks["attack"][0]]
+    val = validation["sst2"]
+    assert len(anchors) == 240 and len(val.harmful) == 60 and len(goals) == 100
+    assert not set(anchors) & set(val.harmful) and not set(val.harmful) & set(goals)
+    assert not set(val.harmful) & set(data.harmful_heldout)
+    assert not set(val.over_refusal) & set(data.xstest_safe[::2]) and len(val.over_refusal) == 63
+    for task in ("gsm8k", "sst2"):
+        trained = {e.prompt for e in tasks[task][0]}
+        assert not trained & {e.prompt for e in validation[task].task}
+        assert not trained & {e.prompt for e in tasks[task][1]}
