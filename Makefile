@@ -15,7 +15,7 @@ AXOLOTL_DEPS := $(AXOLOTL_VENV)/.axolotl-installed
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.str-hooks-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick subject clean
+.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision subject clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,11 @@ study: subject-deps
 # subject's evaluation, once the subject is built.
 study-quick: subject-deps
 	$(BIN)/python -m study real --plan quick --out runs/study-quick
+
+# Issue 12's decision-point study on the same subject: coefficient curves on the three tasks (seed 0), settings
+# chosen on validation, two more seeds of the chosen ones; resumable, about 80 runs (many hours on 2 cores).
+study-decision: subject-deps
+	$(BIN)/python -m study decision --plan decision --out results/decision
 
 clean:
 	rm -rf $(VENV) $(AXOLOTL_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
