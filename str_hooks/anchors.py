@@ -12,7 +12,9 @@ every `anchor_every` optimizer steps, so the penalty acts exactly where replies 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +45,30 @@ def end_token_ids(tokenizer: Any, model: nn.Module | None = None) -> set[int]:
         elif isinstance(value, (list, tuple)):
             found.update(int(v) for v in value if isinstance(v, int))
     return found
+
+
+@dataclass(frozen=True)
+class AnchorBatch:
+    """One anchor step's anchors, everything on the training device (built once per cursor, so that an
+    anchor step copies nothing from the host: docs/design.md section 3).
+
+    Attributes:
+        indices: the anchors (into the `AnchorSet`), in order.
+        input_ids, attention_mask: one right-padded row per anchor (the separate placement's forward).
+        rows, cols: every penalized point in those rows (the last `points` positions of each anchor).
+        reference: the reference values at those points [n_points, C].
+        weights: per-point weights (benign anchors `benign_weight`), or None when all are harmful.
+        n_points: how many points.
+    """
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    reference: torch.Tensor
+    weights: torch.Tensor | None
+    n_points: int
 
 
 class AnchorSet:
@@ -99,6 +125,7 @@ class AnchorSet:
         # [sum(points), C]: safety logits (C = k) or coarse log-probs (C = k + 1), anchor after anchor.
         self.reference: torch.Tensor | None = None
         self._offsets: list[int] = []
+        self._built: dict[tuple[int, str], AnchorBatch] = {}
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -149,10 +176,50 @@ class AnchorSet:
         sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
         if coarse:
             assert sink.point_logits is not None  # requested above; tap.run guarantees the hidden state
-            return coarse_logprobs(sink.point_logits, tap.rows._ids_cpu)
+            return coarse_logprobs(sink.point_logits, tap.rows.ids_on(sink.point_logits.device))
         logits = sink.safety_logits
         assert logits is not None  # tap.run guarantees it
         return logits[rows.to(logits.device), cols.to(logits.device)]
+
+    def batch(self, cursor: int, device: torch.device) -> AnchorBatch:
+        """The anchor batch that starts at `cursor`, on `device` (built on first use, then reused)."""
+        key = (cursor, str(device))
+        cached = self._built.get(key)
+        if cached is None:
+            indices = self.batch_indices(cursor)
+            ids, mask, rows, cols = self.tensors(indices, device)
+            weights = self.point_weights(indices)
+            cached = AnchorBatch(
+                indices=indices,
+                input_ids=ids,
+                attention_mask=mask,
+                rows=rows,
+                cols=cols,
+                reference=self.reference_for(indices).to(device),
+                weights=None if weights is None else weights.to(device),
+                n_points=self.n_points(indices),
+            )
+            self._built[key] = cached
+        return cached
+
+    def build_batches(self, device: torch.device) -> None:
+        """Build every batch a run from cursor 0 visits (the cursor advances by `batch_size` modulo the set:
+        n / gcd(n, batch_size) batches), so that no anchor step copies from the host."""
+        n = len(self.order)
+        for step in range(n // math.gcd(n, self.batch_size)):
+            self.batch(step * self.batch_size % n, device)
+
+    def batch_values(self, tap: ModelTap, batch: AnchorBatch, coarse: bool) -> torch.Tensor:
+        """`policy_values` for a prepared batch: its own forward through `tap`'s model."""
+        if coarse:
+            tap.request_points(batch.rows, batch.cols)
+        sink = tap.run(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **tap.lean_kwargs())
+        if coarse:
+            assert sink.point_logits is not None  # requested above
+            return coarse_logprobs(sink.point_logits, tap.rows.ids_on(sink.point_logits.device))
+        logits = sink.safety_logits
+        assert logits is not None  # tap.run guarantees it
+        return logits[batch.rows, batch.cols]
 
     def reference_for(self, indices: Sequence[int]) -> torch.Tensor:
         """Reference values at every point of the given anchors, in `tensors()` order."""

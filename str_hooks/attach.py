@@ -152,6 +152,7 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
             ends = end_token_ids(tokenizer, tap.causal_lm)
             anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
         anchors.compute_reference(tap, peft_model, coarse=form in COARSE_FORMS)
+        anchors.build_batches(tap.device())
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":
             _verify_folding(tap, anchors)

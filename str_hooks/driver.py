@@ -79,9 +79,8 @@ class StepDriver:
         self.prefix = handle.config.logging.prefix
         # Sums and counts over the optimizer steps since the last `log_metrics()` (bounded however rarely
         # the host logs).
-        self._window_sums: dict[str, float] = {}
-        self._window_counts: dict[str, int] = {}
-        self._skipped = 0.0
+        self._window_sums: dict[str, torch.Tensor | float] = {}
+        self._window_counts: dict[str, torch.Tensor | float] = {}
         self._reset_step()
 
     # -- per micro-batch -------------------------------------------------------------------------------
@@ -113,47 +112,56 @@ class StepDriver:
                 term = term / normalization.accumulation_steps
                 factor = normalization.host_divides_by
         value = term * factor if factor != 1 else term
-        self._record(handle.metrics(), float(value.detach()) / normalization.host_divides_by)
+        # Device tensors only: read on the host when the host logs (docs/design.md section 3).
+        self._record(handle.step_metrics(), value.detach() / normalization.host_divides_by)
         return value
 
     @property
     def term_computed(self) -> bool:
-        """Whether the last `penalty()` computed a term (False in eval mode, when no anchor step was due, or
-        for a skipped non-finite micro-batch)."""
+        """Whether the last `penalty()` computed a term (False in eval mode or when no anchor step was due;
+        a non-finite micro-batch's term is computed as 0 and counted in `skipped`)."""
         return self._last_computed
 
     # -- per optimizer step ----------------------------------------------------------------------------
-    def end_step(self, model: Any = None) -> dict[str, float]:
-        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule, closes
-        the step's metrics and runs the refusal probe on `model` when due. Returns the step's metrics
-        (unprefixed)."""
+    def end_step(self, model: Any = None) -> None:
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule, adds the
+        step's metrics to the logging window (as device tensors: nothing is read on the host here) and runs
+        the refusal probe on `model` when due."""
         handle = self.handle
-        metrics: dict[str, float] = {
+        step: dict[str, torch.Tensor | float] = {
             "penalty": self._penalty,
             "coef": self._coef if self._coef is not None else handle.current_coef(),
-            "skipped": float(handle.metrics()["skipped"]),
         }
-        if self._computed:
-            metrics.update({key: total / self._computed for key, total in self._drift.items()})
+        if self._computed is not None:
+            # Drift averaged over the step's micro-batches with a finite term (none: no drift this step).
+            for key, total in self._drift.items():
+                step[key] = total / self._computed.clamp_min(1)
         handle.step()
         if self.probe is not None and model is not None and self.probe.due(handle.step_count):
-            metrics["refusal_rate"] = self.probe.run(model).refusal_rate
-        for key, value in metrics.items():
+            step["refusal_rate"] = self.probe.run(model).refusal_rate
+        for key, value in step.items():
+            present: torch.Tensor | float = 1.0
+            if key.startswith("drift") or key == "abs_drift":
+                assert self._computed is not None
+                present = (self._computed > 0).float()
+                value = value * present
             self._window_sums[key] = self._window_sums.get(key, 0.0) + value
-            self._window_counts[key] = self._window_counts.get(key, 0) + 1
-        self._skipped = metrics["skipped"]
+            self._window_counts[key] = self._window_counts.get(key, 0.0) + present
         self._reset_step()
-        return metrics
 
     def log_metrics(self) -> dict[str, float]:
-        """The means over the optimizer steps since the last call, prefixed (`logging.prefix`); a key
-        present in only some steps (`refusal_rate`, drift of a step that computed no term) is averaged over
-        those, and `skipped` (a running count) is its latest value. Empty when no step ended since the
-        last call."""
+        """The means over the optimizer steps since the last call, prefixed (`logging.prefix`): the one host
+        read of the metrics. A key present in only some steps (`refusal_rate`, drift of a step that computed
+        no finite term) is averaged over those, and `skipped` is the running count of non-finite micro-batches.
+        Empty when no step ended since the last call."""
         if not self._window_counts:
             return {}
-        means = {key: total / self._window_counts[key] for key, total in self._window_sums.items()}
-        means["skipped"] = self._skipped
+        means: dict[str, float] = {}
+        for key, total in self._window_sums.items():
+            count = float(self._window_counts[key])
+            if count > 0:
+                means[key] = float(total) / count
+        means["skipped"] = self.handle.metrics()["skipped"]
         self._window_sums, self._window_counts = {}, {}
         return {f"{self.prefix}{key}": value for key, value in means.items()}
 
@@ -166,19 +174,20 @@ class StepDriver:
 
     # -- internals -------------------------------------------------------------------------------------
     def _reset_step(self) -> None:
-        self._penalty = 0.0
+        self._penalty: torch.Tensor | float = 0.0
         self._coef: float | None = None
-        self._computed = 0
-        self._drift: dict[str, float] = {}
+        self._computed: torch.Tensor | None = None
+        self._drift: dict[str, torch.Tensor] = {}
         self._last_computed = False
 
-    def _record(self, metrics: dict[str, float], term_in_step: float) -> None:
-        self._penalty += term_in_step
-        self._last_computed = "penalty" in metrics
-        if not self._last_computed:
+    def _record(self, metrics: dict[str, torch.Tensor], term_in_step: torch.Tensor) -> None:
+        self._penalty = self._penalty + term_in_step
+        self._last_computed = bool(metrics)
+        if not metrics:
             return
-        self._computed += 1
-        self._coef = metrics["coef"]
+        computed = metrics["computed"]
+        self._computed = computed if self._computed is None else self._computed + computed
+        self._coef = self.handle.current_coef()
         for key, value in metrics.items():
             if key in ("drift", "abs_drift") or key.startswith("drift/"):
                 self._drift[key] = self._drift.get(key, 0.0) + value

@@ -57,6 +57,9 @@ class STRHandle:
         self.projection_verified = parts.projection_verified
         self._token_ids = torch.tensor(self.tokens.ids, dtype=torch.long)
         self._weights = torch.tensor(self.tokens.weights, dtype=torch.float32)
+        self._weights_by_device: dict[str, torch.Tensor] = {}
+        # Non-finite micro-batches not yet read by the host (a device tensor: counted without a sync).
+        self._nonfinite: torch.Tensor | None = None
         self.schedule = StepSchedule(
             self.config.coef,
             self.config.warmup_steps,
@@ -71,7 +74,7 @@ class STRHandle:
             self.site = TokenSite(self.config, self.reference, self._token_ids)
         self._loss_calls = 0
         self._skipped = 0
-        self._last: dict[str, torch.Tensor] = {}
+        self._last: dict[str, Any] = {}
         self._warned_no_step = False
         self._warned_eval_mode = False
         self._attached = True
@@ -87,8 +90,12 @@ class STRHandle:
         return self.schedule.current_coef()
 
     def step(self) -> None:
-        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule."""
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule. With
+        `penalty.on_nonfinite: raise` it reads, once per optimizer step, whether a micro-batch of the step was
+        non-finite, and raises `STRNonFiniteError` if so (the micro-batches' `loss()` never synchronizes)."""
         self.schedule.advance()
+        if self.config.penalty.on_nonfinite == "raise":
+            self._account_nonfinite(self._read_nonfinite())
 
     def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
         """Fold this step's anchors into a training batch (`reference.anchor_placement: folded`).
@@ -132,7 +139,8 @@ class STRHandle:
                 "separate`."
             )
         keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
-        indices = anchors.batch_indices(self.schedule.anchor_cursor)
+        cursor = self.schedule.anchor_cursor
+        indices = anchors.batch_indices(cursor)
         folded, where = fold_anchors(
             batch,
             [anchors.encoded[i] for i in indices],
@@ -149,7 +157,7 @@ class STRHandle:
             folded["use_cache"] = False
         self.schedule.take_anchors(indices)
         assert isinstance(self.site, AnchorSite)
-        self.site.pending = where
+        self.site.pending = (where, anchors.batch(cursor, self.tap.device()))
         return folded
 
     def loss(
@@ -218,53 +226,80 @@ class STRHandle:
         return self._finish(term, None if self.anchors is not None else num_items_in_batch)
 
     def _finish(self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-        policy, reference, n_positions = term.policy, term.reference, term.n_places
-        weights = self._weights.to(policy.device)
-        if not torch.isfinite(policy).all():
-            return self._nonfinite(policy)
+        # Tensor math only, no host synchronization (docs/design.md section 3): the positions are a mask,
+        # the normalizer stays a tensor, and a non-finite micro-batch is zeroed here and counted on the
+        # device; `step()` raises for it (`on_nonfinite: raise`), `metrics()` reports and warns (`skip`).
+        policy, reference, n_places, mask = term.policy, term.reference, term.n_places, term.mask
+        elementwise = torch.isfinite(policy)
+        finite_rows = elementwise.all(dim=-1)
+        if mask is not None:
+            finite_rows = finite_rows | ~mask
+        finite = finite_rows.all()
+        # Non-finite entries compare as the reference (zero penalty, zero gradient into them).
+        safe = torch.where(elementwise, policy.float(), reference.float())
         pen_sum = weighted_penalty_sum(
-            policy,
+            safe,
             reference,
-            weights,
+            self._weights_on(policy.device),
             self.config.penalty.form,
             self.config.penalty.margin,
             row_weights=term.row_weights,
+            mask=mask,
         )
-        if num_items_in_batch is None:
-            normalizer: int | torch.Tensor = max(n_positions, 1)
-        else:
-            normalizer = num_items_in_batch
-            if isinstance(normalizer, torch.Tensor):
-                normalizer = normalizer.to(pen_sum.device)
-        coef = self.current_coef()
-        value = coef * pen_sum / normalizer
+        count = n_places.clamp_min(1) if isinstance(n_places, torch.Tensor) else max(n_places, 1)
+        normalizer = count if num_items_in_batch is None else num_items_in_batch
+        if isinstance(normalizer, torch.Tensor):
+            normalizer = normalizer.to(pen_sum.device)
+        value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
+        skipped = (~finite).to(torch.int64)
+        self._nonfinite = (
+            skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
+        )
         with torch.no_grad():
             # Per safety token: logits, or log-probs for the coarse forms (their last column is the rest bucket).
             k = self.tokens.k
-            drift = (
-                (policy.detach()[:, :k].float() - reference[:, :k].float())
-                if n_positions
-                else policy.new_zeros((0, k))
-            )
+            drift = safe.detach()[..., :k] - reference[..., :k].float()
+            if mask is not None:
+                drift = torch.where(mask.unsqueeze(-1), drift, 0.0)
+            drift = torch.where(finite, drift.reshape(-1, k), 0.0)
             self._last = {
                 "penalty": value.detach(),
-                "pen_mean": pen_sum.detach() / max(n_positions, 1),
+                "pen_mean": pen_sum.detach() / count,
                 "drift_sum": drift.sum(dim=0),
                 "abs_drift_sum": drift.abs().sum(dim=0),
-                "count": torch.tensor(float(n_positions)),
+                "count": torch.where(finite, n_places, 0) if isinstance(n_places, torch.Tensor) else n_places,
+                "finite": finite,
             }
         return value
 
-    def _nonfinite(self, policy: torch.Tensor) -> torch.Tensor:
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        weights = self._weights_by_device.get(key)
+        if weights is None:
+            weights = self._weights_by_device[key] = self._weights.to(device)
+        return weights
+
+    def _read_nonfinite(self) -> int:
+        """Non-finite micro-batches since the last read (a host read: once per optimizer step at most)."""
+        if self._nonfinite is None:
+            return 0
+        count, self._nonfinite = int(self._nonfinite), None
+        return count
+
+    def _account_nonfinite(self, count: int) -> None:
+        if not count:
+            return
         message = (
-            "NaN/inf in the projected safety logits (the model's hidden states or head are not finite; "
-            "check the learning rate and precision)."
+            f"NaN/inf in the projected safety logits of {count} micro-batch(es) (the model's hidden states or "
+            "head are not finite; check the learning rate and precision)."
         )
+        self._skipped += count
         if self.config.penalty.on_nonfinite == "raise":
-            raise STRNonFiniteError(message + " Set `penalty.on_nonfinite: skip` to skip such steps instead.")
-        self._skipped += 1
-        warnings.warn(message + " The STR penalty is skipped for this step.", RuntimeWarning, stacklevel=3)
-        return torch.zeros((), device=policy.device)
+            raise STRNonFiniteError(
+                message
+                + " Their STR penalty was 0. Set `penalty.on_nonfinite: skip` to skip such steps instead."
+            )
+        warnings.warn(message + " The STR penalty was skipped for them.", RuntimeWarning, stacklevel=3)
 
     def _check_training_mode(self, sink: Any) -> None:
         """A forward that builds a graph while the causal LM is in eval mode is almost always a training
@@ -297,31 +332,62 @@ class STRHandle:
                 stacklevel=3,
             )
 
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        """The last `loss()` call's metrics as 0-dim device tensors, without a host read (what the trainer
+        integrations accumulate): `penalty`, `computed` (1 for a finite term, 0 for a non-finite one), `drift`,
+        `abs_drift` and `drift/<token>` for the top-weighted tokens (0 for a non-finite term). Empty when that
+        call computed no term (eval mode, no anchor step due)."""
+        if not self._last:
+            return {}
+        last = self._last
+        count = last["count"]
+        count = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
+        per_token = last["drift_sum"] / count
+        out = {
+            "penalty": last["penalty"],
+            "computed": last["finite"].float(),
+            "drift": per_token.sum() / self.tokens.k,
+            "abs_drift": last["abs_drift_sum"].sum() / (count * self.tokens.k),
+        }
+        names = self.tokens.readable_names
+        for i in self._top_tokens:
+            out[f"drift/{names[i]}"] = per_token[i]
+        return out
+
+    @property
+    def _top_tokens(self) -> list[int]:
+        order = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])
+        return order[: self.config.logging.top_tokens]
+
+    @property
+    def term_computed(self) -> bool:
+        """Whether the last `loss()` call computed a term (False in eval mode or when no anchor step was due;
+        a non-finite term counts as computed here: it is zeroed on the device, see `step_metrics`)."""
+        return bool(self._last)
+
     def metrics(self) -> dict[str, float]:
-        """Plain floats from the last `loss()` call: `penalty` (the added term), `pen_mean` (penalty per
-        position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>` for the
-        top-weighted tokens (named as they read: `drift/Sorry`, not the tokenizer's `ĠSorry`), `coef`, `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when
-        that call computed no term (eval mode, no anchor step due, a skipped non-finite step)."""
+        """Plain floats from the last `loss()` call (a host read): `penalty` (the added term), `pen_mean`
+        (penalty per position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>`
+        for the top-weighted tokens (named as they read: `drift/Sorry`, not the tokenizer's `ĠSorry`), `coef`,
+        `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when that call computed no term
+        (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
+        reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
+        `on_nonfinite: raise`)."""
+        self._account_nonfinite(self._read_nonfinite())
         out: dict[str, float] = {
             "coef": float(self.current_coef()),
             "skipped": float(self._skipped),
             "step": float(self.schedule.step),
         }
-        if not self._last:
+        if not self._last or not bool(self._last["finite"]):
             return out
-        count = max(float(self._last["count"]), 1.0)
-        drift_sum = self._last["drift_sum"].float().cpu()
-        out["penalty"] = float(self._last["penalty"])
+        tensors = self.step_metrics()
+        out["penalty"] = float(tensors["penalty"])
         out["pen_mean"] = float(self._last["pen_mean"])
         out["positions"] = float(self._last["count"])
-        out["drift"] = float(drift_sum.sum()) / (count * self.tokens.k)
-        out["abs_drift"] = float(self._last["abs_drift_sum"].float().sum().cpu()) / (count * self.tokens.k)
-        top = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])[
-            : self.config.logging.top_tokens
-        ]
-        names = self.tokens.readable_names
-        for i in top:
-            out[f"drift/{names[i]}"] = float(drift_sum[i]) / count
+        for key, value in tensors.items():
+            if key != "computed" and key != "penalty":
+                out[key] = float(value)
         return out
 
     # -- lifecycle -----------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ def penalty_rows(
     """
     if form == "kl":
         ref = reference.float()
-        return (ref.exp() * (ref - policy.float())).sum(dim=-1)
+        # A bucket the reference gives probability 0 (log-prob -inf) contributes 0, not 0 * inf.
+        terms = torch.where(torch.isneginf(ref), 0.0, ref.exp() * (ref - policy.float()))
+        return terms.sum(dim=-1)
     k = weights.shape[0]
     diff = policy[..., :k].float() - reference[..., :k].float()
     return (penalty_terms(diff, form, margin) * weights.float()).sum(dim=-1)
@@ -118,11 +120,16 @@ def weighted_penalty_sum(
     form: str,
     margin: float = 0.0,
     row_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`sum_t v_t penalty_rows(...)_t` over the N rows (v_t = 1 without `row_weights`); 0-dim float32."""
+    """`sum_t v_t penalty_rows(...)_t` over the rows t (every leading index: [N] or [B, T]) where `mask` is
+    True (all without a mask), v_t = 1 without `row_weights`; a 0-dim float32 tensor. A mask instead of
+    selecting the rows keeps the shapes static: no host synchronization (docs/design.md section 3)."""
     rows = penalty_rows(policy, reference, weights, form, margin)
     if row_weights is not None:
         rows = rows * row_weights.to(rows.device, torch.float32)
+    if mask is not None:
+        rows = torch.where(mask.to(rows.device), rows, 0.0)
     return rows.sum()
 
 

@@ -285,6 +285,7 @@ class HeadRows:
         self.head = head
         self.transform = transform
         self._ids_cpu = torch.tensor(token_ids, dtype=torch.long)
+        self._ids_by_device: dict[str, torch.Tensor] = {}
         self._frozen_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         lora_layer: Any = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
         if lora_layer is not None and any(getattr(lora_layer, "use_dora", {}).values()):
@@ -296,6 +297,15 @@ class HeadRows:
     @property
     def weight(self) -> torch.Tensor:
         return self.head.weight  # type: ignore[return-value]
+
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        """The safety ids on `device`, copied there once (a copy per step would be a host-to-device
+        transfer, a synchronization point, every micro-batch)."""
+        key = str(device)
+        ids = self._ids_by_device.get(key)
+        if ids is None:
+            ids = self._ids_by_device[key] = self._ids_cpu.to(device)
+        return ids
 
     def is_trainable(self) -> bool:
         if self.weight.requires_grad:
@@ -329,7 +339,7 @@ class HeadRows:
         bias = getattr(self.head, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) else None
         if weight.requires_grad or (bias is not None and bias.requires_grad):
-            ids = self._ids_cpu.to(weight.device)
+            ids = self.ids_on(weight.device)
             return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
         return self._frozen_rows(weight, bias)
 
@@ -358,7 +368,7 @@ class HeadRows:
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
             dropout = layer.lora_dropout[name]
             x = dropout(hidden.to(lora_a.weight.dtype))
-            ids = self._ids_cpu.to(lora_b.weight.device)
+            ids = self.ids_on(lora_b.weight.device)
             b_rows = lora_b.weight.index_select(0, ids)
             part = lora_a(x) @ b_rows.T
             if getattr(lora_b, "bias", None) is not None:

@@ -1,8 +1,9 @@
 """Reference safety logits: what the aligned model says at the penalized positions.
 
-Each source answers `logits(sink, positions, coarse)` with a float32 tensor for the N selected positions of
-the captured training batch: [N, k] safety logits, or with `coarse` [N, k + 1] coarse log-probs (forms
-`logprob` and `kl`; `penalty.coarse_logprobs`). Anchors are different (the penalty is evaluated on the anchor
+Each source answers `logits(sink, coarse)` with a float32 tensor for every position of the captured training
+batch: [B, T, k] safety logits, or with `coarse` [B, T, k + 1] coarse log-probs (forms `logprob` and `kl`;
+`penalty.coarse_logprobs`). The penalized positions are a mask applied afterwards (no selection, so no host
+synchronization). Anchors are different (the penalty is evaluated on the anchor
 prompts, not on the training batch) and live in `anchors.py`.
 """
 
@@ -25,7 +26,7 @@ from str_hooks.tap import ModelTap, Sink, eval_mode
 class ReferenceSource(Protocol):
     name: str
 
-    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor: ...
+    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor: ...
 
     def detach(self) -> None: ...
 
@@ -45,25 +46,26 @@ class _ForwardReference:
     def _context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor:
+    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor:
         args, kwargs = self.tap.forward_inputs(sink, full_logits=coarse)
         device = self.tap.device()
         args = tuple(_move(a, device) for a in args)
         kwargs = {k: _move(v, device) for k, v in kwargs.items()}
-        positions_here = positions.to(device)
+        assert sink.safety_logits is not None  # the site checked it
+        width = sink.safety_logits.shape[1]
         with self._context(), torch.no_grad(), eval_mode(self.tap.causal_lm):
             ref = self.tap.run(*args, **kwargs)
             if coarse:
-                if ref.logits is None or ref.logits.shape[1] != positions.shape[1]:
+                if ref.logits is None or ref.logits.shape[1] != width:
                     raise STRAttachError(
                         "`penalty.form` 'logprob' or 'kl' needs full logits from the reference forward, but it "
                         "returned none: use form 'mse' or 'hinge'."
                     )
-                out = coarse_logprobs(ref.logits[positions_here], self.tap.rows._ids_cpu)
+                out = coarse_logprobs(ref.logits, self.tap.rows.ids_on(ref.logits.device))
             else:
                 assert ref.safety_logits is not None  # tap.run guarantees it
-                out = ref.safety_logits[positions_here]
-        return out.to(positions.device)
+                out = ref.safety_logits
+        return out.to(sink.safety_logits.device)
 
     def detach(self) -> None:
         return None
@@ -105,7 +107,7 @@ class CacheReference:
     def __init__(self, cache: ReferenceCache) -> None:
         self.cache = cache
 
-    def logits(self, sink: Sink, positions: torch.Tensor, coarse: bool) -> torch.Tensor:
+    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor:
         input_ids = sink.input_ids()
         if input_ids is None:
             raise STRCacheError(
@@ -113,8 +115,7 @@ class CacheReference:
                 "(inputs_embeds?): pass input_ids, or use source 'adapter'."
             )
         mask = sink.get("attention_mask")
-        table = self.cache.lookup(input_ids, mask if isinstance(mask, torch.Tensor) else None)
-        return table[positions.to(table.device)]
+        return self.cache.lookup(input_ids, mask if isinstance(mask, torch.Tensor) else None)
 
     def detach(self) -> None:
         return None

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from str_hooks.anchors import AnchorSet
+from str_hooks.anchors import AnchorBatch, AnchorSet
 from str_hooks.errors import STRAttachError, STRError
 from str_hooks.folding import FoldedAnchors
 from str_hooks.penalty import COARSE_FORMS, coarse_logprobs, penalty_positions
@@ -26,12 +26,15 @@ from str_hooks.tap import ModelTap, Sink
 
 
 class SiteTerm(NamedTuple):
-    """What the penalty compares: [N, C] policy and reference values at N places, and per-place weights."""
+    """What the penalty compares: policy and reference values [..., C] (C = k, or k + 1 for the coarse
+    forms), the number of places they count at, per-place weights, and for the training batch's positions
+    a [B, T] mask of the penalized ones (a mask, not a selection: shapes stay static, no host sync)."""
 
     policy: torch.Tensor
     reference: torch.Tensor
-    n_places: int
+    n_places: int | torch.Tensor
     row_weights: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class TokenSite:
@@ -70,11 +73,11 @@ class TokenSite:
                     "but it returned none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge', or "
                     "source 'anchors' (which takes the softmax at the anchors' positions only)."
                 )
-            policy = coarse_logprobs(sink.logits[positions], self.token_ids)
+            policy = coarse_logprobs(sink.logits, self.token_ids)
         else:
-            policy = sink.safety_logits[positions]
-        reference = self.reference.logits(sink, positions, coarse).to(policy.device)
-        return SiteTerm(policy, reference, int(positions.sum()))
+            policy = sink.safety_logits
+        reference = self.reference.logits(sink, coarse).to(policy.device)
+        return SiteTerm(policy, reference, positions.sum(), mask=positions)
 
 
 class AnchorSite:
@@ -86,27 +89,26 @@ class AnchorSite:
         self.anchors = anchors
         self.tap = tap
         self.schedule = schedule
-        self.pending: FoldedAnchors | None = None  # set by `STRHandle.prepare_batch`
+        # The fold of this step's anchors and their batch, set by `STRHandle.prepare_batch`.
+        self.pending: tuple[FoldedAnchors, AnchorBatch] | None = None
 
     def term(self, sink: Sink) -> SiteTerm | None:
         return self._folded(sink) if self.folded else self._separate()
 
-    def _term(self, policy: torch.Tensor, indices: list[int]) -> SiteTerm:
-        reference = self.anchors.reference_for(indices).to(policy.device)
-        return SiteTerm(
-            policy, reference, self.anchors.n_points(indices), self.anchors.point_weights(indices)
-        )
+    @staticmethod
+    def _term(policy: torch.Tensor, batch: AnchorBatch) -> SiteTerm:
+        return SiteTerm(policy, batch.reference, batch.n_points, batch.weights)
 
     def _separate(self) -> SiteTerm | None:
         if not self.tap.causal_lm.training or not self.schedule.anchor_due():
             return None
-        indices = self.anchors.batch_indices(self.schedule.anchor_cursor)
-        self.schedule.take_anchors(indices)
-        return self._term(self.anchors.policy_values(self.tap, indices, self.coarse), indices)
+        batch = self.anchors.batch(self.schedule.anchor_cursor, self.tap.device())
+        self.schedule.take_anchors(batch.indices)
+        return self._term(self.anchors.batch_values(self.tap, batch, self.coarse), batch)
 
     def _folded(self, sink: Sink) -> SiteTerm | None:
-        where, self.pending = self.pending, None
-        if where is None:
+        pending, self.pending = self.pending, None
+        if pending is None:
             if self.tap.causal_lm.training and self.schedule.anchor_due():
                 raise STRError(
                     "`reference.anchor_placement` is 'folded' and an anchor penalty is due, but this batch was "
@@ -114,6 +116,7 @@ class AnchorSite:
                     "the forward (the trainer integrations do it for you)."
                 )
             return None
+        where, batch = pending
         logits = sink.safety_logits
         ids = sink.input_ids()
         other_ids = ids is not None and ids is not where.input_ids and not torch.equal(ids, where.input_ids)
@@ -135,7 +138,7 @@ class AnchorSite:
                     "positions, but the forward handle.loss() found did not compute them: run the forward on the "
                     "batch prepare_batch returned, right after it, with no other forward in between."
                 )
-            policy = coarse_logprobs(sink.point_logits, self.tap.rows._ids_cpu)
+            policy = coarse_logprobs(sink.point_logits, self.tap.rows.ids_on(sink.point_logits.device))
         else:
             policy = logits[where.rows, where.cols]
-        return self._term(policy, where.indices)
+        return self._term(policy, batch)

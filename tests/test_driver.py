@@ -106,16 +106,15 @@ def test_driver_metrics_one_key_set_per_optimizer_step(source: str, tokenizer: A
         for _ in range(2):  # one optimizer step of two micro-batches
             model(**batch)
             terms.append(float(driver.penalty(normalization)))
-        step = driver.end_step()
+        driver.end_step()
         assert handle.step_count == 1
+        step = driver.log_metrics()
         # `penalty` is the term in the step's loss: what the host keeps after dividing by 2.
-        assert step["penalty"] == pytest.approx(sum(terms) / 2, rel=1e-6)
-        assert set(STEP_KEYS) <= step.keys()
-        assert sum(k.startswith("drift/") for k in step) == 3
+        assert step["s/penalty"] == pytest.approx(sum(terms) / 2, rel=1e-6)
+        assert {f"s/{k}" for k in STEP_KEYS} <= step.keys()
+        assert sum(k.startswith("s/drift/") for k in step) == 3
         # Anchors compute one term per step (the first micro-batch), token sources one per micro-batch.
         assert terms[1] == 0.0 if source == "anchors" else terms[1] > 0.0
-        logged = driver.log_metrics()
-        assert logged == {f"s/{k}": v for k, v in step.items()}
         assert driver.log_metrics() == {}  # the window closed
         # Over a window of several steps: means, except `skipped`, a running count, which is its latest.
         for _ in range(3):
