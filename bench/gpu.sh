@@ -44,6 +44,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 mkdir -p "$OUT_DIR"
 
 start=$(date +%s)
+# Host synchronization in STR's per-micro-batch path, under torch.cuda.set_sync_debug_mode("error") (about a
+# minute); a failure is reported, not fatal, so the benchmark still runs.
+"$PY" bench/gpu_sync_check.py --out "$OUT_DIR/gpu_sync_check" || echo "gpu_sync_check: a penalty path synchronized (see $OUT_DIR/gpu_sync_check.md)"
+echo "sync check done after $(( $(date +%s) - start )) s"
 for shape in $SHAPES; do
   "$PY" bench/step_cost.py --shape "$shape" --device cuda --dtype bf16 --repeats "$REPEATS" --warmup 1 \
     --out "$OUT_DIR/gpu_$shape" --overwrite --no-progress \

@@ -229,8 +229,12 @@ class STRCallback(pl.Callback):
         # Every rank runs a due probe (identical weights, identical greedy replies): a sharded model needs
         # all ranks in its forward, so the probe must not run on rank 0 alone.
         driver.end_step(self._causal_lm)
-        for key, value in driver.log_metrics().items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=True)
+        # The metrics are device tensors until read: read them on Lightning's logging steps only (the means
+        # over the steps since the last read), not every optimizer step.
+        every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+        if trainer.global_step % every == 0 or trainer.is_last_batch:
+            for key, value in driver.log_metrics().items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=True)
 
     # -- internals -----------------------------------------------------------------------------------
     def _find_causal_lm(self, pl_module: pl.LightningModule) -> nn.Module:

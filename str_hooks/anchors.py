@@ -50,7 +50,7 @@ def end_token_ids(tokenizer: Any, model: nn.Module | None = None) -> set[int]:
 @dataclass(frozen=True)
 class AnchorBatch:
     """One anchor step's anchors, everything on the training device (built once per cursor, so that an
-    anchor step copies nothing from the host: docs/design.md section 3).
+    anchor step copies nothing from the host: docs/host_sync.md).
 
     Attributes:
         indices: the anchors (into the `AnchorSet`), in order.

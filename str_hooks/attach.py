@@ -134,7 +134,7 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
         cache = ReferenceCache(config.reference.cache_path)
         with _adapters_off(peft_model), torch.no_grad():
             cache.check_compatible(parts.tokens.ids, model_fingerprint(tap))
-        parts.reference = CacheReference(cache)
+        parts.reference = CacheReference(cache, tap.device())
         parts.cache_identity = {"path": str(cache.path), "model_fingerprint": cache.model_fingerprint}
     else:
         if tokenizer is None:

@@ -1,8 +1,10 @@
 """Reference cache: the aligned model's safety logits precomputed over a training set.
 
 File format (safetensors, no pickle): `logits` [P, k] fp16 (every position of every example, concatenated),
-`offsets` [n + 1] int64, `digests` [n, 16] uint8 (blake2b of each example's token ids), `token_ids` [k];
-metadata: format name and version, the model fingerprint and the safety tokens' tokenizer fingerprint.
+`offsets` [n + 1] int64, `digests` [n, 16] uint8 (blake2b of each example's token ids), `keys` [n] int64
+(device keys, `device_index.sequence_keys`: lookups without host synchronization; caches written before
+they existed lack them and are looked up on the host), `token_ids` [k]; metadata: format name and version,
+the model fingerprint and the safety tokens' tokenizer fingerprint.
 An example is keyed by the hash of its token ids (padding removed), so the cache does not depend on the
 batch order, the batch size or the padding side.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from str_hooks.device_index import DeviceIndex, sequence_keys
 from str_hooks.errors import STRCacheError
 from str_hooks.projection import ModuleSpec, peft_model_of
 from str_hooks.tap import ModelTap, eval_mode
@@ -119,6 +122,7 @@ def build_reference_cache(
     peft = peft_model_of(model)
     adapters_off = peft.disable_adapter() if peft is not None else contextlib.nullcontext()  # type: ignore[operator]
     seen: dict[bytes, int] = {}
+    keys: list[torch.Tensor] = []
     chunks: list[torch.Tensor] = []
     lengths: list[int] = []
     digests: list[bytes] = []
@@ -141,6 +145,7 @@ def build_reference_cache(
                     continue
                 seen[key] = len(digests)
                 digests.append(key)
+                keys.append(sequence_keys(torch.tensor([ids], dtype=torch.long), None))
                 pending.append(ids)
                 if len(pending) == batch_size:
                     _run_batch(tap, pending, pad_token_id, chunks, lengths)
@@ -158,6 +163,7 @@ def build_reference_cache(
         "logits": torch.cat(chunks, dim=0).contiguous(),
         "offsets": offsets,
         "digests": torch.tensor(list(b"".join(digests)), dtype=torch.uint8).view(-1, 16),
+        "keys": torch.cat(keys),
         "token_ids": torch.tensor(tokens.ids, dtype=torch.long),
     }
     metadata = {
@@ -255,6 +261,25 @@ class ReferenceCache:
                 f"reference cache {str(self.path)!r} has no readable model fingerprint."
             ) from exc
         self._index = {bytes(digests[i].tolist()): i for i in range(n)}
+        keys = tensors.get("keys")
+        if keys is not None and keys.shape != (n,):
+            raise STRCacheError(
+                f"reference cache {str(self.path)!r} has inconsistent tensor shapes: rebuild it."
+            )
+        self.keys = keys
+        self._device_indexes: dict[str, DeviceIndex] = {}
+
+    def device_index(self, device: torch.device) -> DeviceIndex | None:
+        """The cache on `device` for lookups without host synchronization (copied there once), or None for a
+        cache written without device keys."""
+        if self.keys is None:
+            return None
+        index = self._device_indexes.get(str(device))
+        if index is None:
+            index = self._device_indexes[str(device)] = DeviceIndex(
+                self.keys, self.offsets, self.logits, device
+            )
+        return index
 
     def __len__(self) -> int:
         return len(self._index)

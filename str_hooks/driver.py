@@ -112,7 +112,7 @@ class StepDriver:
                 term = term / normalization.accumulation_steps
                 factor = normalization.host_divides_by
         value = term * factor if factor != 1 else term
-        # Device tensors only: read on the host when the host logs (docs/design.md section 3).
+        # Device tensors only: read on the host when the host logs (docs/host_sync.md).
         self._record(handle.step_metrics(), value.detach() / normalization.host_divides_by)
         return value
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from str_hooks.anchors import AnchorSet
-from str_hooks.errors import STRConfigError, STRError, STRNonFiniteError
+from str_hooks.errors import STRCacheError, STRConfigError, STRError, STRNonFiniteError
 from str_hooks.folding import fold_anchors
 from str_hooks.penalty import COARSE_FORMS, weighted_penalty_sum
 from str_hooks.reference import ReferenceSource
@@ -94,6 +94,12 @@ class STRHandle:
         `penalty.on_nonfinite: raise` it reads, once per optimizer step, whether a micro-batch of the step was
         non-finite, and raises `STRNonFiniteError` if so (the micro-batches' `loss()` never synchronizes)."""
         self.schedule.advance()
+        if self.reference is not None:
+            try:
+                self.reference.check_step()  # a cache miss is an error whatever `on_nonfinite` says
+            except STRCacheError:
+                self._nonfinite = None  # the missing rows' skipped terms are this error, not NaNs
+                raise
         if self.config.penalty.on_nonfinite == "raise":
             self._account_nonfinite(self._read_nonfinite())
 
@@ -226,17 +232,19 @@ class STRHandle:
         return self._finish(term, None if self.anchors is not None else num_items_in_batch)
 
     def _finish(self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-        # Tensor math only, no host synchronization (docs/design.md section 3): the positions are a mask,
+        # Tensor math only, no host synchronization (docs/host_sync.md): the positions are a mask,
         # the normalizer stays a tensor, and a non-finite micro-batch is zeroed here and counted on the
         # device; `step()` raises for it (`on_nonfinite: raise`), `metrics()` reports and warns (`skip`).
         policy, reference, n_places, mask = term.policy, term.reference, term.n_places, term.mask
-        elementwise = torch.isfinite(policy)
+        # The reference is NaN for a cached example that is missing (`device_index`): skipped the same way.
+        elementwise = torch.isfinite(policy) & torch.isfinite(reference)
         finite_rows = elementwise.all(dim=-1)
         if mask is not None:
             finite_rows = finite_rows | ~mask
         finite = finite_rows.all()
-        # Non-finite entries compare as the reference (zero penalty, zero gradient into them).
-        safe = torch.where(elementwise, policy.float(), reference.float())
+        # Non-finite entries compare equal (zero penalty, zero gradient into them).
+        reference = torch.where(elementwise, reference.float(), 0.0)
+        safe = torch.where(elementwise, policy.float(), reference)
         pen_sum = weighted_penalty_sum(
             safe,
             reference,

@@ -124,7 +124,7 @@ def weighted_penalty_sum(
 ) -> torch.Tensor:
     """`sum_t v_t penalty_rows(...)_t` over the rows t (every leading index: [N] or [B, T]) where `mask` is
     True (all without a mask), v_t = 1 without `row_weights`; a 0-dim float32 tensor. A mask instead of
-    selecting the rows keeps the shapes static: no host synchronization (docs/design.md section 3)."""
+    selecting the rows keeps the shapes static: no host synchronization (docs/host_sync.md)."""
     rows = penalty_rows(policy, reference, weights, form, margin)
     if row_weights is not None:
         rows = rows * row_weights.to(rows.device, torch.float32)

@@ -10,6 +10,7 @@ prompts, not on the training batch) and live in `anchors.py`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from str_hooks.cache import ReferenceCache
+from str_hooks.device_index import DeviceIndex
 from str_hooks.errors import STRAttachError, STRCacheError
 from str_hooks.optional import require
 from str_hooks.penalty import coarse_logprobs
@@ -27,6 +29,8 @@ class ReferenceSource(Protocol):
     name: str
 
     def logits(self, sink: Sink, coarse: bool) -> torch.Tensor: ...
+
+    def check_step(self) -> None: ...
 
     def detach(self) -> None: ...
 
@@ -67,6 +71,9 @@ class _ForwardReference:
                 out = ref.safety_logits
         return out.to(sink.safety_logits.device)
 
+    def check_step(self) -> None:
+        return None
+
     def detach(self) -> None:
         return None
 
@@ -100,12 +107,17 @@ class ModelReference(_ForwardReference):
 
 
 class CacheReference:
-    """Precomputed reference logits looked up by example hash: no extra forward."""
+    """Precomputed reference logits looked up by example key: no extra forward. With the cache's device keys
+    the lookup runs on the training device (no host synchronization); a cache written without them is looked
+    up on the host, with a one-time warning."""
 
     name = "cache"
 
-    def __init__(self, cache: ReferenceCache) -> None:
+    def __init__(self, cache: ReferenceCache, device: torch.device | None = None) -> None:
         self.cache = cache
+        self._warned_host = False
+        # Copied to the training device at attach, not at the first micro-batch.
+        self._index: DeviceIndex | None = None if device is None else cache.device_index(device)
 
     def logits(self, sink: Sink, coarse: bool) -> torch.Tensor:
         input_ids = sink.input_ids()
@@ -115,7 +127,32 @@ class CacheReference:
                 "(inputs_embeds?): pass input_ids, or use source 'adapter'."
             )
         mask = sink.get("attention_mask")
-        return self.cache.lookup(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+        mask = mask if isinstance(mask, torch.Tensor) else None
+        if self._index is None:
+            self._index = self.cache.device_index(input_ids.device)
+        if self._index is not None:
+            return self._index.lookup(input_ids, mask)
+        if not self._warned_host:
+            self._warned_host = True
+            warnings.warn(
+                f"reference cache {str(self.cache.path)!r} has no device keys (written by an older str-hooks): "
+                "each lookup copies the batch to the host and waits for the device. Rebuild it with "
+                "`str-hooks cache` to look up on the device.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self.cache.lookup(input_ids, mask)
+
+    def check_step(self) -> None:
+        """Raise for examples looked up since the last check that are not in the cache (a host read, once per
+        optimizer step; their penalty was skipped)."""
+        missing = self._index.read_missing() if self._index is not None else 0
+        if missing:
+            raise STRCacheError(
+                f"{missing} example(s) of the last optimizer step are not in reference cache "
+                f"{str(self.cache.path)!r} ({len(self.cache)} examples): the cache was built over other data or "
+                "another tokenization; rebuild it over this training set with `str-hooks cache`."
+            )
 
     def detach(self) -> None:
         return None

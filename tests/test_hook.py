@@ -129,13 +129,20 @@ def test_cache_errors(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     path = build_reference_cache(model, tokens, seqs[:2], tmp_path / "c.safetensors", progress=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         build_reference_cache(model, tokens, seqs, path, progress=False)
-    # An example missing from the cache is an error at train time, never a silent zero.
+    # An example missing from the cache is an error at train time, never a silent zero: loss() looks up on
+    # the device without a host read (the micro-batch's term is 0), and the optimizer step raises.
     with register_str_hook(
         model, {"reference": {"source": "cache", "cache_path": str(path)}}, tokens=tokens
     ) as h:
         model(**batch)
-        with pytest.raises(STRCacheError, match="not in reference cache"):
-            h.loss()
+        assert float(h.loss()) == 0.0
+        with pytest.raises(
+            STRCacheError, match="1 example\\(s\\) of the last optimizer step are not in reference cache"
+        ):
+            h.step()
+        model(**{k: v[:2] for k, v in batch.items()})  # the two cached examples: found, a real term
+        assert float(h.loss()) > 0.0
+        h.step()
     # Another token set.
     other_tokens = mine_safety_tokens(tokenizer, k=8)
     with pytest.raises(STRCacheError, match="safety tokens"):

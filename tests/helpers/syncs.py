@@ -42,9 +42,10 @@ class _NoSync(TorchDispatchMode):
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
                 raise HostSyncError(f"host synchronization: boolean-mask indexing ({func})")
-        if func is aten._to_copy.default and kwargs.get("device") is not None:
-            if torch.device(kwargs["device"]).type == "cpu" and args[0].device.type != "cpu":
-                raise HostSyncError("host synchronization: a device tensor copied to the host (.cpu())")
+        device = kwargs.get("device")
+        to_host = device is not None and torch.device(device).type == "cpu"
+        if func is aten._to_copy.default and to_host and args[0].device.type != "cpu":
+            raise HostSyncError("host synchronization: a device tensor copied to the host (.cpu())")
         return func(*args, **kwargs)
 
 
