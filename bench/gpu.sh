@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU run of the step-cost benchmark: both docs/design.md section 4 shapes (Llama-3-8B 4x2048 and
-# Qwen2.5-1.5B 8x2048, random init, bf16, LoRA r=16 on all linear layers, gradient checkpointing), every
-# mode, 3 timed repeats after 1 warm-up round: about 5 minutes on one H100/H200 (plus model init).
+# Qwen2.5-1.5B 8x2048, random init, bf16, LoRA r=16 on all linear layers, gradient checkpointing), the modes
+# in MODES, 3 timed repeats after 1 warm-up round, after the host-synchronization check
+# (bench/gpu_sync_check.py): about 6 minutes on one H100/H200 (estimated: never run yet), plus model init.
 # Never run it without a GPU. From the repository root:
 #
 #   bash bench/gpu.sh                     # writes bench/results/gpu_<shape>.{json,md} and _step_ratio.png
@@ -10,7 +11,7 @@
 # Needs torch (CUDA), transformers, peft, safetensors, tqdm, pydantic. When ./.whl/ holds wheels (for a
 # machine without network that lacks, e.g., pydantic; see bench/README.md), they are installed first.
 # Environment: PYTHON (default python3), BENCH_OUT (default bench/results), REPEATS (default 3),
-# SHAPES (default "llama3-8b qwen2.5-1.5b").
+# SHAPES (default "llama3-8b qwen2.5-1.5b"), MODES (default: the nine modes below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,9 @@ PY=${PYTHON:-python3}
 OUT_DIR=${BENCH_OUT:-bench/results}
 REPEATS=${REPEATS:-3}
 SHAPES=${SHAPES:-"llama3-8b qwen2.5-1.5b"}
+# The modes the cost targets are about (issue 14), to stay within one 8-minute device call; MODES="..." runs
+# others (`step_cost.py --help` lists them all).
+MODES=${MODES:-"plain str-adapter-mse str-cache-mse str-anchors-mse str-anchors-folded str-anchors-folded-every8 str-anchors-folded-kl str-anchors-folded-kl-open4 kl-sft"}
 SITE=${STR_SITE:-/tmp/str-site}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -49,7 +53,8 @@ start=$(date +%s)
 "$PY" bench/gpu_sync_check.py --out "$OUT_DIR/gpu_sync_check" || echo "gpu_sync_check: a penalty path synchronized (see $OUT_DIR/gpu_sync_check.md)"
 echo "sync check done after $(( $(date +%s) - start )) s"
 for shape in $SHAPES; do
-  "$PY" bench/step_cost.py --shape "$shape" --device cuda --dtype bf16 --repeats "$REPEATS" --warmup 1 \
+  # shellcheck disable=SC2086  # MODES is a word list
+  "$PY" bench/step_cost.py --shape "$shape" --device cuda --dtype bf16 --repeats "$REPEATS" --warmup 1 --modes $MODES \
     --out "$OUT_DIR/gpu_$shape" --overwrite --no-progress \
     --note "Prepared run (bench/gpu.sh): one process per shape, modes interleaved round-robin."
   echo "$shape done after $(( $(date +%s) - start )) s"
