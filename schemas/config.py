@@ -18,6 +18,7 @@ PenaltyForm = Literal["mse", "hinge", "logprob", "kl"]
 PositionMode = Literal["supervised", "all", "first_n"]
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
+FoldPadding = Literal["auto", "yes", "no"]
 NonFiniteAction = Literal["raise", "skip"]
 
 
@@ -248,6 +249,17 @@ class ReferenceConfig(_Section):
             "from position ids (checked at attach)."
         ),
     )
+    fold_into_padding: FoldPadding = Field(
+        default="auto",
+        description=(
+            "For `anchor_placement: folded`: whether anchors may go into the rows' trailing padding (no extra "
+            "tokens) before going in front of the rows. Finding the padding reads the batch's attention mask "
+            "on the host, which on an accelerator is a synchronization once per anchor step. `auto`: only for "
+            "batches on the CPU (where reading costs nothing); `yes`: always; `no`: never read the batch "
+            "(anchors always go in front; a left-padded or segment-numbered batch is then reported by "
+            "`handle.step()` at the end of the step instead of before the forward)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ReferenceConfig:
@@ -278,6 +290,7 @@ class ReferenceConfig(_Section):
                 "anchor_tokens",
                 "benign_weight",
                 "benign_anchors_path",
+                "fold_into_padding",
             }
         )
         if anchor_fields_set and self.source != "anchors":
@@ -299,6 +312,12 @@ class ReferenceConfig(_Section):
             raise ValueError(
                 f"`reference.benign_weight` must be a finite number >= 0, got {self.benign_weight}: use 0 for "
                 "harmful anchors only, or e.g. 1.0."
+            )
+        if self.fold_into_padding != "auto" and self.anchor_placement != "folded":
+            raise ValueError(
+                f"`reference.fold_into_padding` is {self.fold_into_padding!r} but `reference.anchor_placement` is "
+                f"{self.anchor_placement!r}: it only applies to folded anchors; set anchor_placement: folded or "
+                "remove fold_into_padding."
             )
         if self.benign_anchors_path is not None and self.benign_weight == 0:
             raise ValueError(

@@ -59,6 +59,8 @@ class AnchorBatch:
         reference: the reference values at those points [n_points, C].
         weights: per-point weights (benign anchors `benign_weight`), or None when all are harmful.
         n_points: how many points.
+        encoded: each anchor's token ids (prompt and teacher-forced opening), for folding without a host copy.
+        points: each anchor's number of points.
     """
 
     indices: list[int]
@@ -69,6 +71,8 @@ class AnchorBatch:
     reference: torch.Tensor
     weights: torch.Tensor | None
     n_points: int
+    encoded: tuple[torch.Tensor, ...]
+    points: tuple[int, ...]
 
 
 class AnchorSet:
@@ -198,6 +202,8 @@ class AnchorSet:
                 reference=self.reference_for(indices).to(device),
                 weights=None if weights is None else weights.to(device),
                 n_points=self.n_points(indices),
+                encoded=tuple(torch.tensor(self.encoded[i], dtype=torch.long).to(device) for i in indices),
+                points=tuple(self.points[i] for i in indices),
             )
             self._built[key] = cached
         return cached

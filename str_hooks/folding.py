@@ -48,6 +48,9 @@ class FoldedAnchors:
     rows: torch.Tensor
     cols: torch.Tensor
     input_ids: torch.Tensor
+    # Without reading the batch (`fold_in_front`): a 0-dim int tensor of `PROBLEMS` bits found on the device,
+    # reported by `handle.step()`; None when the batch was checked on the host before folding.
+    problems: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,35 +100,12 @@ def fold_anchors(
         STRError: a batch the fold cannot keep exact: no `input_ids`, `inputs_embeds`, left padding or
             packed-sample attention masks, an unknown per-token field, or a `logits_to_keep` of its own.
     """
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        found = "inputs_embeds" if "inputs_embeds" in batch else f"input_ids={type(ids).__name__}"
-        raise _placement_error(
-            f"the batch has no [B, T] `input_ids` tensor ({found})", "pass token ids in `input_ids`"
-        )
-    if "logits_to_keep" in batch:
-        raise _placement_error(
-            "the batch sets `logits_to_keep` itself", "drop it (the fold sets it to the training width)"
-        )
+    ids = _check_fields(batch)
     n_rows, width = ids.shape
     device = ids.device
     mask = batch.get("attention_mask")
     if mask is not None:
         _check_right_padded(mask, (n_rows, width))
-    for key, value in batch.items():
-        if (
-            isinstance(value, torch.Tensor)
-            and value.dim() >= 2
-            and tuple(value.shape[:2]) == (n_rows, width)
-            and key not in _SEQUENCE_FIELDS
-            and key not in _TARGET_FIELDS
-            and key not in _INPUT_FILL
-        ):
-            raise _placement_error(
-                f"the batch has a per-token field `{key}` {tuple(value.shape)} the fold does not know how to "
-                f"extend (it knows {', '.join(_SEQUENCE_FIELDS + _TARGET_FIELDS + tuple(_INPUT_FILL))})",
-                f"drop `{key}` from the batch before the forward",
-            )
 
     positions = batch.get("position_ids")
     if positions is None:
@@ -189,21 +169,7 @@ def fold_anchors(
     }
     folded["input_ids"] = torch.cat([prefix_ids.to(device, ids.dtype), body], dim=1) if prefix else body
     folded["position_ids"] = new_positions.to(device)
-    for key, fill in _INPUT_FILL.items():
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor) and prefix:
-            folded[key] = _extend(value, prefix, fill)
-    if not prefix:
-        pass  # every anchor went into the rows' padding: the batch keeps its width and its targets
-    elif keep_logits:
-        # Indices rather than the int `width`: the kept hidden states are then a contiguous copy, which fused
-        # losses that `.view()` them (Liger) need; a slice of the last T positions is not contiguous for B > 1.
-        folded["logits_to_keep"] = torch.arange(prefix, prefix + width, device=device)
-    else:
-        for key in _TARGET_FIELDS:
-            value = batch.get(key)
-            if isinstance(value, torch.Tensor):
-                folded[key] = _extend(value, prefix, IGNORE_INDEX)
+    _extend_fields(batch, folded, prefix, width, keep_logits, device)
     counts = list(points) if points is not None else [1] * len(anchors)
     rows = [r for (r, _), n in zip(last_at, counts, strict=True) for _ in range(n)]
     cols = [c - n + 1 + q for (_, c), n in zip(last_at, counts, strict=True) for q in range(n)]
@@ -212,6 +178,105 @@ def fold_anchors(
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         cols=torch.tensor(cols, dtype=torch.long, device=device),
         input_ids=folded["input_ids"],
+    )
+    return folded, where
+
+
+# Problems `fold_in_front` finds on the device (bits of `FoldedAnchors.problems`), with their fixes.
+PROBLEMS = {
+    1: (
+        "the batch is left-padded (or has holes in its `attention_mask`): without a mask, real tokens attend "
+        "to the padding before them",
+        "pad on the right (tokenizer.padding_side = 'right')",
+    ),
+    2: (
+        "the batch's `attention_mask` holds values other than 0 and 1 (packed samples numbered by segment)",
+        "pack samples with `position_ids` restarting at 0 instead (padding-free batches)",
+    ),
+    4: (
+        "a row's position ids continue across the anchor segment boundary",
+        "give the rows position ids that start at 0",
+    ),
+}
+
+
+def problem_error(bits: int) -> STRError:
+    """The error for the `PROBLEMS` bits a folded step found (the first one, with its fix)."""
+    problem, fix = next(PROBLEMS[b] for b in sorted(PROBLEMS) if bits & b)
+    return _placement_error(problem, fix)
+
+
+def fold_in_front(
+    batch: Mapping[str, Any],
+    anchors: Sequence[torch.Tensor],
+    indices: Sequence[int],
+    *,
+    pad_token_id: int,
+    keep_logits: bool,
+    points: Sequence[int] | None = None,
+) -> tuple[dict[str, Any], FoldedAnchors]:
+    """`fold_anchors` without reading the batch on the host (no synchronization on an accelerator): every
+    anchor goes in front of the rows, whatever their padding, and the layout is built from the anchors'
+    lengths alone, with device ops only (`anchors` are token-id tensors on the batch's device). What
+    `fold_anchors` refuses before folding (left padding, segment-numbered masks, position ids continuing into
+    a row) is found on the device instead and returned in `FoldedAnchors.problems`."""
+    ids = _check_fields(batch)
+    n_rows, width = ids.shape
+    device = ids.device
+    lengths = [int(a.shape[0]) for a in anchors]
+    _, prefix_members = _place(lengths, [0] * n_rows)
+    prefix = max(sum(lengths[j] for j in members) for members in prefix_members)
+    row_ids: list[torch.Tensor] = []
+    row_positions: list[torch.Tensor] = []
+    last_at: list[tuple[int, int]] = [(0, 0)] * len(anchors)
+    for r in range(n_rows):
+        filler = prefix - sum(lengths[j] for j in prefix_members[r])
+        parts = [torch.full((filler,), pad_token_id, dtype=ids.dtype, device=device)]
+        positions = [torch.arange(filler, device=device)]
+        offset = filler
+        for j in prefix_members[r]:
+            parts.append(anchors[j].to(ids.dtype))
+            positions.append(torch.arange(lengths[j], device=device))
+            last_at[j] = (r, offset + lengths[j] - 1)
+            offset += lengths[j]
+        row_ids.append(torch.cat(parts))
+        row_positions.append(torch.cat(positions))
+    given = batch.get("position_ids")
+    own = (
+        torch.arange(width, device=device).expand(n_rows, width)
+        if given is None
+        else given.to(device, torch.long).expand(n_rows, width)
+    )
+    new_positions = torch.cat([torch.stack(row_positions), own], dim=1)
+    folded: dict[str, Any] = {k: v for k, v in batch.items() if k not in ("attention_mask", "position_ids")}
+    folded["input_ids"] = torch.cat([torch.stack(row_ids), ids], dim=1)
+    folded["position_ids"] = new_positions
+    _extend_fields(batch, folded, prefix, width, keep_logits, device)
+    problems = torch.zeros((), dtype=torch.long, device=device)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        _check_mask_shape(mask, (n_rows, width))
+        values = mask.detach()
+        problems = problems + 2 * (~((values == 0) | (values == 1)).all()).long()
+        if width > 1:
+            problems = problems + (values[:, 1:] > values[:, :-1]).any().long()
+    # transformers starts a new segment wherever a position id is not the previous one plus 1.
+    continues = (new_positions[:, prefix] == new_positions[:, prefix - 1] + 1).any()
+    problems = problems + 4 * continues.long()
+    counts = list(points) if points is not None else [1] * len(anchors)
+    where = FoldedAnchors(
+        indices=list(indices),
+        rows=torch.cat(
+            [
+                torch.full((n,), r, dtype=torch.long, device=device)
+                for (r, _), n in zip(last_at, counts, strict=True)
+            ]
+        ),
+        cols=torch.cat(
+            [torch.arange(c - n + 1, c + 1, device=device) for (_, c), n in zip(last_at, counts, strict=True)]
+        ),
+        input_ids=folded["input_ids"],
+        problems=problems,
     )
     return folded, where
 
@@ -256,24 +321,76 @@ def _extend(value: torch.Tensor, prefix: int, fill: int) -> torch.Tensor:
     return torch.cat([pad, value], dim=1)
 
 
-def _check_right_padded(mask: Any, shape: tuple[int, int]) -> None:
+def _check_fields(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's [B, T] `input_ids`, after refusing what no fold can keep exact (shapes only: no read)."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        found = "inputs_embeds" if "inputs_embeds" in batch else f"input_ids={type(ids).__name__}"
+        raise _placement_error(
+            f"the batch has no [B, T] `input_ids` tensor ({found})", "pass token ids in `input_ids`"
+        )
+    if "logits_to_keep" in batch:
+        raise _placement_error(
+            "the batch sets `logits_to_keep` itself", "drop it (the fold sets it to the training width)"
+        )
+    n_rows, width = ids.shape
+    for key, value in batch.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and tuple(value.shape[:2]) == (n_rows, width)
+            and key not in _SEQUENCE_FIELDS
+            and key not in _TARGET_FIELDS
+            and key not in _INPUT_FILL
+        ):
+            raise _placement_error(
+                f"the batch has a per-token field `{key}` {tuple(value.shape)} the fold does not know how to "
+                f"extend (it knows {', '.join(_SEQUENCE_FIELDS + _TARGET_FIELDS + tuple(_INPUT_FILL))})",
+                f"drop `{key}` from the batch before the forward",
+            )
+    return ids
+
+
+def _extend_fields(
+    batch: Mapping[str, Any],
+    folded: dict[str, Any],
+    prefix: int,
+    width: int,
+    keep_logits: bool,
+    device: torch.device,
+) -> None:
+    """Per-token inputs extended over the prefix; the targets kept (with `logits_to_keep`) or extended."""
+    for key, fill in _INPUT_FILL.items():
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and prefix:
+            folded[key] = _extend(value, prefix, fill)
+    if not prefix:
+        return  # every anchor went into the rows' padding: the batch keeps its width and its targets
+    if keep_logits:
+        # Indices rather than the int `width`: the kept hidden states are then a contiguous copy, which fused
+        # losses that `.view()` them (Liger) need; a slice of the last T positions is not contiguous for B > 1.
+        folded["logits_to_keep"] = torch.arange(prefix, prefix + width, device=device)
+        return
+    for key in _TARGET_FIELDS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            folded[key] = _extend(value, prefix, IGNORE_INDEX)
+
+
+def _check_mask_shape(mask: Any, shape: tuple[int, int]) -> None:
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
         raise _placement_error(
             f"the batch's `attention_mask` is not a {list(shape)} tensor "
             f"({tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__})",
             "pass a 2D 0/1 padding mask",
         )
+
+
+def _check_right_padded(mask: Any, shape: tuple[int, int]) -> None:
+    _check_mask_shape(mask, shape)
     values = mask.detach()
-    binary = bool(((values == 0) | (values == 1)).all())
-    if not binary:
-        raise _placement_error(
-            "the batch's `attention_mask` holds values other than 0 and 1 (packed samples numbered by segment)",
-            "pack samples with `position_ids` restarting at 0 instead (padding-free batches)",
-        )
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise _placement_error(*PROBLEMS[2])
     # Right padding: ones, then zeros. Without the mask a real token still sees only what comes before it.
     if shape[1] > 1 and not bool((values[:, 1:] <= values[:, :-1]).all()):
-        raise _placement_error(
-            "the batch is left-padded (or has holes in its `attention_mask`): without a mask, real tokens "
-            "would attend to the padding before them",
-            "pad on the right (tokenizer.padding_side = 'right')",
-        )
+        raise _placement_error(*PROBLEMS[1])

@@ -11,7 +11,7 @@ from torch import nn
 
 from str_hooks.anchors import AnchorSet
 from str_hooks.errors import STRCacheError, STRConfigError, STRError, STRNonFiniteError
-from str_hooks.folding import fold_anchors
+from str_hooks.folding import fold_anchors, fold_in_front, problem_error
 from str_hooks.penalty import COARSE_FORMS, weighted_penalty_sum
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
@@ -60,6 +60,8 @@ class STRHandle:
         self._weights_by_device: dict[str, torch.Tensor] = {}
         # Non-finite micro-batches not yet read by the host (a device tensor: counted without a sync).
         self._nonfinite: torch.Tensor | None = None
+        # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), read by `step()`.
+        self._fold_problems: torch.Tensor | None = None
         self.schedule = StepSchedule(
             self.config.coef,
             self.config.warmup_steps,
@@ -100,6 +102,10 @@ class STRHandle:
             except STRCacheError:
                 self._nonfinite = None  # the missing rows' skipped terms are this error, not NaNs
                 raise
+        if self._fold_problems is not None:
+            bits, self._fold_problems = int(self._fold_problems), None
+            if bits:
+                raise problem_error(bits)
         if self.config.penalty.on_nonfinite == "raise":
             self._account_nonfinite(self._read_nonfinite())
 
@@ -146,24 +152,40 @@ class STRHandle:
             )
         keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
         cursor = self.schedule.anchor_cursor
-        indices = anchors.batch_indices(cursor)
-        folded, where = fold_anchors(
-            batch,
-            [anchors.encoded[i] for i in indices],
-            indices,
-            pad_token_id=anchors.pad_token_id,
-            keep_logits=keep_logits,
-            points=[anchors.points[i] for i in indices],
-        )
+        prepared = anchors.batch(cursor, self.tap.device())
+        ids = batch.get("input_ids") if hasattr(batch, "get") else None
+        on_cpu = isinstance(ids, torch.Tensor) and ids.device.type == "cpu"
+        into_padding = self.config.reference.fold_into_padding
+        if into_padding == "yes" or (into_padding == "auto" and on_cpu):
+            folded, where = fold_anchors(
+                batch,
+                [anchors.encoded[i] for i in prepared.indices],
+                prepared.indices,
+                pad_token_id=anchors.pad_token_id,
+                keep_logits=keep_logits,
+                points=prepared.points,
+            )
+        else:
+            # No read of the batch on the host (docs/host_sync.md): anchors in front, checks on the device.
+            folded, where = fold_in_front(
+                batch,
+                list(prepared.encoded),
+                prepared.indices,
+                pad_token_id=anchors.pad_token_id,
+                keep_logits=keep_logits,
+                points=prepared.points,
+            )
+            if where.problems is not None:
+                self._fold_problems = where.problems
         if self.config.penalty.form in COARSE_FORMS:
             # The full softmax at the anchors' points only, computed inside the forward (FSDP-safe).
             self.tap.request_points(where.rows, where.cols)
         if self.tap.accepts_use_cache:
             # A KV cache (the config default) turns transformers' packed-sequence detection off.
             folded["use_cache"] = False
-        self.schedule.take_anchors(indices)
+        self.schedule.take_anchors(prepared.indices)
         assert isinstance(self.site, AnchorSite)
-        self.site.pending = (where, anchors.batch(cursor, self.tap.device()))
+        self.site.pending = (where, prepared)
         return folded
 
     def loss(

@@ -95,6 +95,7 @@ def test_defaults() -> None:
         "anchor_batch_size": 8,
         "anchor_every": 1,
         "anchor_placement": "separate",
+        "fold_into_padding": "auto",
         "anchor_tokens": 1,
         "benign_weight": 0.0,
         "benign_anchors_path": None,

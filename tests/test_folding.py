@@ -284,3 +284,80 @@ def test_attach_refuses_attention_that_ignores_packing(
     model = make_lora(make_model("llama"))
     with pytest.raises(STRAttachError, match=r"anchor_placement.*does not keep packed segments apart"):
         register_str_hook(model, folded_cfg(), tokens=tokens, tokenizer=tokenizer)
+
+
+# -- folding without reading the batch on the host (`fold_into_padding: no`, the default on accelerators) --
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fold_without_reading_the_batch_equals_separate_anchor_forwards(
+    arch: str, tokenizer: Any, tokens: Any
+) -> None:
+    """The padding is there (room 80) but not read: every anchor goes in front, and the gradient is still
+    the hand-written CE + each anchor run alone."""
+    model = make_lora(make_model(arch))
+    batch = with_room(make_batch(tokenizer, n=2, seed=5), 80)
+    cfg = folded_cfg(fold_into_padding="no")
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        assert handle.anchors is not None
+        anchor_ids = [handle.anchors.encoded[i] for i in handle.anchors.batch_indices(0)]
+        folded = handle.prepare_batch(batch)
+        assert folded["input_ids"].shape[1] > batch["input_ids"].shape[1]  # in front, not in the padding
+        out = model(**folded)
+        term = handle.loss()
+        (out.loss + term).backward()
+        ours = grads(model)
+        handle.step()  # a well-formed batch: no problem reported
+    plain = model(**batch)
+    penalty = COEF * anchor_penalty_by_hand(model, anchor_ids, tokens.ids, tokens.weights)
+    (ce_by_hand(plain.logits, batch["labels"]) + penalty).backward()
+    assert float(term) == pytest.approx(float(penalty.detach()), rel=1e-4)
+    assert_grads_close(ours, grads(model))
+
+
+def test_fold_without_reading_matches_the_layout_of_a_fold_into_no_padding() -> None:
+    from str_hooks.folding import fold_in_front
+
+    anchors = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    ids = torch.arange(100, 110).view(2, 5)
+    batch = {
+        "input_ids": ids,
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]),
+        "labels": ids.clone(),
+    }
+    expected, where = fold_anchors(
+        batch, anchors, [7, 8, 9], pad_token_id=0, keep_logits=False, points=[1, 2, 1]
+    )
+    folded, found = fold_in_front(
+        batch,
+        [torch.tensor(a) for a in anchors],
+        [7, 8, 9],
+        pad_token_id=0,
+        keep_logits=False,
+        points=[1, 2, 1],
+    )
+    assert folded.keys() == expected.keys()
+    for key in folded:
+        assert torch.equal(folded[key], expected[key]), key
+    assert torch.equal(found.rows, where.rows) and torch.equal(found.cols, where.cols)
+    assert found.problems is not None and int(found.problems) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"), [("left", "left-padded"), ("segments", "values other than 0 and 1")]
+)
+def test_fold_without_reading_reports_bad_batches_at_the_step(
+    change: str, message: str, tokenizer: Any, tokens: Any
+) -> None:
+    batch = make_batch(tokenizer, n=2)
+    if change == "left":
+        batch["attention_mask"] = batch["attention_mask"].flip(1)
+    else:
+        batch["attention_mask"] = batch["attention_mask"] * 2
+    model = make_lora(make_model("llama"))
+    with register_str_hook(
+        model, folded_cfg(fold_into_padding="no"), tokens=tokens, tokenizer=tokenizer
+    ) as handle:
+        model(**handle.prepare_batch(batch))
+        handle.loss()
+        with pytest.raises(STRError, match=message) as info:
+            handle.step()
+        assert "anchor_placement: separate" in str(info.value)

@@ -34,8 +34,14 @@ SETTINGS = {
     "model": {"reference": {"source": "model"}},
     "cache": {"reference": {"source": "cache"}},
     "anchors-separate": {"reference": {"source": "anchors", "anchor_batch_size": 3}},
+    # Folded without reading the batch on the host (`auto` does so on accelerators; on CPU it reads).
     "anchors-folded": {
-        "reference": {"source": "anchors", "anchor_batch_size": 3, "anchor_placement": "folded"}
+        "reference": {
+            "source": "anchors",
+            "anchor_batch_size": 3,
+            "anchor_placement": "folded",
+            "fold_into_padding": "no",
+        }
     },
     "anchors-folded-openings-benign": {
         "reference": {
@@ -44,6 +50,7 @@ SETTINGS = {
             "anchor_placement": "folded",
             "anchor_tokens": 3,
             "benign_weight": 0.5,
+            "fold_into_padding": "no",
         }
     },
 }
@@ -86,7 +93,8 @@ def test_loss_and_driver_never_synchronize(
         driver = StepDriver(handle)
         for _step in range(2):  # the second step runs on what the first one built (steady state)
             for micro in range(2):
-                prepared = driver.prepare_batch(batch)
+                with no_host_sync():
+                    prepared = driver.prepare_batch(batch)
                 out = model(**prepared)
                 with no_host_sync():
                     term = driver.penalty(HostNormalization(accumulation_steps=2, host_divides_by=2))
@@ -116,17 +124,23 @@ def test_the_detector_catches_what_it_must() -> None:
 
 @contextlib.contextmanager
 def penalty_without_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Every `StepDriver.penalty` call (the adapters' per-micro-batch hook) runs under `no_host_sync`."""
+    """Every `StepDriver.prepare_batch` and `StepDriver.penalty` call (the adapters' per-micro-batch hooks)
+    runs under `no_host_sync`; yields the list of penalty calls."""
     calls: list[int] = []
-    original = StepDriver.penalty
+    original_penalty, original_prepare = StepDriver.penalty, StepDriver.prepare_batch
 
-    def checked(self: StepDriver, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def penalty(self: StepDriver, *args: Any, **kwargs: Any) -> torch.Tensor:
         with no_host_sync():
-            value = original(self, *args, **kwargs)
+            value = original_penalty(self, *args, **kwargs)
         calls.append(1)
         return value
 
-    monkeypatch.setattr(StepDriver, "penalty", checked)
+    def prepare_batch(self: StepDriver, *args: Any, **kwargs: Any) -> Any:
+        with no_host_sync():
+            return original_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepDriver, "penalty", penalty)
+    monkeypatch.setattr(StepDriver, "prepare_batch", prepare_batch)
     yield calls
 
 
