@@ -161,6 +161,12 @@ class STRCallback(transformers.TrainerCallback):
         if resuming:
             self.driver.load_state_dict(saved)
 
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        if self.driver is not None:
+            self.driver.before_optimizer_step(optimizer)
+
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.driver is None:
             return

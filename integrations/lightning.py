@@ -217,6 +217,8 @@ class STRCallback(pl.Callback):
         # for the shorter accumulation window at the end of an epoch (which a `batch_idx % accumulate`
         # rule misses); the step itself is counted in `on_train_batch_end`, after the weights changed.
         self._stepped = True
+        if self._driver is not None:
+            self._driver.before_optimizer_step(optimizer)
 
     @override
     def on_train_batch_end(

@@ -146,7 +146,10 @@ class PenaltyConfig(_Section):
         default="raise",
         description=(
             "What to do when the projected safety logits or the penalty are NaN/inf: `raise` an error, or "
-            "`skip` the penalty for that step with a warning (the count is in `metrics()['skipped']`)."
+            "`skip` the step with a warning (the count is in `metrics()['skipped']`). The check runs once per "
+            "optimizer step, before it (`handle.check_step()`; the micro-batches never wait for the device): "
+            "the non-finite term is 0, and since a non-finite forward can put NaN into every gradient, the "
+            "trainer integrations drop the step's gradients under `skip` (the optimizer step changes nothing)."
         ),
     )
 
@@ -219,7 +222,8 @@ class ReferenceConfig(_Section):
             "Weight of benign anchors relative to the harmful ones (whose weight is 1). > 0 adds benign "
             "anchors, pinned the same way to the aligned model's own behaviour (with `anchor_tokens` > 1, its "
             "own first answer tokens), so the penalty keeps answering what it answered as well as refusing what "
-            "it refused. 0 (the default) uses harmful anchors only. >= 0."
+            "it refused. The anchor term is then the weighted mean over the step's points. 0 (the default) uses "
+            "harmful anchors only. >= 0."
         ),
     )
     benign_anchors_path: str | None = Field(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRConfigError
-from str_hooks.penalty import coarse_logprobs
+from str_hooks.penalty import form_values
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
 
@@ -59,6 +59,8 @@ class AnchorBatch:
         reference: the reference values at those points [n_points, C].
         weights: per-point weights (benign anchors `benign_weight`), or None when all are harmful.
         n_points: how many points.
+        weight_sum: the sum of the points' weights (`n_points` when all are harmful): the anchor term is the
+            weighted mean over the points.
         encoded: each anchor's token ids (prompt and teacher-forced opening), for folding without a host copy.
         points: each anchor's number of points.
     """
@@ -71,6 +73,7 @@ class AnchorBatch:
     reference: torch.Tensor
     weights: torch.Tensor | None
     n_points: int
+    weight_sum: float
     encoded: tuple[torch.Tensor, ...]
     points: tuple[int, ...]
 
@@ -126,7 +129,8 @@ class AnchorSet:
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-        # [sum(points), C]: safety logits (C = k) or coarse log-probs (C = k + 1), anchor after anchor.
+        # [sum(points), C]: safety logits or log-probs (C = k), or coarse log-probs (`kl`, C = k + 1),
+        # anchor after anchor.
         self.reference: torch.Tensor | None = None
         self._offsets: list[int] = []
         self._built: dict[tuple[int, str], AnchorBatch] = {}
@@ -170,17 +174,18 @@ class AnchorSet:
         rows = torch.tensor(point_rows, dtype=torch.long, device=device)
         return ids, mask, rows, torch.tensor(point_cols, dtype=torch.long, device=device)
 
-    def policy_values(self, tap: ModelTap, indices: Sequence[int], coarse: bool) -> torch.Tensor:
+    def policy_values(self, tap: ModelTap, indices: Sequence[int], coarse: str | None) -> torch.Tensor:
         """The values the penalty compares at every point of the given anchors, through `tap`'s model (the
-        current grad mode and train/eval mode apply): safety logits [P, k], or with `coarse` the coarse
-        log-probs [P, k + 1] from the full softmax at those P positions only."""
+        current grad mode and train/eval mode apply): safety logits [P, k], or with `coarse` (a form,
+        `logprob` or `kl`) what that form compares (`penalty.form_values`), from the full softmax at those P
+        positions only."""
         ids, mask, rows, cols = self.tensors(indices, tap.device())
         if coarse:
             tap.request_points(rows, cols)
         sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
         if coarse:
             assert sink.point_logits is not None  # requested above; tap.run guarantees the hidden state
-            return coarse_logprobs(sink.point_logits, tap.rows.ids_on(sink.point_logits.device))
+            return form_values(sink.point_logits, tap.rows.ids_on(sink.point_logits.device), coarse)
         logits = sink.safety_logits
         assert logits is not None  # tap.run guarantees it
         return logits[rows.to(logits.device), cols.to(logits.device)]
@@ -202,6 +207,9 @@ class AnchorSet:
                 reference=self.reference_for(indices).to(device),
                 weights=None if weights is None else weights.to(device),
                 n_points=self.n_points(indices),
+                weight_sum=sum(
+                    (self.benign_weight if self.is_benign[i] else 1.0) * self.points[i] for i in indices
+                ),
                 encoded=tuple(torch.tensor(self.encoded[i], dtype=torch.long).to(device) for i in indices),
                 points=tuple(self.points[i] for i in indices),
             )
@@ -215,14 +223,14 @@ class AnchorSet:
         for step in range(n // math.gcd(n, self.batch_size)):
             self.batch(step * self.batch_size % n, device)
 
-    def batch_values(self, tap: ModelTap, batch: AnchorBatch, coarse: bool) -> torch.Tensor:
+    def batch_values(self, tap: ModelTap, batch: AnchorBatch, coarse: str | None) -> torch.Tensor:
         """`policy_values` for a prepared batch: its own forward through `tap`'s model."""
         if coarse:
             tap.request_points(batch.rows, batch.cols)
         sink = tap.run(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **tap.lean_kwargs())
         if coarse:
             assert sink.point_logits is not None  # requested above
-            return coarse_logprobs(sink.point_logits, tap.rows.ids_on(sink.point_logits.device))
+            return form_values(sink.point_logits, tap.rows.ids_on(sink.point_logits.device), coarse)
         logits = sink.safety_logits
         assert logits is not None  # tap.run guarantees it
         return logits[batch.rows, batch.cols]
@@ -279,10 +287,10 @@ class AnchorSet:
 
     @torch.no_grad()
     def compute_reference(
-        self, tap: ModelTap, peft_model: nn.Module | None, coarse: bool = False
+        self, tap: ModelTap, peft_model: nn.Module | None, coarse: str | None = None
     ) -> torch.Tensor:
         """Reference values at every point of every anchor, from the model as it is now (adapters disabled
-        if any): [sum(points), k] safety logits, or [sum(points), k + 1] coarse log-probs with `coarse`."""
+        if any): safety logits, or with `coarse` (a form) what that form compares."""
         parts: list[torch.Tensor] = []
         with _adapters_off(peft_model), eval_mode(tap.causal_lm):
             for indices in self._batches():

@@ -151,7 +151,7 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
         if settings.anchor_tokens > 1:
             ends = end_token_ids(tokenizer, tap.causal_lm)
             anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
-        anchors.compute_reference(tap, peft_model, coarse=form in COARSE_FORMS)
+        anchors.compute_reference(tap, peft_model, coarse=form if form in COARSE_FORMS else None)
         anchors.build_batches(tap.device())
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":
@@ -222,7 +222,7 @@ def _verify_folding(tap: ModelTap, anchors: AnchorSet) -> None:
     )
     with torch.no_grad(), eval_mode(tap.causal_lm):
         together = tap.run(**folded, **tap.lean_kwargs()).safety_logits
-        alone_anchor = anchors.policy_values(tap, [first], coarse=False)
+        alone_anchor = anchors.policy_values(tap, [first], coarse=None)
         alone_row = tap.run(input_ids=row, **tap.lean_kwargs()).safety_logits
     assert together is not None and alone_row is not None  # tap.run guarantees them
     prefix = where.input_ids.shape[1] - row.shape[1]

@@ -281,6 +281,10 @@ class ReferenceCache:
             )
         return index
 
+    def read_missing(self) -> int:
+        """Looked-up examples not in the cache since the last read, on every device (a host read)."""
+        return sum(index.read_missing() for index in self._device_indexes.values())
+
     def __len__(self) -> int:
         return len(self._index)
 

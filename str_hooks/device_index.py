@@ -5,7 +5,7 @@ per micro-batch would copy the batch's ids to the host and wait for the device. 
 version also store a *device key* per example, a pair of polynomial hashes of its unpadded ids modulo the
 Mersenne prime 2^31 - 1 computed with tensor ops (`sequence_keys`), so that a batch's keys, the search in the
 sorted key table, the length check and the gather of the [B, T, k] reference logits all run on the device.
-An example that is not in the cache is not a silent zero: its rows are marked, the penalty skips them, and
+An example that is not in the cache is not a silent zero: its rows are marked, the penalty leaves them out, and
 the count is read once per optimizer step (`DeviceIndex.read_missing`), which raises.
 """
 
@@ -72,9 +72,11 @@ class DeviceIndex:
         self.tables = power_tables(int((offsets[1:] - offsets[:-1]).max()), device)
         self._missing: torch.Tensor | None = None
 
-    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Reference safety logits [B, T, k] (float32); padding positions are 0 and the rows of examples not
-        in the cache are NaN (the penalty skips them; `read_missing` counts them)."""
+    def lookup(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference safety logits [B, T, k] float32, [B] found): padding positions and the rows of examples
+        not in the cache are 0 (the penalty leaves those rows out; `read_missing` counts them)."""
         batch, width = input_ids.shape
         mask = (
             torch.ones((batch, width), dtype=torch.bool, device=input_ids.device)
@@ -91,10 +93,10 @@ class DeviceIndex:
         rows = (start.unsqueeze(1) + index).clamp(max=self.logits.shape[0] - 1)
         table = self.logits[rows].float()
         table = torch.where(mask.unsqueeze(-1), table, 0.0)
-        table = torch.where(found.view(batch, 1, 1), table, float("nan"))
+        table = torch.where(found.view(batch, 1, 1), table, 0.0)
         missing = (~found).sum()
         self._missing = missing if self._missing is None else self._missing + missing
-        return table
+        return table, found
 
     def read_missing(self) -> int:
         """Rows looked up but not found since the last read (a host read)."""

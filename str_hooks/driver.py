@@ -1,10 +1,12 @@
 """`StepDriver`: the per-step contract every trainer adapter needs, written once, framework-free.
 
-An adapter maps its host's events onto four calls and holds no schedule, scaling, metrics or probe logic:
+An adapter maps its host's events onto five calls and holds no schedule, scaling, metrics or probe logic:
 
 - `prepare_batch(batch)` before each training forward (folds this step's anchors in when due);
 - `penalty(normalization)` after it: the term to add to the host's loss, scaled the way the host scales
   its own loss (`HostNormalization`, read from the host's flags by the adapter);
+- `before_optimizer_step(optimizer)` once per optimizer step, before it: the one host read of the step's
+  flags (bad folded batches, cache misses, non-finite terms), raising or dropping the step's gradients;
 - `end_step(model)` once per optimizer step, after it: advances the handle's schedule, closes the step's
   metrics and runs the refusal probe when due;
 - `log_metrics()` when the host logs: the means over the optimizer steps since the last call, one key set
@@ -123,6 +125,17 @@ class StepDriver:
         return self._last_computed
 
     # -- per optimizer step ----------------------------------------------------------------------------
+    def before_optimizer_step(self, optimizer: Any = None) -> None:
+        """Call once per optimizer step, before it: the one host read of what the step's micro-batches flagged
+        (`STRHandle.check_step`, which raises for bad folded batches, cache misses and, under
+        `on_nonfinite: raise`, non-finite terms). Under `skip`, a step with a non-finite term has its
+        gradients dropped (`optimizer`'s parameters get `grad = None`), so the optimizer step changes nothing:
+        a non-finite forward can put NaN into every gradient, not only the STR term's."""
+        if self.handle.check_step() and optimizer is not None:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+
     def end_step(self, model: Any = None) -> None:
         """Call once after each optimizer step: advances the coef warm-up and the anchor schedule, adds the
         step's metrics to the logging window (as device tensors: nothing is read on the host here) and runs

@@ -202,7 +202,8 @@ PROBLEMS = {
 
 def problem_error(bits: int) -> STRError:
     """The error for the `PROBLEMS` bits a folded step found (the first one, with its fix)."""
-    problem, fix = next(PROBLEMS[b] for b in sorted(PROBLEMS) if bits & b)
+    # A segment-numbered mask also looks left-padded (1 -> 2 rises): name the cause, as the host check does.
+    problem, fix = next(PROBLEMS[b] for b in (2, 1, 4) if bits & b)
     return _placement_error(problem, fix)
 
 
@@ -235,7 +236,7 @@ def fold_in_front(
         positions = [torch.arange(filler, device=device)]
         offset = filler
         for j in prefix_members[r]:
-            parts.append(anchors[j].to(ids.dtype))
+            parts.append(anchors[j].to(device, ids.dtype))
             positions.append(torch.arange(lengths[j], device=device))
             last_at[j] = (r, offset + lengths[j] - 1)
             offset += lengths[j]

@@ -60,8 +60,10 @@ class STRHandle:
         self._weights_by_device: dict[str, torch.Tensor] = {}
         # Non-finite micro-batches not yet read by the host (a device tensor: counted without a sync).
         self._nonfinite: torch.Tensor | None = None
-        # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), read by `step()`.
+        # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), read by
+        # `check_step()`, and the step it last ran at.
         self._fold_problems: torch.Tensor | None = None
+        self._checked_at = -1
         self.schedule = StepSchedule(
             self.config.coef,
             self.config.warmup_steps,
@@ -73,7 +75,7 @@ class STRHandle:
             self.site = AnchorSite(self.config, self.anchors, self.tap, self.schedule)
         else:
             assert self.reference is not None  # every source but anchors has one
-            self.site = TokenSite(self.config, self.reference, self._token_ids)
+            self.site = TokenSite(self.config, self.reference, self.tap.rows)
         self._loss_calls = 0
         self._skipped = 0
         self._last: dict[str, Any] = {}
@@ -91,23 +93,42 @@ class STRHandle:
     def current_coef(self) -> float:
         return self.schedule.current_coef()
 
+    def check_step(self) -> int:
+        """Read, once per optimizer step, what this step's micro-batches flagged on the device, and act on it
+        before the optimizer step changes the weights (the trainer integrations call it there; in a plain
+        loop call it before `optimizer.step()`, or let `step()` call it afterwards):
+
+        - folded anchors in a batch the fold could not keep exact (`fold_into_padding: no`): `STRError`;
+        - cached examples missing from the reference cache: `STRCacheError`;
+        - non-finite STR terms (zeroed on the device): `STRNonFiniteError` under `on_nonfinite: raise`; under
+          `skip` a warning and the count, so that the caller can skip the optimizer step (the integrations
+          drop its gradients: a non-finite forward can put NaN into every gradient, not only the STR term's).
+
+        Returns:
+            The number of micro-batches with a non-finite term (0 when none, always 0 under `raise`).
+        """
+        self._checked_at = self.schedule.step
+        problems, self._fold_problems = self._fold_problems, None
+        missing = self.reference.missing() if self.reference is not None else 0
+        nonfinite = self._read_nonfinite()
+        if problems is not None and int(problems):
+            raise problem_error(int(problems))
+        if missing:
+            assert self.reference is not None
+            raise STRCacheError(
+                f"{missing} example(s) of this optimizer step are not in the reference cache ("
+                f"{self.reference.describe()}): the cache was built over other data or another tokenization; "
+                "rebuild it over this training set with `str-hooks cache`."
+            )
+        self._account_nonfinite(nonfinite)
+        return nonfinite
+
     def step(self) -> None:
-        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule. With
-        `penalty.on_nonfinite: raise` it reads, once per optimizer step, whether a micro-batch of the step was
-        non-finite, and raises `STRNonFiniteError` if so (the micro-batches' `loss()` never synchronizes)."""
+        """Call once after each optimizer step: advances the coef warm-up and the anchor schedule (and runs
+        `check_step()` first when nobody called it during this step)."""
+        if self._checked_at != self.schedule.step:
+            self.check_step()
         self.schedule.advance()
-        if self.reference is not None:
-            try:
-                self.reference.check_step()  # a cache miss is an error whatever `on_nonfinite` says
-            except STRCacheError:
-                self._nonfinite = None  # the missing rows' skipped terms are this error, not NaNs
-                raise
-        if self._fold_problems is not None:
-            bits, self._fold_problems = int(self._fold_problems), None
-            if bits:
-                raise problem_error(bits)
-        if self.config.penalty.on_nonfinite == "raise":
-            self._account_nonfinite(self._read_nonfinite())
 
     def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
         """Fold this step's anchors into a training batch (`reference.anchor_placement: folded`).
@@ -254,29 +275,32 @@ class STRHandle:
         return self._finish(term, None if self.anchors is not None else num_items_in_batch)
 
     def _finish(self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-        # Tensor math only, no host synchronization (docs/host_sync.md): the positions are a mask,
-        # the normalizer stays a tensor, and a non-finite micro-batch is zeroed here and counted on the
-        # device; `step()` raises for it (`on_nonfinite: raise`), `metrics()` reports and warns (`skip`).
+        # Tensor math only, no host synchronization (docs/host_sync.md): the positions are a mask, the
+        # normalizer stays a tensor, and a non-finite term is zeroed here and counted on the device;
+        # `check_step()` (before the optimizer step, or in `step()`) reads the count once per step.
         policy, reference, n_places, mask = term.policy, term.reference, term.n_places, term.mask
-        # The reference is NaN for a cached example that is missing (`device_index`): skipped the same way.
-        elementwise = torch.isfinite(policy) & torch.isfinite(reference)
-        finite_rows = elementwise.all(dim=-1)
-        if mask is not None:
-            finite_rows = finite_rows | ~mask
-        finite = finite_rows.all()
+        if mask is None:
+            mask = torch.ones(policy.shape[:-1], dtype=torch.bool, device=policy.device)
+        form = self.config.penalty.form
+        # A reference log-prob of -inf (probability 0) is a valid `kl` bucket; anything else must be finite.
+        reference_ok = torch.isfinite(reference)
+        if form == "kl":
+            reference_ok = reference_ok | torch.isneginf(reference)
+        entries_ok = torch.isfinite(policy) & reference_ok
+        reference = torch.where(reference_ok, reference.float(), 0.0)
         # Non-finite entries compare equal (zero penalty, zero gradient into them).
-        reference = torch.where(elementwise, reference.float(), 0.0)
-        safe = torch.where(elementwise, policy.float(), reference)
+        safe = torch.where(entries_ok, policy.float(), reference)
         pen_sum = weighted_penalty_sum(
             safe,
             reference,
             self._weights_on(policy.device),
-            self.config.penalty.form,
+            form,
             self.config.penalty.margin,
             row_weights=term.row_weights,
             mask=mask,
         )
-        count = n_places.clamp_min(1) if isinstance(n_places, torch.Tensor) else max(n_places, 1)
+        finite = (entries_ok.all(dim=-1) | ~mask).all() & torch.isfinite(pen_sum)
+        count = n_places.clamp_min(1) if isinstance(n_places, torch.Tensor) else (n_places or 1)
         normalizer = count if num_items_in_batch is None else num_items_in_batch
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.to(pen_sum.device)
@@ -286,11 +310,10 @@ class STRHandle:
             skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
         )
         with torch.no_grad():
-            # Per safety token: logits, or log-probs for the coarse forms (their last column is the rest bucket).
+            # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
             k = self.tokens.k
-            drift = safe.detach()[..., :k] - reference[..., :k].float()
-            if mask is not None:
-                drift = torch.where(mask.unsqueeze(-1), drift, 0.0)
+            drift = safe.detach()[..., :k] - reference[..., :k]
+            drift = torch.where(mask.unsqueeze(-1) & torch.isfinite(drift), drift, 0.0)
             drift = torch.where(finite, drift.reshape(-1, k), 0.0)
             self._last = {
                 "penalty": value.detach(),
@@ -320,16 +343,20 @@ class STRHandle:
         if not count:
             return
         message = (
-            f"NaN/inf in the projected safety logits of {count} micro-batch(es) (the model's hidden states or "
-            "head are not finite; check the learning rate and precision)."
+            f"NaN/inf in the STR penalty of {count} micro-batch(es) (the model's hidden states, head or logits are "
+            "not finite; check the learning rate and precision)."
         )
         self._skipped += count
         if self.config.penalty.on_nonfinite == "raise":
             raise STRNonFiniteError(
                 message
-                + " Their STR penalty was 0. Set `penalty.on_nonfinite: skip` to skip such steps instead."
+                + " Their STR term was 0. Set `penalty.on_nonfinite: skip` to skip such steps instead."
             )
-        warnings.warn(message + " The STR penalty was skipped for them.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            message + " Their STR term was 0; the trainer integrations skip this optimizer step.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _check_training_mode(self, sink: Any) -> None:
         """A forward that builds a graph while the causal LM is in eval mode is almost always a training

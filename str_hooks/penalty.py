@@ -72,16 +72,38 @@ def penalty_positions(
 COARSE_FORMS = ("logprob", "kl")
 
 
-def coarse_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """[N, V] logits -> [N, k + 1] float32: log-softmax over the whole vocabulary at the k safety ids, then
-    the log of the probability mass of every other token (computed as a log-sum-exp over those tokens, so
-    it stays accurate when the safety tokens hold almost all the mass)."""
+def coarse_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, low_memory: bool = False) -> torch.Tensor:
+    """[..., V] logits -> [..., k + 1] float32: log-softmax over the whole vocabulary at the k safety ids, then
+    the log of the probability mass of every other token.
+
+    Exact (a log-sum-exp over the other tokens, one more [..., V] tensor) by default, which the few anchor
+    positions afford; `low_memory` (every training position) takes `log(1 - sum_s p_s)` as a log1mexp of the
+    safety tokens' log-mass instead, exact down to a rest mass of about 1e-7 (fp32 resolution), where it is
+    clamped.
+    """
     full = logits.float()
     ids = token_ids.to(full.device)
     total = torch.logsumexp(full, dim=-1, keepdim=True)
     safety = full.index_select(-1, ids) - total
-    rest = torch.logsumexp(full.index_fill(-1, ids, float("-inf")), dim=-1, keepdim=True) - total
+    if not low_memory:
+        rest = torch.logsumexp(full.index_fill(-1, ids, float("-inf")), dim=-1, keepdim=True) - total
+        return torch.cat([safety, rest], dim=-1)
+    mass = torch.logsumexp(safety, dim=-1, keepdim=True).clamp(max=-1e-7)
+    # log(1 - e^x), accurate on both sides of x = -log 2.
+    rest = torch.where(mass > -0.6931, torch.log(-torch.expm1(mass)), torch.log1p(-torch.exp(mass)))
     return torch.cat([safety, rest], dim=-1)
+
+
+def form_values(
+    logits: torch.Tensor, token_ids: torch.Tensor, form: str, low_memory: bool = False
+) -> torch.Tensor:
+    """What form `logprob` or `kl` compares, from full-vocabulary logits [..., V]: the safety tokens'
+    log-probs [..., k] (`logprob`) or the coarse log-probs with the rest bucket [..., k + 1] (`kl`;
+    `low_memory` as for `coarse_logprobs`)."""
+    if form == "kl":
+        return coarse_logprobs(logits, token_ids, low_memory=low_memory)
+    full = logits.float()
+    return full.index_select(-1, token_ids.to(full.device)) - torch.logsumexp(full, dim=-1, keepdim=True)
 
 
 def penalty_terms(diff: torch.Tensor, form: str, margin: float = 0.0) -> torch.Tensor:

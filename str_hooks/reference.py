@@ -1,8 +1,8 @@
 """Reference safety logits: what the aligned model says at the penalized positions.
 
 Each source answers `logits(sink, coarse)` with a float32 tensor for every position of the captured training
-batch: [B, T, k] safety logits, or with `coarse` [B, T, k + 1] coarse log-probs (forms `logprob` and `kl`;
-`penalty.coarse_logprobs`). The penalized positions are a mask applied afterwards (no selection, so no host
+batch: [B, T, k] safety logits, or with `coarse` (the form `logprob` or `kl`) what that form compares
+(`penalty.form_values`). The penalized positions are a mask applied afterwards (no selection, so no host
 synchronization). Anchors are different (the penalty is evaluated on the anchor
 prompts, not on the training batch) and live in `anchors.py`.
 """
@@ -18,19 +18,20 @@ import torch
 from torch import nn
 
 from str_hooks.cache import ReferenceCache
-from str_hooks.device_index import DeviceIndex
 from str_hooks.errors import STRAttachError, STRCacheError
 from str_hooks.optional import require
-from str_hooks.penalty import coarse_logprobs
+from str_hooks.penalty import form_values
 from str_hooks.tap import ModelTap, Sink, eval_mode
 
 
 class ReferenceSource(Protocol):
     name: str
 
-    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor: ...
+    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor: ...
 
-    def check_step(self) -> None: ...
+    def missing(self) -> int: ...
+
+    def describe(self) -> str: ...
 
     def detach(self) -> None: ...
 
@@ -50,8 +51,8 @@ class _ForwardReference:
     def _context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor:
-        args, kwargs = self.tap.forward_inputs(sink, full_logits=coarse)
+    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor:
+        args, kwargs = self.tap.forward_inputs(sink, full_logits=coarse is not None)
         device = self.tap.device()
         args = tuple(_move(a, device) for a in args)
         kwargs = {k: _move(v, device) for k, v in kwargs.items()}
@@ -65,14 +66,19 @@ class _ForwardReference:
                         "`penalty.form` 'logprob' or 'kl' needs full logits from the reference forward, but it "
                         "returned none: use form 'mse' or 'hinge'."
                     )
-                out = coarse_logprobs(ref.logits, self.tap.rows.ids_on(ref.logits.device))
+                out = form_values(
+                    ref.logits, self.tap.rows.ids_on(ref.logits.device), coarse, low_memory=True
+                )
             else:
                 assert ref.safety_logits is not None  # tap.run guarantees it
                 out = ref.safety_logits
         return out.to(sink.safety_logits.device)
 
-    def check_step(self) -> None:
-        return None
+    def missing(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return self.name
 
     def detach(self) -> None:
         return None
@@ -108,18 +114,20 @@ class ModelReference(_ForwardReference):
 
 class CacheReference:
     """Precomputed reference logits looked up by example key: no extra forward. With the cache's device keys
-    the lookup runs on the training device (no host synchronization); a cache written without them is looked
-    up on the host, with a one-time warning."""
+    the lookup runs on the batch's device (no host synchronization; the cache is copied to each device once,
+    `P x k` fp16 values); a cache written without them is looked up on the host, with a one-time warning."""
 
     name = "cache"
 
     def __init__(self, cache: ReferenceCache, device: torch.device | None = None) -> None:
         self.cache = cache
         self._warned_host = False
-        # Copied to the training device at attach, not at the first micro-batch.
-        self._index: DeviceIndex | None = None if device is None else cache.device_index(device)
+        # [B] rows of the last lookup that are in the cache (None: all); the others are not penalized.
+        self.found: torch.Tensor | None = None
+        if device is not None:
+            cache.device_index(device)  # copied to the training device at attach, not at the first step
 
-    def logits(self, sink: Sink, coarse: bool) -> torch.Tensor:
+    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor:
         input_ids = sink.input_ids()
         if input_ids is None:
             raise STRCacheError(
@@ -128,10 +136,11 @@ class CacheReference:
             )
         mask = sink.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) else None
-        if self._index is None:
-            self._index = self.cache.device_index(input_ids.device)
-        if self._index is not None:
-            return self._index.lookup(input_ids, mask)
+        # Per device (a model moved after attach, e.g. by Lightning's strategy, gets its own copy).
+        index = self.cache.device_index(input_ids.device)
+        if index is not None:
+            table, self.found = index.lookup(input_ids, mask)
+            return table
         if not self._warned_host:
             self._warned_host = True
             warnings.warn(
@@ -143,16 +152,13 @@ class CacheReference:
             )
         return self.cache.lookup(input_ids, mask)
 
-    def check_step(self) -> None:
-        """Raise for examples looked up since the last check that are not in the cache (a host read, once per
-        optimizer step; their penalty was skipped)."""
-        missing = self._index.read_missing() if self._index is not None else 0
-        if missing:
-            raise STRCacheError(
-                f"{missing} example(s) of the last optimizer step are not in reference cache "
-                f"{str(self.cache.path)!r} ({len(self.cache)} examples): the cache was built over other data or "
-                "another tokenization; rebuild it over this training set with `str-hooks cache`."
-            )
+    def missing(self) -> int:
+        """Examples looked up since the last call that are not in the cache (a host read, once per optimizer
+        step; their rows were not penalized)."""
+        return self.cache.read_missing()
+
+    def describe(self) -> str:
+        return f"{str(self.cache.path)!r}, {len(self.cache)} examples"
 
     def detach(self) -> None:
         return None

@@ -18,7 +18,8 @@ import torch
 from str_hooks.anchors import AnchorBatch, AnchorSet
 from str_hooks.errors import STRAttachError, STRError
 from str_hooks.folding import FoldedAnchors
-from str_hooks.penalty import COARSE_FORMS, coarse_logprobs, penalty_positions
+from str_hooks.penalty import COARSE_FORMS, form_values, penalty_positions
+from str_hooks.projection import HeadRows
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
@@ -32,7 +33,7 @@ class SiteTerm(NamedTuple):
 
     policy: torch.Tensor
     reference: torch.Tensor
-    n_places: int | torch.Tensor
+    n_places: float | torch.Tensor
     row_weights: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
@@ -40,10 +41,10 @@ class SiteTerm(NamedTuple):
 class TokenSite:
     """The training batch's positions (`penalty.positions`) against a reference source."""
 
-    def __init__(self, config: STRConfig, reference: ReferenceSource, token_ids: torch.Tensor) -> None:
+    def __init__(self, config: STRConfig, reference: ReferenceSource, rows: HeadRows) -> None:
         self.config = config
         self.reference = reference
-        self.token_ids = token_ids
+        self.rows = rows  # the safety ids, copied to each device once (`HeadRows.ids_on`)
 
     def term(self, sink: Sink, labels: torch.Tensor | None) -> SiteTerm | None:
         if sink.safety_logits is None:
@@ -53,7 +54,8 @@ class TokenSite:
             )
         if not sink.training:
             return None
-        coarse = self.config.penalty.form in COARSE_FORMS
+        form = self.config.penalty.form
+        coarse = form if form in COARSE_FORMS else None
         labels = labels if labels is not None else sink.get("labels")
         mask = sink.get("attention_mask")
         batch, width = sink.safety_logits.shape[:2]
@@ -73,10 +75,14 @@ class TokenSite:
                     "but it returned none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge', or "
                     "source 'anchors' (which takes the softmax at the anchors' positions only)."
                 )
-            policy = coarse_logprobs(sink.logits, self.token_ids)
+            policy = form_values(sink.logits, self.rows.ids_on(sink.logits.device), form, low_memory=True)
         else:
             policy = sink.safety_logits
         reference = self.reference.logits(sink, coarse).to(policy.device)
+        found = getattr(self.reference, "found", None)
+        if isinstance(found, torch.Tensor):
+            # Cached examples missing from the cache: left out here, reported by `check_step()`.
+            positions = positions & found.to(positions.device).unsqueeze(1)
         return SiteTerm(policy, reference, positions.sum(), mask=positions)
 
 
@@ -85,7 +91,7 @@ class AnchorSite:
 
     def __init__(self, config: STRConfig, anchors: AnchorSet, tap: ModelTap, schedule: StepSchedule) -> None:
         self.folded = config.reference.anchor_placement == "folded"
-        self.coarse = config.penalty.form in COARSE_FORMS
+        self.coarse = config.penalty.form if config.penalty.form in COARSE_FORMS else None
         self.anchors = anchors
         self.tap = tap
         self.schedule = schedule
@@ -97,7 +103,9 @@ class AnchorSite:
 
     @staticmethod
     def _term(policy: torch.Tensor, batch: AnchorBatch) -> SiteTerm:
-        return SiteTerm(policy, batch.reference, batch.n_points, batch.weights)
+        # A weighted mean over the points: benign anchors at a small weight leave the harmful ones' strength.
+        places = batch.n_points if batch.weights is None else batch.weight_sum
+        return SiteTerm(policy, batch.reference, places, batch.weights)
 
     def _separate(self) -> SiteTerm | None:
         if not self.tap.causal_lm.training or not self.schedule.anchor_due():
@@ -138,7 +146,9 @@ class AnchorSite:
                     "positions, but the forward handle.loss() found did not compute them: run the forward on the "
                     "batch prepare_batch returned, right after it, with no other forward in between."
                 )
-            policy = coarse_logprobs(sink.point_logits, self.tap.rows.ids_on(sink.point_logits.device))
+            policy = form_values(
+                sink.point_logits, self.tap.rows.ids_on(sink.point_logits.device), self.coarse
+            )
         else:
             policy = logits[where.rows, where.cols]
         return self._term(policy, batch)

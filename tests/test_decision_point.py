@@ -89,7 +89,7 @@ def point_penalty(
 def anchor_penalty_by_hand(
     model: Any, tokenizer: Any, tokens: Any, form: str, openings_out: dict[str, list[int]]
 ) -> torch.Tensor:
-    total, n_points = torch.zeros(()), 0
+    total, weight_sum = torch.zeros(()), 0.0
     end_ids = {int(tokenizer.eos_token_id)}
     for text, weight in [(t, 1.0) for t in HARMFUL] + [(t, BENIGN_WEIGHT) for t in BENIGN]:
         prompt = encode_prompt(tokenizer, text)
@@ -101,8 +101,8 @@ def anchor_penalty_by_hand(
             r = model(input_ids=x).logits[0].float()
         for t in range(x.shape[1] - len(opening), x.shape[1]):
             total = total + weight * point_penalty(z[t], r[t], tokens.ids, tokens.weights, form)
-            n_points += 1
-    return total / n_points
+            weight_sum += weight
+    return total / weight_sum  # the weighted mean over the points
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -154,6 +154,11 @@ def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:
     assert torch.isfinite(rest) and float(rest) == pytest.approx(
         -60.0 + torch.log(torch.tensor(37 / 3)).item(), abs=1e-4
     )
+    # The low-memory form (training positions) agrees where the rest mass is above fp32 resolution, and is
+    # clamped to about 1e-7 below it.
+    torch.testing.assert_close(coarse_logprobs(logits, ids, low_memory=True), coarse, rtol=1e-4, atol=1e-4)
+    low = float(coarse_logprobs(peaked, ids, low_memory=True)[0, 3])
+    assert -17.0 < low < -15.0
 
 
 def test_unchanged_model_has_zero_kl_and_separate_equals_folded_term(

@@ -130,14 +130,14 @@ def test_cache_errors(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     with pytest.raises(FileExistsError, match="overwrite=True"):
         build_reference_cache(model, tokens, seqs, path, progress=False)
     # An example missing from the cache is an error at train time, never a silent zero: loss() looks up on
-    # the device without a host read (the micro-batch's term is 0), and the optimizer step raises.
+    # the device without a host read (the missing example's rows are left out), and the step raises.
     with register_str_hook(
         model, {"reference": {"source": "cache", "cache_path": str(path)}}, tokens=tokens
     ) as h:
         model(**batch)
-        assert float(h.loss()) == 0.0
+        assert torch.isfinite(h.loss())
         with pytest.raises(
-            STRCacheError, match="1 example\\(s\\) of the last optimizer step are not in reference cache"
+            STRCacheError, match="1 example\\(s\\) of this optimizer step are not in the reference cache"
         ):
             h.step()
         model(**{k: v[:2] for k, v in batch.items()})  # the two cached examples: found, a real term
@@ -348,17 +348,44 @@ def test_nonfinite_logits(action: str, tokenizer: Any, tokens: Any) -> None:
             unwrap_model(model).lm_head.weight[tokens.ids[0], 0] = float("nan")
         model(**batch)
         # loss() never reads a device value (no host sync): the micro-batch's term is 0, and the decision is
-        # taken when the host reads once per optimizer step (step() raises; metrics() counts and warns).
+        # taken by the one read per optimizer step (check_step(), which step() runs if nobody did).
         assert float(h.loss()) == 0.0
         if action == "raise":
             with pytest.raises(STRNonFiniteError, match="on_nonfinite: skip"):
                 h.step()
         else:
-            h.step()
-            with pytest.warns(RuntimeWarning, match="skipped"):
-                metrics = h.metrics()
+            with pytest.warns(RuntimeWarning, match="skip this optimizer step"):
+                h.step()
+            metrics = h.metrics()
             assert metrics["skipped"] == 1.0 and "penalty" not in metrics
             assert h.metrics()["skipped"] == 1.0  # counted once
+
+
+def test_skip_drops_the_steps_gradients(tokenizer: Any, tokens: Any) -> None:
+    """`on_nonfinite: skip` through the driver: a non-finite forward can put NaN into every gradient, so the
+    step's gradients are dropped before the optimizer step (which then changes nothing); a finite step keeps
+    them."""
+    from str_hooks.driver import HostNormalization, StepDriver
+
+    model = make_lora(make_model("llama"))
+    batch = make_batch(tokenizer, n=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with register_str_hook(model, {"penalty": {"on_nonfinite": "skip"}}, tokens=tokens) as h:
+        driver = StepDriver(h)
+        out = model(**batch)
+        (out.loss + driver.penalty(HostNormalization())).backward()
+        driver.before_optimizer_step(optimizer)
+        assert all(p.grad is not None for p in optimizer.param_groups[0]["params"])
+        driver.end_step()
+        with torch.no_grad():
+            unwrap_model(model).lm_head.weight[tokens.ids[0], 0] = float("nan")
+        out = model(**batch)
+        (out.loss + driver.penalty(HostNormalization())).backward()
+        with pytest.warns(RuntimeWarning, match="skip this optimizer step"):
+            driver.before_optimizer_step(optimizer)
+        assert all(p.grad is None for p in optimizer.param_groups[0]["params"])
+        driver.end_step()
+        assert driver.log_metrics()["str/skipped"] == 1.0
 
 
 def test_anchors_reference_and_schedule(tokenizer: Any, tokens: Any) -> None:

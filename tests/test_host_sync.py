@@ -204,6 +204,7 @@ def test_device_keys_ignore_padding_and_lookups_match_the_host(
     index = cache.device_index(torch.device("cpu"))
     assert index is not None
     with no_host_sync():
-        on_device = index.lookup(batch["input_ids"], batch["attention_mask"])
+        on_device, found = index.lookup(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(on_device, cache.lookup(batch["input_ids"], batch["attention_mask"]))
+    assert bool(found.all())
     assert index.read_missing() == 0
