@@ -26,7 +26,10 @@ with register_str_hook(model, {"coef": 0.1, "reference": {"source": "adapter"}},
             out = model(**batch)
             loss = out.loss / accum + handle.loss(accumulation_steps=accum)
             loss.backward()
-        optimizer.step()
+        # The one host read per step, before the weights change: raises on bad input (and on NaN/inf under
+        # `penalty.on_nonfinite: raise`); under `skip` it returns how many micro-batches were non-finite.
+        if handle.check_step() == 0:
+            optimizer.step()
         optimizer.zero_grad()
         handle.step()  # coef warm-up and the anchor schedule
         print(f"step {step + 1}: {handle.metrics()}")
