@@ -44,6 +44,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _under_sync_error(fn: Any) -> tuple[Any, str | None]:
+    if not torch.cuda.is_available():
+        return fn(), None  # the CPU run (tests/test_bench.py) checks the code path, not synchronization
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -54,7 +56,7 @@ def _under_sync_error(fn: Any) -> tuple[Any, str | None]:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def check(name: str, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def check(name: str, overrides: dict[str, Any], workdir: Path, device_name: str = "cuda") -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -65,12 +67,13 @@ def check(name: str, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]
     from benchlib import StubTokenizer
 
     torch.manual_seed(0)
-    device = torch.device("cuda")
+    device = torch.device(device_name)
     config = LlamaConfig(
         vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=1024,
     )  # fmt: skip
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.train()
     ids = list(range(100, 132))
@@ -106,10 +109,7 @@ def check(name: str, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]
         )
     if cfg["reference"]["source"] == "model":
         reference_model = (
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-            .to(device)
-            .requires_grad_(False)
-            .eval()
+            AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).requires_grad_(False).eval()
         )
     if cfg["reference"]["source"] == "anchors":
         anchors = workdir / "anchors.txt"
@@ -136,7 +136,7 @@ def check(name: str, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]
                         prepared = driver.prepare_batch(batch)
                 else:
                     prepared = driver.prepare_batch(batch)
-                out = model(**prepared, use_cache=False)
+                out = model(**{"use_cache": False, **prepared})
                 if checked:
                     term, error = _under_sync_error(lambda: driver.penalty(normalization))
                     if error is not None:
