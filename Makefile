@@ -90,7 +90,8 @@ study-quick: subject-deps
 	$(BIN)/python -m study real --plan quick --out runs/study-quick
 
 # Issue 12's decision-point study on the same subject: coefficient curves on the three tasks (seed 0), settings
-# chosen on validation, two more seeds of the chosen ones; resumable, about 80 runs (many hours on 2 cores).
+# chosen on validation, two more seeds of the chosen ones; resumable, 90 runs: about 14 hours on this 2-core CPU
+# (estimated from the subject study's run times: attack ~6, SST-2 ~8, GSM8K ~15 minutes a run).
 study-decision: subject-deps
 	$(BIN)/python -m study decision --plan decision --out results/decision
 
