@@ -79,8 +79,8 @@ demo: subject-deps
 subject: subject-deps
 	$(BIN)/python -m study subject --out runs/subject
 
-# The efficacy study on the real subject and ../shared/data: 45 runs, resumable (33 took 213 minutes on a
-# 2-core CPU: about 5 hours in all).
+# The efficacy study on the real subject and ../shared/data: 45 runs, resumable (43 took 351 minutes on a
+# 2-core CPU: about 6 hours in all).
 study: subject-deps
 	$(BIN)/python -m study real --plan subject --out results/subject
 
