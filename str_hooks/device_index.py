@@ -13,6 +13,23 @@ from __future__ import annotations
 
 import torch
 
+
+class DeviceCopies:
+    """A constant host tensor, copied to each device that asks for it once and reused: a copy per micro-batch
+    would be a host-to-device transfer, a synchronization point, every call."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host
+        self._copies: dict[str, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.host.to(device)
+        return copy
+
+
 _MODULUS = 2_147_483_647  # 2^31 - 1: products of two residues fit in int64
 _BASES = (1_000_003, 998_244_353)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from str_hooks.anchors import AnchorSet
+from str_hooks.device_index import DeviceCopies
 from str_hooks.errors import STRCacheError, STRConfigError, STRError, STRNonFiniteError
 from str_hooks.folding import fold_anchors, fold_in_front, problem_error
 from str_hooks.penalty import COARSE_FORMS, weighted_penalty_sum
@@ -56,8 +57,7 @@ class STRHandle:
         self.cache_identity = parts.cache_identity
         self.projection_verified = parts.projection_verified
         self._token_ids = torch.tensor(self.tokens.ids, dtype=torch.long)
-        self._weights = torch.tensor(self.tokens.weights, dtype=torch.float32)
-        self._weights_by_device: dict[str, torch.Tensor] = {}
+        self._weights = DeviceCopies(torch.tensor(self.tokens.weights, dtype=torch.float32))
         # Non-finite micro-batches not yet read by the host (a device tensor: counted without a sync).
         self._nonfinite: torch.Tensor | None = None
         # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), read by
@@ -293,7 +293,7 @@ class STRHandle:
         pen_sum = weighted_penalty_sum(
             safe,
             reference,
-            self._weights_on(policy.device),
+            self._weights.on(policy.device),
             form,
             self.config.penalty.margin,
             row_weights=term.row_weights,
@@ -324,13 +324,6 @@ class STRHandle:
                 "finite": finite,
             }
         return value
-
-    def _weights_on(self, device: torch.device) -> torch.Tensor:
-        key = str(device)
-        weights = self._weights_by_device.get(key)
-        if weights is None:
-            weights = self._weights_by_device[key] = self._weights.to(device)
-        return weights
 
     def _read_nonfinite(self) -> int:
         """Non-finite micro-batches since the last read (a host read: once per optimizer step at most)."""

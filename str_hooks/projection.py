@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from str_hooks.device_index import DeviceCopies
 from str_hooks.errors import STRAttachError
 
 DECODER_ATTRIBUTES = ("model", "transformer", "gpt_neox", "backbone", "decoder")
@@ -284,8 +285,7 @@ class HeadRows:
     def __init__(self, head: nn.Module, token_ids: list[int], transform: LogitTransform) -> None:
         self.head = head
         self.transform = transform
-        self._ids_cpu = torch.tensor(token_ids, dtype=torch.long)
-        self._ids_by_device: dict[str, torch.Tensor] = {}
+        self._ids = DeviceCopies(torch.tensor(token_ids, dtype=torch.long))
         self._frozen_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         lora_layer: Any = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
         if lora_layer is not None and any(getattr(lora_layer, "use_dora", {}).values()):
@@ -299,13 +299,8 @@ class HeadRows:
         return self.head.weight  # type: ignore[return-value]
 
     def ids_on(self, device: torch.device) -> torch.Tensor:
-        """The safety ids on `device`, copied there once (a copy per step would be a host-to-device
-        transfer, a synchronization point, every micro-batch)."""
-        key = str(device)
-        ids = self._ids_by_device.get(key)
-        if ids is None:
-            ids = self._ids_by_device[key] = self._ids_cpu.to(device)
-        return ids
+        """The safety ids on `device`, copied there once."""
+        return self._ids.on(device)
 
     def is_trainable(self) -> bool:
         if self.weight.requires_grad:
@@ -323,7 +318,7 @@ class HeadRows:
         if cached is None:
             with torch.no_grad():
                 full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-                ids = self._ids_cpu.to(full.device)
+                ids = self._ids.on(full.device)
                 rows = full.index_select(0, ids).detach().clone()
                 bias_rows = None
                 if bias is not None:
@@ -358,7 +353,7 @@ class HeadRows:
         # PEFT's LoRA Linear exposes only the base weight; add scaling * B[S] (A dropout(h)) ourselves.
         layer: Any = self.lora_layer
         delta = torch.zeros(
-            (*hidden.shape[:-1], self._ids_cpu.numel()), device=hidden.device, dtype=torch.float32
+            (*hidden.shape[:-1], self._ids.host.numel()), device=hidden.device, dtype=torch.float32
         )
         if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
             return delta

@@ -271,7 +271,7 @@ class ModelTap:
             )
         if sink.logits is None:
             return None
-        real = sink.logits[..., self.rows._ids_cpu.to(sink.logits.device)].float()
+        real = sink.logits[..., self.rows.ids_on(sink.logits.device)].float()
         if real.shape != projected.shape:
             return None
         err, scale, close = logits_close(projected.to(real.device), real, sink.logits.dtype, rtol)

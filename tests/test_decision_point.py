@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model
+from helpers.factory import ARCHITECTURES, drop_logits, make_batch, make_lora, make_model
 from helpers.losses import assert_grads_close, ce_by_hand, grads
 
 from str_hooks import register_str_hook
@@ -202,15 +202,7 @@ def test_kl_at_training_positions_without_logits_says_what_to_use(tokenizer: Any
     """A forward that builds no logits (a fused loss): `kl` at training positions cannot work and says so at
     attach; at anchors it works, because the softmax is taken from hidden states at the anchors only."""
     model = make_lora(make_model("llama"))
-    causal_lm: Any = model.get_base_model()
-    original = causal_lm.forward
-
-    def no_logits(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        out.logits = None
-        return out
-
-    causal_lm.forward = no_logits
+    drop_logits(model)
     with pytest.raises(STRAttachError, match="source 'anchors'"):
         register_str_hook(model, {"penalty": {"form": "kl"}}, tokens=tokens)
     cfg = {"penalty": {"form": "kl"}, "reference": {"source": "anchors", "anchor_batch_size": 2}}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model, make_tokenizer
+from helpers.factory import ARCHITECTURES, drop_logits, make_batch, make_lora, make_model, make_tokenizer
 
 from str_hooks import (
     STRAttachError,
@@ -326,15 +326,7 @@ def test_attach_errors(tokenizer: Any, tokens: Any) -> None:
 
 def test_logprob_where_logits_are_never_built(tokens: Any) -> None:
     model = make_lora(make_model("llama"))
-    causal_lm = unwrap_model(model)
-    original = causal_lm.forward
-
-    def no_logits(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        out.logits = None
-        return out
-
-    causal_lm.forward = no_logits
+    drop_logits(model)
     with pytest.raises(STRAttachError, match="builds no logits"):
         register_str_hook(model, {"penalty": {"form": "logprob"}}, tokens=tokens)
 
