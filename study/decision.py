@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
-from .finetune import SUBJECT_RECIPE, RunSpec, Validation, run_one
+from .finetune import SUBJECT_RECIPE, RunSpec, Validation
 from .model import refusal_rate
-from .real import TASK_SETTINGS, _learning_rate, _setting_key, _spec_key
+from .real import TASK_SETTINGS, _setting_key, _spec_key, run_and_record
 from .report import _fmt, load_runs
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
@@ -76,10 +75,16 @@ ABLATIONS = ["STR anchors kl c10 folded", "STR anchors kl open4 c10 folded"]
 CURVE_METHODS = ["plain SFT", *[m for methods in FAMILIES.values() for m in methods], *ABLATIONS]
 SELECTED = "<each family's setting chosen on validation>"
 TASK_ORDER = ["attack", "sst2", "gsm8k"]
-# Cheapest evidence first: every curve on `attack`, then SST-2, then GSM8K; then the chosen settings' seeds.
+# Cheapest evidence first, one task finished before the next starts (the plan spans several sessions, so a
+# partial run leaves whole tasks): every curve on `attack` and then its chosen settings' extra seeds, then
+# SST-2, then GSM8K.
 DECISION_PLAN: list[tuple[str, str, list[str], range]] = [
-    *[(task, "lora", CURVE_METHODS, range(1)) for task in TASK_ORDER],
-    *[(task, "lora", ["plain SFT", SELECTED], range(1, 3)) for task in TASK_ORDER],
+    block
+    for task in TASK_ORDER
+    for block in [
+        (task, "lora", CURVE_METHODS, range(1)),
+        (task, "lora", ["plain SFT", SELECTED], range(1, 3)),
+    ]
 ]
 QUICK_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", ["plain SFT", "STR anchors kl open4 benign c10 folded"], range(1)),
@@ -220,31 +225,20 @@ def run_decision(
         if not todo:
             break
         spec = todo[0]
-        settings = TASK_SETTINGS[spec.task]
         tqdm.write(f"[{len(done)} done, {len(todo)} to go in the resolved plan] {spec.name}")
-        run_start = time.perf_counter()
-        result = run_one(
+        result = run_and_record(
             spec,
-            subject_dir,
-            data,
-            tasks[spec.task],
-            epochs=1.0,
-            max_steps=settings["steps"],
-            max_len=settings["max_len"],
-            curve_every=settings["curve_every"],
-            curve_prompts=40,
-            recipe=replace(SUBJECT_RECIPE, lora_lr=_learning_rate(spec.task, "lora")),
+            runs_path,
+            subject_dir=subject_dir,
+            data=data,
+            task_data=tasks[spec.task],
             anchors=anchors,
-            decision_tokens=tokens,
+            tokens=tokens,
+            fingerprint=info["fingerprint"],
             save_dir=save_models,
             validation=validation[spec.task],
         )
-        result["lr"] = _learning_rate(spec.task, spec.mode)
-        result["aligned_fingerprint"] = info["fingerprint"]
-        result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
         runs.append(result)
-        with runs_path.open("a") as fh:
-            fh.write(json.dumps(result) + "\n")
         tqdm.write(
             f"{spec.task}/{spec.method}/seed {spec.seed}: val refusal {100 * result['val_refusal']:.0f} %, held-out "
             f"{100 * result['heldout_refusal']:.0f} %, {result['wall_seconds']:.0f} s"

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
-from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .finetune import SUBJECT_RECIPE, RunSpec, Validation, run_one
 from .model import refusal_rate
 from .report import load_runs, plots, summarize_subject
 from .subject import (
@@ -124,6 +124,48 @@ def _baseline(subject_dir: Path, data: Any, tokens: list[int], out: Path, finger
     return record
 
 
+def run_and_record(
+    spec: RunSpec,
+    runs_path: Path,
+    *,
+    subject_dir: Path,
+    data: Any,
+    task_data: Any,
+    anchors: list[str],
+    tokens: list[int],
+    fingerprint: str,
+    save_dir: Path | None = None,
+    validation: Validation | None = None,
+) -> dict[str, Any]:
+    """One run of a study at its task's settings (`TASK_SETTINGS`), stamped with its learning rate, the
+    subject's fingerprint and its wall time, and appended to `runs_path` at once (what makes a study
+    resumable)."""
+    settings = TASK_SETTINGS[spec.task]
+    run_start = time.perf_counter()
+    result = run_one(
+        spec,
+        subject_dir,
+        data,
+        task_data,
+        epochs=1.0,
+        max_steps=settings["steps"],
+        max_len=settings["max_len"],
+        curve_every=settings["curve_every"],
+        curve_prompts=40,
+        recipe=replace(SUBJECT_RECIPE, lora_lr=_learning_rate(spec.task, "lora")),
+        anchors=anchors,
+        decision_tokens=tokens,
+        save_dir=save_dir,
+        validation=validation,
+    )
+    result["lr"] = _learning_rate(spec.task, spec.mode)
+    result["aligned_fingerprint"] = fingerprint
+    result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
+    with runs_path.open("a") as fh:
+        fh.write(json.dumps(result) + "\n")
+    return result
+
+
 def run_real(
     out: Path,
     plan_name: str,
@@ -167,29 +209,18 @@ def run_real(
     done = {_setting_key(r) for r in runs}
     todo = [] if report_only else [s for s in specs if _spec_key(s) not in done]
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
-        settings = TASK_SETTINGS[spec.task]
-        run_start = time.perf_counter()
-        result = run_one(
+        result = run_and_record(
             spec,
-            subject_dir,
-            data,
-            tasks[spec.task],
-            epochs=1.0,
-            max_steps=settings["steps"],
-            max_len=settings["max_len"],
-            curve_every=settings["curve_every"],
-            curve_prompts=40,
-            recipe=replace(SUBJECT_RECIPE, lora_lr=_learning_rate(spec.task, "lora")),
+            runs_path,
+            subject_dir=subject_dir,
+            data=data,
+            task_data=tasks[spec.task],
             anchors=anchors,
-            decision_tokens=tokens,
+            tokens=tokens,
+            fingerprint=info["fingerprint"],
             save_dir=save_models,
         )
-        result["lr"] = _learning_rate(spec.task, spec.mode)
-        result["aligned_fingerprint"] = info["fingerprint"]
-        result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
         runs.append(result)
-        with runs_path.open("a") as fh:
-            fh.write(json.dumps(result) + "\n")
         em = result["task_exact_match"]
         tqdm.write(
             f"{spec.task}/{spec.mode}/{spec.method}/seed {spec.seed}: refusal {100 * result['heldout_refusal']:.0f} %, "
