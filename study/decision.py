@@ -73,6 +73,27 @@ FAMILIES: dict[str, list[str]] = {
 # without benign anchors.
 ABLATIONS = ["STR anchors kl c10 folded", "STR anchors kl open4 c10 folded"]
 CURVE_METHODS = ["plain SFT", *[m for methods in FAMILIES.values() for m in methods], *ABLATIONS]
+# Families that would repeat another family's runs on a task, and why (reported, not run).
+SAME_AS: dict[str, dict[str, str]] = {
+    "sst2": {
+        "training positions mse, first 4": (
+            "SST-2's answers are one token and the end token, so the first 4 supervised positions are all of "
+            "them: the runs of 'training positions mse, supervised'"
+        )
+    }
+}
+
+
+def families(task: str) -> dict[str, list[str]]:
+    """The method families run on `task`."""
+    return {f: methods for f, methods in FAMILIES.items() if f not in SAME_AS.get(task, {})}
+
+
+def curve_methods(task: str) -> list[str]:
+    skipped = {m for f in SAME_AS.get(task, {}) for m in FAMILIES[f]}
+    return [m for m in CURVE_METHODS if m not in skipped]
+
+
 SELECTED = "<each family's setting chosen on validation>"
 TASK_ORDER = ["attack", "sst2", "gsm8k"]
 # Cheapest evidence first, one task finished before the next starts (the plan spans several sessions, so a
@@ -82,7 +103,7 @@ DECISION_PLAN: list[tuple[str, str, list[str], range]] = [
     block
     for task in TASK_ORDER
     for block in [
-        (task, "lora", CURVE_METHODS, range(1)),
+        (task, "lora", curve_methods(task), range(1)),
         (task, "lora", ["plain SFT", SELECTED], range(1, 3)),
     ]
 ]
@@ -132,7 +153,7 @@ def choose(
     incomplete. Held-out numbers are never read here."""
     seed0 = {r["method"]: r for r in runs if r["task"] == task and r["seed"] == 0 and "val_refusal" in r}
     chosen: dict[str, tuple[str, str] | None] = {}
-    for family, methods in FAMILIES.items():
+    for family, methods in families(task).items():
         if not all(m in seed0 for m in methods):
             chosen[family] = None
             continue
@@ -361,6 +382,7 @@ def report(
             "task loss | exact match | decision-point mass | step ratio | anchor tokens |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        picked = {c[0] for c in choose(runs, task, base["val_refusal"]).values() if c is not None}
         for method, rows in groups.items():
             val_keep = [r["val_refusal"] / base["val_refusal"] for r in rows if "val_refusal" in r]
             keep = [r["heldout_refusal"] / base["heldout_refusal"] for r in rows]
@@ -373,14 +395,21 @@ def report(
                 return _fmt(values, pct=pct, digits=digits) if values else "n/a"
 
             lines.append(
-                f"| {method} | {len(rows)} | {_fmt(val_keep, pct=True) if val_keep else 'n/a'} | "
+                f"| {'**' + method + '** (chosen)' if method in picked else method} | {len(rows)} | {_fmt(val_keep, pct=True) if val_keep else 'n/a'} | "
                 f"{cell('val_over_refusal', True)} | {cell('val_task_loss')} | {cell('val_task_accuracy', True)} | "
                 f"{_fmt(keep, pct=True)} | {cell('xstest_over_refusal', True)} | {cell('task_heldout_loss')} | "
                 f"{cell('task_exact_match', True)} | {cell('decision_point_mass', True)} | {ratio} | "
                 f"{'n/a' if share is None else f'{100 * share:.1f} %'} |"
             )
         lines.append("")
+        lines += [f"Not run on {task}: {f}, because {why}." for f, why in SAME_AS.get(task, {}).items()]
+        lines.append("")
     lines += [
+        "Training-position coefficients are per position on the task loss's scale (the sum over penalized "
+        "positions is divided by the step's supervised tokens, as the cross-entropy is), so `first 4` at a "
+        "coefficient weighs 4 / (answer length) of `supervised` at the same coefficient; anchor families "
+        "average over their points. Coefficients compare within a family, not across families.",
+        "",
         "Retention = refusal after fine-tuning / the subject's, on the same prompts. Step ratio: median step time "
         "over plain SFT's on the same task (CPU, noisy; the controlled cost is in bench/). Anchor tokens: anchor "
         "prompt and teacher-forced opening tokens per step over training tokens (an upper bound for folded "

@@ -151,7 +151,7 @@ def _decision_run(task: str, method: str, seed: int, val: float, held: float, lo
 
 
 def test_decision_selection_reads_validation_only_and_resolves_the_seeds() -> None:
-    from study.decision import FAMILIES, SELECTED, _specs, choose
+    from study.decision import FAMILIES, SELECTED, _specs, choose, families
 
     family = "anchors kl, 4-token openings + benign"
     low, mid, high = FAMILIES[family]
@@ -165,7 +165,8 @@ def test_decision_selection_reads_validation_only_and_resolves_the_seeds() -> No
     ]
     chosen = choose(runs, "sst2", base["val_refusal"])
     assert chosen[family] is not None and chosen[family][0] == mid
-    assert all(chosen[f] is None for f in FAMILIES if f != family)  # curves not run yet
+    assert set(chosen) == set(families("sst2"))  # SST-2 has no `first 4` family (test below)
+    assert all(chosen[f] is None for f in chosen if f != family)  # curves not run yet
     # None passing: the highest retention, flagged.
     failing = [{**r, "val_refusal": v} for r, v in zip(runs, (0.5, 0.6, 0.55), strict=True)]
     picked = choose(failing, "sst2", 1.0)[family]
@@ -200,7 +201,22 @@ def test_decision_report_and_curves(tmp_path: Path) -> None:
         in text
     )
     assert "| 93 % | +0.0 pts | +3.3 % | n/a | no |" in text
+    assert "| **STR anchors kl open4 benign c10 folded** (chosen) | 1 |" in text
+    # SST-2's one-token answers make `first 4` the supervised positions: not run there, and said so.
+    assert "Not run on sst2: training positions mse, first 4, because" in text
+    assert "| sst2 | training positions mse, first 4 |" not in text
     assert curves_plot(runs, base, tmp_path / "curves.png") == tmp_path / "curves.png"
+
+
+def test_decision_plan_runs_each_family_once_per_task() -> None:
+    from study.decision import DECISION_PLAN, FAMILIES, curve_methods
+
+    first4 = FAMILIES["training positions mse, first 4"]
+    curves = {task: methods for task, _, methods, seeds in DECISION_PLAN if seeds == range(1)}
+    assert [t for t, *_ in DECISION_PLAN] == ["attack", "attack", "sst2", "sst2", "gsm8k", "gsm8k"]
+    assert not set(first4) & set(curves["sst2"])
+    assert set(first4) <= set(curves["attack"]) and set(first4) <= set(curves["gsm8k"])
+    assert curves["gsm8k"] == curve_methods("gsm8k") and len(curves["gsm8k"]) == 18
 
 
 def test_decision_splits_are_disjoint() -> None:
