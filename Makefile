@@ -61,6 +61,7 @@ lint: install
 
 typecheck: install
 	cd build/__editable__.str_hooks-*-py3-none-any && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p str_hooks
+	$(BIN)/mypy study bench
 
 test: lint typecheck axolotl-venv
 	$(BIN)/pytest

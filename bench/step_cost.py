@@ -951,17 +951,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         hf_logging.set_verbosity_error()
     load_before = load_average()
-    plan = shapes_of(args)
+    shapes = shapes_of(args)
     runs: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
-    for shape, vocab in plan:
+    for shape, vocab in shapes:
         runs.append(run_one(args, shape, vocab, progress=not args.no_progress))
         report = {
             "meta": machine_info(args.device),
             "load_before": load_before,
             "load_after": load_average(),
             "note": args.note,
-            "complete": len(runs) == len(plan),
+            "complete": len(runs) == len(shapes),
             "args": vars(args),
             "runs": runs,
             "vocab_growth": vocab_growth(runs),

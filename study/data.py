@@ -483,7 +483,7 @@ TASK_WORDS = [
 def sort_task(n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
     """A domain the aligned model has not seen, with exact-match answers: sort 3 words alphabetically."""
     rng = random.Random(seed)
-    rows = []
+    rows: list[Example] = []
     seen: set[str] = set()
     while len(rows) < n_train + n_test:
         words = rng.sample(TASK_WORDS, 3)

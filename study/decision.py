@@ -382,7 +382,7 @@ def report(
             "task loss | exact match | decision-point mass | step ratio | anchor tokens |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        picked = {c[0] for c in choose(runs, task, base["val_refusal"]).values() if c is not None}
+        chosen_here = {c[0] for c in choose(runs, task, base["val_refusal"]).values() if c is not None}
         for method, rows in groups.items():
             val_keep = [r["val_refusal"] / base["val_refusal"] for r in rows if "val_refusal" in r]
             keep = [r["heldout_refusal"] / base["heldout_refusal"] for r in rows]
@@ -395,7 +395,7 @@ def report(
                 return _fmt(values, pct=pct, digits=digits) if values else "n/a"
 
             lines.append(
-                f"| {'**' + method + '** (chosen)' if method in picked else method} | {len(rows)} | {_fmt(val_keep, pct=True) if val_keep else 'n/a'} | "
+                f"| {'**' + method + '** (chosen)' if method in chosen_here else method} | {len(rows)} | {_fmt(val_keep, pct=True) if val_keep else 'n/a'} | "
                 f"{cell('val_over_refusal', True)} | {cell('val_task_loss')} | {cell('val_task_accuracy', True)} | "
                 f"{_fmt(keep, pct=True)} | {cell('xstest_over_refusal', True)} | {cell('task_heldout_loss')} | "
                 f"{cell('task_exact_match', True)} | {cell('decision_point_mass', True)} | {ratio} | "

@@ -249,7 +249,7 @@ SUBJECT_RECIPE = Recipe(
 )
 
 
-class _StepTimer(TrainerCallback):  # type: ignore[misc]
+class _StepTimer(TrainerCallback):
     """Wall time of each optimizer step, and the refusal rate every `every` steps (not timed)."""
 
     def __init__(self, probe: Any, every: int) -> None:
@@ -268,7 +268,7 @@ class _StepTimer(TrainerCallback):  # type: ignore[misc]
             self.curve.append((state.global_step, self.probe(state.global_step)))
 
 
-class _KLTrainer(Trainer):  # type: ignore[misc]
+class _KLTrainer(Trainer):
     """KL-regularized SFT: CE + beta * KL(p_ref || p_theta) over the full vocabulary at supervised positions."""
 
     def __init__(self, *args: Any, beta: float, reference: Any, **kwargs: Any) -> None:
@@ -377,10 +377,10 @@ def run_one(
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(aligned_dir)
-    base = AutoModelForCausalLM.from_pretrained(aligned_dir)
+    base: Any = AutoModelForCausalLM.from_pretrained(aligned_dir)
     reference = None
     if spec.mode == "lora":
-        model = get_peft_model(
+        model: Any = get_peft_model(
             base,
             LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(recipe.lora_targets)),
         )
@@ -486,7 +486,7 @@ def run_one(
         task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
     val_metrics = validation.measure(model, tokenizer, data, spec.task, max_len) if validation else {}
     if save_dir is not None:
-        model.save_pretrained(save_dir / spec.name)
+        model.save_pretrained(str(save_dir / spec.name))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     grad_norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
     half = len(losses) // 2

@@ -73,7 +73,7 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
     )
     # The weights are dequantized already; drop the GGUF marker so that save_pretrained writes a plain
@@ -383,7 +383,7 @@ def build_subject(
         model, encoded, tokenizer.pad_token_id, optimizer, schedule, epochs, batch_size, seed, "safety tuning"
     )
     train_seconds = time.perf_counter() - train_start
-    merged = model.merge_and_unload().eval()
+    merged: Any = model.merge_and_unload().eval()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
