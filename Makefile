@@ -80,8 +80,8 @@ demo: subject-deps
 subject: subject-deps
 	$(BIN)/python -m study subject --out runs/subject
 
-# The efficacy study on the real subject and ../shared/data: 45 runs, resumable (44 took 362 minutes on a
-# 2-core CPU: about 6 hours in all).
+# The efficacy study on the real subject and ../shared/data: 45 runs, resumable (376 minutes of runs on a
+# 2-core CPU, over several sessions).
 study: subject-deps
 	$(BIN)/python -m study real --plan subject --out results/subject
 
