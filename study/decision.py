@@ -194,6 +194,16 @@ def _specs(
     return specs, notes
 
 
+def current_runs(recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recorded runs made at today's task settings (steps and learning rate of `TASK_SETTINGS`)."""
+    return [
+        r
+        for r in recorded
+        if r["task"] in TASK_SETTINGS
+        and _setting_key(r) == _spec_key(RunSpec(r["task"], r["mode"], r["method"], r["seed"]))
+    ]
+
+
 def _baseline(
     subject_dir: Path, data: Any, validation: Validation, out: Path, fingerprint: str
 ) -> dict[str, Any]:
@@ -236,7 +246,10 @@ def run_decision(
     anchors, tasks, validation = splits(data)
     base = _baseline(subject_dir, data, validation["attack"], out, info["fingerprint"])
     runs_path = out / "runs.jsonl"
-    runs = load_runs(runs_path, info["fingerprint"])
+    recorded = load_runs(runs_path, info["fingerprint"])
+    # Selection and the report compare runs by method name: only runs at today's task settings take part
+    # (runs at other steps or rates stay in runs.jsonl and are counted in the report).
+    runs = current_runs(recorded)
     plan = PLANS[plan_name]
     while not report_only:
         # Resolve the plan again after every run: a finished curve unlocks its family's extra seeds.
@@ -276,6 +289,8 @@ def run_decision(
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
+    if len(recorded) > len(runs):
+        notes.append(f"{len(recorded) - len(runs)} runs in runs.jsonl at other task settings are left out")
     text = report(runs, base, out, command, machine, len(specs), notes, time.perf_counter() - started)
     path = curves_plot(runs, base, out / "retention_utility_curves.png")
     if path is not None:
@@ -342,7 +357,7 @@ def report(
         "",
     ]
     if notes:
-        lines += ["Not yet run: " + "; ".join(notes) + ".", ""]
+        lines += ["Notes: " + "; ".join(notes) + ".", ""]
     lines += ["## Chosen on validation, reported on held-out data", ""]
     lines += [
         "| task | family | chosen setting (seeds) | why | retention | over-refusal | task loss vs plain | EM vs plain | goal met |",

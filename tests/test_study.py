@@ -208,6 +208,19 @@ def test_decision_report_and_curves(tmp_path: Path) -> None:
     assert curves_plot(runs, base, tmp_path / "curves.png") == tmp_path / "curves.png"
 
 
+def test_decision_uses_only_runs_at_todays_settings() -> None:
+    from study.decision import current_runs
+    from study.real import TASK_SETTINGS, _learning_rate
+
+    today = {
+        **_decision_run("attack", "plain SFT", 0, 0.1, 0.1, None),
+        "steps": TASK_SETTINGS["attack"]["steps"],
+        "lr": _learning_rate("attack", "lora"),
+    }
+    older = {**today, "steps": today["steps"] // 2}
+    assert current_runs([today, older, {**today, "lr": 1.0}, {**today, "task": "sort"}]) == [today]
+
+
 def test_decision_plan_runs_each_family_once_per_task() -> None:
     from study.decision import DECISION_PLAN, FAMILIES, curve_methods
 
