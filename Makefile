@@ -91,8 +91,8 @@ study-quick: subject-deps
 	$(BIN)/python -m study real --plan quick --out runs/study-quick
 
 # Issue 12's decision-point study on the same subject: coefficient curves on the three tasks (seed 0), settings
-# chosen on validation, two more seeds of the chosen ones; resumable, 90 runs: about 14 hours on this 2-core CPU
-# (estimated from the subject study's run times: attack ~6, SST-2 ~8, GSM8K ~15 minutes a run).
+# chosen on validation, two more seeds of the chosen ones; resumable, 87 runs (SST-2 has no `first 4` curve): the
+# attack task's 18 curve runs took 106 minutes on this 2-core CPU (4-7.5 minutes a run); about 10 hours in all.
 study-decision: subject-deps
 	$(BIN)/python -m study decision --plan decision --out results/decision
 
