@@ -250,6 +250,7 @@ def run_decision(
     # Selection and the report compare runs by method name: only runs at today's task settings take part
     # (runs at other steps or rates stay in runs.jsonl and are counted in the report).
     runs = current_runs(recorded)
+    other_settings = len(recorded) - len(runs)
     plan = PLANS[plan_name]
     while not report_only:
         # Resolve the plan again after every run: a finished curve unlocks its family's extra seeds.
@@ -289,8 +290,8 @@ def run_decision(
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
-    if len(recorded) > len(runs):
-        notes.append(f"{len(recorded) - len(runs)} runs in runs.jsonl at other task settings are left out")
+    if other_settings:
+        notes.append(f"{other_settings} runs in runs.jsonl at other task settings are left out")
     text = report(runs, base, out, command, machine, len(specs), notes, time.perf_counter() - started)
     path = curves_plot(runs, base, out / "retention_utility_curves.png")
     if path is not None:
