@@ -161,6 +161,8 @@ def run_and_record(
     result["lr"] = _learning_rate(spec.task, spec.mode)
     result["aligned_fingerprint"] = fingerprint
     result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
+    # Step times depend on the threads a run had (and on a second worker sharing the cores).
+    result["torch_threads"] = torch.get_num_threads()
     with runs_path.open("a") as fh:
         fh.write(json.dumps(result) + "\n")
     return result

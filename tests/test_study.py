@@ -182,6 +182,70 @@ def test_decision_selection_reads_validation_only_and_resolves_the_seeds() -> No
     assert notes and "wait for the curves" in notes[0]
 
 
+def _all_curves(val: dict[str, tuple[float, float, float]]) -> list[dict]:
+    """Seed-0 runs of every curve setting on every task (SST-2 without `first 4`, whose runs the supervised
+    family stands in for): validation (retention, over-refusal, task-loss cost) from `val` (default: 50 %
+    kept), plain SFT's validation loss 1.0; held-out numbers chosen to favour the wrong setting."""
+    from study.decision import CURVE_SETTINGS, TASK_ORDER, curve_methods
+
+    runs = []
+    for task in TASK_ORDER:
+        for method in curve_methods(task):
+            keep, over, cost = val.get(method, (0.5, 0.1, 0.0))
+            loss = None if task == "attack" else 1.0 + cost
+            if method == "plain SFT":
+                keep, loss = 0.1, None if task == "attack" else 1.0
+            run = _decision_run(task, method, 0, keep, 1.0 - keep, loss)
+            runs.append({**run, "val_over_refusal": over, "task_heldout_loss": 2.0 - (loss or 0.0)})
+    assert {r["method"] for r in runs} >= set(CURVE_SETTINGS) - {"STR adapter mse first4 c1"}
+    return runs
+
+
+def test_decision_default_is_one_setting_chosen_on_validation_for_every_task() -> None:
+    from study.decision import DEFAULT, _specs, recommend_default, stand_in
+
+    base = {"val_refusal": 1.0, "val_over_refusal": 0.1, "heldout_refusal": 1.0}
+    kl, supervised = "STR anchors kl open4 benign c10 folded", "STR adapter mse c100"
+    first4 = "STR adapter mse first4 c10"
+    assert stand_in(first4, "sst2") == "STR adapter mse c10" and stand_in(first4, "gsm8k") == first4
+    # kl meets every goal; supervised has the lower loss cost but +8 points of over-refusal; mse c1 keeps
+    # 97 % everywhere but 90 % on gsm8k (excluded).
+    val = {
+        kl: (0.97, 0.12, 0.01),
+        supervised: (0.99, 0.18, 0.005),
+        "STR anchors mse c1 folded": (0.97, 0.1, 0.0),
+    }
+    runs = _all_curves(val)
+    runs = [
+        {**r, "val_refusal": 0.9} if (r["task"], r["method"]) == ("gsm8k", "STR anchors mse c1 folded") else r
+        for r in runs
+    ]
+    default, why, numbers = recommend_default(runs, base)
+    assert default == kl and "misses" not in why
+    assert abs(numbers["gsm8k"]["loss"] - 0.01) < 1e-9 and "loss" not in numbers["attack"]
+    # With kl below 95 %, the setting that misses a goal is still named, and what it misses is said.
+    default, why, _ = recommend_default(_all_curves({supervised: val[supervised]}), base)
+    assert default == supervised and "over-refusal above +5 pts on attack, sst2, gsm8k" in why
+    # `first 4` on SST-2 is judged by the supervised runs it would repeat.
+    only_first4 = _all_curves({first4: (0.99, 0.1, 0.0), "STR adapter mse c10": (0.99, 0.1, 0.0)})
+    assert recommend_default(only_first4, base)[0] == "STR adapter mse c10"  # listed first, same numbers
+    without_sst2_supervised = [
+        r for r in only_first4 if (r["task"], r["method"]) != ("sst2", "STR adapter mse c10")
+    ]
+    default, why, _ = recommend_default(without_sst2_supervised, base)
+    assert default is None and "sst2/STR adapter mse c10" in why
+    # Nothing at 95 % everywhere: no default, and the best is named.
+    default, why, _ = recommend_default(_all_curves({}), base)
+    assert default is None and "nothing keeps 95 %" in why
+    # The plan's DEFAULT block resolves to the default's runs on each task, SST-2's stand-in included.
+    # first 4 c10 beats supervised c10 on gsm8k and shares its SST-2 runs.
+    first4_wins = _all_curves({first4: (0.99, 0.1, 0.0), "STR adapter mse c10": (0.96, 0.1, 0.01)})
+    specs, _ = _specs([(t, "lora", [DEFAULT], range(1, 2)) for t in ("attack", "sst2")], first4_wins, base)
+    assert [(s.task, s.method) for s in specs] == [("attack", first4), ("sst2", "STR adapter mse c10")]
+    specs, notes = _specs([("attack", "lora", [DEFAULT], range(1, 3))], runs[:5], base)
+    assert specs == [] and notes and "waits for" in notes[0]
+
+
 def test_decision_report_and_curves(tmp_path: Path) -> None:
     from study.decision import FAMILIES, curves_plot, report
 
@@ -226,7 +290,13 @@ def test_decision_plan_runs_each_family_once_per_task() -> None:
 
     first4 = FAMILIES["training positions mse, first 4"]
     curves = {task: methods for task, _, methods, seeds in DECISION_PLAN if seeds == range(1)}
-    assert [t for t, *_ in DECISION_PLAN] == ["attack", "attack", "sst2", "sst2", "gsm8k", "gsm8k"]
+    curve_and_seed_blocks = ["attack", "attack", "sst2", "sst2", "gsm8k", "gsm8k"]
+    assert [t for t, *_ in DECISION_PLAN] == [
+        *curve_and_seed_blocks,
+        "attack",
+        "sst2",
+        "gsm8k",
+    ]  # + default's
     assert not set(first4) & set(curves["sst2"])
     assert set(first4) <= set(curves["attack"]) and set(first4) <= set(curves["gsm8k"])
     assert curves["gsm8k"] == curve_methods("gsm8k") and len(curves["gsm8k"]) == 18
@@ -249,3 +319,44 @@ def test_decision_splits_are_disjoint() -> None:
         trained = {e.prompt for e in tasks[task][0]}
         assert not trained & {e.prompt for e in validation[task].task}
         assert not trained & {e.prompt for e in tasks[task][1]}
+
+
+def test_decision_tasks_option_names_the_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    from study.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["decision", "--tasks", "attack,mnli"])
+    assert "--tasks attack,mnli: mnli is not a task; use attack, sst2, gsm8k" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["real", "--tasks", "attack"])
+    assert "--tasks is an option of `decision` only" in capsys.readouterr().err
+
+
+def test_decision_workers_never_claim_the_same_run(tmp_path: Path) -> None:
+    import json
+    import os
+    import socket
+
+    from study.decision import CLAIMS, claim
+    from study.finetune import RunSpec
+
+    spec = RunSpec("attack", "lora", "plain SFT", 1)
+    held = claim(tmp_path, spec)
+    assert held is not None and json.loads(held.read_text())["pid"] == os.getpid()
+    assert claim(tmp_path, spec) is None  # held by a live study process (this one)
+    assert claim(tmp_path, RunSpec("attack", "lora", "plain SFT", 2)) is not None  # another run is free
+    # A stopped session's claim (its process gone) is taken over.
+    held.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    assert claim(tmp_path, spec) == tmp_path / CLAIMS / f"{spec.name}.json"
+    # So is one from another machine (a fresh checkout of the results).
+    held.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
+    assert claim(tmp_path, spec) is not None
+
+
+def test_decision_step_ratio_pairs_seeds() -> None:
+    from study.decision import _step_ratio
+
+    plain = [{"seed": 0, "step_time_median_s": 2.0}, {"seed": 1, "step_time_median_s": 4.0}]
+    rows = [{"seed": 0, "step_time_median_s": 3.0}, {"seed": 1, "step_time_median_s": 4.0}]
+    assert _step_ratio(rows, plain) == "x1.25"  # (1.5 + 1.0) / 2, not 3.5 / 3.0
+    assert _step_ratio([{"seed": 2, "step_time_median_s": 3.0}], plain) == "n/a"
