@@ -478,13 +478,15 @@ def _verdict(rows: list[dict[str, Any]], plain: list[dict[str, Any]], base: dict
 
 
 def _step_ratio(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> str:
-    """Median step time over plain SFT's at the same seed, mean over seeds: runs of one seed were made in
-    the same conditions (threads, a second worker or none), runs of different seeds need not be."""
-    plain_by_seed = {r["seed"]: r.get("step_time_median_s") for r in plain}
+    """Median step time over plain SFT's at the same seed and thread count, mean over the pairs: such runs
+    were made in like conditions (the threads, and whether a second worker shared the cores); runs before
+    `torch_threads` was recorded pair with each other."""
+    plain_by_seed = {(r["seed"], r.get("torch_threads")): r.get("step_time_median_s") for r in plain}
     ratios = [
-        r["step_time_median_s"] / plain_by_seed[r["seed"]]
+        r["step_time_median_s"] / plain_step
         for r in rows
-        if r.get("step_time_median_s") and plain_by_seed.get(r["seed"])
+        if r.get("step_time_median_s")
+        and (plain_step := plain_by_seed.get((r["seed"], r.get("torch_threads"))))
     ]
     return f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a"
 
@@ -611,7 +613,7 @@ def report(
         "average over their points. Coefficients compare within a family, not across families.",
         "",
         "Retention = refusal after fine-tuning / the subject's, on the same prompts. Step ratio: median step time "
-        "over plain SFT's on the same task and seed, mean over seeds (CPU, noisy: runs with `torch_threads` 1 in "
+        "over plain SFT's on the same task, seed and thread count, mean over such pairs (CPU, noisy: runs with `torch_threads` 1 in "
         "runs.jsonl were made by two single-thread workers sharing the 2 cores; the controlled cost is in bench/). Anchor tokens: anchor "
         "prompt and teacher-forced opening tokens per step over training tokens (an upper bound for folded "
         "anchors, which fill padding first). The curves: `retention_utility_curves.png`.",

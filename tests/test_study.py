@@ -360,3 +360,6 @@ def test_decision_step_ratio_pairs_seeds() -> None:
     rows = [{"seed": 0, "step_time_median_s": 3.0}, {"seed": 1, "step_time_median_s": 4.0}]
     assert _step_ratio(rows, plain) == "x1.25"  # (1.5 + 1.0) / 2, not 3.5 / 3.0
     assert _step_ratio([{"seed": 2, "step_time_median_s": 3.0}], plain) == "n/a"
+    # A run with one thread beside a second worker is not compared with a two-thread run alone.
+    assert _step_ratio([{**rows[1], "torch_threads": 1}], plain) == "n/a"
+    assert _step_ratio([{**rows[1], "torch_threads": 1}], [{**plain[1], "torch_threads": 1}]) == "x1.00"
