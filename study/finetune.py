@@ -23,7 +23,7 @@ from str_hooks import build_reference_cache, mine_safety_tokens
 from str_hooks.integrations.hf import attach
 
 from .data import Example, StudyData
-from .model import collate, encode_example, exact_match, refusal_rate
+from .model import collate, encode_example, exact_match, refusal_flags, refusal_rate
 from .subject import decision_point_mass
 
 
@@ -477,7 +477,7 @@ def run_one(
         )
     model.eval()
     refusal, replies = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
-    over_refusal, _ = refusal_rate(model, tokenizer, xstest, data.refusal_phrases)
+    over_refusal, xstest_replies = refusal_rate(model, tokenizer, xstest, data.refusal_phrases)
     task_em: float | None = None
     task_loss: float | None = None
     if test:  # the attack task has no utility to measure
@@ -511,6 +511,9 @@ def run_one(
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
         "refusal_curve": timer.curve,
         "sample_replies": replies[:3],
+        # Per prompt, in order ("1" refused): retention can then be split by prompt (e.g. far from every anchor).
+        "heldout_refused": refusal_flags(replies, data.refusal_phrases),
+        "xstest_refused": refusal_flags(xstest_replies, data.refusal_phrases),
         **val_metrics,
     }
 

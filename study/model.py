@@ -214,6 +214,11 @@ def refusal_rate(
     return sum(is_refusal(r, phrases) for r in replies) / max(len(replies), 1), replies
 
 
+def refusal_flags(replies: Sequence[str], phrases: Sequence[str]) -> str:
+    """One character per reply, "1" where it is a refusal: a compact per-prompt record."""
+    return "".join("1" if is_refusal(r, phrases) else "0" for r in replies)
+
+
 def exact_match(
     model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14, task: str = "sort"
 ) -> float:
