@@ -312,6 +312,16 @@ def _baseline(
         return dict(cached)
     model, tokenizer = load(subject_dir)
     heldout, replies = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
+    if cached.get("fingerprint") == fingerprint:
+        # A cache from before per-prompt refusals were recorded: add them, keep the numbers runs were
+        # selected by (the flags' mean is stored beside them, to show whether generation reproduced them).
+        record = {
+            **cached,
+            "heldout_refused": refusal_flags(replies, data.refusal_phrases),
+            "heldout_refusal_now": heldout,
+        }
+        path.write_text(json.dumps(record, indent=2))
+        return record
     record = {
         "fingerprint": fingerprint,
         "val_refusal": refusal_rate(model, tokenizer, validation.harmful, data.refusal_phrases)[0],
