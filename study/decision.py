@@ -7,8 +7,10 @@ Every method family runs over a coefficient curve (seed 0) on the three tasks of
 setting is then chosen on the validation split only, and the chosen settings get two more seeds. Once every
 task's curves are in, one default for all tasks is chosen on validation (`DEFAULT_RULE`) and gets its extra
 seeds where it was not already a family's choice. The held-out numbers of every setting run are reported, the
-chosen ones marked. Resumable like `study real`; `--tasks` runs only some tasks' runs, so that two
-single-threaded workers can share one runs.jsonl.
+chosen ones marked. Resumable like `study real`. Workers sharing one runs.jsonl never run the same run
+(claims in `.claims/`; `--tasks` splits by task), but on this 2-core CPU two single-thread workers were no
+faster than one two-thread worker: pairs of seed-1 runs took 957 s and 952 s side by side against 413 s and
+405 s alone at seed 0, and 599 s and 594 s against 268 s and 330 s. The study runs one worker.
 
 Fixed splits (none of them changes between runs):
 - harmful: the AdvBench training goals 0-239 are the anchors, 240-299 the validation prompts (never anchors,
