@@ -3,7 +3,6 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
-                             [--tasks attack,sst2,gsm8k]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -114,14 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--save-models", default=None, help="keep the subject and each run's adapter here")
     parser.add_argument("--cache", default=None, help="folder for the dequantized shipped model")
-    parser.add_argument(
-        "--tasks",
-        default=None,
-        help="decision: run only these tasks' runs (comma-separated), e.g. one worker per task on one runs.jsonl",
-    )
     args = parser.parse_args(argv)
-    if args.tasks and args.command != "decision":
-        parser.error("--tasks is an option of `decision` only")
     if args.command == "subject":
         from .subject import DEFAULT_CACHE, build_subject
 
@@ -154,16 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     if args.command == "decision":
-        from .decision import PLANS, TASK_ORDER, run_decision
+        from .decision import PLANS, run_decision
         from .subject import DEFAULT_CACHE
 
         if (args.plan or "decision") not in PLANS:
             parser.error(f"--plan {args.plan} is not a plan of `decision`: use {', '.join(PLANS)}")
-        only_tasks = args.tasks.split(",") if args.tasks else None
-        if only_tasks and (unknown := sorted(set(only_tasks) - set(TASK_ORDER))):
-            parser.error(
-                f"--tasks {args.tasks}: {', '.join(unknown)} is not a task; use {', '.join(TASK_ORDER)}"
-            )
         print(
             run_decision(
                 Path(args.out or "results/decision"),
@@ -173,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
                 save_models=Path(args.save_models) if args.save_models else None,
                 argv=argv,
                 report_only=args.report,
-                tasks_to_run=only_tasks,
             )
         )
         return

@@ -1,16 +1,15 @@
 """The decision-point study (issue 12): which STR form keeps the real subject's refusals, at what cost.
 
     python -m study decision [--plan decision|quick] [--out results/decision] [--subject runs/subject]
-                             [--save-models DIR] [--tasks attack,sst2,gsm8k] [--report]
+                             [--save-models DIR] [--report]
 
 Every method family runs over a coefficient curve (seed 0) on the three tasks of `study real`; each family's
 setting is then chosen on the validation split only, and the chosen settings get two more seeds. Once every
 task's curves are in, one default for all tasks is chosen on validation (`DEFAULT_RULE`) and gets its extra
 seeds where it was not already a family's choice. The held-out numbers of every setting run are reported, the
-chosen ones marked. Resumable like `study real`. Workers sharing one runs.jsonl never run the same run
-(claims in `.claims/`; `--tasks` splits by task), but on this 2-core CPU two single-thread workers were no
-faster than one two-thread worker: pairs of seed-1 runs took 957 s and 952 s side by side against 413 s and
-405 s alone at seed 0, and 599 s and 594 s against 268 s and 330 s. The study runs one worker.
+chosen ones marked. Resumable like `study real`. One worker: on this 2-core CPU two single-thread workers
+were no faster than one two-thread worker (pairs of seed-1 runs took 957 s and 952 s side by side against 413 s
+and 405 s alone at seed 0, and 599 s and 594 s against 268 s and 330 s; their `torch_threads` is 1).
 
 Fixed splits (none of them changes between runs):
 - harmful: the AdvBench training goals 0-239 are the anchors, 240-299 the validation prompts (never anchors,
@@ -29,10 +28,8 @@ no utility, the lowest validation over-refusal); if none reaches 95 %, the one w
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import time
@@ -213,12 +210,22 @@ def recommend_default(
     every task; method None while a curve is incomplete or when nothing keeps 95 % everywhere (`why`
     says which). Held-out numbers are never read here."""
     seed0 = {(r["task"], r["method"]): r for r in runs if r["seed"] == 0 and r.get("val_refusal") is not None}
-    missing = [
-        f"{task}/{stand_in(m, task)}"
-        for task in TASK_ORDER
-        for m in ["plain SFT", *CURVE_SETTINGS]
-        if (task, stand_in(m, task)) not in seed0
-    ]
+
+    def incomplete(task: str, method: str) -> bool:
+        row, plain = seed0.get((task, method)), seed0.get((task, "plain SFT"))
+        # A task with utility needs every setting's validation loss, not a silent zero cost.
+        return row is None or (
+            plain is not None and plain.get("val_task_loss") is not None and row.get("val_task_loss") is None
+        )
+
+    missing = list(
+        dict.fromkeys(
+            f"{task}/{stand_in(m, task)}"
+            for task in TASK_ORDER
+            for m in ["plain SFT", *CURVE_SETTINGS]
+            if incomplete(task, stand_in(m, task))
+        )
+    )
     if missing:
         return None, f"waits for {len(missing)} seed-0 curve runs (first: {missing[0]})", {}
     numbers: dict[str, dict[str, dict[str, float]]] = {}
@@ -254,7 +261,7 @@ def recommend_default(
         best = max(CURVE_SETTINGS, key=lambda m: min(n["keep"] for n in numbers[m].values()))
         worst = min(n["keep"] for n in numbers[best].values())
         return None, f"nothing keeps 95 % on every task (best: {best}, {100 * worst:.0f} % at worst)", {}
-    best = min(keeping, key=lambda m: (len(failures(m)), mean_of(m, "loss"), mean_of(m, "over")))
+    best = min(keeping, key=lambda m: (bool(failures(m)), mean_of(m, "loss"), mean_of(m, "over")))
     why = (
         f"validation retention >= 95 % on every task, mean task-loss cost {100 * mean_of(best, 'loss'):+.1f} %, "
         f"mean over-refusal change {100 * mean_of(best, 'over'):+.1f} pts"
@@ -290,7 +297,9 @@ def _specs(
             if missing:
                 notes.append(f"{task}: extra seeds wait for the curves of {', '.join(missing)}")
         specs += [RunSpec(task, mode, name, seed) for seed in seeds for name in dict.fromkeys(names)]
-    return specs, notes
+    # The default's block mostly repeats a family's chosen runs: each run once.
+    unique = {_spec_key(spec): spec for spec in reversed(specs)}
+    return [spec for spec in specs if unique[_spec_key(spec)] is spec], notes
 
 
 def current_runs(recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -371,49 +380,6 @@ def _far_retention(rows: list[dict[str, Any]], base: dict[str, Any], far: list[b
     return f"{100 * statistics.fmean(refused) / subject_far:.0f} % ({len(kept)})"
 
 
-CLAIMS = ".claims"
-
-
-def _alive(pid: object) -> bool:
-    """Whether `pid` is a running study process on this machine (a pid reused by another program is not)."""
-    if not isinstance(pid, int):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    return not cmdline.is_file() or b"study" in cmdline.read_bytes()
-
-
-def claim(out: Path, spec: RunSpec) -> Path | None:
-    """Claim `spec` for this process, so that workers sharing `out` never run the same run: a file naming
-    this pid and host, created atomically. A claim whose worker is gone (a stopped session) is taken over.
-    None when a live worker holds it."""
-    folder = out / CLAIMS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{spec.name}.json"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            with path.open("x") as fh:
-                json.dump(me, fh)
-            return path
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                held = {}
-            if held.get("host") == me["host"] and _alive(held.get("pid")):
-                return None
-            path.unlink(missing_ok=True)
-    return None
-
-
 def run_decision(
     out: Path,
     plan_name: str,
@@ -422,10 +388,8 @@ def run_decision(
     save_models: Path | None = None,
     argv: list[str] | None = None,
     report_only: bool = False,
-    tasks_to_run: list[str] | None = None,
 ) -> str:
-    """Run what is left of the plan (only on `tasks_to_run` when given, so that workers on different tasks
-    can share one runs.jsonl), then rewrite the report from every recorded run."""
+    """Run what is left of the plan, then rewrite the report from every recorded run."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     info = build_subject(subject_dir, "shared", cache)
@@ -435,44 +399,35 @@ def run_decision(
     anchors, tasks, validation = splits(data)
     base = _baseline(subject_dir, data, validation["attack"], out, info["fingerprint"])
     runs_path = out / "runs.jsonl"
+    recorded = load_runs(runs_path, info["fingerprint"])
+    # Selection and the report compare runs by method name: only runs at today's task settings take part
+    # (runs at other steps or rates stay in runs.jsonl and are counted in the report).
+    runs = current_runs(recorded)
+    other_settings = len(recorded) - len(runs)
     plan = PLANS[plan_name]
-    while True:
-        # Read runs.jsonl again before every run: another worker may have added runs, and a finished curve
-        # unlocks its family's extra seeds (and every task's curves, the default's). Selection and the
-        # report compare runs by method name: only runs at today's task settings take part (runs at other
-        # steps or rates stay in runs.jsonl and are counted in the report).
-        recorded = load_runs(runs_path, info["fingerprint"])
-        runs = current_runs(recorded)
-        other_settings = len(recorded) - len(runs)
-        if report_only:
-            break
+    while not report_only:
+        # Resolve the plan again after every run: a finished curve unlocks its family's extra seeds (and every
+        # task's curves, the default's).
         specs, _ = _specs(plan, runs, base)
         done = {_setting_key(r) for r in runs}
-        todo = [s for s in specs if _spec_key(s) not in done and s.task in (tasks_to_run or TASK_ORDER)]
+        todo = [s for s in specs if _spec_key(s) not in done]
         if not todo:
             break
-        # The first run no other worker holds; when all are held, wait: theirs may unlock more.
-        spec, held = next(((s, c) for s in todo if (c := claim(out, s)) is not None), (None, None))
-        if spec is None or held is None:
-            tqdm.write(f"the {len(todo)} runs left are all held by other workers; waiting")
-            time.sleep(60)
-            continue
+        spec = todo[0]
         tqdm.write(f"[{len(done)} done, {len(todo)} to go in the resolved plan] {spec.name}")
-        try:
-            result = run_and_record(
-                spec,
-                runs_path,
-                subject_dir=subject_dir,
-                data=data,
-                task_data=tasks[spec.task],
-                anchors=anchors,
-                tokens=tokens,
-                fingerprint=info["fingerprint"],
-                save_dir=save_models,
-                validation=validation[spec.task],
-            )
-        finally:
-            held.unlink(missing_ok=True)
+        result = run_and_record(
+            spec,
+            runs_path,
+            subject_dir=subject_dir,
+            data=data,
+            task_data=tasks[spec.task],
+            anchors=anchors,
+            tokens=tokens,
+            fingerprint=info["fingerprint"],
+            save_dir=save_models,
+            validation=validation[spec.task],
+        )
+        runs.append(result)
         tqdm.write(
             f"{spec.task}/{spec.method}/seed {spec.seed}: val refusal {100 * result['val_refusal']:.0f} %, held-out "
             f"{100 * result['heldout_refusal']:.0f} %, {result['wall_seconds']:.0f} s"

@@ -30,15 +30,17 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 3) -> str:
 
 
 def load_runs(path: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """The runs of `path` (runs.jsonl) made on the model with this fingerprint; the file is rewritten with
-    only those, so that a resumed study appends to a consistent file."""
+    """The runs of `path` (runs.jsonl) made on the model with this fingerprint; when it holds others, the file
+    is rewritten with only these, so that a resumed study appends to a consistent file. Otherwise it is only
+    read: a `--report` beside a running study must not rewrite the file the study appends to."""
     runs: list[dict[str, Any]] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("aligned_fingerprint") == fingerprint:
-                runs.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        record = json.loads(line)
+        if record.get("aligned_fingerprint") == fingerprint:
+            runs.append(record)
+    if len(runs) != len(lines):
+        path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     return runs
 
 

@@ -186,7 +186,7 @@ def _all_curves(val: dict[str, tuple[float, float, float]]) -> list[dict]:
     """Seed-0 runs of every curve setting on every task (SST-2 without `first 4`, whose runs the supervised
     family stands in for): validation (retention, over-refusal, task-loss cost) from `val` (default: 50 %
     kept), plain SFT's validation loss 1.0; held-out numbers chosen to favour the wrong setting."""
-    from study.decision import CURVE_SETTINGS, TASK_ORDER, curve_methods
+    from study.decision import ABLATIONS, CURVE_SETTINGS, TASK_ORDER, curve_methods
 
     runs = []
     for task in TASK_ORDER:
@@ -197,7 +197,7 @@ def _all_curves(val: dict[str, tuple[float, float, float]]) -> list[dict]:
                 keep, loss = 0.1, None if task == "attack" else 1.0
             run = _decision_run(task, method, 0, keep, 1.0 - keep, loss)
             runs.append({**run, "val_over_refusal": over, "task_heldout_loss": 2.0 - (loss or 0.0)})
-    assert {r["method"] for r in runs} >= set(CURVE_SETTINGS) - {"STR adapter mse first4 c1"}
+    assert {r["method"] for r in runs} == {"plain SFT", *CURVE_SETTINGS, *ABLATIONS}
     return runs
 
 
@@ -244,6 +244,14 @@ def test_decision_default_is_one_setting_chosen_on_validation_for_every_task() -
     assert [(s.task, s.method) for s in specs] == [("attack", first4), ("sst2", "STR adapter mse c10")]
     specs, notes = _specs([("attack", "lora", [DEFAULT], range(1, 3))], runs[:5], base)
     assert specs == [] and notes and "waits for" in notes[0]
+    # A default that is already a family's choice runs once per seed, not once per block.
+    block = ("attack", "lora", [first4], range(1, 2))
+    specs, _ = _specs([block, ("attack", "lora", [DEFAULT], range(1, 2))], first4_wins, base)
+    assert [(s.method, s.seed) for s in specs] == [(first4, 1)]
+    # A setting without its validation loss on a utility task is an incomplete curve, not a free one.
+    no_loss = [{**r, "val_task_loss": None} if (r["task"], r["method"]) == ("gsm8k", kl) else r for r in runs]
+    default, why, _ = recommend_default(no_loss, base)
+    assert default is None and f"gsm8k/{kl}" in why
 
 
 def test_decision_report_and_curves(tmp_path: Path) -> None:
@@ -321,38 +329,6 @@ def test_decision_splits_are_disjoint() -> None:
         assert not trained & {e.prompt for e in tasks[task][1]}
 
 
-def test_decision_tasks_option_names_the_tasks(capsys: pytest.CaptureFixture[str]) -> None:
-    from study.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["decision", "--tasks", "attack,mnli"])
-    assert "--tasks attack,mnli: mnli is not a task; use attack, sst2, gsm8k" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["real", "--tasks", "attack"])
-    assert "--tasks is an option of `decision` only" in capsys.readouterr().err
-
-
-def test_decision_workers_never_claim_the_same_run(tmp_path: Path) -> None:
-    import json
-    import os
-    import socket
-
-    from study.decision import CLAIMS, claim
-    from study.finetune import RunSpec
-
-    spec = RunSpec("attack", "lora", "plain SFT", 1)
-    held = claim(tmp_path, spec)
-    assert held is not None and json.loads(held.read_text())["pid"] == os.getpid()
-    assert claim(tmp_path, spec) is None  # held by a live study process (this one)
-    assert claim(tmp_path, RunSpec("attack", "lora", "plain SFT", 2)) is not None  # another run is free
-    # A stopped session's claim (its process gone) is taken over.
-    held.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
-    assert claim(tmp_path, spec) == tmp_path / CLAIMS / f"{spec.name}.json"
-    # So is one from another machine (a fresh checkout of the results).
-    held.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
-    assert claim(tmp_path, spec) is not None
-
-
 def test_decision_step_ratio_pairs_seeds() -> None:
     from study.decision import _step_ratio
 
@@ -391,3 +367,17 @@ def test_decision_retention_far_from_anchors(tmp_path: Path) -> None:
     text = report(runs, base, tmp_path, "python -m study decision", "test", 1, [], 1.0, far)
     assert "Far from anchors: 2 of the 3 held-out goals" in text
     assert "| attack | (plain SFT, 1 seeds) | | | 33 % | 0 % (1) |" in text
+
+
+def test_load_runs_rewrites_only_to_drop_other_subjects(tmp_path: Path) -> None:
+    import json
+
+    from study.report import load_runs
+
+    path = tmp_path / "runs.jsonl"
+    mine, other = {"aligned_fingerprint": "a", "x": 1}, {"aligned_fingerprint": "b", "x": 2}
+    path.write_text(json.dumps(mine) + "\n")
+    before = path.stat().st_mtime_ns
+    assert load_runs(path, "a") == [mine] and path.stat().st_mtime_ns == before  # read only
+    path.write_text(json.dumps(mine) + "\n" + json.dumps(other) + "\n")
+    assert load_runs(path, "a") == [mine] and path.read_text() == json.dumps(mine) + "\n"
