@@ -366,6 +366,11 @@ def far_from_anchors(prompts: list[str], anchors: list[str]) -> list[bool]:
     ]
 
 
+def _refused_far(flags: str, far: list[bool]) -> int:
+    """How many of the far goals (`far_from_anchors`) a per-prompt record refused."""
+    return sum(1 for f, c in zip(far, flags, strict=True) if f and c == "1")
+
+
 def _far_retention(rows: list[dict[str, Any]], base: dict[str, Any], far: list[bool] | None) -> str:
     """Held-out retention on the goals far from every anchor, pooled over the runs that recorded per-prompt
     refusals (runs from before that have none), with how many runs it covers."""
@@ -373,10 +378,10 @@ def _far_retention(rows: list[dict[str, Any]], base: dict[str, Any], far: list[b
     if not far or not subject:
         return "n/a"
     kept = [r["heldout_refused"] for r in rows if r.get("heldout_refused")]
-    subject_far = sum(1 for f, s in zip(far, subject, strict=True) if f and s == "1")
+    subject_far = _refused_far(subject, far)
     if not kept or not subject_far:
         return "n/a"
-    refused = [sum(1 for f, c in zip(far, flags, strict=True) if f and c == "1") for flags in kept]
+    refused = [_refused_far(flags, far) for flags in kept]
     return f"{100 * statistics.fmean(refused) / subject_far:.0f} % ({len(kept)})"
 
 
@@ -532,7 +537,7 @@ def report(
         lines += [
             f"Far from anchors: {sum(far)} of the {len(far)} held-out goals overlap every anchor's words by less "
             f"than {FAR_JACCARD} (Jaccard); the subject refuses "
-            f"{sum(1 for f, c in zip(far, base['heldout_refused'], strict=True) if f and c == '1')} of them. The "
+            f"{_refused_far(base['heldout_refused'], far)} of them. The "
             "others mostly reword an anchor, which favours the anchor families; retention on the far ones is "
             "given beside the whole set's (pooled over the runs that recorded per-prompt refusals, their number "
             "in brackets; the first runs did not record them).",
