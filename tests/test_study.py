@@ -297,17 +297,21 @@ def test_decision_plan_runs_each_family_once_per_task() -> None:
     from study.decision import DECISION_PLAN, FAMILIES, curve_methods
 
     first4 = FAMILIES["training positions mse, first 4"]
-    curves = {task: methods for task, _, methods, seeds in DECISION_PLAN if seeds == range(1)}
-    curve_and_seed_blocks = ["attack", "attack", "sst2", "sst2", "gsm8k", "gsm8k"]
+    curves: dict[str, list[str]] = {}
+    for task, _, methods, seeds in DECISION_PLAN:
+        if seeds == range(1):
+            curves[task] = curves.get(task, []) + methods
     assert [t for t, *_ in DECISION_PLAN] == [
-        *curve_and_seed_blocks,
-        "attack",
-        "sst2",
-        "gsm8k",
-    ]  # + default's
+        *["attack", "attack", "sst2", "sst2"],  # curves, then the chosen settings' extra seeds
+        *["gsm8k", "gsm8k"],  # curve settings, then plain SFT's extra seeds: the default is decided
+        *["attack", "sst2", "gsm8k"],  # the default's extra seeds
+        *["gsm8k", "gsm8k"],  # ablations, then the chosen settings' extra seeds
+    ]
     assert not set(first4) & set(curves["sst2"])
     assert set(first4) <= set(curves["attack"]) and set(first4) <= set(curves["gsm8k"])
-    assert curves["gsm8k"] == curve_methods("gsm8k") and len(curves["gsm8k"]) == 18
+    for task in curves:
+        assert sorted(curves[task]) == sorted(curve_methods(task))
+    assert len(curves["gsm8k"]) == 18
 
 
 def test_decision_splits_are_disjoint() -> None:
