@@ -2,7 +2,7 @@
 
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
-    python -m study decision [--plan decision|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
+    python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
     parser.add_argument(
-        "--plan", choices=["full", "sweep", "folded", "demo", "subject", "quick", "decision"], default=None
+        "--plan",
+        choices=["full", "sweep", "folded", "demo", "subject", "quick", "decision", "default-first"],
+        default=None,
     )
     parser.add_argument(
         "--subject", default="runs/subject", help="the aligned subject's folder (built if absent)"

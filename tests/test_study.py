@@ -385,3 +385,17 @@ def test_load_runs_rewrites_only_to_drop_other_subjects(tmp_path: Path) -> None:
     assert load_runs(path, "a") == [mine] and path.stat().st_mtime_ns == before  # read only
     path.write_text(json.dumps(mine) + "\n" + json.dumps(other) + "\n")
     assert load_runs(path, "a") == [mine] and path.read_text() == json.dumps(mine) + "\n"
+
+
+def test_default_first_plan_runs_the_provisional_default_and_plain_seeds() -> None:
+    from study.decision import CURVE_SETTINGS, DEFAULT_FIRST_PLAN, PROVISIONAL_DEFAULT, TASK_ORDER, _specs
+
+    assert PROVISIONAL_DEFAULT in CURVE_SETTINGS
+    base = {"val_refusal": 1.0, "val_over_refusal": 0.1, "heldout_refusal": 1.0}
+    specs, notes = _specs(DEFAULT_FIRST_PLAN, [], base)
+    assert not notes
+    assert [(s.task, s.method, s.seed) for s in specs] == [
+        ("gsm8k", "plain SFT", 1),
+        ("gsm8k", "plain SFT", 2),
+        *[(task, PROVISIONAL_DEFAULT, seed) for task in TASK_ORDER for seed in (1, 2)],
+    ]
