@@ -26,9 +26,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "adapter kl": {"penalty": {"form": "kl"}, "reference": {"source": "adapter"}},
     "model mse": {"reference": {"source": "model"}},
     "cache mse": {"reference": {"source": "cache"}},
-    "anchors separate mse": {"reference": {"source": "anchors", "anchor_batch_size": 8}},
+    # The decision point alone (anchor_tokens 1, no benign anchors), as before those became the defaults.
+    "anchors separate mse": {
+        "penalty": {"form": "mse"},
+        "reference": {"source": "anchors", "anchor_batch_size": 8, "anchor_tokens": 1, "benign_weight": 0.0},
+    },
     "anchors folded mse": {
-        "reference": {"source": "anchors", "anchor_batch_size": 8, "anchor_placement": "folded"}
+        "penalty": {"form": "mse"},
+        "reference": {
+            "source": "anchors",
+            "anchor_batch_size": 8,
+            "anchor_placement": "folded",
+            "anchor_tokens": 1,
+            "benign_weight": 0.0,
+        },
     },
     "anchors folded kl, openings 4, benign": {
         "penalty": {"form": "kl"},

@@ -434,6 +434,10 @@ class KLMode(Mode):
 
 def make_mode(name: str) -> Mode:
     def cfg(source: str, form: str = "mse", **reference: Any) -> dict[str, Any]:
+        if source == "anchors":
+            # The decision point alone unless a mode says otherwise: the modes and their recorded results
+            # predate the defaults' 4-token openings and benign anchors.
+            reference = {"anchor_tokens": 1, "benign_weight": 0.0, **reference}
         return {
             "coef": 1.0,
             "verify_projection": False,

@@ -35,6 +35,20 @@ class Method:
     kl_beta: float = 1.0
     grad_accum: int = 1  # micro-batches of 16 rows per optimizer step
 
+    def __post_init__(self) -> None:
+        # A method's name must keep meaning what its runs in results/ measured: the settings that the
+        # package's defaults changed for (issue 12) are pinned to their values before, unless a method sets them.
+        if self.kind != "str":
+            return
+        config = copy.deepcopy(self.str_config)
+        config.setdefault("penalty", {}).setdefault("form", "mse")
+        reference = config.setdefault("reference", {})
+        reference.setdefault("source", "adapter")
+        if reference["source"] == "anchors":
+            reference.setdefault("anchor_tokens", 1)
+            reference.setdefault("benign_weight", 0.0)
+        object.__setattr__(self, "str_config", config)
+
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
     """Folded anchors with form `form`, `anchor_tokens: opening` and `benign_weight: benign`, named by them."""
