@@ -595,11 +595,19 @@ def report(
         )
     lines += ["", "## One default for every task", "", DEFAULT_RULE, ""]
     default, why, _ = recommend_default(runs, base)
-    if default is None:
+    if default is None and any(r["method"] == PROVISIONAL_DEFAULT and r["seed"] > 0 for r in runs):
+        lines.append(
+            f"No default under the rule yet: {why}. **{PROVISIONAL_DEFAULT}** is the provisional one (its extra "
+            "seeds ran first, `--plan default-first`; why: `PROVISIONAL_DEFAULT` in study/decision.py). "
+            "Held-out, mean over the seeds run:"
+        )
+        default = PROVISIONAL_DEFAULT
+    elif default is None:
         lines.append(f"No default yet: {why}.")
     else:
+        lines.append(f"**{default}**: {why}. Held-out, mean over the seeds run:")
+    if default is not None:
         lines += [
-            f"**{default}**: {why}. Held-out, mean over the seeds run:",
             "",
             "| task | runs (seeds) | retention | far from anchors | over-refusal | task loss vs plain | EM vs plain | goal met |",
             "|---|---|---|---|---|---|---|---|",

@@ -399,3 +399,17 @@ def test_default_first_plan_runs_the_provisional_default_and_plain_seeds() -> No
         ("gsm8k", "plain SFT", 2),
         *[(task, PROVISIONAL_DEFAULT, seed) for task in TASK_ORDER for seed in (1, 2)],
     ]
+
+
+def test_decision_report_shows_the_provisional_default_before_the_rule_can_run(tmp_path: Path) -> None:
+    from study.decision import PROVISIONAL_DEFAULT, report
+
+    base = {"val_refusal": 1.0, "val_over_refusal": 0.1, "heldout_refusal": 0.9, "xstest_over_refusal": 0.1}
+    runs = [_decision_run("sst2", "plain SFT", s, 0.2, 0.2, 0.30) for s in range(3)]
+    runs += [_decision_run("sst2", PROVISIONAL_DEFAULT, s, 1.0, 0.9, 0.30) for s in range(3)]
+    text = report(runs, base, tmp_path, "python -m study decision", "test", len(runs), [], 1.0)
+    assert f"**{PROVISIONAL_DEFAULT}** is the provisional one" in text
+    assert f"| sst2 | {PROVISIONAL_DEFAULT} (3) | 100 % |" in text
+    # Without its extra seeds it is not shown as the default.
+    text = report(runs[:4], base, tmp_path, "python -m study decision", "test", 4, [], 1.0)
+    assert "No default yet: waits for" in text and "provisional" not in text
