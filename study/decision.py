@@ -738,8 +738,11 @@ def curves_plot(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) ->
         ax.set_title(
             f"{task}: retention vs {'utility cost' if has_loss else 'over-refusal'} (held-out)", fontsize=9
         )
+        if has_loss:
+            # Training-position STR at c100 costs 20x the loss: linear within +-10 %, logarithmic beyond.
+            ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel(
-            "task loss vs plain SFT (%)" if has_loss else "XSTest over-refusal vs the subject (pts)"
+            "task loss vs plain SFT (%, symlog)" if has_loss else "XSTest over-refusal vs the subject (pts)"
         )
         ax.set_ylabel("refusal retention (%)")
         ax.legend(fontsize=6)
