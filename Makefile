@@ -92,8 +92,8 @@ study-quick: subject-deps
 
 # Issue 12's decision-point study on the same subject: coefficient curves on the three tasks (seed 0), settings
 # chosen on validation, two more seeds of the chosen ones, then one default for every task (its extra seeds where it
-# is not already a family's choice); resumable, 87 runs or a few more (SST-2 has no `first 4` curve). On this 2-core
-# CPU the attack task's 30 runs took 204 minutes (4-7.5 minutes a run alone), SST-2's take 6.5-10; about 12 h in all.
+# is not already a family's choice); resumable, about 80 runs (SST-2 has no `first 4` curve). On this 2-core CPU a
+# run takes 4-7.5 minutes on the attack task, 10-14 on SST-2 and 10-18 on GSM8K: about 17 h in all, over sessions.
 study-decision: subject-deps
 	$(BIN)/python -m study decision --plan decision --out results/decision
 
