@@ -19,17 +19,21 @@ optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]
 batches = [make_batch(tok, n=2, seed=i) for i in range(4)]
 accum = 2  # micro-batches per optimizer step
 
-with register_str_hook(model, {"coef": 0.1, "reference": {"source": "adapter"}}, tokenizer=tok) as handle:
+# The defaults: the coarse KL at anchor prompts' 4-token openings, benign anchors too, coef 10 (the decision
+# study's choice; `{"reference": {"source": "adapter"}}` regularizes the training positions instead).
+with register_str_hook(model, {}, tokenizer=tok) as handle:
     for step in range(len(batches) // accum):
         for batch in batches[step * accum : (step + 1) * accum]:
             batch = handle.prepare_batch(batch)  # folds anchors in when configured; else the batch itself
             out = model(**batch)
             loss = out.loss / accum + handle.loss(accumulation_steps=accum)
             loss.backward()
+            if handle.term_computed:  # anchors: the step's first micro-batch; training positions: each one
+                logged = handle.metrics()
         # The one host read per step, before the weights change: raises on bad input (and on NaN/inf under
         # `penalty.on_nonfinite: raise`); under `skip` it returns how many micro-batches were non-finite.
         if handle.check_step() == 0:
             optimizer.step()
         optimizer.zero_grad()
         handle.step()  # coef warm-up and the anchor schedule
-        print(f"step {step + 1}: {handle.metrics()}")
+        print(f"step {step + 1}: {logged}")

@@ -114,8 +114,10 @@ class PenaltyConfig(_Section):
     """The penalty on the safety-token logits and where it is applied."""
 
     form: PenaltyForm = Field(
-        default="mse",
+        default="kl",
         description=(
+            "Default: `kl` with `reference.source` 'anchors' (the default source), `mse` with any other source "
+            "(the form the training-position families were studied with; results/decision). "
             "`mse`: (z - r)^2, anchors the safety logits both ways. `hinge`: relu(-(z - r + margin))^2, only "
             "forbids them falling more than `margin` below the reference. `logprob`: (z - r)^2 on log-softmax "
             "values, so a task token that gains probability counts even where the safety logits stay put. `kl`: "
@@ -176,7 +178,7 @@ class ReferenceConfig(_Section):
     """Where the reference (aligned-model) safety logits come from."""
 
     source: ReferenceSource = Field(
-        default="adapter",
+        default="anchors",
         description=(
             "`adapter`: the same PEFT model with adapters disabled, one no-grad forward per step (exact). "
             "`model`: a separate frozen reference model (passed as `reference_model=` or `model_path`). "
@@ -207,7 +209,7 @@ class ReferenceConfig(_Section):
         default=8, description="Anchor prompts per anchor step (harmful and benign together). >= 1."
     )
     anchor_tokens: int = Field(
-        default=1,
+        default=4,
         description=(
             "How many positions of each anchor's opening are penalized. 1: the decision point only (the last "
             "prompt position). n > 1: the aligned model's own greedy opening of n tokens is generated once at "
@@ -217,13 +219,13 @@ class ReferenceConfig(_Section):
         ),
     )
     benign_weight: float = Field(
-        default=0.0,
+        default=1.0,
         description=(
             "Weight of benign anchors relative to the harmful ones (whose weight is 1). > 0 adds benign "
             "anchors, pinned the same way to the aligned model's own behaviour (with `anchor_tokens` > 1, its "
             "own first answer tokens), so the penalty keeps answering what it answered as well as refusing what "
-            "it refused. The anchor term is then the weighted mean over the step's points. 0 (the default) uses "
-            "harmful anchors only. >= 0."
+            "it refused. The anchor term is then the weighted mean over the step's points. 0 uses harmful "
+            "anchors only. >= 0."
         ),
     )
     benign_anchors_path: str | None = Field(
@@ -403,16 +405,21 @@ class STRConfig(_Section):
     (`STRConfig.model_validate_json(cfg.model_dump_json())`).
 
     Example:
-        >>> cfg = STRConfig.model_validate({"coef": 0.1, "penalty": {"form": "mse"}})
-        >>> cfg.reference.source
-        'adapter'
+        >>> cfg = STRConfig.model_validate({"coef": 3.0})
+        >>> cfg.reference.source, cfg.penalty.form, cfg.reference.anchor_tokens
+        ('anchors', 'kl', 4)
+        >>> STRConfig.model_validate({"reference": {"source": "adapter"}}).penalty.form
+        'mse'
     """
 
     coef: float = Field(
-        default=1.0,
+        default=10.0,
         description=(
             "Strength of the penalty: the loss gains `coef * pen_sum / N`, N normalized like the host's "
-            "cross-entropy. >= 0; 0 keeps the hook (metrics) but adds nothing."
+            "cross-entropy. >= 0; 0 keeps the hook (metrics) but adds nothing. Coefficients compare within "
+            "one form and source, not across them: 10 is the study's choice for the default (`kl` at anchors "
+            "with 4-token openings and benign anchors); training-position `mse` needed 100 to keep refusals "
+            "against an attack and cost 2x the task loss at 1 (results/decision)."
         ),
     )
     warmup_steps: int = Field(
@@ -445,6 +452,14 @@ class STRConfig(_Section):
         if reference.benign_weight > 0:
             where += f", benign anchors weighted {reference.benign_weight:g}"
         return where
+
+    @model_validator(mode="after")
+    def _form_follows_source(self) -> STRConfig:
+        # The default form (kl) was chosen for anchors; the training-position sources were studied with mse,
+        # and `cache` keeps k logits per position (mse or hinge only). The one source-dependent default.
+        if "form" not in self.penalty.model_fields_set and self.reference.source != "anchors":
+            self.penalty = self.penalty.model_copy(update={"form": "mse"})
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> STRConfig:

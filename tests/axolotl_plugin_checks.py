@@ -113,6 +113,7 @@ def check_hooks_on_a_plain_trainer(raw: dict[str, Any], workdir: Path) -> None:
         train_dataset=rows,
         processing_class=tokenizer,
     )
+    # The package's defaults (kl at anchors, 4-token openings, benign anchors) with a coef.
     cfg = DictDefault({"plugins": [PLUGIN_PATH], "adapter": "lora", "str": {"coef": 2.0, "tokens": {"k": 8}}})
     plugin.register(cfg)
     plugin.post_trainer_create(cfg, trainer)

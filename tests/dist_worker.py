@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers.configs import training_positions
 from helpers.hf import (
     COEF,
     PadCollator,
@@ -49,7 +50,8 @@ def hf_mode(mode: str, out: Path) -> None:
     tokens = mine_safety_tokens(tokenizer, k=12)
     rows = examples(tokenizer)
     reference = None
-    cfg: dict[str, object] = {"coef": COEF}
+    # Training positions against the adapter (mse): the loss the one-process comparison writes by hand.
+    cfg: dict[str, object] = training_positions({"coef": COEF})
     if mode == "trainer_fsdp2":
         model = make_model("llama")
         reference = copy.deepcopy(model).requires_grad_(False)
@@ -114,7 +116,10 @@ def fsdp2_mode(mode: str, out: Path) -> None:
     n_global = int((batch["labels"][:, 1:] != -100).sum())
     local = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch.items()}
     with register_str_hook(
-        model, {"coef": COEF, "reference": {"source": "model"}}, tokens=tokens, reference_model=reference
+        model,
+        training_positions({"coef": COEF, "reference": {"source": "model"}}),
+        tokens=tokens,
+        reference_model=reference,
     ) as handle:
         model.train()
         logits_out = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"])

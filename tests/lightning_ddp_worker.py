@@ -19,6 +19,11 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
 
+# Run as a script under torchrun: the shared helpers (tests/helpers/) import as `helpers`.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers.configs import training_positions
+
 from str_hooks import mine_safety_tokens
 from str_hooks.integrations.lightning import STRCallback
 from str_hooks.testing import make_batch, make_lora, make_model, make_tokenizer
@@ -149,7 +154,8 @@ def main(out: Path) -> None:
                 devices=2,
                 strategy="ddp",
                 use_distributed_sampler=False,
-                callbacks=[STRCallback({"coef": COEF}, tokens=tokens), capture],
+                # Training positions against the adapter (mse): the loss the test writes by hand.
+                callbacks=[STRCallback(training_positions({"coef": COEF}), tokens=tokens), capture],
             )
         )
         trainer.fit(LitLM(), DataLoader(rows, batch_size=4, collate_fn=collate))

@@ -34,6 +34,9 @@ LIGER_STEPS = 6
 
 
 # -- the checks, in this environment ---------------------------------------------------------------------
+ADAPTER: dict[str, Any] = {"reference": {"source": "adapter"}}
+
+
 def lora_config(**extra: Any) -> dict[str, Any]:
     return {"plugins": [PLUGIN_PATH], "adapter": "lora", "str": {"coef": 0.1}, **extra}
 
@@ -49,7 +52,9 @@ def test_args_schema_is_the_str_config() -> None:
 
 def test_valid_config_and_no_block() -> None:
     config = check_config(lora_config())
-    assert config is not None and config.coef == 0.1 and config.reference.source == "adapter"
+    # The defaults (kl at anchors) with a coef.
+    assert config is not None and config.coef == 0.1 and config.reference.source == "anchors"
+    assert config.penalty.form == "kl"
     assert check_config({"plugins": [PLUGIN_PATH], "adapter": "lora"}) is None
 
 
@@ -94,19 +99,19 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
     cache.write_bytes(b"")
     cases: list[tuple[dict[str, Any], str]] = [
         (
-            {"adapter": None},
-            r"`str.reference.source` is 'adapter' \(the default\) but the config sets no `adapter:`",
+            {"adapter": None, "str": ADAPTER},
+            r"`str.reference.source` is 'adapter' but the config sets no `adapter:`",
         ),
         (
-            {"cut_cross_entropy": True, "str": {"penalty": {"form": "logprob"}}},
+            {"cut_cross_entropy": True, "str": {"penalty": {"form": "logprob"}, **ADAPTER}},
             r"'logprob' but `cut_cross_entropy: true` never builds the full logits",
         ),
         (
-            {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "logprob"}}},
+            {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "logprob"}, **ADAPTER}},
             r"'logprob' but `liger_fused_linear_cross_entropy: true`",
         ),
         (
-            {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "kl"}}},
+            {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "kl"}, **ADAPTER}},
             r"'kl' but `liger_fused_linear_cross_entropy: true`",
         ),
         (
@@ -120,7 +125,7 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             },
             r"'folded' but `sample_packing: true` numbers the packed samples",
         ),
-        ({"fsdp_config": {"fsdp_version": 2}}, r"'adapter' under FSDP"),
+        ({"fsdp_config": {"fsdp_version": 2}, "str": ADAPTER}, r"'adapter' under FSDP"),
         ({"deepspeed": str(zero3)}, r"ZeRO stage 3"),
         ({"deepspeed": "deepspeed_configs/zero3.json"}, r"ZeRO stage 3"),
         ({"rl": "dpo"}, r"`rl: dpo`"),
@@ -132,11 +137,15 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
     for extra, expected in cases:
         with pytest.raises(STRConfigError, match=expected):
             check_config(lora_config(**extra))
-    # Fine: fused kernels with the hidden-state forms, cache without packing, ZeRO-2, FSDP with anchors.
+    # Fine: fused kernels with the hidden-state forms (and the defaults: kl at anchors), cache without
+    # packing, ZeRO-2, FSDP and full fine-tuning with anchors (the default source).
     zero2 = tmp_path / "ds2.json"
     zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     for extra in (
         {"cut_cross_entropy": True},
+        {"cut_cross_entropy": True, "str": {"penalty": {"form": "mse"}, **ADAPTER}},
+        {"adapter": None},
+        {"fsdp_config": {"fsdp_version": 2}},
         {"liger_fused_linear_cross_entropy": True, "str": {"penalty": {"form": "hinge"}}},
         {"str": {"reference": {"source": "cache", "cache_path": str(cache)}}},
         {"str": {"reference": {"source": "anchors", "anchor_placement": "folded"}}},
@@ -162,7 +171,7 @@ def test_every_problem_is_reported_at_once() -> None:
     cfg = {
         "rl": "dpo",
         "sample_packing": True,
-        "str": {"penalty": {"form": "logprob"}},
+        "str": {"penalty": {"form": "logprob"}, **ADAPTER},
         "cut_cross_entropy": True,
     }
     with pytest.raises(STRConfigError, match=r"\(4 problems\)") as info:
@@ -176,7 +185,7 @@ def test_command_line_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     good.write_text(yaml.safe_dump(lora_config()))
     bad.write_text(yaml.safe_dump({"adapter": "lora", "str": {"coef": 0.1}}))
     assert check_main([str(good)]) == 0
-    assert "OK (coef 0.1, reference adapter" in capsys.readouterr().out
+    assert "OK (coef 0.1, reference anchors, penalty kl" in capsys.readouterr().out
     assert check_main([str(good), str(bad)]) == 1
     assert "does not list `str_hooks.integrations.axolotl.STRPlugin`" in capsys.readouterr().err
     run = subprocess.run(
@@ -379,7 +388,9 @@ def runs(work: Path) -> Iterator[Runs]:
     if not (AXOLOTL_BIN / "axolotl").exists():
         pytest.skip(f"no Axolotl environment at {AXOLOTL_BIN.parent}: build it with `make axolotl-venv`")
     started = Runs(work)
-    block = {"tokens": {"k": 16}}
+    # Training positions against the adapter-disabled model: what `safety_drift` measures. The defaults (kl at
+    # anchors) run through the plugin in axolotl_plugin_checks.py, and folded kl anchors under Liger below.
+    block = {"tokens": {"k": 16}, "penalty": {"form": "mse"}, **ADAPTER}
     configs = {
         name: train_config(work, name, {**block, "coef": coef})
         for name, coef in (("coef0", 0.0), ("coef20", 20.0))
@@ -387,7 +398,9 @@ def runs(work: Path) -> Iterator[Runs]:
     started.start("preprocess", [str(AXOLOTL_BIN / "axolotl"), "preprocess", str(configs["coef0"])])
     started.start("misspelt", axolotl_train(train_config(work, "misspelt", {**block, "coeff": 0.1})))
     spec = {
-        "config": yaml.safe_load(train_config(work, "checks", {"coef": 0.1}).read_text()),
+        "config": yaml.safe_load(
+            train_config(work, "checks", {"coef": 0.1, "penalty": {"form": "mse"}, **ADAPTER}).read_text()
+        ),
         "workdir": str(work),
         "examples": [str(p) for p in EXAMPLES],
     }

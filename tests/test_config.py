@@ -29,11 +29,21 @@ NON_DEFAULT: list[dict[str, Any]] = [
     {"tokens": {"method": "list", "strings": ["Sorry", " cannot", 42], "k": 3}},
     {"tokens": {"method": "contrastive", "k": 8, "templates": "refusals.txt"}},
     {"tokens": {"path": "tokens.json"}},
-    {"penalty": {"form": "hinge", "margin": 0.5, "positions": "first_n", "first_n": 4}},
-    {"penalty": {"form": "logprob", "positions": "all", "on_nonfinite": "skip"}},
+    {
+        "penalty": {"form": "hinge", "margin": 0.5, "positions": "first_n", "first_n": 4},
+        "reference": {"source": "adapter"},
+    },
+    {
+        "penalty": {"form": "logprob", "positions": "all", "on_nonfinite": "skip"},
+        "reference": {"source": "model"},
+    },
+    {"reference": {"source": "adapter"}},
     {"reference": {"source": "model", "model_path": "/models/aligned"}},
     {"reference": {"source": "cache", "cache_path": "ref.safetensors"}, "penalty": {"form": "hinge"}},
-    {"reference": {"source": "anchors"}},
+    {
+        "reference": {"source": "anchors", "anchor_tokens": 1, "benign_weight": 0.0},
+        "penalty": {"form": "mse"},
+    },
     {
         "reference": {
             "source": "anchors",
@@ -70,8 +80,9 @@ def assert_example(cfg: STRConfig) -> None:
 
 
 def test_defaults() -> None:
+    # The study's choice (results/decision): kl at anchors with 4-token openings and benign anchors, coef 10.
     cfg = STRConfig()
-    assert (cfg.coef, cfg.warmup_steps, cfg.verify_projection) == (1.0, 0, True)
+    assert (cfg.coef, cfg.warmup_steps, cfg.verify_projection) == (10.0, 0, True)
     assert cfg.tokens.model_dump() == {
         "method": "frequency",
         "k": 32,
@@ -80,14 +91,14 @@ def test_defaults() -> None:
         "path": None,
     }
     assert cfg.penalty.model_dump() == {
-        "form": "mse",
+        "form": "kl",
         "margin": 0.0,
         "positions": "supervised",
         "first_n": 1,
         "on_nonfinite": "raise",
     }
     assert cfg.reference.model_dump() == {
-        "source": "adapter",
+        "source": "anchors",
         "model_path": None,
         "cache_path": None,
         "anchors_path": None,
@@ -96,13 +107,26 @@ def test_defaults() -> None:
         "anchor_every": 1,
         "anchor_placement": "separate",
         "fold_into_padding": "auto",
-        "anchor_tokens": 1,
-        "benign_weight": 0.0,
+        "anchor_tokens": 4,
+        "benign_weight": 1.0,
         "benign_anchors_path": None,
     }
     assert cfg.logging.model_dump() == {"prefix": "str/", "top_tokens": 3}
     assert STRConfig.model_validate({}) == cfg
     assert load_config({}) == cfg
+
+
+@pytest.mark.parametrize("source", ["adapter", "model", "cache"])
+def test_default_form_is_mse_away_from_anchors(source: str) -> None:
+    # kl was chosen for anchors; the training-position sources were studied with mse, and `cache` takes no
+    # full-vocabulary form, so an unset form there must not become an error.
+    extra = {"cache_path": "ref.safetensors"} if source == "cache" else {}
+    cfg = STRConfig.model_validate({"reference": {"source": source, **extra}})
+    assert cfg.penalty.form == "mse"
+    assert STRConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    explicit = STRConfig.model_validate({"reference": {"source": "adapter"}, "penalty": {"form": "kl"}})
+    assert explicit.penalty.form == "kl"
+    assert STRConfig.model_validate({"penalty": {"margin": 0.0}}).penalty.form == "kl"
 
 
 def test_model_validate_from_dict() -> None:
@@ -246,7 +270,7 @@ def test_cache_path_with_another_source() -> None:
 def test_model_path_with_another_source() -> None:
     validation_error(
         {"reference": {"model_path": "/models/aligned"}},
-        r"`reference\.model_path` is set \('/models/aligned'\) but `reference\.source` is 'adapter'",
+        r"`reference\.model_path` is set \('/models/aligned'\) but `reference\.source` is 'anchors'",
     )
 
 

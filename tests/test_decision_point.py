@@ -185,10 +185,13 @@ def test_unchanged_model_has_zero_kl_and_separate_equals_folded_term(
             {"penalty": {"form": "kl"}, "reference": {"source": "cache", "cache_path": "x.safetensors"}},
             "cache",
         ),
-        ({"reference": {"source": "anchors", "benign_anchors_path": "b.txt"}}, "benign_weight"),
+        (
+            {"reference": {"source": "anchors", "benign_anchors_path": "b.txt", "benign_weight": 0.0}},
+            "benign_weight",
+        ),
         ({"reference": {"source": "anchors", "anchor_tokens": 0}}, "anchor_tokens"),
-        ({"reference": {"source": "adapter", "anchor_tokens": 4}}, "anchor_tokens"),
-        ({"reference": {"source": "adapter", "benign_weight": 1.0}}, "benign_weight"),
+        ({"reference": {"source": "adapter", "anchor_tokens": 2}}, "anchor_tokens"),
+        ({"reference": {"source": "adapter", "benign_weight": 0.5}}, "benign_weight"),
         ({"reference": {"source": "anchors", "benign_weight": -1.0}}, "benign_weight"),
         ({"penalty": {"form": "kl", "margin": 0.5}}, "margin"),
     ],
@@ -204,7 +207,9 @@ def test_kl_at_training_positions_without_logits_says_what_to_use(tokenizer: Any
     model = make_lora(make_model("llama"))
     drop_logits(model)
     with pytest.raises(STRAttachError, match="source 'anchors'"):
-        register_str_hook(model, {"penalty": {"form": "kl"}}, tokens=tokens)
+        register_str_hook(
+            model, {"penalty": {"form": "kl"}, "reference": {"source": "adapter"}}, tokens=tokens
+        )
     cfg = {"penalty": {"form": "kl"}, "reference": {"source": "anchors", "anchor_batch_size": 2}}
     with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
         model(**make_batch(tokenizer, n=2))

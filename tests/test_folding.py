@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.configs import decision_point_only
 from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model
 from helpers.losses import assert_grads_close, grads
 
@@ -25,15 +26,14 @@ N_ANCHORS = 3
 
 
 def folded_cfg(**reference: Any) -> dict[str, Any]:
-    return {
-        "coef": COEF,
-        "reference": {
-            "source": "anchors",
-            "anchor_placement": "folded",
-            "anchor_batch_size": N_ANCHORS,
-            **reference,
-        },
-    }
+    """Folded anchors at the decision point alone (mse), what `anchor_penalty_by_hand` writes out; the
+    openings, benign anchors and coarse forms are folded in tests/test_decision_point.py."""
+    return decision_point_only(
+        {
+            "coef": COEF,
+            "reference": {"anchor_placement": "folded", "anchor_batch_size": N_ANCHORS, **reference},
+        }
+    )
 
 
 def ce_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

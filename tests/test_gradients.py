@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.configs import training_positions
 from helpers.factory import ARCHITECTURES, make_batch, make_lora, make_model
 from helpers.losses import assert_grads_close, ce_by_hand, grads, penalty_by_hand, positions_by_hand
 
@@ -87,7 +88,7 @@ def test_gradient_with_trainable_head_under_peft(head: str, tokenizer: Any, toke
     penalty gradient, and the adapter reference uses the original head."""
     model = make_lora(make_model("llama"), head=head)
     batch = make_batch(tokenizer, n=3)
-    with register_str_hook(model, {"coef": 1.3}, tokens=tokens) as handle:
+    with register_str_hook(model, training_positions({"coef": 1.3}), tokens=tokens) as handle:
         out = model(**batch)
         (out.loss + handle.loss()).backward()
         ours = grads(model)
@@ -124,7 +125,7 @@ def test_gradient_when_logits_are_never_built(tokenizer: Any, tokens: Any) -> No
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     causal_lm.forward = fused_forward
-    with register_str_hook(model, {"coef": 0.9}, tokens=tokens) as handle:
+    with register_str_hook(model, training_positions({"coef": 0.9}), tokens=tokens) as handle:
         assert handle.projection_verified is None  # nothing to compare against
         out = model(**batch)
         assert out.logits is None
@@ -146,7 +147,7 @@ def test_micro_batches_sum_to_the_big_batch(tokenizer: Any, tokens: Any) -> None
     model = make_lora(make_model("qwen2"))
     batch = make_batch(tokenizer, n=8, seed=3)
     total = int((batch["labels"][:, 1:] != -100).sum())
-    with register_str_hook(model, {"coef": 0.5}, tokens=tokens) as handle:
+    with register_str_hook(model, training_positions({"coef": 0.5}), tokens=tokens) as handle:
         model(**batch)
         big = handle.loss(num_items_in_batch=total)
         big.backward()

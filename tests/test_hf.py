@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
+from helpers.configs import training_positions
 from helpers.factory import make_lora, make_model
 from helpers.hf import (
     COEF,
@@ -43,7 +44,7 @@ def one_step_update(
     trainer = make_trainer(
         kind, model, tokenizer, examples(tokenizer), common_args(tmp_path, batch, ga, **extra)
     )
-    attach(trainer, {"coef": COEF}, tokens=tokens)
+    attach(trainer, training_positions({"coef": COEF}), tokens=tokens)
     trainer.train()
     after = trainable_snapshot(model)
     return {n: before[n] - after[n] for n in before}  # SGD, lr 1: the update is the gradient
@@ -109,7 +110,7 @@ def test_per_micro_batch_mean_mode(tmp_path: Path, tokenizer: Any, tokens: Any) 
     before = trainable_snapshot(model)
     trainer = make_trainer("trainer", model, tokenizer, rows, common_args(tmp_path, 4, 2))
     trainer.model_accepts_loss_kwargs = False
-    attach(trainer, {"coef": COEF}, tokens=tokens)
+    attach(trainer, training_positions({"coef": COEF}), tokens=tokens)
     trainer.train()
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
     # Hand-written: mean over the two micro-batches (in the Trainer's sampling order, the seeded random
@@ -144,7 +145,7 @@ def test_penalty_reduces_drift(tmp_path: Path, tokenizer: Any, tokens: Any) -> N
         args = common_args(tmp_path, 4, 1, steps=20)
         args.update(learning_rate=2e-2, optim="adamw_torch")
         trainer = make_trainer("trainer", model, tokenizer, rows, args)
-        callback = attach(trainer, {"coef": coef}, tokens=tokens)
+        callback = attach(trainer, training_positions({"coef": coef}), tokens=tokens)
         trainer.train()
         logged = [e["str/abs_drift"] for e in trainer.state.log_history if "str/abs_drift" in e]
         assert len(logged) == 20 and callback.handle is None  # detached at train end
@@ -164,7 +165,7 @@ def test_metrics_in_log_history_and_eval_loss_excludes_penalty(
     plain_eval = trainer.evaluate()["eval_loss"]
     attach(
         trainer,
-        {"coef": 5.0, "probe": {"every": 1, "n_prompts": 2, "max_new_tokens": 3}},
+        training_positions({"coef": 5.0, "probe": {"every": 1, "n_prompts": 2, "max_new_tokens": 3}}),
         tokens=tokens,
         tokenizer=tokenizer,
     )
@@ -207,7 +208,7 @@ def test_callback_alone_attaches_itself(kind: str, tmp_path: Path, tokenizer: An
             args=TrainingArguments(**args),
             train_dataset=rows,
             data_collator=PadCollator(tokenizer.pad_token_id),
-            callbacks=[STRCallback({"coef": COEF}, tokens=tokens)],
+            callbacks=[STRCallback(training_positions({"coef": COEF}), tokens=tokens)],
         )
     else:
         dataset = Dataset.from_list(
@@ -218,7 +219,7 @@ def test_callback_alone_attaches_itself(kind: str, tmp_path: Path, tokenizer: An
             args=SFTConfig(**args, completion_only_loss=True, max_length=None),
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[STRCallback({"coef": COEF}, tokens=tokens)],
+            callbacks=[STRCallback(training_positions({"coef": COEF}), tokens=tokens)],
         )
     trainer.train()
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
@@ -248,7 +249,7 @@ def test_resume_logs_the_same_penalties(tmp_path: Path, tokenizer: Any, tokens: 
     """An interrupted and resumed run logs the same penalty per step as an uninterrupted one (warm-up
     position restored from the checkpoint)."""
     rows = examples(tokenizer) * 2
-    cfg = {"coef": 3.0, "warmup_steps": 4}
+    cfg = training_positions({"coef": 3.0, "warmup_steps": 4})
 
     def run(steps: int, out: Path, resume: bool = False, save: bool = False) -> list[dict[str, Any]]:
         model = fresh_model()
@@ -282,7 +283,7 @@ def test_gradient_checkpointing_and_bf16(tmp_path: Path, tokenizer: Any, tokens:
     args.update(learning_rate=1e-3)
     model = fresh_model()
     trainer = make_trainer("sft", model, tokenizer, rows, args)
-    attach(trainer, {"coef": 1.0}, tokens=tokens)
+    attach(trainer, training_positions({"coef": 1.0}), tokens=tokens)
     trainer.train()
     logged = [e for e in trainer.state.log_history if "str/penalty" in e]
     assert len(logged) == 2 and all(math.isfinite(e["str/penalty"]) for e in logged)
@@ -297,7 +298,10 @@ def test_reference_model_source_full_finetune(tmp_path: Path, tokenizer: Any, to
     before = trainable_snapshot(model)
     trainer = make_trainer("trainer", model, tokenizer, rows, common_args(tmp_path, 4, 2))
     attach(
-        trainer, {"coef": COEF, "reference": {"source": "model"}}, tokens=tokens, reference_model=reference
+        trainer,
+        training_positions({"coef": COEF, "reference": {"source": "model"}}),
+        tokens=tokens,
+        reference_model=reference,
     )
     trainer.train()
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
@@ -343,7 +347,7 @@ def test_sft_assistant_only_loss_on_conversations(tmp_path: Path, tokenizer: Any
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
-    attach(trainer, {"coef": COEF}, tokens=tokens)
+    attach(trainer, training_positions({"coef": COEF}), tokens=tokens)
     trainer.train()
     update = {n: before[n] - p for n, p in trainable_snapshot(model).items()}
     reference = fresh_model()
@@ -372,7 +376,7 @@ def test_reporting_callbacks_see_the_metrics(tmp_path: Path, tokenizer: Any, tok
         args=TrainingArguments(**common_args(tmp_path, 4, 1, steps=2)),
         train_dataset=rows,
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[recorder, STRCallback({"coef": 1.0}, tokens=tokens)],
+        callbacks=[recorder, STRCallback(training_positions({"coef": 1.0}), tokens=tokens)],
     )
     trainer.train()
     train_logs = [logs for logs in recorder.seen if "loss" in logs]

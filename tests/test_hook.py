@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.configs import decision_point_only, training_positions
 from helpers.factory import ARCHITECTURES, drop_logits, make_batch, make_lora, make_model, make_tokenizer
 
 from str_hooks import (
@@ -223,11 +224,11 @@ def test_remove_restores_the_model(tmp_path: Path, source: str, tokenizer: Any, 
 def test_attach_twice_is_an_error_and_context_manager_detaches(tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     with (
-        register_str_hook(model, tokens=tokens),
+        register_str_hook(model, training_positions(), tokens=tokens),
         pytest.raises(STRAttachError, match="already has an STR hook"),
     ):
-        register_str_hook(model, tokens=tokens)
-    register_str_hook(model, tokens=tokens).remove()  # detached by the with block
+        register_str_hook(model, training_positions(), tokens=tokens)
+    register_str_hook(model, training_positions(), tokens=tokens).remove()  # detached by the with block
 
 
 def test_failed_attach_leaves_nothing_behind(tokens: Any) -> None:
@@ -243,7 +244,7 @@ def test_failed_attach_leaves_nothing_behind(tokens: Any) -> None:
 def test_penalty_only_in_training_mode(tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=2)
-    with register_str_hook(model, tokens=tokens) as h:
+    with register_str_hook(model, training_positions(), tokens=tokens) as h:
         model.eval()
         with torch.no_grad():  # an evaluation: no warning
             model(**batch)
@@ -262,7 +263,7 @@ def test_a_training_step_on_an_eval_mode_model_warns_once(tokenizer: Any, tokens
     model = make_lora(base)
     assert model.training and not base.training
     batch = make_batch(tokenizer, n=2)
-    with register_str_hook(model, tokens=tokens) as h:
+    with register_str_hook(model, training_positions(), tokens=tokens) as h:
         model(**batch)
         with pytest.warns(RuntimeWarning, match=r"eval mode.*model\.train\(\)"):
             assert float(h.loss()) == 0.0
@@ -278,7 +279,7 @@ def test_a_training_step_on_an_eval_mode_model_warns_once(tokenizer: Any, tokens
 def test_supervised_positions_need_labels(tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=2)
-    with register_str_hook(model, tokens=tokens) as h:
+    with register_str_hook(model, training_positions(), tokens=tokens) as h:
         model(**inputs_of(batch))
         with pytest.raises(STRError, match="needs labels"):
             h.loss()
@@ -328,14 +329,16 @@ def test_logprob_where_logits_are_never_built(tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     drop_logits(model)
     with pytest.raises(STRAttachError, match="builds no logits"):
-        register_str_hook(model, {"penalty": {"form": "logprob"}}, tokens=tokens)
+        register_str_hook(model, training_positions({"penalty": {"form": "logprob"}}), tokens=tokens)
 
 
 @pytest.mark.parametrize("action", ["raise", "skip"])
 def test_nonfinite_logits(action: str, tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=2)
-    with register_str_hook(model, {"penalty": {"on_nonfinite": action}}, tokens=tokens) as h:
+    with register_str_hook(
+        model, training_positions({"penalty": {"on_nonfinite": action}}), tokens=tokens
+    ) as h:
         with torch.no_grad():
             unwrap_model(model).lm_head.weight[tokens.ids[0], 0] = float("nan")
         model(**batch)
@@ -362,7 +365,9 @@ def test_skip_drops_the_steps_gradients(tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=2)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with register_str_hook(model, {"penalty": {"on_nonfinite": "skip"}}, tokens=tokens) as h:
+    with register_str_hook(
+        model, training_positions({"penalty": {"on_nonfinite": "skip"}}), tokens=tokens
+    ) as h:
         driver = StepDriver(h)
         out = model(**batch)
         (out.loss + driver.penalty(HostNormalization())).backward()
@@ -382,7 +387,8 @@ def test_skip_drops_the_steps_gradients(tokenizer: Any, tokens: Any) -> None:
 
 def test_anchors_reference_and_schedule(tokenizer: Any, tokens: Any) -> None:
     model = make_model("llama")  # full fine-tuning: the reference is the model at attach
-    cfg = {"reference": {"source": "anchors", "anchor_batch_size": 4, "anchor_every": 2}}
+    # The hand-written expectation below is mse at the decision point, coef 1.
+    cfg = decision_point_only({"coef": 1.0, "reference": {"anchor_batch_size": 4, "anchor_every": 2}})
     with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as h:
         assert h.anchors is not None and h.anchors.reference is not None
         assert h.anchors.reference.shape == (len(h.anchors), tokens.k) and len(h.anchors) >= 100
@@ -410,7 +416,7 @@ def test_anchors_reference_and_schedule(tokenizer: Any, tokens: Any) -> None:
 def test_warmup_and_state_dict_resume(tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=2)
-    cfg = {"coef": 2.0, "warmup_steps": 4}
+    cfg = training_positions({"coef": 2.0, "warmup_steps": 4})
     with register_str_hook(model, cfg, tokens=tokens) as h:
         values = []
         for _ in range(6):
@@ -431,7 +437,7 @@ def test_warmup_and_state_dict_resume(tokenizer: Any, tokens: Any) -> None:
 
 def test_metrics_are_plain_floats(tokenizer: Any, tokens: Any) -> None:
     model = make_lora(make_model("llama"))
-    with register_str_hook(model, {"logging": {"top_tokens": 2}}, tokens=tokens) as h:
+    with register_str_hook(model, training_positions({"logging": {"top_tokens": 2}}), tokens=tokens) as h:
         assert set(h.metrics()) == {"coef", "skipped", "step"}
         model(**make_batch(tokenizer, n=2))
         h.loss()
@@ -452,7 +458,7 @@ def test_penalty_reduces_drift_in_training(tokenizer: Any, tokens: Any) -> None:
                     p.zero_()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
         batch = make_batch(tokenizer, n=4, seed=11)
-        with register_str_hook(model, {"coef": coef}, tokens=tokens) as h:
+        with register_str_hook(model, training_positions({"coef": coef}), tokens=tokens) as h:
             for _ in range(25):
                 out = model(**batch)
                 (out.loss + h.loss()).backward()
@@ -499,7 +505,7 @@ def test_bf16_model(tokenizer: Any, tokens: Any) -> None:
     """A bf16 model attaches (the projection check allows bf16 rounding) and gives a finite penalty."""
     model = make_lora(make_model("qwen2").to(torch.bfloat16))
     batch = make_batch(tokenizer, n=2)
-    with register_str_hook(model, tokens=tokens) as h:
+    with register_str_hook(model, training_positions(), tokens=tokens) as h:
         assert h.projection_verified is True
         out = model(**batch)
         loss = h.loss()
@@ -515,7 +521,7 @@ def test_wrapper_calling_forward_directly_is_never_a_silent_zero(tokenizer: Any,
     model = make_lora(make_model("llama"))
     causal_lm = unwrap_model(model)
     batch = make_batch(tokenizer, n=3)
-    with register_str_hook(model, tokens=tokens) as h:
+    with register_str_hook(model, training_positions(), tokens=tokens) as h:
         model(**batch)
         expected = h.loss()
         causal_lm.forward(**batch)  # as PEFT <= 0.20 does: no module __call__, no causal-LM hooks

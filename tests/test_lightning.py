@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers.configs import training_positions
 from helpers.hf import anchor_config
 from helpers.launch import run_two_processes
 from helpers.losses import assert_grads_close, ce_by_hand, penalty_by_hand, positions_by_hand
@@ -85,7 +86,7 @@ def test_gradient_matches_hand_written_loss(
     capture = GradCapture()
     trainer = L.Trainer(
         **trainer_kwargs(
-            callbacks=[STRCallback({"coef": COEF}, tokens=tokens), capture],
+            callbacks=[STRCallback(training_positions({"coef": COEF}), tokens=tokens), capture],
             accumulate_grad_batches=accumulate,
         )
     )
@@ -157,7 +158,8 @@ def test_ddp_two_cpu_processes(tmp_path: Path, tokenizer: Any, tokens: Any) -> N
         assert_grads_close(grads, hand_written_grads(halves, tokens, COEF))
     # Equal counts per rank: the same gradient as one process, one batch of 8 (no accumulation).
     capture = GradCapture()
-    trainer = L.Trainer(**trainer_kwargs(callbacks=[STRCallback({"coef": COEF}, tokens=tokens), capture]))
+    callback = STRCallback(training_positions({"coef": COEF}), tokens=tokens)
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[callback, capture]))
     rows = ordered(examples(tokenizer), "equal")
     assert supervised_count(rows[0::2]) == supervised_count(rows[1::2])
     trainer.fit(LitLM(), DataLoader(rows, batch_size=8, collate_fn=collate))
@@ -169,7 +171,7 @@ def test_bf16_mixed_on_cpu(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
     logger = CSVLogger(tmp_path, name="bf16", version=0)
     trainer = L.Trainer(
         **trainer_kwargs(
-            callbacks=[STRCallback({"coef": 0.5}, tokens=tokens)],
+            callbacks=[STRCallback(training_positions({"coef": 0.5}), tokens=tokens)],
             precision="bf16-mixed",
             max_steps=3,
             logger=logger,
@@ -226,7 +228,7 @@ def test_resume_gives_the_same_penalties(tmp_path: Path, tokenizer: Any, tokens:
     # batch index n of that epoch, restarting a plain DataLoader, so with several batches per epoch the
     # resumed run would see them in another order (Lightning's doing, not the callback's).
     rows = examples(tokenizer, n=4)
-    cfg = {"coef": 1.0, "warmup_steps": 4}
+    cfg = training_positions({"coef": 1.0, "warmup_steps": 4})
 
     def fit(
         name: str, max_steps: int, ckpt_path: Path | None = None
@@ -270,7 +272,9 @@ def test_penalty_reduces_drift(tokenizer: Any, tokens: Any) -> None:
                 if "lora_B" in name:
                     param.zero_()
         trainer = L.Trainer(
-            **trainer_kwargs(callbacks=[STRCallback({"coef": coef}, tokens=tokens)], max_steps=20)
+            **trainer_kwargs(
+                callbacks=[STRCallback(training_positions({"coef": coef}), tokens=tokens)], max_steps=20
+            )
         )
         trainer.fit(module, DataLoader(examples(tokenizer), batch_size=4, collate_fn=collate))
         return float(trainer.callback_metrics["str/abs_drift"])
@@ -304,7 +308,7 @@ class Nested(L.LightningModule):
 def test_model_built_in_configure_model_is_found(spec: Any, tokenizer: Any, tokens: Any) -> None:
     model_spec = (lambda m: m.net["lm"]) if spec == "callable" else spec
     capture = GradCapture()
-    callback = STRCallback({"coef": COEF}, tokens=tokens, model=model_spec)
+    callback = STRCallback(training_positions({"coef": COEF}), tokens=tokens, model=model_spec)
     trainer = L.Trainer(**trainer_kwargs(callbacks=[callback, capture]))
     trainer.fit(Nested(), DataLoader(examples(tokenizer), batch_size=8, collate_fn=collate))
     grads = {name.removeprefix("net.lm."): g for name, g in capture.grads[0].items()}
@@ -328,7 +332,7 @@ class NoLM(L.LightningModule):
 def test_training_step_must_return_the_loss(tokenizer: Any, tokens: Any) -> None:
     module = LitLM(returns="none")
     counts = hook_counts(module)
-    trainer = L.Trainer(**trainer_kwargs(callbacks=[STRCallback(tokens=tokens)]))
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[STRCallback(training_positions(), tokens=tokens)]))
     with pytest.raises(STRError, match=r"LitLM.training_step returned NoneType.*must return the loss"):
         trainer.fit(module, DataLoader(examples(tokenizer), batch_size=4, collate_fn=collate))
     assert "training_step" not in module.__dict__ and hook_counts(module) == counts
@@ -378,7 +382,7 @@ def test_missing_lightning_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch
 def test_teardown_after_fit_after_an_exception_and_fitting_twice(tokenizer: Any, tokens: Any) -> None:
     module = LitLM(lr=1e-3)
     counts = hook_counts(module)
-    callback = STRCallback({"coef": 0.5}, tokens=tokens)
+    callback = STRCallback(training_positions({"coef": 0.5}), tokens=tokens)
     loader = DataLoader(examples(tokenizer), batch_size=4, collate_fn=collate)
 
     L.Trainer(**trainer_kwargs(callbacks=[callback], max_steps=2)).fit(module, loader)

@@ -83,9 +83,8 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
     out: list[str] = []
     source, form = config.reference.source, config.penalty.form
     if source == "adapter" and not cfg.get("adapter"):
-        default = "" if "source" in config.reference.model_fields_set else " (the default)"
         out.append(
-            f"`str.reference.source` is 'adapter'{default} but the config sets no `adapter:` (full "
+            "`str.reference.source` is 'adapter' but the config sets no `adapter:` (full "
             "fine-tuning): there are no adapters to disable for the reference. Set `adapter: lora` (or qlora), "
             "or `str.reference.source: anchors` (reference computed once at attach) or `model` (a frozen copy; "
             "`str.reference.model_path` defaults to `base_model`)."

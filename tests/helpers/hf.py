@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helpers.configs import decision_point_only
 from str_hooks.testing import make_batch
 
 COEF = 0.7
@@ -17,16 +18,14 @@ DECISION_POINT: dict[str, Any] = {"penalty": {"form": "kl"}, "anchor_tokens": 3,
 
 
 def anchor_config(placement: str, decision_point: bool = False, batch_size: int = 4) -> dict[str, Any]:
-    """`{"coef": COEF, "reference": {...anchors...}}`, with the decision-point methods when asked."""
-    reference: dict[str, Any] = {
-        "source": "anchors",
-        "anchor_batch_size": batch_size,
-        "anchor_placement": placement,
-    }
-    cfg: dict[str, Any] = {"coef": COEF, "reference": reference}
+    """`{"coef": COEF, "reference": {...anchors...}}`: the decision point alone (mse, one position per
+    anchor, no benign anchors), or with the decision-point methods when asked; every setting explicit."""
+    cfg = decision_point_only(
+        {"coef": COEF, "reference": {"anchor_batch_size": batch_size, "anchor_placement": placement}}
+    )
     if decision_point:
         cfg["penalty"] = dict(DECISION_POINT["penalty"])
-        reference.update({k: v for k, v in DECISION_POINT.items() if k != "penalty"})
+        cfg["reference"].update({k: v for k, v in DECISION_POINT.items() if k != "penalty"})
     return cfg
 
 
