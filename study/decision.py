@@ -467,12 +467,6 @@ def run_decision(
     )
     if other_settings:
         notes.append(f"{other_settings} runs in runs.jsonl at other task settings are left out")
-    default, _, _ = recommend_default(runs, base)
-    if default is not None and default != PROVISIONAL_DEFAULT:
-        notes.append(
-            f"DEFAULT_RULE now picks {default}, not {PROVISIONAL_DEFAULT}, whose extra seeds ran first "
-            "(`--plan default-first`): the package's defaults follow the provisional choice and must change"
-        )
     far = far_from_anchors(data.harmful_heldout, anchors)
     text = report(runs, base, out, command, machine, len(specs), notes, time.perf_counter() - started, far)
     path = curves_plot(runs, base, out / "retention_utility_curves.png")
@@ -606,6 +600,11 @@ def report(
         lines.append(f"No default yet: {why}.")
     else:
         lines.append(f"**{default}**: {why}. Held-out, mean over the seeds run:")
+        if default != PROVISIONAL_DEFAULT:
+            lines.append(
+                f"\n**The rule disagrees with {PROVISIONAL_DEFAULT}**, whose extra seeds ran first (`--plan "
+                "default-first`) and which the package's defaults follow: they must change."
+            )
     if default is not None:
         lines += [
             "",
