@@ -137,12 +137,10 @@ DECISION_PLAN: list[tuple[str, str, list[str], range]] = [
 QUICK_PLAN: list[tuple[str, str, list[str], range]] = [
     ("attack", "lora", ["plain SFT", "STR anchors kl open4 benign c10 folded"], range(1)),
 ]
-# The default's runs ahead of the rest of GSM8K's curves (`--plan default-first`, 2026-12-03). With the
-# curves of attack and SST-2 and GSM8K's `kl` curve in, DEFAULT_RULE keeps this setting unless a remaining
-# GSM8K curve run cuts validation task loss far below plain SFT's: every other setting that keeps 95 % on
-# attack and SST-2 costs >= +6 % of SST-2's validation loss (kl c100 +6 %, logprob c10 +47 %, mse c10 +92 %,
-# training positions c100 x20), against this one's -5 % and +2.5 % on GSM8K. Its extra seeds and plain SFT's
-# run first; `decision` confirms the choice once every curve is in (the report says if it does not).
+# The default's seeds ran ahead of GSM8K's last 9 curve runs (`--plan default-first`, 2026-12-03). With every
+# curve in (77 runs), DEFAULT_RULE picks this setting: of the curve settings keeping >= 95 % of validation
+# refusals on all three tasks it has the lowest seed-0 validation task-loss cost (+6.1 % SST-2, +2.5 % GSM8K;
+# kl c1 and logprob c1-c3 cost less but keep < 95 % under the attack). The report says if a run changes that.
 PROVISIONAL_DEFAULT = "STR anchors kl open4 benign c10 folded"
 DEFAULT_FIRST_PLAN: list[tuple[str, str, list[str], range]] = [
     (LAST_TASK, "lora", ["plain SFT"], range(1, 3)),
