@@ -93,7 +93,7 @@ study-quick: subject-deps
 # Issue 12's decision-point study on the same subject: coefficient curves on the three tasks (seed 0), settings
 # chosen on validation, two more seeds of the chosen ones, then one default for every task (its extra seeds where it
 # is not already a family's choice); resumable, 89 runs (SST-2 has no `first 4` curve). On this 2-core CPU a
-# run takes 4-7.5 minutes on the attack task, 10-14 on SST-2 and 10-18 on GSM8K: about 20 h in all, over sessions (78 runs took 815 min).
+# run takes 4-7.5 minutes on the attack task, 10-14 on SST-2 and 10-18 on GSM8K: all 89 took 966 min (16 h), over sessions.
 study-decision: subject-deps
 	$(BIN)/python -m study decision --plan decision --out results/decision
 
