@@ -21,7 +21,7 @@ REPEATS=${REPEATS:-3}
 SHAPES=${SHAPES:-"llama3-8b qwen2.5-1.5b"}
 # The modes the cost targets are about (issue 14), to stay within one 8-minute device call; MODES="..." runs
 # others (`step_cost.py --help` lists them all).
-MODES=${MODES:-"plain str-adapter-mse str-cache-mse str-anchors-mse str-anchors-folded str-anchors-folded-every8 str-anchors-folded-kl str-anchors-folded-kl-open4 kl-sft"}
+MODES=${MODES:-"plain str-default str-adapter-mse str-cache-mse str-anchors-mse str-anchors-folded str-anchors-folded-every8 str-anchors-folded-kl str-anchors-folded-kl-open4 kl-sft"}
 SITE=${STR_SITE:-/tmp/str-site}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 

@@ -83,6 +83,8 @@ SHAPES = {
 
 MODES: dict[str, str] = {
     "plain": "LoRA SFT, cross-entropy only (the baseline).",
+    "str-default": "the package defaults exactly as a user gets them: `register_str_hook(model, {})` "
+    "(the shipped anchors and benign anchors, read through the bench's stub tokenizer).",
     "str-adapter-mse": "STR mse, reference = same model with adapters disabled (no-grad forward per step).",
     "str-adapter-hinge": "STR hinge (margin 0), adapter reference.",
     "str-model-mse": "STR mse, reference = a separate frozen copy of the base model (its bytes count).",
@@ -314,7 +316,15 @@ class STRMode(Mode):
         self.handle: Any = None
         self.reference_model: nn.Module | None = None
 
+    def source(self) -> str:
+        from str_hooks import STRConfig
+
+        # `{}` leaves the source to the schema's default; resolve it the way the package does.
+        return str(STRConfig.model_validate(self.config).reference.source)
+
     def setup(self, b: Bench) -> None:
+        if not self.config:
+            return  # the defaults as shipped: nothing of the bench's own (anchor files) goes in
         source = self.config["reference"]["source"]
         if source == "cache":
             self.config["reference"]["cache_path"] = str(b.ensure_cache())
@@ -342,7 +352,7 @@ class STRMode(Mode):
     def enter(self, b: Bench) -> None:
         from str_hooks import register_str_hook
 
-        source = self.config["reference"]["source"]
+        source = self.source()
         if source == "model":
             # A frozen copy of the base weights (LoRA removed, not merged), made only while this mode runs
             # so its bytes count here and nowhere else. Copied before the hook exists (no hooks to copy).
@@ -447,6 +457,7 @@ def make_mode(name: str) -> Mode:
 
     table: dict[str, Callable[[], Mode]] = {
         "plain": lambda: Mode("plain"),
+        "str-default": lambda: STRMode(name, {}),
         "str-adapter-mse": lambda: STRMode(name, cfg("adapter")),
         "str-adapter-hinge": lambda: STRMode(name, cfg("adapter", "hinge")),
         "str-model-mse": lambda: STRMode(name, cfg("model")),
