@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import StubTokenizer  # noqa: E402
-from step_cost import SHAPES, model_config  # noqa: E402
+from benchlib import StubTokenizer
+from step_cost import SHAPES, model_config
 
 
 def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device: str) -> str:
@@ -50,7 +50,9 @@ def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device:
         },
     }
     ids = list(range(16, 80))
-    tokens = SafetyTokens(ids=ids, strings=[f"<t{i}>" for i in ids], weights=[1 / 64] * 64, scores=[1.0] * 64, method="list")
+    tokens = SafetyTokens(
+        ids=ids, strings=[f"<t{i}>" for i in ids], weights=[1 / 64] * 64, scores=[1.0] * 64, method="list"
+    )
     try:
         handle = register_str_hook(
             model, config, tokens=tokens, tokenizer=StubTokenizer(shape.vocab, shape.anchor_len)
@@ -66,7 +68,9 @@ def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", nargs="+", default=["qwen2.5-1.5b"], choices=list(SHAPES))
     parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"])
     parser.add_argument("--out", type=Path, required=True)
@@ -83,7 +87,14 @@ def main() -> None:
                     rows.append({"shape": shape, "dtype": str(dtype), "attn": attn, "result": result})
                     print(rows[-1], flush=True)
     args.out.with_suffix(".json").write_text(
-        json.dumps({"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device, "torch": torch.__version__, "rows": rows}, indent=2)
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
         + "\n"
     )
 

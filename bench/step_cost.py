@@ -545,9 +545,16 @@ def run_one(args: argparse.Namespace, shape: Shape, vocab: int, progress: bool) 
                     if b.device.type == "cuda":
                         peaks[mode.name] = max(peaks.get(mode.name, 0), torch.cuda.max_memory_allocated())
                 except Exception as exc:
-                    if not _is_oom(exc):
+                    from str_hooks import STRAttachError
+
+                    if isinstance(exc, STRAttachError):
+                        # A mode the package refuses on this machine (e.g. folding that fails its check)
+                        # is reported as such; the other modes still run.
+                        mode.skip = f"refused to attach: {str(exc)[:300]}"
+                    elif _is_oom(exc):
+                        mode.skip = f"out of memory: {str(exc).splitlines()[0][:200]}"
+                    else:
                         raise
-                    mode.skip = f"out of memory: {str(exc).splitlines()[0][:200]}"
                     b.optimizer.zero_grad(set_to_none=True)
                 finally:
                     mode.exit(b)
