@@ -1,0 +1,136 @@
+"""The mechanism DESIGN section 10 rests on, on a tiny model against a hand computation: the coarse KL at
+training positions is self-gating.
+
+A tiny Llama is made a "reference" that refuses one prompt (the safety tokens carry its mass at that prompt's
+answer opening) and answers another (the safety tokens get ~0 there). A copy of it, fine-tuned a few steps on
+a harmful row (the refused prompt with a compliant opening), is the policy. Then, for one row at a time:
+
+- the package's term (`penalty.form: kl` at training positions, reference a frozen copy) equals the coarse KL
+  written out by hand (`helpers.losses.penalty_by_hand`), value and gradient;
+- at the harmful row's opening its gradient opposes the cross-entropy's (negative cosine): it pulls the
+  refusal back exactly where the attack pushes it away;
+- at the benign row, where the reference gives the safety tokens ~0, the term and its gradient are ~0
+  (orders of magnitude below the harmful row's), so a benign task is not fought.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from helpers.factory import make_model
+from helpers.losses import assert_grads_close, grads, penalty_by_hand
+
+from str_hooks import SafetyTokens, register_str_hook
+
+SAFETY_IDS = [40, 41, 42, 43]  # stand-ins for "Sorry", "cannot", "I", "As"
+COMPLY_ID = 50  # the harmful row's compliant opening ("Sure")
+BENIGN_ANSWER_ID = 60
+HARMFUL_PROMPT = [1, 101, 102, 103, 104, 105]
+BENIGN_PROMPT = [1, 201, 202, 203, 204, 205]
+
+
+def row(prompt: list[int], answer: int) -> dict[str, torch.Tensor]:
+    """One sequence `prompt + [answer]`, only the answer token supervised (the row's opening)."""
+    ids = torch.tensor([[*prompt, answer]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -1] = answer
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def safety_mass(model: torch.nn.Module, prompt: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    return float(torch.softmax(logits.float(), -1)[SAFETY_IDS].sum())
+
+
+def fit(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]], steps: int, lr: float) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        for batch in rows:
+            model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def flat(named: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([named[name].flatten() for name in sorted(named)])
+
+
+def build() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(policy, frozen reference): the reference refuses the harmful prompt and answers the benign one; the
+    policy is the reference after a few steps on the harmful row with a compliant opening."""
+    reference = make_model("llama", seed=0)
+    # Aligned: refuse (first safety token) on the harmful prompt, answer the benign one.
+    fit(reference, [row(HARMFUL_PROMPT, SAFETY_IDS[0]), row(BENIGN_PROMPT, BENIGN_ANSWER_ID)], 25, 1e-2)
+    reference.requires_grad_(False).eval()
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    # The attack has worked: ten steps of cross-entropy on the harmful row's compliant opening.
+    fit(policy, [row(HARMFUL_PROMPT, COMPLY_ID), row(BENIGN_PROMPT, BENIGN_ANSWER_ID)], 10, 1e-2)
+    return policy, reference
+
+
+def term_and_grads(
+    policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, torch.Tensor], float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(package term, its grads, hand term, its grads, the cross-entropy's grads) on one row."""
+    tokens = SafetyTokens(
+        ids=SAFETY_IDS,
+        strings=[f"<t{i}>" for i in SAFETY_IDS],
+        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
+        scores=[1.0] * len(SAFETY_IDS),
+        method="list",
+    )
+    config: dict[str, Any] = {
+        "coef": 1.0,
+        "penalty": {"form": "kl", "positions": "supervised"},
+        "reference": {"source": "model"},
+    }
+    policy.train()
+    with register_str_hook(policy, config, tokens=tokens, reference_model=reference) as handle:
+        policy(**batch)
+        term = handle.loss()
+        term.backward()
+        ours = grads(policy)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = policy(**inputs).logits
+    with torch.no_grad():
+        reference_logits = reference(**inputs).logits
+    where = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    where[:, :-1] = batch["labels"][:, 1:] != -100
+    hand = penalty_by_hand(logits, reference_logits, SAFETY_IDS, [0.25] * 4, where, "kl", 0.0)
+    hand.backward()
+    theirs = grads(policy)
+    logits = policy(**inputs).logits
+    F.cross_entropy(logits[0, :-1].float(), batch["labels"][0, 1:], ignore_index=-100).backward()
+    ce = grads(policy)
+    return float(term.detach()), ours, float(hand.detach()), theirs, ce
+
+
+def test_coarse_kl_opposes_the_attack_at_a_harmful_opening_and_is_silent_at_a_benign_row() -> None:
+    policy, reference = build()
+    # The construction is what the test claims it is.
+    assert safety_mass(reference, HARMFUL_PROMPT) > 0.9
+    assert safety_mass(reference, BENIGN_PROMPT) < 1e-3
+    assert safety_mass(policy, HARMFUL_PROMPT) < safety_mass(reference, HARMFUL_PROMPT) - 0.1
+
+    harmful = term_and_grads(policy, reference, row(HARMFUL_PROMPT, COMPLY_ID))
+    benign = term_and_grads(policy, reference, row(BENIGN_PROMPT, BENIGN_ANSWER_ID))
+    for term, ours, hand, theirs, _ in (harmful, benign):
+        assert abs(term - hand) <= 1e-4 * abs(hand) + 1e-7, (term, hand)
+        assert_grads_close(ours, theirs, rtol=1e-4, atol=1e-9, what="package vs hand")
+
+    term_h, grad_h, _, _, ce_h = harmful
+    term_b, grad_b, _, _, _ = benign
+    g_h, g_ce = flat(grad_h), flat(ce_h)
+    cosine = float(F.cosine_similarity(g_h, g_ce, dim=0))
+    # Opposes (measured -0.56 here): the term's descent direction (-g) has a positive component along the CE's ascent (+g_ce),
+    # i.e. it undoes what the CE step does at that opening.
+    assert cosine < -0.3, f"cosine(term, CE) at the harmful opening is {cosine:.3f}"
+    assert term_h > 0.05
+    # Silent where the reference gives the safety tokens ~0: value and gradient orders of magnitude below.
+    assert term_b < 1e-2 * term_h, (term_b, term_h)
+    assert float(flat(grad_b).norm()) < 1e-2 * float(g_h.norm())
