@@ -127,8 +127,8 @@ def test_coarse_kl_opposes_the_attack_at_a_harmful_opening_and_is_silent_at_a_be
     term_b, grad_b, _, _, _ = benign
     g_h, g_ce = flat(grad_h), flat(ce_h)
     cosine = float(F.cosine_similarity(g_h, g_ce, dim=0))
-    # Opposes (measured -0.56 here): the term's descent direction (-g) has a positive component along the CE's ascent (+g_ce),
-    # i.e. it undoes what the CE step does at that opening.
+    # Opposes (cosine -0.56 when written): the term's descent direction (-g) has a positive component
+    # along the CE's ascent direction (+g_ce), i.e. it undoes what a CE step does at that opening.
     assert cosine < -0.3, f"cosine(term, CE) at the harmful opening is {cosine:.3f}"
     assert term_h > 0.05
     # Silent where the reference gives the safety tokens ~0: value and gradient orders of magnitude below.
