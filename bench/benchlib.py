@@ -132,6 +132,20 @@ class StubTokenizer:
         return f"<t{int(token_id)}>"
 
 
+def stub_tokens(ids: Sequence[int]) -> Any:
+    """SafetyTokens for the given ids of a random-init model, weighted equally (names `<t{id}>`, as
+    `StubTokenizer` spells them): what the bench scripts penalize instead of mined tokens."""
+    from str_hooks import SafetyTokens
+
+    return SafetyTokens(
+        ids=list(ids),
+        strings=[f"<t{i}>" for i in ids],
+        weights=[1.0 / len(ids)] * len(ids),
+        scores=[1.0] * len(ids),
+        method="list",
+    )
+
+
 def machine_info(device: str) -> dict[str, Any]:
     import peft
     import transformers

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import StubTokenizer
+from benchlib import StubTokenizer, stub_tokens
 from step_cost import SHAPES, model_config
 
 
 def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device: str) -> str:
     from transformers import AutoModelForCausalLM
 
-    from str_hooks import SafetyTokens, STRAttachError, register_str_hook
+    from str_hooks import STRAttachError, register_str_hook
 
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
@@ -49,10 +49,7 @@ def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device:
             "anchor_batch_size": 8,
         },
     }
-    ids = list(range(16, 80))
-    tokens = SafetyTokens(
-        ids=ids, strings=[f"<t{i}>" for i in ids], weights=[1 / 64] * 64, scores=[1.0] * 64, method="list"
-    )
+    tokens = stub_tokens(range(16, 80))
     try:
         handle = register_str_hook(
             model, config, tokens=tokens, tokenizer=StubTokenizer(shape.vocab, shape.anchor_len)

@@ -71,11 +71,11 @@ def check(name: str, overrides: dict[str, Any], workdir: Path, device_name: str 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from str_hooks import SafetyTokens, build_reference_cache, register_str_hook
+    from str_hooks import build_reference_cache, register_str_hook
     from str_hooks.driver import HostNormalization, StepDriver
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from benchlib import StubTokenizer
+    from benchlib import StubTokenizer, stub_tokens
 
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -87,10 +87,7 @@ def check(name: str, overrides: dict[str, Any], workdir: Path, device_name: str 
     base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.train()
-    ids = list(range(100, 132))
-    tokens = SafetyTokens(
-        ids=ids, strings=[f"<t{i}>" for i in ids], weights=[1 / 32] * 32, scores=[1.0] * 32, method="list"
-    )
+    tokens = stub_tokens(range(100, 132))
     tokenizer = StubTokenizer(32000, 24)
     batches = []
     for seed in range(2):

@@ -27,6 +27,7 @@ from benchlib import (
     machine_info,
     markdown_table,
     output_stem,
+    stub_tokens,
     write_json,
 )
 
@@ -130,7 +131,7 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     from step_cost import SHAPES, model_config
     from transformers import AutoModelForCausalLM
 
-    from str_hooks import SafetyTokens, build_reference_cache
+    from str_hooks import build_reference_cache
     from str_hooks.cache import ReferenceCache, sequence_digest
     from str_hooks.penalty import supervised_mask
 
@@ -142,13 +143,7 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = (torch.randperm(vocab - 16, generator=gen)[: args.k] + 16).tolist()
-    tokens = SafetyTokens(
-        ids=ids,
-        strings=[f"<t{i}>" for i in ids],
-        weights=[1 / len(ids)] * len(ids),
-        scores=[1.0] * len(ids),
-        method="list",
-    )
+    tokens = stub_tokens(ids)
     pairs = make_sequences(args.sequences, args.length, vocab, args.seed)
     sequences = [p[0] for p in pairs]
     batches = padded_batches(sequences, args.batch_size)

@@ -37,6 +37,7 @@ from benchlib import (
     markdown_table,
     output_stem,
     storage_bytes,
+    stub_tokens,
     summarize,
     write_json,
 )
@@ -167,8 +168,6 @@ class Bench:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from str_hooks import SafetyTokens
-
         self.args = args
         self.shape = shape
         self.vocab = vocab
@@ -194,13 +193,7 @@ class Bench:
         self._cursor = 0
         gen = torch.Generator().manual_seed(args.seed + 1)
         ids = (torch.randperm(vocab - 16, generator=gen)[: args.k] + 16).tolist()
-        self.tokens = SafetyTokens(
-            ids=ids,
-            strings=[f"<t{i}>" for i in ids],
-            weights=[1.0 / len(ids)] * len(ids),
-            scores=[1.0] * len(ids),
-            method="list",
-        )
+        self.tokens = stub_tokens(ids)
         self.tokenizer = StubTokenizer(vocab, shape.anchor_len)
         self.anchor_texts = [f"anchor prompt {i}" for i in range(args.n_anchors)]
         self.anchors_path = workdir / "anchors.txt"
