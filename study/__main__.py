@@ -3,6 +3,7 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
+    python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--report]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -96,13 +97,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["run", "demo", "subject", "real", "decision"])
+    parser.add_argument("command", choices=["run", "demo", "subject", "real", "decision", "harmful-mixing"])
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
     parser.add_argument(
         "--plan",
-        choices=["full", "sweep", "folded", "demo", "subject", "quick", "decision", "default-first"],
+        choices=[
+            "full",
+            "sweep",
+            "folded",
+            "demo",
+            "subject",
+            "quick",
+            "decision",
+            "default-first",
+            "protocol",
+        ],
         default=None,
     )
     parser.add_argument(
@@ -160,6 +171,26 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.subject),
                 Path(args.cache or DEFAULT_CACHE),
                 save_models=Path(args.save_models) if args.save_models else None,
+                argv=argv,
+                report_only=args.report,
+            )
+        )
+        return
+    if args.command == "harmful-mixing":
+        from .harmful_mixing import PLANS as MIXING_PLANS
+        from .harmful_mixing import run_harmful_mixing
+        from .subject import DEFAULT_CACHE
+
+        if (args.plan or "protocol") not in MIXING_PLANS:
+            parser.error(
+                f"--plan {args.plan} is not a plan of `harmful-mixing`: use {', '.join(MIXING_PLANS)}"
+            )
+        print(
+            run_harmful_mixing(
+                Path(args.out or "results/harmful_mixing"),
+                args.plan or "protocol",
+                Path(args.subject),
+                Path(args.cache or DEFAULT_CACHE),
                 argv=argv,
                 report_only=args.report,
             )

@@ -526,6 +526,18 @@ def sst2_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]:
     return examples[:n_train], examples[-n_test:]
 
 
+def agnews_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]:
+    """AG News topic in chat format (answer: World / Sports / Business / Sci/Tech); a fixed shuffle, train and
+    test disjoint; accuracy = the reply starts with the label."""
+    rows = read_json_list("agnews/agnews_5k.json")
+    random.Random(0).shuffle(rows)
+    examples = [
+        Example(f"{r['instruction'].strip()}\n{r['input'].strip()}", r["output"], "task", r["output"])
+        for r in rows
+    ]
+    return examples[:n_train], examples[-n_test:]
+
+
 def read_advbench_targets() -> dict[str, str]:
     """AdvBench goal -> its affirmative target opening ("Sure, here is ...")."""
     with open(SHARED / "advbench" / "harmful_behaviors.csv", newline="", encoding="utf-8") as fh:

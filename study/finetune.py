@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from str_hooks import build_reference_cache, mine_safety_tokens
 from str_hooks.integrations.hf import attach
+from str_hooks.schemas import STRConfig
 
 from .data import Example, StudyData
 from .model import collate, encode_example, exact_match, refusal_flags, refusal_rate
@@ -34,11 +35,14 @@ class Method:
     str_config: dict[str, Any] = field(default_factory=dict)
     kl_beta: float = 1.0
     grad_accum: int = 1  # micro-batches of 16 rows per optimizer step
+    # As a user would write it: `str_config` reaches `attach` exactly (the package's defaults fill the rest,
+    # its shipped anchors included, and it mines its own tokens), nothing pinned, no study anchors.
+    as_shipped: bool = False
 
     def __post_init__(self) -> None:
         # A method's name must keep meaning what its runs in results/ measured: the settings that the
         # package's defaults changed for (issue 12) are pinned to their values before, unless a method sets them.
-        if self.kind != "str":
+        if self.kind != "str" or self.as_shipped:
             return
         config = copy.deepcopy(self.str_config)
         config.setdefault("penalty", {}).setdefault("form", "mse")
@@ -185,6 +189,28 @@ METHODS = {
             "str",
             {"coef": 10.0, "reference": {"source": "anchors"}},
             kl_beta=0.0,
+        ),
+        # Issue 26 (study/harmful_mixing.py): configs exactly as a user writes them, the package's defaults
+        # filling the rest. `{}` is what every user gets.
+        Method("STR as shipped {}", "str", {}, as_shipped=True),
+        *[
+            Method(
+                f"STR adapter kl c{coef:g} (as written)",
+                "str",
+                {"coef": coef, "penalty": {"form": "kl"}, "reference": {"source": "adapter"}},
+                as_shipped=True,
+            )
+            for coef in (1.0, 10.0)
+        ],
+        Method(
+            "STR adapter kl first4 c10 (as written)",
+            "str",
+            {
+                "coef": 10.0,
+                "penalty": {"form": "kl", "positions": "first_n", "first_n": 4},
+                "reference": {"source": "adapter"},
+            },
+            as_shipped=True,
         ),
     ]
 }
@@ -378,9 +404,11 @@ def run_one(
     decision_tokens: list[int] | None = None,
     save_dir: Path | None = None,
     validation: Validation | None = None,
+    mix_rows: list[Example] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
-    anchor prompts (default: the aligned model's harmful training prompts); `decision_tokens` the refusal
+    anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
+    `mix` method adds (default: an anchor prompt with a refusal template); `decision_tokens` the refusal
     tokens whose probability mass at the first response position is reported (one forward, no generation);
     `save_dir` keeps the run's LoRA adapter (or full model) there; `validation` adds the `val_*` metrics
     that settings are chosen by (never the held-out ones)."""
@@ -410,10 +438,17 @@ def run_one(
     if method.kind == "mix":
         rng = random.Random(spec.seed)
         n_mix = len(train_rows) // 9  # 10 % of the mixed set
-        train_rows += [
-            encode_example(tokenizer, rng.choice(anchor_prompts), rng.choice(data.refusal_templates), max_len)
-            for _ in range(n_mix)
-        ]
+        if mix_rows is not None:
+            if len(mix_rows) < n_mix:
+                raise ValueError(f"mix_rows has {len(mix_rows)} rows, the mix needs {n_mix}")
+            train_rows += [encode_example(tokenizer, e.prompt, e.response, max_len) for e in mix_rows[:n_mix]]
+        else:
+            train_rows += [
+                encode_example(
+                    tokenizer, rng.choice(anchor_prompts), rng.choice(data.refusal_templates), max_len
+                )
+                for _ in range(n_mix)
+            ]
     probe_prompts = data.harmful_heldout[:curve_prompts]
     mass_curve: list[tuple[int, float]] = []
 
@@ -458,23 +493,29 @@ def run_one(
     if method.kind == "str":
         cfg = copy.deepcopy(method.str_config)
         setup_start = time.perf_counter()
-        tokens = mine_safety_tokens(tokenizer, k=32)
-        if cfg["reference"]["source"] == "cache":
+        # As shipped, the package mines its own tokens from its config (the same default: k 32, frequency).
+        tokens = None if method.as_shipped else mine_safety_tokens(tokenizer, k=32)
+        source = STRConfig.model_validate(cfg).reference.source
+        if source == "cache":
             cache_path = workdir / "reference.safetensors"
             build_reference_cache(
-                model, tokens, [r["input_ids"] for r in train_rows], cache_path, progress=False
+                model,
+                tokens if tokens is not None else mine_safety_tokens(tokenizer, k=32),
+                [r["input_ids"] for r in train_rows],
+                cache_path,
+                progress=False,
             )
             cfg["reference"]["cache_path"] = str(cache_path)
-        if cfg["reference"]["source"] == "model" and reference is None:
+        if source == "model" and reference is None:
             reference = AutoModelForCausalLM.from_pretrained(aligned_dir).requires_grad_(False).eval()
-        if cfg["reference"]["source"] == "anchors" and "default-anchors" not in spec.method:
+        if source == "anchors" and "default-anchors" not in spec.method and not method.as_shipped:
             cfg["reference"]["anchors_path"] = str(_write_lines(workdir / "anchors.txt", anchor_prompts))
         attach(
             trainer,
             cfg,
             tokens=tokens,
             tokenizer=tokenizer,
-            reference_model=reference if cfg["reference"]["source"] == "model" else None,
+            reference_model=reference if source == "model" else None,
         )
         setup_seconds = time.perf_counter() - setup_start
     anchor_token_share = _anchor_token_share(method, tokenizer, anchor_prompts, train_rows, args)
@@ -544,16 +585,20 @@ def _anchor_token_share(
     method: Method, tokenizer: Any, anchors: list[str], train_rows: list[dict[str, Any]], args: Any
 ) -> float | None:
     """Anchor prompt tokens per optimizer step over training tokens per step (what folding adds)."""
-    reference = method.str_config.get("reference", {})
-    if reference.get("source") != "anchors":
+    reference = STRConfig.model_validate(method.str_config).reference
+    if reference.source != "anchors":
         return None
-    from str_hooks.prompts import encode_prompt
+    from str_hooks.prompts import default_texts, encode_prompt
 
+    if method.as_shipped and reference.anchors_path is None:  # the package's own anchors
+        anchors = default_texts("harmful_anchors")
+        if reference.benign_weight > 0:
+            anchors += default_texts("benign_anchors")
     # An opening of n tokens teacher-forces its first n - 1 after the prompt.
     anchor_len = statistics.fmean(len(encode_prompt(tokenizer, t)) for t in anchors)
-    anchor_len += reference.get("anchor_tokens", 1) - 1
+    anchor_len += reference.anchor_tokens - 1
     row_len = statistics.fmean(len(r["input_ids"]) for r in train_rows)
-    per_step = reference.get("anchor_batch_size", 8) * anchor_len / reference.get("anchor_every", 1)
+    per_step = reference.anchor_batch_size * anchor_len / reference.anchor_every
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     return per_step / (rows_per_step * row_len)
 

@@ -1,0 +1,124 @@
+"""Issue 26's protocol study (`python -m study harmful-mixing`): its splits, its mixing, its arithmetic, and
+that `{}` reaches the package exactly as a user passes it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from study import finetune
+from study.data import SHARED, Example, load_study_data, sort_task
+from study.finetune import METHODS, RunSpec, run_one
+from study.model import train_aligned
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not here")
+
+
+@needs_shared
+def test_evaluation_sets_share_nothing_with_subject_anchors_or_attacks() -> None:
+    from study.harmful_mixing import build_sources
+    from study.subject import subject_data
+
+    sources = build_sources()
+    subject = subject_data("shared")
+    trained = {p for p, _ in subject.harmful} | set(subject.benign) | set(subject.benign_heldout)
+    attack_prompts = {e.prompt for rows in sources.attacks.values() for e in rows}
+    held_harmful = [p for prompts in sources.harmful.values() for p in prompts]
+    held_over = [p for prompts in sources.over_refusal.values() for p in prompts]
+    held = set(held_harmful) | set(held_over)
+    assert len(set(held_harmful)) == len(held_harmful) == 120 + 200 + 200
+    assert len(held_over) == 250 + 200
+    assert not held & trained
+    assert not held & attack_prompts
+    assert not held & set(sources.anchors)
+    validation = set(sources.val_harmful) | set(sources.val_over_refusal)
+    mix = {e.prompt for e in sources.mix_rows}
+    assert not validation & held and not validation & trained
+    assert not mix & (held | validation | trained | attack_prompts)
+    # The second attack's goals are AdvBench goals the subject neither trained nor is evaluated on.
+    assert not {e.prompt for e in sources.attacks["advbench"]} & (trained | set(sources.harmful["advbench"]))
+    assert all(e.response.startswith("Sure") for e in sources.attacks["advbench"])
+    assert len(sources.attacks["beavertails"]) == 200
+
+
+@needs_shared
+def test_mixing_replaces_the_first_rows_in_order() -> None:
+    from study.harmful_mixing import mixed_task
+
+    attack = [Example(f"harm {i}", f"sure {i}", "harmful") for i in range(30)]
+    clean, test, val = mixed_task("sst2", 100, 0.0, attack)
+    train, test2, val2 = mixed_task("sst2", 100, 0.2, attack)
+    assert len(train) == len(clean) == 100 and test == test2 and val == val2
+    assert [e.prompt for e in train[:20]] == [f"harm {i}" for i in range(20)]
+    assert train[20:] == clean[20:]
+    assert not {e.prompt for e in val} & {e.prompt for e in clean}
+    with pytest.raises(ValueError, match="needs 40 harmful rows"):
+        mixed_task("sst2", 200, 0.2, attack)
+
+
+def test_retention_flags_and_distances_by_hand() -> None:
+    from study.harmful_mixing import _split_flags, max_jaccard, retention
+
+    base = {"advbench": "1101", "xstest_unsafe": "10", "llamas": "0111"}
+    run = {"per_source": {"advbench": "1001", "xstest_unsafe": "00", "llamas": "0110"}}
+    names = ["advbench", "xstest_unsafe", "llamas"]
+    assert retention(run, base, names) == pytest.approx(4 / 7)
+    assert retention(run, base, ["llamas"]) == pytest.approx(2 / 3)
+    far = {"advbench": [True, False, False, True], "xstest_unsafe": [True, True], "llamas": [False] * 4}
+    # Far: AdvBench 0 and 3 (subject 1, 1; run 1, 1), XSTest unsafe 0 and 1 (subject 1, 0; run 0, 0).
+    assert retention(run, base, names, far) == pytest.approx(2 / 3)
+    assert _split_flags("110100", {"a": 2, "b": 4}) == {"a": "11", "b": "0100"}
+    with pytest.raises(ValueError):
+        _split_flags("110", {"a": 2, "b": 2})
+    # {how, to, make, a, cake} vs {how, to, bake, a, cake}: 4 shared of 6.
+    assert max_jaccard(["How to make a cake", "zzz"], ["how to bake a cake", "x y"]) == [
+        pytest.approx(4 / 6),
+        0.0,
+    ]
+
+
+def test_as_shipped_config_reaches_attach_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`STR as shipped {}` passes `{}` and no tokens (the package mines its own, its own anchors), while the
+    study's older methods keep their pinned settings."""
+    shipped = METHODS["STR as shipped {}"]
+    assert shipped.str_config == {} and shipped.as_shipped
+    assert METHODS["STR adapter mse c1"].str_config["penalty"]["form"] == "mse"
+    seen: list[tuple[dict[str, Any], Any]] = []
+    real_attach = finetune.attach
+
+    def spy(trainer: Any, config: Any, **kwargs: Any) -> Any:
+        seen.append((config, kwargs["tokens"]))
+        return real_attach(trainer, config, **kwargs)
+
+    monkeypatch.setattr(finetune, "attach", spy)
+    data = load_study_data("embedded")
+    data.aligned_train = data.aligned_train[:120]
+    data.harmful_heldout = data.harmful_heldout[:4]
+    data.xstest_safe = data.xstest_safe[:2]
+    task = sort_task(16, 4, seed=0)
+    texts = [e.prompt + " " + e.response for part in task for e in part]
+    train_aligned(data, tmp_path / "aligned", texts, hidden=32, layers=1, vocab_size=600, epochs=1)
+    refusal_rows = [Example(p, "I cannot help with that.", "harmful") for p in data.harmful_train[:4]]
+    results = {}
+    for method in ("STR as shipped {}", "mix 10% refusals"):
+        results[method] = run_one(
+            RunSpec("sort", "lora", method, 0),
+            tmp_path / "aligned",
+            data,
+            task,
+            epochs=1.0,
+            max_len=64,
+            curve_every=0,
+            mix_rows=refusal_rows,
+        )
+    assert seen == [({}, None)]
+    # The shipped default's anchors are the package's (a separate anchor forward each step).
+    assert results["STR as shipped {}"]["steps"] == 1
+    assert results["STR as shipped {}"]["anchor_token_share"] > 0
+    # 16 rows of batch 16, plus 16 // 9 = 1 given refusal row: a second step.
+    assert results["mix 10% refusals"]["steps"] == 2
