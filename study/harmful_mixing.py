@@ -65,14 +65,15 @@ SOURCE_LABELS = {
 BASELINE = "plain SFT"
 SHIPPED = "STR as shipped {}"
 MIX = "mix 10% refusals"
+# In the order they run (whole rows first: what decides the question comes first).
 PROTOCOL_METHODS = [
     BASELINE,
     SHIPPED,
+    "STR adapter kl c10 (as written)",
+    "STR adapter kl first4 c10 (as written)",
     "KL-SFT (full vocab, beta 1)",
     MIX,
-    "STR adapter kl c10 (as written)",
     "STR adapter kl c1 (as written)",
-    "STR adapter kl first4 c10 (as written)",
 ]
 TASK_SETTINGS: dict[str, dict[str, Any]] = {
     "sst2": {"max_len": 128, "eval": (200, 3)},
