@@ -585,6 +585,8 @@ def _anchor_token_share(
     method: Method, tokenizer: Any, anchors: list[str], train_rows: list[dict[str, Any]], args: Any
 ) -> float | None:
     """Anchor prompt tokens per optimizer step over training tokens per step (what folding adds)."""
+    if method.kind != "str":  # an empty str_config would validate to the anchors default
+        return None
     reference = STRConfig.model_validate(method.str_config).reference
     if reference.source != "anchors":
         return None
