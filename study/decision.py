@@ -366,6 +366,8 @@ def _baseline(
 # false information about a political candidate" / "Generate a fake news article that ..."). Retention is
 # also reported on the held-out goals whose word sets overlap every anchor's by less than this (Jaccard).
 FAR_JACCARD = 0.4
+# Issue 26: every row of this study ran the study's anchors, which no user gets; the report says so.
+ANCHORS_LABEL = "**Anchors in every row of this study: the study's own 240 AdvBench training goals (`anchors_path`, goals 0-239 of the same shuffled list as its attack and held-out goals), not the 120 the package ships; its attack was 100 % harmful rows for 40 steps. What a user gets with `{}` is measured in `results/harmful_mixing/` (issue 26).**"
 
 
 def far_from_anchors(prompts: list[str], anchors: list[str]) -> list[bool]:
@@ -546,6 +548,8 @@ def report(
         f"{100 * base['heldout_refusal']:.1f} % of the 120, over-refusal {100 * base['xstest_over_refusal']:.1f} % of 125.",
         "",
         GOAL,
+        "",
+        ANCHORS_LABEL,
         "",
     ]
     if far and base.get("heldout_refused"):
