@@ -15,7 +15,7 @@ AXOLOTL_DEPS := $(AXOLOTL_VENV)/.axolotl-installed
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.str-hooks-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision subject clean
+.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision study-harmful-mixing subject clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,11 @@ study-quick: subject-deps
 # run takes 4-7.5 minutes on the attack task, 10-14 on SST-2 and 10-18 on GSM8K: all 89 took 966 min (16 h), over sessions.
 study-decision: subject-deps
 	$(BIN)/python -m study decision --plan decision --out results/decision
+
+# Issue 26's harmful fine-tuning protocol on the same subject (results/harmful_mixing), resumable; about 15
+# minutes a run here. `--plan quick` (2 runs of 200 rows) took 12 minutes.
+study-harmful-mixing: subject-deps
+	$(BIN)/python -m study harmful-mixing --plan protocol --out results/harmful_mixing
 
 clean:
 	rm -rf $(VENV) $(AXOLOTL_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
