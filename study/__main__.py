@@ -4,6 +4,7 @@
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--report]
+    python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["run", "demo", "subject", "real", "decision", "harmful-mixing"])
+    parser.add_argument(
+        "command", choices=["run", "demo", "subject", "real", "decision", "harmful-mixing", "step-cost"]
+    )
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
@@ -126,7 +129,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--save-models", default=None, help="keep the subject and each run's adapter here")
     parser.add_argument("--cache", default=None, help="folder for the dequantized shipped model")
+    parser.add_argument("--steps", type=int, default=16, help="step-cost: optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="step-cost: round-robin rounds")
+    parser.add_argument("--methods", nargs="+", default=None, help="step-cost: methods (plain SFT first)")
     args = parser.parse_args(argv)
+    if args.command == "step-cost":
+        from .step_cost import CANDIDATES, run_step_cost
+
+        print(
+            run_step_cost(
+                Path(args.out or "results/harmful_mixing"),
+                Path(args.subject),
+                args.methods or CANDIDATES,
+                args.steps,
+                args.repeats,
+                argv if argv is not None else sys.argv[1:],
+            ).read_text()
+        )
+        return
     if args.command == "subject":
         from .subject import DEFAULT_CACHE, build_subject
 

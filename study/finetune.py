@@ -202,6 +202,18 @@ METHODS = {
             )
             for coef in (1.0, 10.0)
         ],
+        # Cheaper anchor steps (issue 26 item 4, issue 29 item 3): fewer anchors per step (the penalty is a
+        # mean over points, so its expectation is unchanged), or the anchors folded into the training forward.
+        *[
+            Method(f"STR anchors {name} (as written)", "str", {"reference": reference}, as_shipped=True)
+            for name, reference in (
+                ("b4", {"anchor_batch_size": 4}),
+                ("b2", {"anchor_batch_size": 2}),
+                ("folded", {"anchor_placement": "folded"}),
+                ("folded b4", {"anchor_placement": "folded", "anchor_batch_size": 4}),
+                ("open2 b4", {"anchor_tokens": 2, "anchor_batch_size": 4}),
+            )
+        ],
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",
@@ -405,13 +417,15 @@ def run_one(
     save_dir: Path | None = None,
     validation: Validation | None = None,
     mix_rows: list[Example] | None = None,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
     `mix` method adds (default: an anchor prompt with a refusal template); `decision_tokens` the refusal
     tokens whose probability mass at the first response position is reported (one forward, no generation);
     `save_dir` keeps the run's LoRA adapter (or full model) there; `validation` adds the `val_*` metrics
-    that settings are chosen by (never the held-out ones)."""
+    that settings are chosen by (never the held-out ones); `evaluate=False` trains and times only (no
+    generation before or after), for step-cost comparisons."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -519,9 +533,20 @@ def run_one(
         )
         setup_seconds = time.perf_counter() - setup_start
     anchor_token_share = _anchor_token_share(method, tokenizer, anchor_prompts, train_rows, args)
-    before = probe(0)
+    before = probe(0) if evaluate else 0.0
     with _PeakRSS() as memory:
         trainer.train()
+    if not evaluate:
+        return {
+            "task": spec.task,
+            "method": spec.method,
+            "seed": spec.seed,
+            "steps": trainer.state.global_step,
+            "step_times_s": timer.step_times,
+            "step_time_median_s": statistics.median(timer.step_times[3:] or timer.step_times),
+            "peak_rss_delta_mib": memory.delta_mib,
+            "anchor_token_share": anchor_token_share,
+        }
     timer.curve.insert(0, (0, before))
     if decision_tokens and (not mass_curve or mass_curve[-1][0] != trainer.state.global_step):
         mass_curve.append(

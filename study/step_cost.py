@@ -1,0 +1,124 @@
+"""Step time of candidate settings on the real subject at the harmful-mixing study's shape, train-only.
+
+    python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
+
+Each method trains `--steps` optimizer steps of the SST-2 p = 10 % block (the same rows, in the same order,
+for every method: seed 0), with nothing evaluated, in one process; methods run round-robin, `--repeats`
+rounds, the order reversed every other round. A method's step time is the median over its timed steps
+(the first 3 of each run are warm-up); the ratio divides it by plain SFT's. Appends to step_cost.jsonl and
+rewrites STEP_COST.md. Nothing else should run on the machine meanwhile (the file records the load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .finetune import METHODS, SUBJECT_RECIPE, RunSpec, run_one
+from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block, build_sources, mixed_task
+
+CANDIDATES = [
+    BASELINE,
+    SHIPPED,
+    "STR anchors b4 (as written)",
+    "STR anchors b2 (as written)",
+    "STR anchors folded (as written)",
+    "STR anchors folded b4 (as written)",
+    "STR anchors open2 b4 (as written)",
+]
+WARMUP_STEPS = 3
+
+
+def run_step_cost(
+    out: Path, subject_dir: Path, methods: list[str], steps: int, repeats: int, argv: list[str] | None
+) -> Path:
+    from .subject import subject_data
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
+    if methods[0] != BASELINE:
+        methods = [BASELINE, *[m for m in methods if m != BASELINE]]
+    out.mkdir(parents=True, exist_ok=True)
+    block = Block("sst2", 0.10, tuple(methods))
+    sources = build_sources()
+    train, test, _ = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    data = subject_data("shared").study
+    settings = TASK_SETTINGS[block.task]
+    recipe = replace(SUBJECT_RECIPE, xstest_stride=1)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    shares: dict[str, float | None] = {}
+    started = time.perf_counter()
+    order = [m for r in range(repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
+    for method in tqdm(order, desc="step-cost", unit="run"):
+        result = run_one(
+            RunSpec(block.task, "lora", method, 0),
+            subject_dir,
+            data,
+            (train, test),
+            epochs=block.epochs,
+            max_len=settings["max_len"],
+            curve_every=0,
+            recipe=recipe,
+            max_steps=steps,
+            evaluate=False,
+        )
+        times[method] += result["step_times_s"][WARMUP_STEPS:]
+        shares[method] = result["anchor_token_share"]
+    record = {
+        "steps": steps,
+        "repeats": repeats,
+        "medians_s": {m: statistics.median(t) for m, t in times.items()},
+        "anchor_token_share": shares,
+        "configs": {m: METHODS[m].str_config if METHODS[m].kind == "str" else None for m in methods},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "load_average_after": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "python -m study " + " ".join(argv or []),
+    }
+    with (out / "step_cost.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return write_step_cost_report(out)
+
+
+def write_step_cost_report(out: Path) -> Path:
+    records = [json.loads(line) for line in (out / "step_cost.jsonl").read_text().splitlines() if line]
+    lines = [
+        "# Step cost of candidate settings (harmful-mixing study shape)",
+        "",
+        "SST-2 p = 10 %, LoRA r16, batch 8, the real subject, train-only (nothing evaluated), one process,",
+        f"methods round-robin; median over each method's timed steps (the first {WARMUP_STEPS} of a run are",
+        "warm-up); ratio = the method's median / plain SFT's in the same record.",
+    ]
+    for i, r in enumerate(records):
+        base = r["medians_s"][BASELINE]
+        lines += [
+            "",
+            f"## Record {i + 1}: {r['steps']} steps x {r['repeats']} rounds, {r['wall_seconds']:.0f} s wall, "
+            f"load after {r['load_average_after']:.2f}",
+            "",
+            f"`{r['command']}`; torch {r['torch']}, {r['torch_threads']} threads, {r['machine']}.",
+            "",
+            "| method | config | step (s) | x plain | anchor tokens / training tokens |",
+            "|---|---|---|---|---|",
+        ]
+        for m, median in r["medians_s"].items():
+            share = r["anchor_token_share"].get(m)
+            config = r["configs"].get(m)
+            lines.append(
+                f"| {m} | {'-' if config is None else '`' + json.dumps(config) + '`'} | {median:.2f} | "
+                f"{median / base:.2f} | {'-' if share is None else f'{share:.2f}'} |"
+            )
+    path = out / "STEP_COST.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
