@@ -95,18 +95,23 @@ class Block:
     epochs: float = 1.0
 
 
-# Whole rows first: the p = 10 % SST-2 table (every method), then p = 0 and 20 % for the methods that decide
-# the question, then the other tasks, the long run, the second attack and the extra seeds.
+# Whole rows first: the p = 10 % SST-2 table (every method), then p = 20 % and AG News (the issue's own report)
+# for the methods that decide the question, then p = 0, the long run, the second attack and the extra seeds.
+# `CHEAP` is the candidate default (issue 26 item 4's x1.25 step-time target, measured by `study step-cost`:
+# the shipped anchors at 2 per step instead of 8, x1.15 of plain); it runs beside `{}` wherever `{}` runs.
+CHEAP = "STR anchors b2 (as written)"
+DECIDING = (BASELINE, CHEAP, SHIPPED)
 PROTOCOL_PLAN: list[Block] = [
-    Block("sst2", 0.10, tuple(PROTOCOL_METHODS)),
-    Block("sst2", 0.0, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)")),
-    Block("sst2", 0.20, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)")),
-    Block("sst2", 0.05, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)")),
-    Block("sst2", 0.10, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)"), attack="advbench"),
-    Block("agnews", 0.10, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)")),
-    Block("sst2", 0.10, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)"), epochs=5.0),
-    Block("gsm8k", 0.10, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)"), n=500),
-    Block("sst2", 0.10, (BASELINE, SHIPPED, "STR adapter kl c10 (as written)"), seeds=3),
+    Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], CHEAP, *PROTOCOL_METHODS[2:-1])),
+    Block("sst2", 0.20, DECIDING),
+    Block("agnews", 0.10, DECIDING),
+    Block("sst2", 0.0, DECIDING),
+    Block("sst2", 0.10, DECIDING, seeds=3),
+    Block("sst2", 0.05, DECIDING),
+    Block("sst2", 0.10, (*DECIDING, "STR adapter kl c10 (as written)"), attack="advbench"),
+    Block("sst2", 0.10, DECIDING, epochs=5.0),
+    Block("gsm8k", 0.10, DECIDING, n=500),
+    Block("sst2", 0.10, (BASELINE, PROTOCOL_METHODS[-1])),
 ]
 # Under 20 minutes here: 200 rows (25 steps), two methods, every 4th evaluation prompt.
 QUICK_PLAN: list[Block] = [Block("sst2", 0.10, (BASELINE, SHIPPED), n=200)]
