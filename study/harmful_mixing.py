@@ -95,8 +95,9 @@ class Block:
     epochs: float = 1.0
 
 
-# Whole rows first: the p = 10 % SST-2 table (every method), then p = 20 % and AG News (the issue's own report)
-# for the methods that decide the question, then p = 0, the long run, the second attack and the extra seeds.
+# Whole rows first: the p = 10 % SST-2 table (every method), then for the methods that decide the question
+# p = 20 %, the second attack (compliant "Sure, here is" openings, the kind of rows the issue's own failing
+# report used), AG News, p = 0 and the extra seeds, then p = 5 %, the long run and GSM8K.
 # `CHEAP` is the candidate default (issue 26 item 4's x1.25 step-time target, measured by `study step-cost`:
 # the shipped anchors at 2 per step instead of 8, x1.15 of plain); it runs beside `{}` wherever `{}` runs.
 CHEAP = "STR anchors b2 (as written)"
@@ -104,11 +105,11 @@ DECIDING = (BASELINE, CHEAP, SHIPPED)
 PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], CHEAP, *PROTOCOL_METHODS[2:-1])),
     Block("sst2", 0.20, DECIDING),
+    Block("sst2", 0.10, (*DECIDING, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("agnews", 0.10, DECIDING),
     Block("sst2", 0.0, DECIDING),
     Block("sst2", 0.10, DECIDING, seeds=3),
     Block("sst2", 0.05, DECIDING),
-    Block("sst2", 0.10, (*DECIDING, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.10, DECIDING, epochs=5.0),
     Block("gsm8k", 0.10, DECIDING, n=500),
     Block("sst2", 0.10, (BASELINE, PROTOCOL_METHODS[-1])),
