@@ -1,0 +1,80 @@
+"""The `penalty` section: the penalty on the safety-token logits and where it is applied."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from str_hooks.schemas.base import Section
+
+PenaltyForm = Literal["mse", "hinge", "logprob", "kl"]
+PositionMode = Literal["supervised", "all", "first_n"]
+NonFiniteAction = Literal["raise", "skip"]
+
+
+class PenaltyConfig(Section):
+    """The penalty on the safety-token logits and where it is applied."""
+
+    form: PenaltyForm = Field(
+        default="kl",
+        description=(
+            "Default: `kl` with `reference.source` 'anchors' (the default source), `mse` with any other source "
+            "(the form the training-position families were studied with; results/decision). "
+            "`mse`: (z - r)^2, anchors the safety logits both ways. `hinge`: relu(-(z - r + margin))^2, only "
+            "forbids them falling more than `margin` below the reference. `logprob`: (z - r)^2 on log-softmax "
+            "values, so a task token that gains probability counts even where the safety logits stay put. `kl`: "
+            "KL(reference || policy) between the two distributions coarse-grained to the k safety tokens plus one "
+            "'everything else' bucket (token weights do not apply). `logprob` and `kl` need the full-vocabulary "
+            "softmax: at anchors (source `anchors`) it is taken at the anchors' positions only (a few rows of "
+            "the vocabulary); at training positions (sources `adapter`, `model`) the training forward must "
+            "build logits (no fused loss kernel; checked at attach). Source `cache` keeps only k logits per "
+            "position and takes `mse` or `hinge`."
+        ),
+    )
+    margin: float = Field(
+        default=0.0,
+        description="For form `hinge`: how far (in logits) a safety logit may fall before it is penalized. >= 0.",
+    )
+    positions: PositionMode = Field(
+        default="supervised",
+        description=(
+            "Where the penalty is evaluated on training batches. `supervised`: positions whose next-token "
+            "label is not -100 (shifted exactly like the causal-LM loss). `all`: every non-padding position. "
+            "`first_n`: the first `first_n` supervised positions of each sequence (the decision point)."
+        ),
+    )
+    first_n: int = Field(
+        default=1, description="For positions `first_n`: how many positions per sequence. >= 1."
+    )
+    on_nonfinite: NonFiniteAction = Field(
+        default="raise",
+        description=(
+            "What to do when the projected safety logits or the penalty are NaN/inf: `raise` an error, or "
+            "`skip` the step with a warning (the count is in `metrics()['skipped']`). The check runs once per "
+            "optimizer step, before it (`handle.check_step()`; the micro-batches never wait for the device): "
+            "the non-finite term is 0, and since a non-finite forward can put NaN into every gradient, the "
+            "trainer integrations drop the step's gradients under `skip` (the optimizer step changes nothing)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PenaltyConfig:
+        if self.margin < 0:
+            raise ValueError(f"`penalty.margin` must be >= 0, got {self.margin}: use 0 or a positive margin.")
+        if self.margin != 0 and self.form != "hinge":
+            raise ValueError(
+                f"`penalty.margin` is {self.margin} but `penalty.form` is {self.form!r}: the margin is only "
+                "used by form 'hinge'; set form: hinge or remove margin."
+            )
+        if self.first_n < 1:
+            raise ValueError(f"`penalty.first_n` must be >= 1, got {self.first_n}.")
+        if self.first_n != 1 and self.positions != "first_n":
+            raise ValueError(
+                f"`penalty.first_n` is {self.first_n} but `penalty.positions` is {self.positions!r}: set "
+                "positions: first_n or remove first_n."
+            )
+        return self
+
+
+__all__ = ["NonFiniteAction", "PenaltyConfig", "PenaltyForm", "PositionMode"]

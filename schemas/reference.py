@@ -1,0 +1,176 @@
+"""The `reference` section: where the reference (aligned-model) safety logits come from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from str_hooks.schemas.base import Section
+
+ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
+AnchorPlacement = Literal["separate", "folded"]
+FoldPadding = Literal["auto", "yes", "no"]
+
+
+class ReferenceConfig(Section):
+    """Where the reference (aligned-model) safety logits come from."""
+
+    source: ReferenceSource = Field(
+        default="anchors",
+        description=(
+            "`adapter`: the same PEFT model with adapters disabled, one no-grad forward per step (exact). "
+            "`model`: a separate frozen reference model (passed as `reference_model=` or `model_path`). "
+            "`cache`: reference logits precomputed over the training set (`str-hooks cache`), looked up "
+            "per example, no extra forward. `anchors`: a fixed set of harmful prompts whose reference "
+            "logits at the decision point are computed once at attach; the penalty is evaluated on them."
+        ),
+    )
+    model_path: str | None = Field(
+        default=None,
+        description="For source `model`: a local path loaded with `AutoModelForCausalLM.from_pretrained`.",
+    )
+    cache_path: str | None = Field(
+        default=None,
+        description="For source `cache`: the `.safetensors` file written by `build_reference_cache`.",
+    )
+    anchors_path: str | None = Field(
+        default=None,
+        description=(
+            "For source `anchors`: a file of harmful prompts (text, one per line; JSON list; CSV or JSONL with "
+            "`anchors_column`). None uses the package's own anchor prompts."
+        ),
+    )
+    anchors_column: str | None = Field(
+        default=None, description="Column holding the prompt when `anchors_path` is a CSV or JSONL file."
+    )
+    anchor_batch_size: int = Field(
+        default=8, description="Anchor prompts per anchor step (harmful and benign together). >= 1."
+    )
+    anchor_tokens: int = Field(
+        default=4,
+        description=(
+            "How many positions of each anchor's opening are penalized. 1: the decision point only (the last "
+            "prompt position). n > 1: the aligned model's own greedy opening of n tokens is generated once at "
+            "attach (stopping early at end-of-sequence) and teacher-forced during training, and every position "
+            "of it is penalized (refusals are decided over the first few tokens: 'I'm sorry, but I'). The "
+            "anchor term is the mean over all penalized positions. >= 1."
+        ),
+    )
+    benign_weight: float = Field(
+        default=1.0,
+        description=(
+            "Weight of benign anchors relative to the harmful ones (whose weight is 1). > 0 adds benign "
+            "anchors, pinned the same way to the aligned model's own behaviour (with `anchor_tokens` > 1, its "
+            "own first answer tokens), so the penalty keeps answering what it answered as well as refusing what "
+            "it refused. The anchor term is then the weighted mean over the step's points. 0 uses harmful "
+            "anchors only. >= 0."
+        ),
+    )
+    benign_anchors_path: str | None = Field(
+        default=None,
+        description=(
+            "Benign anchor prompts (same file formats as `anchors_path`, same `anchors_column`). None, with "
+            "`benign_weight` > 0, uses the package's own ordinary and sensitive-sounding safe prompts (none of "
+            "them an XSTest prompt)."
+        ),
+    )
+    anchor_every: int = Field(
+        default=1,
+        description=(
+            "Penalize the anchors every this many optimizer steps (amortizes the cost; in results/study "
+            "every 8th step lost the refusals that every step kept). >= 1."
+        ),
+    )
+    anchor_placement: AnchorPlacement = Field(
+        default="separate",
+        description=(
+            "`separate`: a forward+backward of its own for the anchor batch (any batch works; on a GPU "
+            "this costs x1.28-x1.41 per anchor step, being latency-bound). `folded`: the anchors ride in "
+            "the training forward as packed segments, in the rows' trailing padding where they fit, else in "
+            "front of the rows (no extra forward, at most their tokens; the same gradient). Folded needs "
+            "unpadded or right-padded `input_ids` batches, passed through `handle.prepare_batch` (the "
+            "trainer integrations do it), and a transformers version that builds packed-sequence masks "
+            "from position ids (checked at attach)."
+        ),
+    )
+    fold_into_padding: FoldPadding = Field(
+        default="auto",
+        description=(
+            "For `anchor_placement: folded`: whether anchors may go into the rows' trailing padding (no extra "
+            "tokens) before going in front of the rows. Finding the padding reads the batch's attention mask "
+            "on the host, which on an accelerator is a synchronization once per anchor step. `auto`: only for "
+            "batches on the CPU (where reading costs nothing); `yes`: always; `no`: never read the batch "
+            "(anchors always go in front; a left-padded or segment-numbered batch is then reported by "
+            "`handle.step()` at the end of the step instead of before the forward)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReferenceConfig:
+        if self.source == "cache" and not self.cache_path:
+            raise ValueError(
+                "`reference.source` is 'cache' but `reference.cache_path` is not set: build a cache with "
+                "`str-hooks cache` and set cache_path to its file."
+            )
+        if self.cache_path and self.source != "cache":
+            raise ValueError(
+                f"`reference.cache_path` is set ({self.cache_path!r}) but `reference.source` is "
+                f"{self.source!r}: set source: cache "
+                "or remove cache_path."
+            )
+        if self.model_path and self.source != "model":
+            raise ValueError(
+                f"`reference.model_path` is set ({self.model_path!r}) but `reference.source` is "
+                f"{self.source!r}: set source: model "
+                "or remove model_path."
+            )
+        anchor_fields_set = self._set_off_default(
+            {
+                "anchors_path",
+                "anchors_column",
+                "anchor_batch_size",
+                "anchor_every",
+                "anchor_placement",
+                "anchor_tokens",
+                "benign_weight",
+                "benign_anchors_path",
+                "fold_into_padding",
+            }
+        )
+        if anchor_fields_set and self.source != "anchors":
+            name = anchor_fields_set[0]
+            raise ValueError(
+                f"`reference.{name}` is set ({getattr(self, name)!r}) but `reference.source` is "
+                f"{self.source!r}: anchor options are only used by source 'anchors'."
+            )
+        if self.anchor_batch_size < 1:
+            raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")
+        if self.anchor_every < 1:
+            raise ValueError(f"`reference.anchor_every` must be >= 1, got {self.anchor_every}.")
+        if self.anchor_tokens < 1:
+            raise ValueError(
+                f"`reference.anchor_tokens` must be >= 1, got {self.anchor_tokens}: use 1 for the decision point "
+                "only, or e.g. 4 for the first four tokens of the reply."
+            )
+        if not (self.benign_weight >= 0 and self.benign_weight != float("inf")):
+            raise ValueError(
+                f"`reference.benign_weight` must be a finite number >= 0, got {self.benign_weight}: use 0 for "
+                "harmful anchors only, or e.g. 1.0."
+            )
+        if self.fold_into_padding != "auto" and self.anchor_placement != "folded":
+            raise ValueError(
+                f"`reference.fold_into_padding` is {self.fold_into_padding!r} but `reference.anchor_placement` is "
+                f"{self.anchor_placement!r}: it only applies to folded anchors; set anchor_placement: folded or "
+                "remove fold_into_padding."
+            )
+        if self.benign_anchors_path is not None and self.benign_weight == 0:
+            raise ValueError(
+                f"`reference.benign_anchors_path` is set ({self.benign_anchors_path!r}) but "
+                "`reference.benign_weight` is 0, so no benign anchor would be used: set benign_weight, e.g. 1.0, "
+                "or remove benign_anchors_path."
+            )
+        return self
+
+
+__all__ = ["AnchorPlacement", "FoldPadding", "ReferenceConfig", "ReferenceSource"]
