@@ -29,6 +29,11 @@ class STRConfig(Section):
     or an Axolotl `str:` block. Unknown keys are errors. Round-trips through JSON
     (`STRConfig.model_validate_json(cfg.model_dump_json())`).
 
+    Raises:
+        STRConfigError: an unknown key, or a value or combination that cannot work, built directly or
+            assigned (the message names the field, the bad value and the fix). It is also pydantic's
+            `ValidationError`, with pydantic's `errors()`; each section (`TokensConfig`, ...) does the same.
+
     Example:
         >>> cfg = STRConfig.model_validate({"coef": 3.0})
         >>> cfg.reference.source, cfg.penalty.form, cfg.reference.anchor_tokens

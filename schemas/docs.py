@@ -15,14 +15,15 @@ from str_hooks.schemas.config import STRConfig
 
 HEADER = """# Configuration reference
 
-Generated from the field descriptions of `STRConfig` (`schemas/config.py`) by
+Generated from the field descriptions of `STRConfig` and its sections (`schemas/`) by
 `python -m str_hooks.schemas.docs > docs/config.md`; `tests/test_config.py` keeps it in sync.
 
 `STRConfig` (pydantic v2) loads from a dict, a YAML or JSON file (`load_config(path)`; a file with a
 top-level `str:` block, like an Axolotl config, works too) and round-trips through JSON. Unknown keys
 are errors with a did-you-mean hint; values and combinations that cannot work are errors that name the
-field, the value and the fix, raised before any training step: `STRConfigError` from `load_config` and
-every entry point that takes a config, pydantic's `ValidationError` from `STRConfig(...)` itself.
+field, the value and the fix, raised before any training step. The type is `STRConfigError` however the
+config is built: `load_config`, every entry point that takes a config, and `STRConfig(...)` (or a section,
+or an assignment) itself, whose error is also pydantic's `ValidationError` with pydantic's `errors()`.
 """
 
 

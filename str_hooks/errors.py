@@ -5,6 +5,11 @@ Every error says what was wrong (the field or the object), the bad value, and ho
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails
+
 
 class STRError(Exception):
     """Base class of every error str-hooks raises on purpose."""
@@ -12,6 +17,33 @@ class STRError(Exception):
 
 class STRConfigError(STRError, ValueError):
     """A configuration value, or a combination of values, that cannot work."""
+
+
+class STRConfigValidationError(STRConfigError, ValidationError):
+    """An invalid `STRConfig` (or one of its sections) built, validated or assigned to directly.
+
+    It is pydantic's `ValidationError` too, with the same errors and message, so code written when direct
+    construction raised pydantic's type (`except ValidationError`, `exc.errors()`) keeps working.
+    """
+
+    @classmethod
+    def from_validation_error(
+        cls, exc: ValidationError, input_type: Literal["python", "json"] = "python"
+    ) -> STRConfigValidationError:
+        """The same errors as `exc`, as this type (pydantic's error type cannot be changed in place).
+
+        Args:
+            exc: the error pydantic raised.
+            input_type: 'json' for `model_validate_json`: some of pydantic's messages depend on it, and a
+                `ValidationError` does not expose it.
+        """
+        details: list[InitErrorDetails] = []
+        for error in exc.errors():
+            detail = InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+            if "ctx" in error:
+                detail["ctx"] = error["ctx"]
+            details.append(detail)
+        return cls.from_exception_data(exc.title, details, input_type=input_type)
 
 
 class STRTokensError(STRError, ValueError):

@@ -18,6 +18,7 @@ from str_hooks.errors import STRConfigError
 from str_hooks.schemas.config import (
     LoggingConfig,
     PenaltyConfig,
+    ProbeConfig,
     ReferenceConfig,
     STRConfig,
     TokensConfig,
@@ -185,19 +186,19 @@ def test_every_field_has_a_description() -> None:
             assert field.description and len(field.description.strip()) >= 8, f"{model.__name__}.{name}"
 
 
-def validation_error(data: dict[str, Any], pattern: str) -> str:
-    with pytest.raises(ValidationError, match=pattern) as info:
+def config_error(data: dict[str, Any], pattern: str) -> str:
+    with pytest.raises(STRConfigError, match=pattern) as info:
         STRConfig.model_validate(data)
     return str(info.value)
 
 
 def test_unknown_top_level_key_with_hint() -> None:
-    message = validation_error({"coeff": 0.5}, r"unknown key `coeff` \(value 0\.5\) in STRConfig\.")
+    message = config_error({"coeff": 0.5}, r"unknown key `coeff` \(value 0\.5\) in STRConfig\.")
     assert "Did you mean `coef`?" in message
 
 
 def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
-    message = validation_error({"zzzzzz": 1}, r"unknown key `zzzzzz` \(value 1\)")
+    message = config_error({"zzzzzz": 1}, r"unknown key `zzzzzz` \(value 1\)")
     assert "Did you mean" not in message
     assert (
         "Known keys: coef, logging, penalty, probe, reference, tokens, verify_projection, warmup_steps"
@@ -206,7 +207,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones() -> None:
 
 
 def test_unknown_nested_key() -> None:
-    message = validation_error(
+    message = config_error(
         {"penalty": {"fomr": "hinge"}}, r"unknown key `fomr` \(value 'hinge'\) in PenaltyConfig"
     )
     assert "Did you mean `form`?" in message
@@ -215,60 +216,58 @@ def test_unknown_nested_key() -> None:
 
 @pytest.mark.parametrize("coef", [-0.1, float("nan"), float("inf"), float("-inf")])
 def test_coef_must_be_finite_and_non_negative(coef: float) -> None:
-    validation_error({"coef": coef}, rf"`coef` must be a finite number >= 0, got {re.escape(str(coef))}")
+    config_error({"coef": coef}, rf"`coef` must be a finite number >= 0, got {re.escape(str(coef))}")
 
 
 @pytest.mark.parametrize("k", [0, -5])
 def test_k_must_be_positive(k: int) -> None:
-    validation_error({"tokens": {"k": k}}, rf"`tokens\.k` must be >= 1, got {k}")
+    config_error({"tokens": {"k": k}}, rf"`tokens\.k` must be >= 1, got {k}")
 
 
 def test_bad_form_literal() -> None:
-    message = validation_error({"penalty": {"form": "l2"}}, r"penalty\.form\n\s+Input should be 'mse'")
+    message = config_error({"penalty": {"form": "l2"}}, r"penalty\.form\n\s+Input should be 'mse'")
     assert "input_value='l2'" in message
 
 
 def test_negative_margin() -> None:
-    validation_error(
-        {"penalty": {"form": "hinge", "margin": -0.5}}, r"`penalty\.margin` must be >= 0, got -0\.5"
-    )
+    config_error({"penalty": {"form": "hinge", "margin": -0.5}}, r"`penalty\.margin` must be >= 0, got -0\.5")
 
 
 def test_margin_with_form_mse() -> None:
-    validation_error(
+    config_error(
         {"penalty": {"form": "mse", "margin": 0.5}},
         r"`penalty\.margin` is 0\.5 but `penalty\.form` is 'mse'",
     )
 
 
 def test_first_n_with_positions_supervised() -> None:
-    validation_error(
+    config_error(
         {"penalty": {"first_n": 3}}, r"`penalty\.first_n` is 3 but `penalty\.positions` is 'supervised'"
     )
 
 
 def test_first_n_must_be_positive() -> None:
-    validation_error(
+    config_error(
         {"penalty": {"positions": "first_n", "first_n": 0}}, r"`penalty\.first_n` must be >= 1, got 0"
     )
 
 
 def test_cache_source_without_cache_path() -> None:
-    validation_error(
+    config_error(
         {"reference": {"source": "cache"}},
         r"`reference\.source` is 'cache' but `reference\.cache_path` is not set",
     )
 
 
 def test_cache_path_with_another_source() -> None:
-    validation_error(
+    config_error(
         {"reference": {"source": "model", "cache_path": "ref.safetensors"}},
         r"`reference\.cache_path` is set \('ref\.safetensors'\) but `reference\.source` is 'model'",
     )
 
 
 def test_model_path_with_another_source() -> None:
-    validation_error(
+    config_error(
         {"reference": {"model_path": "/models/aligned"}},
         r"`reference\.model_path` is set \('/models/aligned'\) but `reference\.source` is 'anchors'",
     )
@@ -276,7 +275,7 @@ def test_model_path_with_another_source() -> None:
 
 @pytest.mark.parametrize("form", ["logprob", "kl"])
 def test_coarse_forms_need_full_vocabulary_reference(form: str) -> None:
-    validation_error(
+    config_error(
         {"penalty": {"form": form}, "reference": {"source": "cache", "cache_path": "ref.safetensors"}},
         rf"`penalty\.form` '{form}' needs full-vocabulary reference logits, which `reference\.source` 'cache'",
     )
@@ -295,14 +294,14 @@ def test_coarse_forms_need_full_vocabulary_reference(form: str) -> None:
     ],
 )
 def test_anchor_options_with_source_adapter(option: str, value: Any) -> None:
-    validation_error(
+    config_error(
         {"reference": {"source": "adapter", option: value}},
         rf"`reference\.{option}` is set \({re.escape(repr(value))}\) but `reference\.source` is 'adapter'",
     )
 
 
 def test_unknown_anchor_placement() -> None:
-    validation_error(
+    config_error(
         {"reference": {"source": "anchors", "anchor_placement": "inline"}},
         r"anchor_placement",
     )
@@ -319,21 +318,19 @@ def test_probe_on_the_default_anchors_warns() -> None:
 
 
 def test_positions_with_source_anchors() -> None:
-    validation_error(
+    config_error(
         {"reference": {"source": "anchors"}, "penalty": {"positions": "all"}},
         r"`penalty\.positions` is set \('all'\) but `reference\.source` is 'anchors'",
     )
 
 
 def test_method_list_without_strings() -> None:
-    validation_error(
-        {"tokens": {"method": "list"}}, r"`tokens\.method` is 'list' but `tokens\.strings` is empty"
-    )
+    config_error({"tokens": {"method": "list"}}, r"`tokens\.method` is 'list' but `tokens\.strings` is empty")
     assert STRConfig.model_validate({"tokens": {"method": "list", "path": "t.json"}}).tokens.path == "t.json"
 
 
 def test_strings_with_method_frequency() -> None:
-    validation_error(
+    config_error(
         {"tokens": {"method": "frequency", "strings": ["Sorry"]}},
         r"`tokens\.strings` is set \(\['Sorry'\]\) but `tokens\.method` is 'frequency'",
     )
@@ -359,16 +356,84 @@ def test_strings_with_method_frequency() -> None:
     ],
 )
 def test_other_range_errors(data: dict[str, Any], pattern: str) -> None:
-    validation_error(data, pattern)
+    config_error(data, pattern)
 
 
 def test_assignment_is_validated() -> None:
     # Only the error is checked: pydantic keeps the rejected value after an `after` model validator
     # fails on assignment (pydantic/pydantic#7105).
-    with pytest.raises(ValidationError, match=r"`penalty\.margin` must be >= 0, got -1\.0"):
+    with pytest.raises(STRConfigError, match=r"`penalty\.margin` must be >= 0, got -1\.0"):
         STRConfig().penalty.margin = -1.0
-    with pytest.raises(ValidationError, match=r"`tokens\.k` must be >= 1, got 0"):
+    with pytest.raises(STRConfigError, match=r"`tokens\.k` must be >= 1, got 0"):
         STRConfig().tokens.k = 0
+    with pytest.raises(STRConfigError, match=r"`coef` must be a finite number >= 0, got -1"):
+        STRConfig().coef = -1
+
+
+def test_direct_construction_raises_config_error() -> None:
+    # One error type for one condition: built directly, as through `load_config` or an entry point.
+    with pytest.raises(STRConfigError, match=r"`coef` must be a finite number >= 0, got -1\.0") as info:
+        STRConfig(coef=-1)
+    assert "input_value={'coef': -1}" in str(info.value)
+    with pytest.raises(
+        STRConfigError, match=r"(?m)^coef\n\s+Input should be a valid number.*input_value='x'"
+    ):
+        STRConfig(coef="x")
+    with pytest.raises(STRConfigError, match=r"(?m)^reference\.source\n\s+Input should be 'adapter'"):
+        STRConfig.model_validate_json('{"reference": {"source": "disk"}}')
+    with pytest.raises(STRConfigError, match=r"unknown key `coeff` \(value '0\.5'\) in STRConfig"):
+        STRConfig.model_validate_strings({"coeff": "0.5"})
+
+
+# One invalid value per section, built directly: each raises the same error type as the whole config.
+SECTION_ERRORS: list[tuple[type[BaseModel], dict[str, Any], str]] = [
+    (TokensConfig, {"k": 0}, r"`tokens\.k` must be >= 1, got 0"),
+    (PenaltyConfig, {"form": "hinge", "margin": -1.0}, r"`penalty\.margin` must be >= 0, got -1\.0"),
+    (ReferenceConfig, {"source": "cache"}, r"`reference\.source` is 'cache' but `reference\.cache_path`"),
+    (ProbeConfig, {"every": -1}, r"`probe\.every` must be >= 0, got -1"),
+    (LoggingConfig, {"top_tokens": -1}, r"`logging\.top_tokens` must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "pattern"), SECTION_ERRORS, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_section_built_directly_raises_config_error(
+    section: type[BaseModel], data: dict[str, Any], pattern: str
+) -> None:
+    with pytest.raises(STRConfigError, match=pattern):
+        section(**data)
+    with pytest.raises(STRConfigError, match=pattern):
+        section.model_validate(data)
+    with pytest.raises(STRConfigError, match=pattern):
+        section.model_validate_json(json.dumps(data))
+    with pytest.raises(STRConfigError, match=r"unknown key `nope`"):
+        section(nope=1)
+
+
+def test_config_error_is_still_pydantic_validation_error() -> None:
+    # Code written when direct construction raised pydantic's type (`except ValidationError`, `errors()`;
+    # the Axolotl check reads them) keeps working: same errors, same message.
+    with pytest.raises(ValidationError) as info:
+        STRConfig.model_validate({"tokens": {"k": 0}, "reference": {"source": "disk"}})
+    assert isinstance(info.value, STRConfigError)
+    assert info.value.title == "STRConfig"
+    errors = info.value.errors()
+    assert [error["loc"] for error in errors] == [("tokens",), ("reference", "source")]
+    assert errors[0]["msg"].startswith("Value error, `tokens.k` must be >= 1, got 0")
+    assert errors[1]["type"] == "literal_error" and errors[1]["input"] == "disk"
+
+
+def test_nested_config_errors_stay_field_errors() -> None:
+    # Inside another model (like Axolotl's `STRArgs`), the config is validated as a field: its errors reach
+    # the outer model with their place, and the outer model raises its own (pydantic's) error type.
+    class Outer(BaseModel):
+        str_block: STRConfig
+
+    with pytest.raises(ValidationError) as info:
+        Outer.model_validate({"str_block": {"penalty": {"form": "l2"}}})
+    assert not isinstance(info.value, STRConfigError)
+    assert [error["loc"] for error in info.value.errors()] == [("str_block", "penalty", "form")]
 
 
 def test_malformed_yaml_file(tmp_path: Path) -> None:
@@ -430,9 +495,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_probe_options_need_the_probe_on() -> None:
-    validation_error({"probe": {"n_prompts": 4}}, r"`probe.n_prompts` is set \(4\) but `probe.every` is 0")
-    validation_error({"probe": {"every": -1}}, r"`probe.every` must be >= 0, got -1")
-    validation_error({"probe": {"every": 5, "phrases": [" "]}}, r"`probe.phrases` is empty")
+    config_error({"probe": {"n_prompts": 4}}, r"`probe.n_prompts` is set \(4\) but `probe.every` is 0")
+    config_error({"probe": {"every": -1}}, r"`probe.every` must be >= 0, got -1")
+    config_error({"probe": {"every": 5, "phrases": [" "]}}, r"`probe.phrases` is empty")
     cfg = STRConfig.model_validate({"probe": {"every": 5, "n_prompts": 4}})
     assert STRConfig.model_validate_json(cfg.model_dump_json()) == cfg
 
