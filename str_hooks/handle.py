@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,15 +10,17 @@ from torch import nn
 
 from str_hooks.anchors import AnchorSet
 from str_hooks.device_index import DeviceCopies
-from str_hooks.errors import STRCacheError, STRConfigError, STRError, STRNonFiniteError
-from str_hooks.folding import fold_anchors, fold_in_front, problem_error
-from str_hooks.penalty import COARSE_FORMS, weighted_penalty_sum
+from str_hooks.errors import STRCacheError, STRConfigError, STRError
+from str_hooks.folding import problem_error
+from str_hooks.metrics import PenaltyMetrics
+from str_hooks.penalty import guarded_penalty_sum
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
 from str_hooks.sites import AnchorSite, SiteTerm, TokenSite
 from str_hooks.tap import ModelTap
 from str_hooks.tokens import SafetyTokens
+from str_hooks.usage import UsageChecks
 
 # Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
 ATTACHED_ATTR = "_str_hooks_handle"
@@ -58,11 +59,9 @@ class STRHandle:
         self.projection_verified = parts.projection_verified
         self._token_ids = torch.tensor(self.tokens.ids, dtype=torch.long)
         self._weights = DeviceCopies(torch.tensor(self.tokens.weights, dtype=torch.float32))
-        # Non-finite micro-batches not yet read by the host (a device tensor: counted without a sync).
-        self._nonfinite: torch.Tensor | None = None
-        # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), read by
-        # `check_step()`, and the step it last ran at.
-        self._fold_problems: torch.Tensor | None = None
+        # The last term's metrics and the non-finite count (on the device until `check_step()` reads it).
+        self._metrics = PenaltyMetrics(self.config, self.tokens)
+        # The step `check_step()` last ran at: `step()` runs it when nobody did during the step.
         self._checked_at = -1
         self.schedule = StepSchedule(
             self.config.coef,
@@ -76,11 +75,7 @@ class STRHandle:
         else:
             assert self.reference is not None  # every source but anchors has one
             self.site = TokenSite(self.config, self.reference, self.tap.rows)
-        self._loss_calls = 0
-        self._skipped = 0
-        self._last: dict[str, Any] = {}
-        self._warned_no_step = False
-        self._warned_eval_mode = False
+        self._usage = UsageChecks(self.config, self.tap.causal_lm, self.schedule, self.anchors is not None)
         self._attached = True
         setattr(self.tap.causal_lm, ATTACHED_ATTR, self)
 
@@ -108,9 +103,9 @@ class STRHandle:
             The number of micro-batches with a non-finite term (0 when none, always 0 under `raise`).
         """
         self._checked_at = self.schedule.step
-        problems, self._fold_problems = self._fold_problems, None
+        problems = self.site.take_fold_problems() if isinstance(self.site, AnchorSite) else None
         missing = self.reference.missing() if self.reference is not None else 0
-        nonfinite = self._read_nonfinite()
+        nonfinite = self._metrics.read_nonfinite()
         if problems is not None and int(problems):
             raise problem_error(int(problems))
         if missing:
@@ -120,7 +115,7 @@ class STRHandle:
                 f"{self.reference.describe()}): the cache was built over other data or another tokenization; "
                 "rebuild it over this training set with `str-hooks cache`."
             )
-        self._account_nonfinite(nonfinite)
+        self._metrics.account_nonfinite(nonfinite)
         return nonfinite
 
     def step(self) -> None:
@@ -157,57 +152,9 @@ class STRHandle:
         """
         if not self._attached:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
-        anchors = self.anchors
-        if (
-            anchors is None
-            or self.config.reference.anchor_placement != "folded"
-            or not self.tap.causal_lm.training
-            or not self.schedule.anchor_due()
-        ):
+        if not isinstance(self.site, AnchorSite):
             return batch
-        if not isinstance(batch, dict) and not hasattr(batch, "keys"):
-            raise STRError(
-                f"`reference.anchor_placement` is 'folded' but the batch is a {type(batch).__name__}: fold needs "
-                "a mapping with `input_ids` (like the HF collators return), or set `reference.anchor_placement: "
-                "separate`."
-            )
-        keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
-        cursor = self.schedule.anchor_cursor
-        prepared = anchors.batch(cursor, self.tap.device())
-        ids = batch.get("input_ids") if hasattr(batch, "get") else None
-        on_cpu = isinstance(ids, torch.Tensor) and ids.device.type == "cpu"
-        into_padding = self.config.reference.fold_into_padding
-        if into_padding == "yes" or (into_padding == "auto" and on_cpu):
-            folded, where = fold_anchors(
-                batch,
-                [anchors.encoded[i] for i in prepared.indices],
-                prepared.indices,
-                pad_token_id=anchors.pad_token_id,
-                keep_logits=keep_logits,
-                points=prepared.points,
-            )
-        else:
-            # No read of the batch on the host (docs/host_sync.md): anchors in front, checks on the device.
-            folded, where = fold_in_front(
-                batch,
-                list(prepared.encoded),
-                prepared.indices,
-                pad_token_id=anchors.pad_token_id,
-                keep_logits=keep_logits,
-                points=prepared.points,
-            )
-            if where.problems is not None:
-                self._fold_problems = where.problems
-        if self.config.penalty.form in COARSE_FORMS:
-            # The full softmax at the anchors' points only, computed inside the forward (FSDP-safe).
-            self.tap.request_points(where.rows, where.cols)
-        if self.tap.accepts_use_cache:
-            # A KV cache (the config default) turns transformers' packed-sequence detection off.
-            folded["use_cache"] = False
-        self.schedule.take_anchors(prepared.indices)
-        assert isinstance(self.site, AnchorSite)
-        self.site.pending = (where, prepared)
-        return folded
+        return self.site.prepare(batch, extend_labels)
 
     def loss(
         self,
@@ -262,11 +209,10 @@ class STRHandle:
     ) -> torch.Tensor:
         if not self._attached:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
-        self._loss_calls += 1
-        self._check_step_calls()
-        self._last = {}  # metrics() describe only a term this call computed
+        self._usage.loss_called()
+        self._metrics.clear()  # metrics() describe only a term this call computed
         sink = self.tap.take()
-        self._check_training_mode(sink)
+        self._usage.forward_seen(sink)
         term = self.site.term(sink) if isinstance(self.site, AnchorSite) else self.site.term(sink, labels)
         if term is None:
             device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
@@ -281,139 +227,36 @@ class STRHandle:
         policy, reference, n_places, mask = term.policy, term.reference, term.n_places, term.mask
         if mask is None:
             mask = torch.ones(policy.shape[:-1], dtype=torch.bool, device=policy.device)
-        form = self.config.penalty.form
-        # A reference log-prob of -inf (probability 0) is a valid `kl` bucket; anything else must be finite.
-        reference_ok = torch.isfinite(reference)
-        if form == "kl":
-            reference_ok = reference_ok | torch.isneginf(reference)
-        entries_ok = torch.isfinite(policy) & reference_ok
-        reference = torch.where(reference_ok, reference.float(), 0.0)
-        # Non-finite entries compare equal (zero penalty, zero gradient into them).
-        safe = torch.where(entries_ok, policy.float(), reference)
-        pen_sum = weighted_penalty_sum(
-            safe,
+        guarded = guarded_penalty_sum(
+            policy,
             reference,
             self._weights.on(policy.device),
-            form,
+            self.config.penalty.form,
             self.config.penalty.margin,
-            row_weights=term.row_weights,
-            mask=mask,
+            term.row_weights,
+            mask,
         )
-        finite = (entries_ok.all(dim=-1) | ~mask).all() & torch.isfinite(pen_sum)
+        pen_sum, finite = guarded.pen_sum, guarded.finite
         count = n_places.clamp_min(1) if isinstance(n_places, torch.Tensor) else (n_places or 1)
         normalizer = count if num_items_in_batch is None else num_items_in_batch
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.to(pen_sum.device)
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
-        skipped = (~finite).to(torch.int64)
-        self._nonfinite = (
-            skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
-        )
-        with torch.no_grad():
-            # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
-            k = self.tokens.k
-            drift = safe.detach()[..., :k] - reference[..., :k]
-            drift = torch.where(mask.unsqueeze(-1) & torch.isfinite(drift), drift, 0.0)
-            drift = torch.where(finite, drift.reshape(-1, k), 0.0)
-            self._last = {
-                "penalty": value.detach(),
-                "pen_mean": pen_sum.detach() / count,
-                "drift_sum": drift.sum(dim=0),
-                "abs_drift_sum": drift.abs().sum(dim=0),
-                "count": torch.where(finite, n_places, 0) if isinstance(n_places, torch.Tensor) else n_places,
-                "finite": finite,
-            }
+        self._metrics.record(value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite)
         return value
-
-    def _read_nonfinite(self) -> int:
-        """Non-finite micro-batches since the last read (a host read: once per optimizer step at most)."""
-        if self._nonfinite is None:
-            return 0
-        count, self._nonfinite = int(self._nonfinite), None
-        return count
-
-    def _account_nonfinite(self, count: int) -> None:
-        if not count:
-            return
-        message = (
-            f"NaN/inf in the STR penalty of {count} micro-batch(es) (the model's hidden states, head or logits are "
-            "not finite; check the learning rate and precision)."
-        )
-        self._skipped += count
-        if self.config.penalty.on_nonfinite == "raise":
-            raise STRNonFiniteError(
-                message
-                + " Their STR term was 0. Set `penalty.on_nonfinite: skip` to skip such steps instead."
-            )
-        warnings.warn(
-            message + " Their STR term was 0; the trainer integrations skip this optimizer step.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def _check_training_mode(self, sink: Any) -> None:
-        """A forward that builds a graph while the causal LM is in eval mode is almost always a training
-        step whose model was never put in training mode (`from_pretrained` returns an eval-mode model, and
-        `get_peft_model` wraps it in a module that reports `training=True`): the penalty is 0 in eval mode,
-        so say so once instead of training without STR."""
-        if self._warned_eval_mode or sink.safety_logits is None or sink.training or not sink.grad_enabled:
-            return
-        self._warned_eval_mode = True
-        warnings.warn(
-            f"handle.loss() saw a forward with gradients enabled while {type(self.tap.causal_lm).__name__} "
-            "is in eval mode, so the STR penalty is 0 for it (the penalty applies in training mode only). "
-            "If this is a training step, call model.train() first (`from_pretrained` returns a model in eval "
-            "mode, and a PEFT wrapper reports training=True while its modules stay in eval mode); if it is an "
-            "evaluation, run it under torch.no_grad().",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def _check_step_calls(self) -> None:
-        needs_steps = self.config.warmup_steps > 0 or (
-            self.anchors is not None and self.config.reference.anchor_every > 1
-        )
-        if needs_steps and self.schedule.step == 0 and self._loss_calls > 1000 and not self._warned_no_step:
-            self._warned_no_step = True
-            warnings.warn(
-                "handle.loss() was called 1000 times but handle.step() never: coef warm-up and the anchor "
-                "interval count optimizer steps; call handle.step() after each optimizer.step().",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
         """The last `loss()` call's metrics as 0-dim device tensors, without a host read (what the trainer
         integrations accumulate): `penalty`, `computed` (1 for a finite term, 0 for a non-finite one), `drift`,
         `abs_drift` and `drift/<token>` for the top-weighted tokens (0 for a non-finite term). Empty when that
         call computed no term (eval mode, no anchor step due)."""
-        if not self._last:
-            return {}
-        last = self._last
-        count = last["count"]
-        count = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
-        per_token = last["drift_sum"] / count
-        out = {
-            "penalty": last["penalty"],
-            "computed": last["finite"].float(),
-            "drift": per_token.sum() / self.tokens.k,
-            "abs_drift": last["abs_drift_sum"].sum() / (count * self.tokens.k),
-        }
-        names = self.tokens.readable_names
-        for i in self._top_tokens:
-            out[f"drift/{names[i]}"] = per_token[i]
-        return out
-
-    @property
-    def _top_tokens(self) -> list[int]:
-        order = sorted(range(self.tokens.k), key=lambda i: -self.tokens.weights[i])
-        return order[: self.config.logging.top_tokens]
+        return self._metrics.step_tensors()
 
     @property
     def term_computed(self) -> bool:
         """Whether the last `loss()` call computed a term (False in eval mode or when no anchor step was due;
         a non-finite term counts as computed here: it is zeroed on the device, see `step_metrics`)."""
-        return bool(self._last)
+        return self._metrics.computed
 
     def metrics(self) -> dict[str, float]:
         """Plain floats from the last `loss()` call (a host read): `penalty` (the added term), `pen_mean`
@@ -423,22 +266,8 @@ class STRHandle:
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""
-        self._account_nonfinite(self._read_nonfinite())
-        out: dict[str, float] = {
-            "coef": float(self.current_coef()),
-            "skipped": float(self._skipped),
-            "step": float(self.schedule.step),
-        }
-        if not self._last or not bool(self._last["finite"]):
-            return out
-        tensors = self.step_metrics()
-        out["penalty"] = float(tensors["penalty"])
-        out["pen_mean"] = float(self._last["pen_mean"])
-        out["positions"] = float(self._last["count"])
-        for key, value in tensors.items():
-            if key != "computed" and key != "penalty":
-                out[key] = float(value)
-        return out
+        self._metrics.account_nonfinite(self._metrics.read_nonfinite())
+        return self._metrics.floats(self.current_coef(), self.schedule.step)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -447,7 +276,7 @@ class STRHandle:
             "version": STATE_VERSION,
             "step": self.schedule.step,
             "anchor_cursor": self.schedule.anchor_cursor,
-            "skipped": self._skipped,
+            "skipped": self._metrics.skipped,
             "tokens": self.tokens.to_dict(),
             "config": self.config.model_dump(mode="json"),
             "cache": self.cache_identity,
@@ -471,7 +300,7 @@ class STRHandle:
                 "resume with the same cache."
             )
         self.schedule.load(int(state["step"]), int(state["anchor_cursor"]))
-        self._skipped = int(state.get("skipped", 0))
+        self._metrics.skipped = int(state.get("skipped", 0))
 
     def remove(self) -> None:
         """Detach every hook and marker; the model is left exactly as before. Safe to call twice."""
@@ -483,7 +312,7 @@ class STRHandle:
         if getattr(self.tap.causal_lm, ATTACHED_ATTR, None) is self:
             delattr(self.tap.causal_lm, ATTACHED_ATTR)
         self._attached = False
-        self._last = {}
+        self._metrics.clear()
 
     @property
     def uses_anchors(self) -> bool:

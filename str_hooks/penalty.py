@@ -9,6 +9,8 @@ where it leaves the safety logits alone.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from str_hooks.errors import STRConfigError
@@ -153,6 +155,40 @@ def weighted_penalty_sum(
     if mask is not None:
         rows = torch.where(mask.to(rows.device), rows, 0.0)
     return rows.sum()
+
+
+class GuardedSum(NamedTuple):
+    """`guarded_penalty_sum`'s result: the sum, the values it compared (non-finite entries replaced) and
+    whether the term was finite (a 0-dim bool tensor)."""
+
+    pen_sum: torch.Tensor
+    policy: torch.Tensor
+    reference: torch.Tensor
+    finite: torch.Tensor
+
+
+def guarded_penalty_sum(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    weights: torch.Tensor,
+    form: str,
+    margin: float,
+    row_weights: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> GuardedSum:
+    """`weighted_penalty_sum` that tolerates NaN/inf: non-finite entries compare equal (zero penalty and zero
+    gradient into them) and `finite` says whether any penalized row had one, so the caller can zero the term
+    on the device instead of reading it on the host (docs/host_sync.md)."""
+    # A reference log-prob of -inf (probability 0) is a valid `kl` bucket; anything else must be finite.
+    reference_ok = torch.isfinite(reference)
+    if form == "kl":
+        reference_ok = reference_ok | torch.isneginf(reference)
+    entries_ok = torch.isfinite(policy) & reference_ok
+    reference = torch.where(reference_ok, reference.float(), 0.0)
+    safe = torch.where(entries_ok, policy.float(), reference)
+    pen_sum = weighted_penalty_sum(safe, reference, weights, form, margin, row_weights=row_weights, mask=mask)
+    finite = (entries_ok.all(dim=-1) | ~mask).all() & torch.isfinite(pen_sum)
+    return GuardedSum(pen_sum, safe, reference, finite)
 
 
 def coef_at(step: int, coef: float, warmup_steps: int) -> float:

@@ -11,13 +11,13 @@ the same places, how many places, and an optional weight per place (benign ancho
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from str_hooks.anchors import AnchorBatch, AnchorSet
 from str_hooks.errors import STRAttachError, STRError
-from str_hooks.folding import FoldedAnchors
+from str_hooks.folding import FoldedAnchors, fold_anchors, fold_in_front
 from str_hooks.penalty import COARSE_FORMS, form_values, penalty_positions
 from str_hooks.projection import HeadRows
 from str_hooks.reference import ReferenceSource
@@ -90,13 +90,74 @@ class AnchorSite:
     """The anchor prompts' decision points, once per optimizer step where the schedule says one is due."""
 
     def __init__(self, config: STRConfig, anchors: AnchorSet, tap: ModelTap, schedule: StepSchedule) -> None:
+        self.config = config
         self.folded = config.reference.anchor_placement == "folded"
         self.coarse = config.penalty.form if config.penalty.form in COARSE_FORMS else None
         self.anchors = anchors
         self.tap = tap
         self.schedule = schedule
-        # The fold of this step's anchors and their batch, set by `STRHandle.prepare_batch`.
+        # The fold of this step's anchors and their batch, set by `prepare`.
         self.pending: tuple[FoldedAnchors, AnchorBatch] | None = None
+        # Problems a fold without a host read found in its batch (`folding.PROBLEMS` bits), still on the
+        # device: `STRHandle.check_step()` reads them once per optimizer step.
+        self.fold_problems: torch.Tensor | None = None
+
+    def prepare(self, batch: Any, extend_labels: bool | None) -> Any:
+        """`STRHandle.prepare_batch` for source `anchors` (see there): `batch` with this step's anchors folded
+        in when an anchor term is due on a training forward, else `batch` itself."""
+        anchors = self.anchors
+        if (
+            self.config.reference.anchor_placement != "folded"
+            or not self.tap.causal_lm.training
+            or not self.schedule.anchor_due()
+        ):
+            return batch
+        if not isinstance(batch, dict) and not hasattr(batch, "keys"):
+            raise STRError(
+                f"`reference.anchor_placement` is 'folded' but the batch is a {type(batch).__name__}: fold needs "
+                "a mapping with `input_ids` (like the HF collators return), or set `reference.anchor_placement: "
+                "separate`."
+            )
+        keep_logits = not extend_labels if extend_labels is not None else self.tap.accepts_logits_to_keep
+        prepared = anchors.batch(self.schedule.anchor_cursor, self.tap.device())
+        ids = batch.get("input_ids") if hasattr(batch, "get") else None
+        on_cpu = isinstance(ids, torch.Tensor) and ids.device.type == "cpu"
+        into_padding = self.config.reference.fold_into_padding
+        if into_padding == "yes" or (into_padding == "auto" and on_cpu):
+            folded, where = fold_anchors(
+                batch,
+                [anchors.encoded[i] for i in prepared.indices],
+                prepared.indices,
+                pad_token_id=anchors.pad_token_id,
+                keep_logits=keep_logits,
+                points=prepared.points,
+            )
+        else:
+            # No read of the batch on the host (docs/host_sync.md): anchors in front, checks on the device.
+            folded, where = fold_in_front(
+                batch,
+                list(prepared.encoded),
+                prepared.indices,
+                pad_token_id=anchors.pad_token_id,
+                keep_logits=keep_logits,
+                points=prepared.points,
+            )
+            if where.problems is not None:
+                self.fold_problems = where.problems
+        if self.config.penalty.form in COARSE_FORMS:
+            # The full softmax at the anchors' points only, computed inside the forward (FSDP-safe).
+            self.tap.request_points(where.rows, where.cols)
+        if self.tap.accepts_use_cache:
+            # A KV cache (the config default) turns transformers' packed-sequence detection off.
+            folded["use_cache"] = False
+        self.schedule.take_anchors(prepared.indices)
+        self.pending = (where, prepared)
+        return folded
+
+    def take_fold_problems(self) -> torch.Tensor | None:
+        """The fold problems flagged since the last call (device bits, or None), cleared."""
+        problems, self.fold_problems = self.fold_problems, None
+        return problems
 
     def term(self, sink: Sink) -> SiteTerm | None:
         return self._folded(sink) if self.folded else self._separate()

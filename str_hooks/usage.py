@@ -1,0 +1,73 @@
+"""`UsageChecks`: one-time warnings for the two ways a training loop silently trains without STR (a model
+left in eval mode, `handle.step()` never called)."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from str_hooks.schedule import StepSchedule
+from str_hooks.schemas.config import STRConfig
+from str_hooks.tap import Sink
+
+
+class UsageChecks:
+    """Warns once per handle about a training loop that uses it wrongly; never raises (both cases are legal).
+
+    Call its methods straight from `STRHandle`'s private `_loss`: the warnings name the frame two up.
+
+    Args:
+        config: the handle's config, read when used (`warmup_steps`, `reference.anchor_every`).
+        causal_lm: the model the hooks are on (named in the eval-mode warning).
+        schedule: the handle's step schedule (how many `step()` calls it has seen).
+        uses_anchors: source `anchors` (its anchor interval counts optimizer steps).
+    """
+
+    def __init__(
+        self, config: STRConfig, causal_lm: nn.Module, schedule: StepSchedule, uses_anchors: bool
+    ) -> None:
+        self.config = config
+        self.causal_lm = causal_lm
+        self.schedule = schedule
+        self.uses_anchors = uses_anchors
+        self.loss_calls = 0
+        self._warned_no_step = False
+        self._warned_eval_mode = False
+
+    def loss_called(self) -> None:
+        """Count a `loss()` call; after 1000 of them without a `step()` a warm-up or an anchor interval never
+        advances, which no error would reveal."""
+        self.loss_calls += 1
+        needs_steps = self.config.warmup_steps > 0 or (
+            self.uses_anchors and self.config.reference.anchor_every > 1
+        )
+        if needs_steps and self.schedule.step == 0 and self.loss_calls > 1000 and not self._warned_no_step:
+            self._warned_no_step = True
+            warnings.warn(
+                "handle.loss() was called 1000 times but handle.step() never: coef warm-up and the anchor "
+                "interval count optimizer steps; call handle.step() after each optimizer.step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def forward_seen(self, sink: Sink) -> None:
+        """A forward that builds a graph while the causal LM is in eval mode is almost always a training
+        step whose model was never put in training mode (`from_pretrained` returns an eval-mode model, and
+        `get_peft_model` wraps it in a module that reports `training=True`): the penalty is 0 in eval mode,
+        so say so once instead of training without STR."""
+        if self._warned_eval_mode or sink.safety_logits is None or sink.training or not sink.grad_enabled:
+            return
+        self._warned_eval_mode = True
+        warnings.warn(
+            f"handle.loss() saw a forward with gradients enabled while {type(self.causal_lm).__name__} "
+            "is in eval mode, so the STR penalty is 0 for it (the penalty applies in training mode only). "
+            "If this is a training step, call model.train() first (`from_pretrained` returns a model in eval "
+            "mode, and a PEFT wrapper reports training=True while its modules stay in eval mode); if it is an "
+            "evaluation, run it under torch.no_grad().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+__all__ = ["UsageChecks"]
