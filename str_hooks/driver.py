@@ -2,7 +2,8 @@
 
 An adapter maps its host's events onto five calls and holds no schedule, scaling, metrics or probe logic:
 
-- `prepare_batch(batch)` before each training forward (folds this step's anchors in when due);
+- `prepare_batch(batch)` before each training forward (folds this step's anchors in when due; `prepare_call`
+  does it for a step function's arguments, and `add_to_output` adds `penalty` to what the step returns);
 - `penalty(normalization)` after it: the term to add to the host's loss, scaled the way the host scales
   its own loss (`HostNormalization`, read from the host's flags by the adapter);
 - `before_optimizer_step(optimizer)` once per optimizer step, before it: the one host read of the step's
@@ -15,12 +16,14 @@ An adapter maps its host's events onto five calls and holds no schedule, scaling
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from str_hooks.errors import STRConfigError
+from str_hooks.errors import STRConfigError, STRError
 from str_hooks.handle import STRHandle
 from str_hooks.probe import ProbeRunner
 from str_hooks.schemas.config import STRConfig
@@ -53,6 +56,25 @@ class HostNormalization:
     accumulation_steps: int = 1
     host_divides_by: int = 1
     token_scale: int = 1
+
+    @classmethod
+    def of_host(
+        cls,
+        accumulation_steps: int,
+        *,
+        divides_by_accumulation: bool,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        token_scale: int = 1,
+    ) -> HostNormalization:
+        """From what an adapter reads off its host: whether the host divides the returned loss by the
+        accumulation steps (its CE is a per-micro-batch mean; `num_items_in_batch` is then not used), else
+        whether its CE is normalized by the step's token count (`num_items_in_batch` given) or already a
+        mean over the step."""
+        if divides_by_accumulation:
+            return cls(accumulation_steps=accumulation_steps, host_divides_by=accumulation_steps)
+        if num_items_in_batch is not None:
+            return cls(num_items_in_batch, accumulation_steps, token_scale=token_scale)
+        return cls(accumulation_steps=accumulation_steps)
 
 
 def build_probe(config: STRConfig, tokenizer: Any, owner: str) -> ProbeRunner | None:
@@ -89,6 +111,43 @@ class StepDriver:
     def prepare_batch(self, batch: Any, *, extend_labels: bool | None = None) -> Any:
         """The batch to run the training forward on (`STRHandle.prepare_batch`)."""
         return self.handle.prepare_batch(batch, extend_labels=extend_labels)
+
+    def prepare_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of a step function (`owner`) whose batch is its first positional argument or `batch=`,
+        with the batch passed through `prepare_batch` under `reference.anchor_placement: folded` (the step must
+        forward the batch's keys as given, `model(**batch)`)."""
+        if self.handle.config.reference.anchor_placement != "folded":
+            return args, kwargs
+        if args:
+            return (self.prepare_batch(args[0]), *args[1:]), kwargs
+        if "batch" in kwargs:
+            return args, {**kwargs, "batch": self.prepare_batch(kwargs["batch"])}
+        raise STRError(
+            f"`reference.anchor_placement` is 'folded' but {owner} was called without a batch to fold; set "
+            "`reference.anchor_placement: separate`."
+        )
+
+    def add_to_output(self, output: Any, normalization: HostNormalization, owner: str) -> Any:
+        """What a step function (`owner`) returned, the loss or a mapping with a 'loss' tensor, with `penalty()`
+        added to the loss (on the loss's device)."""
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            shape = (
+                f"a {type(output).__name__} without a 'loss' tensor" if isinstance(output, Mapping) else None
+            )
+            raise STRError(
+                f"{owner} returned {shape or type(output).__name__}: with STR it must return the loss (a tensor, "
+                "or a dict with a 'loss' tensor) so the penalty can be added to it; returning None to skip a batch "
+                "is not supported."
+            )
+        new_loss = loss + self.penalty(normalization).to(loss.device)
+        if not isinstance(output, Mapping):
+            return new_loss
+        updated = copy.copy(output) if isinstance(output, dict) else dict(output)
+        updated["loss"] = new_loss
+        return updated
 
     def penalty(self, normalization: HostNormalization, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The STR term for the micro-batch just forwarded, to add to the loss the host returns.
