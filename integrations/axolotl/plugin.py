@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from str_hooks.adapter import patch_method
 from str_hooks.errors import STRAttachError, STRConfigError, STRError
 from str_hooks.integrations.axolotl.validation import check_config
 from str_hooks.optional import require
@@ -111,10 +112,9 @@ class STRPlugin(BasePlugin):
 
     def post_train(self, cfg: Any, model: Any) -> None:
         callback, self.callback = self.callback, None
-        if callback is not None and callback.handle is not None:
+        if callback is not None:
             # The callback detaches at train end; this covers a training loop that never fired it.
-            callback.handle.remove()
-            callback.handle = None
+            callback.detach_driver()
         undo, self._undo = self._undo, None
         if undo is not None:
             undo()
@@ -145,13 +145,7 @@ def _route_tuner_forward_through_call(model: Any) -> Callable[[], None] | None:
         causal_lm: Any = tuner.model
         return causal_lm(*args, **kwargs)
 
-    tuner.forward = forward
-
-    def undo() -> None:
-        if vars(tuner).get("forward") is forward:
-            del tuner.forward
-
-    return undo
+    return patch_method(tuner, "forward", forward, owner=_route_tuner_forward_through_call)
 
 
 def _refuse_zero3(trainer: Any) -> None:
