@@ -1,12 +1,10 @@
-"""Lightning integration: `STRCallback` adds the Safety Token Regularization penalty to the loss that a
-LightningModule's `training_step` returns, and logs its metrics with `pl_module.log`."""
+"""Lightning integration: `STRCallback` maps Lightning's events onto the `StepDriver`, adds the penalty to the
+loss a LightningModule's `training_step` returns, and logs its metrics with `pl_module.log`."""
 
 from __future__ import annotations
 
-import copy
 import functools
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,59 +18,36 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
-from str_hooks.attach import register_str_hook  # noqa: E402
-from str_hooks.driver import HostNormalization, StepDriver, build_probe  # noqa: E402
-from str_hooks.errors import STRAttachError, STRConfigError, STRError  # noqa: E402
-from str_hooks.handle import STRHandle  # noqa: E402
+from str_hooks.adapter import AdapterBase, ConfigLike, patched_by  # noqa: E402
+from str_hooks.driver import HostNormalization, build_probe  # noqa: E402
+from str_hooks.errors import STRAttachError, STRConfigError  # noqa: E402
 from str_hooks.projection import ModuleSpec, find_causal_lm  # noqa: E402
-from str_hooks.schemas.config import STRConfig  # noqa: E402
-from str_hooks.schemas.load import load_config  # noqa: E402
 from str_hooks.tokens import SafetyTokens  # noqa: E402
 
 ModelSpec = nn.Module | str | Callable[[pl.LightningModule], nn.Module] | None
 
-# Marker on the wrapper we put on `pl_module.training_step`, so a second callback cannot wrap it twice.
-_WRAPPED_ATTR = "_str_hooks_wrapped"
 
-
-class STRCallback(pl.Callback):
+class STRCallback(AdapterBase, pl.Callback):
     r"""Safety Token Regularization for a LightningModule that fine-tunes a causal LM.
 
-    In `setup("fit")` the callback finds the causal LM inside the LightningModule, attaches the STR hook
-    to it (`register_str_hook`) and wraps `pl_module.training_step` on the instance, so the loss it
-    returns gains the penalty as a per-micro-batch mean (like an HF causal LM's cross-entropy): Lightning's
-    division by `accumulate_grad_batches`, its AMP scaling and DDP's gradient averaging then treat the
-    penalty exactly like the loss. When the LightningModule builds its model in its own `setup` or in
-    `configure_model` (both run after callbacks' `setup`), the callback attaches in `on_fit_start`.
-
-    Once per optimizer step it advances the coef warm-up and the anchor schedule and logs, with
-    `pl_module.log` (prefix `logging.prefix`, default `str/`): `penalty` (the term in that step's loss),
-    `drift` and `abs_drift` (mean z - r and |z - r| of the safety logits), `drift/<token>` for the
-    `logging.top_tokens` highest-weight tokens, `coef`, `skipped` and, every `probe.every` steps,
-    `refusal_rate` (the same keys as every integration: `str_hooks.driver.StepDriver`). `teardown` and `on_exception` detach the hook and restore
-    `training_step`; `state_dict` / `load_state_dict` carry the step count through checkpoints.
+    In `setup("fit")` (`on_fit_start` when the LightningModule builds its model in `setup`/`configure_model`)
+    it attaches STR to the causal LM inside and wraps `pl_module.training_step` on the instance: the loss it
+    returns gains the penalty as a per-micro-batch mean, which accumulation, AMP and DDP treat like the loss.
+    Logs `str_hooks.driver.STEP_KEYS` once per optimizer step; `teardown` / `on_exception` undo everything.
 
     Args:
         config: an `STRConfig`, a dict, or a YAML/JSON path; None uses the defaults (default: None).
-        tokenizer: the model's tokenizer; needed to mine safety tokens, for `reference.source: anchors`
-            and for the refusal probe (default: None).
-        tokens: safety tokens (`mine_safety_tokens` / `SafetyTokens.load`); None mines them with
-            `tokenizer` or loads `tokens.path` (default: None).
+        tokenizer: the model's tokenizer, to mine tokens, for anchors and for the probe (default: None).
+        tokens: safety tokens; None mines them with `tokenizer` or loads `tokens.path` (default: None).
         reference_model: the frozen aligned model, for `reference.source: model` (default: None).
-        model: the causal LM inside the LightningModule: an attribute path from it (`"model"`,
-            `"net.lm"`), a callable taking the LightningModule, or the module itself. None finds it: the
-            LightningModule itself when it has `get_output_embeddings()`, else its shallowest submodule that
-            is a PEFT model or has `get_output_embeddings()` (any transformers `PreTrainedModel`)
-            (default: None).
-        decoder: the decoder backbone, when it cannot be found inside the causal LM (a module, an
-            attribute path from the causal LM, or a callable) (default: None).
-        head: the LM head, likewise (default: None).
+        model: the causal LM inside the LightningModule: an attribute path from it (`"net.lm"`), a callable
+            taking it, or the module; None finds it (`str_hooks.projection.find_causal_lm`) (default: None).
+        decoder, head: the decoder and LM head when not found inside the causal LM (default: None).
 
     Raises:
-        STRConfigError: the config is invalid, the probe is on without a tokenizer, or there are neither tokens nor a tokenizer
-            (at construction).
-        STRAttachError: no causal LM is found, `model=` names a missing attribute path, the LightningModule
-            uses manual optimization, or the hook cannot attach (at `setup` / `on_fit_start`).
+        STRConfigError: an invalid config, the probe without a tokenizer, no tokens nor tokenizer (at init).
+        STRAttachError: no causal LM found, a missing `model=` path, manual optimization, or a hook that
+            cannot attach (at `setup` / `on_fit_start`).
         STRError: `training_step` returned something other than the loss (at the first step).
 
     Example: `examples/lightning_module.py` (a runnable LightningModule with a tiny model).
@@ -80,7 +55,7 @@ class STRCallback(pl.Callback):
 
     def __init__(
         self,
-        config: STRConfig | dict[str, Any] | str | Path | None = None,
+        config: ConfigLike = None,
         *,
         tokenizer: Any = None,
         tokens: SafetyTokens | None = None,
@@ -89,8 +64,8 @@ class STRCallback(pl.Callback):
         decoder: ModuleSpec = None,
         head: ModuleSpec = None,
     ) -> None:
-        super().__init__()
-        self.config = load_config(config if config is not None else STRConfig())
+        options: dict[str, Any] = {"tokenizer": tokenizer, "tokens": tokens}
+        super().__init__(config, reference_model=reference_model, decoder=decoder, head=head, **options)
         if model is not None and not isinstance(model, nn.Module | str) and not callable(model):
             raise TypeError(
                 f"`model` must be an attribute path, a callable taking the LightningModule, or a module; got "
@@ -110,38 +85,12 @@ class STRCallback(pl.Callback):
                 "tokens=... (from mine_safety_tokens or SafetyTokens.load), or set `tokens.path`."
             )
         self.probe = build_probe(self.config, tokenizer, "STRCallback")
-        self.tokenizer = tokenizer
-        self.tokens = tokens
-        self.reference_model = reference_model
         self.model_spec = model
-        self.decoder = decoder
-        self.head = head
-        self._handle: STRHandle | None = None
-        self._driver: StepDriver | None = None
-        self._pl_module: pl.LightningModule | None = None
         self._causal_lm: nn.Module | None = None
-        self._original_step: Any = None  # the instance attribute `training_step` we shadowed, if any
+        self._normalization = HostNormalization()
         self._deferred = False
-        # State to apply at the next attach: from `load_state_dict` (Lightning restores callbacks after
-        # `setup`, or after `on_fit_start` for strategies that restore late) or from a previous fit.
-        self._pending_state: dict[str, Any] | None = None
-        self._accumulate = 1
         self._stepped = False
 
-    # -- public state --------------------------------------------------------------------------------
-    @property
-    def handle(self) -> STRHandle | None:
-        """The attached `STRHandle` during `fit`, None outside it."""
-        return self._handle
-
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps seen (drives the coef warm-up and the anchor schedule); kept across fits."""
-        if self._handle is not None:
-            return self._handle.step_count
-        return int((self._pending_state or {}).get("step", 0))
-
-    # -- lifecycle -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -154,7 +103,7 @@ class STRCallback(pl.Callback):
                 "pass to manual_backward."
             )
         try:
-            causal_lm = self._find_causal_lm(pl_module)
+            causal_lm = find_causal_lm(pl_module, self.model_spec, "the LightningModule")
         except STRAttachError:
             # Lightning runs callbacks' `setup` before the LightningModule's own `setup` and
             # `configure_model`, where models are often built or PEFT-wrapped: retry in `on_fit_start`.
@@ -169,10 +118,9 @@ class STRCallback(pl.Callback):
         if not self._deferred:
             return
         self._deferred = False
-        self._attach(trainer, pl_module, self._find_causal_lm(pl_module))
-        handle = self._handle
-        assert handle is not None
-        if handle.uses_anchors and handle.peft_model is None and trainer.ckpt_path is not None:
+        self._attach(trainer, pl_module, find_causal_lm(pl_module, self.model_spec, "the LightningModule"))
+        assert self.handle is not None
+        if self.handle.uses_anchors and self.handle.peft_model is None and trainer.ckpt_path is not None:
             self._detach()
             raise STRAttachError(
                 "`reference.source` is 'anchors' with full fine-tuning, and the causal LM is built in "
@@ -189,164 +137,64 @@ class STRCallback(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        # Lightning calls `on_exception`, not `teardown`, when fit raises: nothing may be left behind.
-        self._detach()
+        self._detach()  # Lightning calls this, not `teardown`, when fit raises: nothing may be left behind
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self._handle is not None:
-            return {"handle": self._handle.state_dict()}
-        return {"handle": self._pending_state} if self._pending_state is not None else {}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = state_dict.get("handle")
-        if state is None:
-            return
-        if self._handle is not None:
-            self._handle.load_state_dict(state)
-        else:
-            self._pending_state = dict(state)
-
-    # -- per step ------------------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Lightning calls this exactly once per optimizer step, after the last micro-batch's backward, also
-        # for the shorter accumulation window at the end of an epoch (which a `batch_idx % accumulate`
-        # rule misses); the step itself is counted in `on_train_batch_end`, after the weights changed.
+        # Once per optimizer step, also for an epoch's shorter last accumulation window (which a
+        # `batch_idx % accumulate` rule misses); the step is counted in `on_train_batch_end`, once taken.
         self._stepped = True
-        if self._driver is not None:
-            self._driver.before_optimizer_step(optimizer)
+        if self.driver is not None:
+            self.driver.before_optimizer_step(optimizer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        driver = self._driver
+        driver = self.driver
         if driver is None or not self._stepped:
             return
         self._stepped = False
-        # Every rank runs a due probe (identical weights, identical greedy replies): a sharded model needs
-        # all ranks in its forward, so the probe must not run on rank 0 alone.
+        # Every rank runs a due probe: a sharded model needs all ranks in its forward.
         driver.end_step(self._causal_lm)
-        # The metrics are device tensors until read: read them on Lightning's logging steps only (the means
-        # over the steps since the last read), not every optimizer step.
+        # The metrics are device tensors until read: read them on Lightning's logging steps only.
         every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
         if trainer.global_step % every == 0 or trainer.is_last_batch:
             for key, value in driver.log_metrics().items():
                 pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=True)
 
-    # -- internals -----------------------------------------------------------------------------------
-    def _find_causal_lm(self, pl_module: pl.LightningModule) -> nn.Module:
-        return find_causal_lm(pl_module, self.model_spec, "the LightningModule")
-
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, causal_lm: nn.Module) -> None:
         self._detach()  # a previous fit that ended without teardown (should not happen, but be safe)
-        current = getattr(pl_module, "training_step", None)
-        if getattr(current, _WRAPPED_ATTR, False):
+        if patched_by(pl_module, "training_step") is not None:
             raise STRAttachError(
                 f"{type(pl_module).__name__}.training_step is already wrapped by another STRCallback: use one."
             )
-        handle = register_str_hook(
-            causal_lm,
-            self.config,
-            tokens=self.tokens,
-            tokenizer=self.tokenizer,
-            reference_model=self.reference_model,
-            decoder=self.decoder,
-            head=self.head,
-        )
-        try:
-            if self._pending_state is not None:
-                handle.load_state_dict(self._pending_state)
-        except BaseException:
-            handle.remove()
-            raise
-        self._pending_state = None
-        self._handle = handle
-        self._driver = StepDriver(handle, self.probe)
-        self._pl_module = pl_module
-        self._causal_lm = causal_lm
-        self._accumulate = int(trainer.accumulate_grad_batches)
-        self._stepped = False
-        self._original_step = pl_module.__dict__.get("training_step")
-        original = pl_module.training_step
+        self.attach_driver(causal_lm, self.tokenizer)
+        self._causal_lm, self._stepped = causal_lm, False
+        # Lightning divides every micro-batch's loss by `accumulate_grad_batches` (and scales it for AMP).
+        accumulate = int(trainer.accumulate_grad_batches)
+        self._normalization = HostNormalization.of_host(accumulate, divides_by_accumulation=True)
+        original, owner = pl_module.training_step, f"{type(pl_module).__name__}.training_step"
 
         # Lightning looks `training_step` up on the instance, also under DDP/FSDP (its forward redirection
         # calls `getattr(module, "training_step")` inside the wrapper's forward), so this wrapper runs
         # inside the strategy's forward and the penalty's gradient is reduced like the loss's.
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            args, kwargs = self._fold_anchors(args, kwargs)
-            return self._add_penalty(pl_module, original(*args, **kwargs))
+            driver = self.driver
+            if driver is None:  # detached while a step was running (cannot happen in a normal fit)
+                return original(*args, **kwargs)
+            args, kwargs = driver.prepare_call(args, kwargs, "training_step")
+            return driver.add_to_output(original(*args, **kwargs), self._normalization, owner)
 
-        setattr(training_step, _WRAPPED_ATTR, True)
-        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self.patch(pl_module, "training_step", training_step)
 
     def _detach(self) -> None:
-        pl_module, self._pl_module = self._pl_module, None
-        if pl_module is not None:
-            current = pl_module.__dict__.get("training_step")
-            if getattr(current, _WRAPPED_ATTR, False):
-                if self._original_step is not None:
-                    pl_module.training_step = self._original_step  # type: ignore[method-assign]
-                else:
-                    del pl_module.training_step
-        self._original_step = None
         self._causal_lm = None
         self._deferred = False
-        handle, self._handle = self._handle, None
-        self._driver = None
-        if handle is not None:
-            # Kept so that `state_dict()` after fit and a second fit continue from this step.
-            self._pending_state = handle.state_dict()
-            handle.remove()
-
-    def _fold_anchors(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """`reference.anchor_placement: folded`: hand training_step the batch with this step's anchors
-        packed in (the step must forward the batch's keys as given, `model(**batch)`)."""
-        driver = self._driver
-        if driver is None or self.config.reference.anchor_placement != "folded":
-            return args, kwargs
-        if args:
-            return (driver.prepare_batch(args[0]), *args[1:]), kwargs
-        if "batch" in kwargs:
-            return args, {**kwargs, "batch": driver.prepare_batch(kwargs["batch"])}
-        raise STRError(
-            "`reference.anchor_placement` is 'folded' but training_step was called without a batch to fold; "
-            "set `reference.anchor_placement: separate`."
-        )
-
-    def _add_penalty(self, pl_module: pl.LightningModule, output: Any) -> Any:
-        driver = self._driver
-        if driver is None:  # detached while a step was running (cannot happen in a normal fit)
-            return output
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        if not isinstance(loss, torch.Tensor):
-            shape = (
-                f"a {type(output).__name__} without a 'loss' tensor" if isinstance(output, Mapping) else None
-            )
-            raise STRError(
-                f"{type(pl_module).__name__}.training_step returned {shape or type(output).__name__}: with "
-                "STRCallback, training_step must return the loss (a tensor, or a dict with a 'loss' tensor) so "
-                "the penalty can be added to it; returning None to skip a batch is not supported."
-            )
-        # Lightning divides every micro-batch's loss by `accumulate_grad_batches` (and scales it for AMP).
-        normalization = HostNormalization(
-            accumulation_steps=self._accumulate, host_divides_by=self._accumulate
-        )
-        new_loss = loss + driver.penalty(normalization).to(loss.device)
-        if isinstance(output, Mapping):
-            if isinstance(output, dict):
-                updated = copy.copy(output)
-                updated["loss"] = new_loss
-                return updated
-            return {**output, "loss": new_loss}
-        return new_loss
+        self.detach_driver()
 
 
 __all__ = ["STRCallback"]
