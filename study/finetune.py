@@ -207,6 +207,7 @@ METHODS = {
         *[
             Method(f"STR anchors {name} (as written)", "str", {"reference": reference}, as_shipped=True)
             for name, reference in (
+                ("b8", {"anchor_batch_size": 8}),
                 ("b4", {"anchor_batch_size": 4}),
                 ("b2", {"anchor_batch_size": 2}),
                 ("folded", {"anchor_placement": "folded"}),
