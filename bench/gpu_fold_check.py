@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import StubTokenizer, stub_tokens
+from benchlib import StubTokenizer, pinned_anchors, stub_tokens
 from step_cost import SHAPES, model_config
 
 
@@ -39,15 +39,7 @@ def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device:
     anchors.write_text("\n".join(f"anchor prompt {i}" for i in range(8)) + "\n")
     config: dict[str, Any] = {
         "verify_projection": False,
-        "penalty": {"form": "mse"},
-        "reference": {
-            "source": "anchors",
-            "anchors_path": str(anchors),
-            "anchor_placement": "folded",
-            "anchor_tokens": 1,
-            "benign_weight": 0.0,
-            "anchor_batch_size": 8,
-        },
+        **pinned_anchors(anchors_path=str(anchors), anchor_placement="folded", anchor_batch_size=8),
     }
     tokens = stub_tokens(range(16, 80))
     try:

@@ -21,36 +21,20 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import StubTokenizer, pinned_anchors, stub_tokens
+
 SETTINGS: dict[str, dict[str, Any]] = {
     "adapter mse": {"reference": {"source": "adapter"}},
     "adapter kl": {"penalty": {"form": "kl"}, "reference": {"source": "adapter"}},
     "model mse": {"reference": {"source": "model"}},
     "cache mse": {"reference": {"source": "cache"}},
-    # The decision point alone (anchor_tokens 1, no benign anchors), as before those became the defaults.
-    "anchors separate mse": {
-        "penalty": {"form": "mse"},
-        "reference": {"source": "anchors", "anchor_batch_size": 8, "anchor_tokens": 1, "benign_weight": 0.0},
-    },
-    "anchors folded mse": {
-        "penalty": {"form": "mse"},
-        "reference": {
-            "source": "anchors",
-            "anchor_batch_size": 8,
-            "anchor_placement": "folded",
-            "anchor_tokens": 1,
-            "benign_weight": 0.0,
-        },
-    },
-    "anchors folded kl, openings 4, benign": {
-        "penalty": {"form": "kl"},
-        "reference": {
-            "source": "anchors",
-            "anchor_batch_size": 8,
-            "anchor_placement": "folded",
-            "anchor_tokens": 4,
-            "benign_weight": 1.0,
-        },
-    },
+    # The pinned decision point (benchlib.pinned_anchors), then the defaults' openings and benign anchors.
+    "anchors separate mse": pinned_anchors(anchor_batch_size=8),
+    "anchors folded mse": pinned_anchors(anchor_batch_size=8, anchor_placement="folded"),
+    "anchors folded kl, openings 4, benign": pinned_anchors(
+        "kl", anchor_batch_size=8, anchor_placement="folded", anchor_tokens=4, benign_weight=1.0
+    ),
 }
 
 
@@ -73,9 +57,6 @@ def check(name: str, overrides: dict[str, Any], workdir: Path, device_name: str 
 
     from str_hooks import build_reference_cache, register_str_hook
     from str_hooks.driver import HostNormalization, StepDriver
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from benchlib import StubTokenizer, stub_tokens
 
     torch.manual_seed(0)
     device = torch.device(device_name)

@@ -36,6 +36,7 @@ from benchlib import (
     machine_info,
     markdown_table,
     output_stem,
+    pinned_anchors,
     storage_bytes,
     stub_tokens,
     summarize,
@@ -437,16 +438,12 @@ class KLMode(Mode):
 
 def make_mode(name: str) -> Mode:
     def cfg(source: str, form: str = "mse", **reference: Any) -> dict[str, Any]:
-        if source == "anchors":
-            # The decision point alone unless a mode says otherwise: the modes and their recorded results
-            # predate the defaults' 4-token openings and benign anchors.
-            reference = {"anchor_tokens": 1, "benign_weight": 0.0, **reference}
-        return {
-            "coef": 1.0,
-            "verify_projection": False,
-            "penalty": {"form": form},
-            "reference": {"source": source, **reference},
-        }
+        sections = (
+            pinned_anchors(form, **reference)
+            if source == "anchors"
+            else {"penalty": {"form": form}, "reference": {"source": source, **reference}}
+        )
+        return {"coef": 1.0, "verify_projection": False, **sections}
 
     table: dict[str, Callable[[], Mode]] = {
         "plain": lambda: Mode("plain"),
