@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import StubTokenizer, pinned_anchors, stub_tokens
-from step_cost import SHAPES, model_config
+from step_cost_model import SHAPES, model_config
 
 
 def check(shape_name: str, dtype: torch.dtype, attn: str, workdir: Path, device: str) -> str:

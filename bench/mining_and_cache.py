@@ -128,7 +128,7 @@ def padded_batches(
 
 def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
-    from step_cost import SHAPES, model_config
+    from step_cost_model import SHAPES, model_config
     from transformers import AutoModelForCausalLM
 
     from str_hooks import build_reference_cache
