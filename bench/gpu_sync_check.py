@@ -22,19 +22,26 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import StubTokenizer, pinned_anchors, stub_tokens
+from benchlib import StubTokenizer, stub_tokens
+from step_cost_modes import STRMode, make_mode
+
+
+def mode_sections(name: str) -> dict[str, Any]:
+    """The `penalty` and `reference` sections of a step-cost STR mode's config (`check` adds the rest)."""
+    mode = make_mode(name)
+    assert isinstance(mode, STRMode), name
+    return {"penalty": mode.config["penalty"], "reference": mode.config["reference"]}
+
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "adapter mse": {"reference": {"source": "adapter"}},
     "adapter kl": {"penalty": {"form": "kl"}, "reference": {"source": "adapter"}},
     "model mse": {"reference": {"source": "model"}},
     "cache mse": {"reference": {"source": "cache"}},
-    # The pinned decision point (benchlib.pinned_anchors), then the defaults' openings and benign anchors.
-    "anchors separate mse": pinned_anchors(anchor_batch_size=8),
-    "anchors folded mse": pinned_anchors(anchor_batch_size=8, anchor_placement="folded"),
-    "anchors folded kl, openings 4, benign": pinned_anchors(
-        "kl", anchor_batch_size=8, anchor_placement="folded", anchor_tokens=4, benign_weight=1.0
-    ),
+    # The step-cost benchmark's anchors modes, so a setting checked here is the one timed there.
+    "anchors separate mse": mode_sections("str-anchors-mse"),
+    "anchors folded mse": mode_sections("str-anchors-folded"),
+    "anchors folded kl, openings 4, benign": mode_sections("str-anchors-folded-kl-open4"),
 }
 
 
