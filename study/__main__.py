@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .data import load_study_data, sort_task
 from .finetune import RunSpec, run_one
 from .model import evaluate_aligned, train_aligned
-from .report import load_runs, plots, summarize
+from .report import plots, summarize
+from .runs import append_run, load_runs
 
 # (task, mode, methods, seeds). Sized for about an hour on 2 CPU cores: the main comparison on the sort
 # task with LoRA gets 3 seeds, the GSM8K and full fine-tuning checks 2.
@@ -258,8 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         result["aligned_fingerprint"] = info["fingerprint"]
         runs.append(result)
-        with runs_path.open("a") as fh:
-            fh.write(json.dumps(result) + "\n")
+        append_run(runs_path, result)
         tqdm.write(
             f"{spec.task}/{spec.mode}/{spec.method}/seed {spec.seed}: refusal {100 * result['heldout_refusal']:.0f} %, "
             f"over-refusal {100 * result['xstest_over_refusal']:.0f} %, EM {100 * result['task_exact_match']:.0f} %, "

@@ -28,23 +28,21 @@ no utility, the lowest validation over-refusal); if none reaches 95 %, the one w
 from __future__ import annotations
 
 import json
-import platform
 import re
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
 from .finetune import SUBJECT_RECIPE, RunSpec, Validation
 from .model import refusal_flags, refusal_rate
 from .real import TASK_SETTINGS, _setting_key, _spec_key, run_and_record
-from .report import _fmt, load_runs
+from .report import _fmt
+from .runs import load_runs, machine, study_command
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
 FAMILIES: dict[str, list[str]] = {
@@ -459,17 +457,12 @@ def run_decision(
         _setting_key(r) for r in runs if r["method"] in CURVE_METHODS or r["seed"] > 0
     }
     runs = [r for r in runs if _setting_key(r) in wanted and r["task"] in TASK_SETTINGS]
-    command = "python -m study " + " ".join(
-        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"
-    )
-    machine = (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
     if other_settings:
         notes.append(f"{other_settings} runs in runs.jsonl at other task settings are left out")
     far = far_from_anchors(data.harmful_heldout, anchors)
-    text = report(runs, base, out, command, machine, len(specs), notes, time.perf_counter() - started, far)
+    text = report(
+        runs, base, out, study_command(argv), machine(), len(specs), notes, time.perf_counter() - started, far
+    )
     path = curves_plot(runs, base, out / "retention_utility_curves.png")
     if path is not None:
         print(f"wrote {path}")

@@ -49,7 +49,7 @@ from .data import SHARED, Example, agnews_task, gsm8k_task, read_advbench_target
 from .decision import FAR_JACCARD
 from .finetune import METHODS, SUBJECT_RECIPE, RunSpec, Validation, run_one
 from .model import refusal_flags, refusal_rate
-from .report import load_runs
+from .runs import append_run, load_runs, stamp_run
 from .subject import DEFAULT_CACHE, _short_refusal, build_subject, load, subject_data
 
 HARMFUL_SOURCES = ["advbench", "xstest_unsafe", "llamas"]
@@ -314,11 +314,9 @@ def run_block_spec(
         epochs=block.epochs,
         eval_stride=stride,
         harmful_rows=round(block.p * block.n),
-        aligned_fingerprint=fingerprint,
-        wall_seconds=round(time.perf_counter() - started, 1),
-        torch_threads=torch.get_num_threads(),
-        config=METHODS[method].str_config if METHODS[method].kind == "str" else None,
     )
+    stamp_run(result, fingerprint, started)
+    result["config"] = METHODS[method].str_config if METHODS[method].kind == "str" else None
     return result
 
 
@@ -369,8 +367,7 @@ def run_harmful_mixing(
                 stride=stride,
             )
             runs.append(result)
-            with runs_path.open("a") as fh:
-                fh.write(json.dumps(result) + "\n")
+            append_run(runs_path, result)
             tqdm.write(_one_line(result, base))
     command = "python -m study harmful-mixing " + " ".join(sys.argv[2:] if argv is None else argv[1:])
     runs = [r for r in runs if r["eval_stride"] == stride]

@@ -12,21 +12,19 @@ there for the same subject is not repeated), and RESULTS.md and the plots are re
 from __future__ import annotations
 
 import json
-import platform
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
 from .finetune import SUBJECT_RECIPE, RunSpec, Validation, run_one
 from .model import refusal_rate
-from .report import load_runs, plots, summarize_subject
+from .report import plots, summarize_subject
+from .runs import append_run, load_runs, machine, stamp_run, study_command, write_runs
 from .subject import (
     DEFAULT_CACHE,
     build_subject,
@@ -159,12 +157,7 @@ def run_and_record(
         validation=validation,
     )
     result["lr"] = _learning_rate(spec.task, spec.mode)
-    result["aligned_fingerprint"] = fingerprint
-    result["wall_seconds"] = round(time.perf_counter() - run_start, 1)
-    # Step times depend on the threads a run had (and on a second worker sharing the cores).
-    result["torch_threads"] = torch.get_num_threads()
-    with runs_path.open("a") as fh:
-        fh.write(json.dumps(result) + "\n")
+    append_run(runs_path, stamp_run(result, fingerprint, run_start))
     return result
 
 
@@ -238,21 +231,13 @@ def run_real(
         if _setting_key(r) not in wanted and r["task"] in TASK_SETTINGS
     ]
     runs = [r for r in runs if _setting_key(r) in wanted]
-    # The command that runs the plan (a `--report` rewrite names the run, not itself).
-    command = "python -m study " + " ".join(
-        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"
-    )
-    machine = (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
     text = summarize_subject(
         runs,
         info,
         base,
         out,
-        command,
-        machine,
+        study_command(argv),
+        machine(),
         time.perf_counter() - started,
         len(wanted),
         sdata.notes,
@@ -344,5 +329,5 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     ]
     text = "\n".join(lines)
     (out / "RESULTS.md").write_text(text + "\n")
-    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    write_runs(out / "runs.jsonl", results)
     return text

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
+from .runs import machine
 
 GOAL = (
     "STR keeps >= 95 % of the aligned model's held-out refusal rate where plain SFT keeps <= 50 %, task exact "
@@ -29,21 +27,6 @@ def _fmt(values: list[float], pct: bool = False, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def load_runs(path: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """The runs of `path` (runs.jsonl) made on the model with this fingerprint; when it holds others, the file
-    is rewritten with only these, so that a resumed study appends to a consistent file. Otherwise it is only
-    read: a `--report` beside a running study must not rewrite the file the study appends to."""
-    runs: list[dict[str, Any]] = []
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in lines:
-        record = json.loads(line)
-        if record.get("aligned_fingerprint") == fingerprint:
-            runs.append(record)
-    if len(runs) != len(lines):
-        path.write_text("".join(json.dumps(r) + "\n" for r in runs))
-    return runs
-
-
 def summarize(
     runs: list[dict[str, Any]], aligned: dict[str, Any], out: Path, command: str, elapsed: float
 ) -> str:
@@ -54,8 +37,7 @@ def summarize(
         "# Efficacy study results",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}; wall time {elapsed / 60:.1f} min.  ",
+        f"Machine: {machine()}; wall time {elapsed / 60:.1f} min.  ",
         f"Data: {aligned['notes']['harmful']}; over-refusal: {aligned['notes']['over_refusal']}; judge: {aligned['notes']['judge']}.",
         "",
         "## Aligned test model",

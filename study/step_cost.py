@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .finetune import METHODS, SUBJECT_RECIPE, RunSpec, run_one
 from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block, build_sources, mixed_task
+from .runs import append_run
 
 CANDIDATES = [
     BASELINE,
@@ -86,8 +87,7 @@ def run_step_cost(
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "command": "python -m study " + " ".join(argv or []),
     }
-    with (out / "step_cost.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_run(out / "step_cost.jsonl", record)
     return write_step_cost_report(out)
 
 

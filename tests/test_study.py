@@ -376,7 +376,7 @@ def test_decision_retention_far_from_anchors(tmp_path: Path) -> None:
 def test_load_runs_rewrites_only_to_drop_other_subjects(tmp_path: Path) -> None:
     import json
 
-    from study.report import load_runs
+    from study.runs import load_runs
 
     path = tmp_path / "runs.jsonl"
     mine, other = {"aligned_fingerprint": "a", "x": 1}, {"aligned_fingerprint": "b", "x": 2}
