@@ -38,7 +38,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
-from .finetune import SUBJECT_RECIPE, RunSpec, Validation
+from .evaluation import Validation
+from .finetune import SUBJECT_RECIPE, RunSpec
 from .model import refusal_flags, refusal_rate
 from .real import TASK_SETTINGS, _setting_key, _spec_key, run_and_record
 from .report import _fmt

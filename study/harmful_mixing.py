@@ -47,7 +47,9 @@ from str_hooks.prompts import default_texts
 
 from .data import SHARED, Example, agnews_task, gsm8k_task, read_advbench_targets, read_json_list, sst2_task
 from .decision import FAR_JACCARD
-from .finetune import METHODS, SUBJECT_RECIPE, RunSpec, Validation, run_one
+from .evaluation import Validation
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .methods import METHODS
 from .model import refusal_flags, refusal_rate
 from .runs import append_run, load_runs, stamp_run
 from .subject import DEFAULT_CACHE, _short_refusal, build_subject, load, subject_data
@@ -316,7 +318,7 @@ def run_block_spec(
         harmful_rows=round(block.p * block.n),
     )
     stamp_run(result, fingerprint, started)
-    result["config"] = METHODS[method].str_config if METHODS[method].kind == "str" else None
+    result["config"] = METHODS[method].recorded_config
     return result
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .data import attack_task, gsm8k_task, sst2_task
-from .finetune import SUBJECT_RECIPE, RunSpec, Validation, run_one
+from .evaluation import Validation
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .model import refusal_rate
 from .report import plots, summarize_subject
 from .runs import append_run, load_runs, machine, stamp_run, study_command, write_runs

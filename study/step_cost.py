@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .finetune import METHODS, SUBJECT_RECIPE, RunSpec, run_one
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block, build_sources, mixed_task
+from .methods import METHODS
 from .runs import append_run
 
 CANDIDATES = [
@@ -79,7 +80,7 @@ def run_step_cost(
         "repeats": repeats,
         "medians_s": {m: statistics.median(t) for m, t in times.items()},
         "anchor_token_share": shares,
-        "configs": {m: METHODS[m].str_config if METHODS[m].kind == "str" else None for m in methods},
+        "configs": {m: METHODS[m].recorded_config for m in methods},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "load_average_after": os.getloadavg()[0],
         "torch": torch.__version__,
