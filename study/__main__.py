@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_study_data, sort_task
+from .data import load_study_data
 from .finetune import RunSpec, run_one
 from .model import evaluate_aligned, train_aligned
 from .report import plots, summarize
 from .runs import append_run, load_runs
+from .tasks import sort_task
 
 # (task, mode, methods, seeds). Sized for about an hour on 2 CPU cores: the main comparison on the sort
 # task with LoRA gets 3 seeds, the GSM8K and full fine-tuning checks 2.
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_study_data(source)
     tasks = {"sort": sort_task(1000, 100, seed=0)}
     if any(block[0] == "gsm8k" for block in plan):
-        from .data import gsm8k_task
+        from .tasks import gsm8k_task
 
         tasks["gsm8k"] = gsm8k_task(600, 100)
     task_texts = [e.prompt + " " + e.response for split in tasks.values() for part in split for e in part]

@@ -37,7 +37,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import attack_task, gsm8k_task, sst2_task
 from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE, RunSpec
 from .model import refusal_flags, refusal_rate
@@ -45,6 +44,7 @@ from .real import TASK_SETTINGS, _setting_key, _spec_key, run_and_record
 from .report import _fmt
 from .runs import load_runs, machine, study_command
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
+from .tasks import attack_task, gsm8k_task, sst2_task
 
 FAMILIES: dict[str, list[str]] = {
     "anchors mse, decision point": [

@@ -27,7 +27,6 @@ repeated (resumable). RESULTS.md and the plots are rewritten from every recorded
 
 from __future__ import annotations
 
-import csv
 import json
 import platform
 import random
@@ -45,7 +44,7 @@ from tqdm.auto import tqdm
 from str_hooks.probe import is_refusal
 from str_hooks.prompts import default_texts
 
-from .data import SHARED, Example, agnews_task, gsm8k_task, read_advbench_targets, read_json_list, sst2_task
+from .data import Example, read_advbench_targets, read_json_list, read_xstest
 from .decision import FAR_JACCARD
 from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
@@ -53,6 +52,7 @@ from .methods import METHODS
 from .model import refusal_flags, refusal_rate
 from .runs import append_run, load_runs, stamp_run
 from .subject import DEFAULT_CACHE, _short_refusal, build_subject, load, subject_data
+from .tasks import agnews_task, gsm8k_task, sst2_task
 
 HARMFUL_SOURCES = ["advbench", "xstest_unsafe", "llamas"]
 OVER_REFUSAL_SOURCES = ["xstest_safe", "alpaca"]
@@ -147,11 +147,6 @@ class Sources:
         )
 
 
-def _xstest(label_safe: bool) -> list[str]:
-    with open(SHARED / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as fh:
-        return [row["prompt"].strip() for row in csv.DictReader(fh) if (row["label"] == "safe") == label_safe]
-
-
 def build_sources() -> Sources:
     """The fixed splits (module docstring). Built from the subject's own data so that nothing the subject
     trained on is held out."""
@@ -183,10 +178,10 @@ def build_sources() -> Sources:
     return Sources(
         harmful={
             "advbench": list(study.harmful_heldout),
-            "xstest_unsafe": _xstest(label_safe=False),
+            "xstest_unsafe": read_xstest("unsafe"),
             "llamas": [r["instruction"] for r in llamas[:200]],
         },
-        over_refusal={"xstest_safe": _xstest(label_safe=True), "alpaca": alpaca[:200]},
+        over_refusal={"xstest_safe": read_xstest("safe"), "alpaca": alpaca[:200]},
         val_harmful=[r["instruction"] for r in llamas[200:260]],
         val_over_refusal=alpaca[200:260],
         mix_rows=[Example(r["instruction"], _short_refusal(r["output"]), "harmful") for r in llamas[260:600]],

@@ -21,7 +21,8 @@ from str_hooks.probe import is_refusal
 from str_hooks.prompts import encode_prompt
 from str_hooks.testing import CHAT_TEMPLATE, train_bpe
 
-from .data import Example, StudyData, task_correct
+from .data import Example, StudyData
+from .tasks import task_correct
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -20,7 +20,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import attack_task, gsm8k_task, sst2_task
 from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .model import refusal_rate
@@ -34,6 +33,7 @@ from .subject import (
     refusal_first_tokens,
     subject_data,
 )
+from .tasks import attack_task, gsm8k_task, sst2_task
 
 # Per task: training steps (8 rows each), sequence length, refusal-probe cadence, LoRA learning rate. Sized so
 # that plain SFT measurably erases refusals within the budget of this 2-core CPU (RESULTS.md gives the wall
@@ -267,7 +267,7 @@ DEMO_STEPS = 40
 def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     """`make demo`: the real subject built from the package's own texts only (cached after the first run),
     fine-tuned on the project-written sort task with and without STR; a before/after table."""
-    from .data import sort_task
+    from .tasks import sort_task
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from study import finetune
-from study.data import SHARED, Example, load_study_data, sort_task
+from study.data import SHARED, Example, load_study_data
 from study.finetune import METHODS, RunSpec, run_one
 from study.model import train_aligned
+from study.tasks import sort_task
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not here")
 

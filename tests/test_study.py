@@ -9,9 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from study.data import SHARED, load_study_data, sort_task
+from study.data import SHARED, load_study_data
 from study.finetune import METHODS, RunSpec, run_one
 from study.model import train_aligned
+from study.tasks import sort_task
 
 
 @pytest.mark.parametrize("source", ["embedded", "shared"])
@@ -99,7 +100,7 @@ def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
 def test_study_anchor_and_attack_goals_are_disjoint_training_goals() -> None:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not here")
-    from study.data import attack_task
+    from study.tasks import attack_task
 
     data = load_study_data("shared")
     anchors, goals = data.harmful_train[:300], data.harmful_train[300:400]
@@ -124,7 +125,7 @@ def test_study_anchor_and_attack_goals_are_disjoint_training_goals() -> None:
     ],
 )
 def test_task_scoring(task: str, answer: str, reply: str, correct: bool) -> None:
-    from study.data import task_correct
+    from study.tasks import task_correct
 
     assert task_correct(task, answer, reply) is correct
 
