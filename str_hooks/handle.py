@@ -261,7 +261,8 @@ class STRHandle:
     def metrics(self) -> dict[str, float]:
         """Plain floats from the last `loss()` call (a host read): `penalty` (the added term), `pen_mean`
         (penalty per position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>`
-        for the top-weighted tokens (named as they read: `drift/Sorry`, not the tokenizer's `ĠSorry`), `coef`,
+        for the top-weighted tokens (`drift/_Sorry` for the tokenizer's `ĠSorry`, `drift/Sorry` for `Sorry`;
+        `SafetyTokens.readable_names` gives the rules), `coef`,
         `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when that call computed no term
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under

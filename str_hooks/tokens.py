@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,14 +62,43 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_alphabet()
 
 
+# Characters a metric key keeps as they are: the ones every common logger stores unchanged. MLflow accepts
+# only letters, digits, `_`, `-`, `.`, ` ` and `/` (so not `'`), TensorBoard's tag cleaning keeps `[-/\w.]`,
+# and W&B reads `/` as a section; `\w` would also take non-ASCII letters, which not every store indexes alike.
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+# `surrogateescape` decodes a byte that is not valid UTF-8 to U+DC80 + the byte: distinct bytes stay distinct.
+_ESCAPED_BYTES = range(0xDC80, 0xDD00)
+
+
+def _key_char(char: str) -> str:
+    if char in _KEY_CHARS:
+        return char
+    if char == " ":
+        return "_"
+    code = ord(char)
+    # Hex code point between hyphens: deterministic, in `_KEY_CHARS`, and readable as an escape.
+    return f"-x{code - 0xDC00 if code in _ESCAPED_BYTES else code:02x}-"
+
+
 def readable_token(piece: str) -> str:
-    """A token as a person reads it in a metric name: the text it stands for ('ĠI' and '▁I' -> 'I'),
-    surrounding whitespace dropped; a token that is only whitespace keeps its escaped spelling ('\\n')."""
+    """A token as a person reads it in a metric key, in characters every logger stores (TensorBoard, W&B,
+    MLflow): the text the tokenizer's piece stands for, with
+
+    - a space written `_` ('ĠI' and '▁I', i.e. ' I', -> '_I'; 'I' -> 'I');
+    - letters, digits, `_`, `-` and `.` as they are;
+    - any other character as its code point in hex between hyphens (`'` -> '-x27-', '\\n' -> '-x0a-',
+      '’' -> '-x2019-', '/' -> '-x2f-'), and a byte that is not valid UTF-8 as its value;
+    - a name that is only `.` or `..` escaped too (MLflow reads it as a path).
+
+    A pure function of `piece`. Distinct pieces can share a name ('_I' is also the piece '_I'):
+    `SafetyTokens.readable_names` makes the names of one token set unique."""
     if piece and all(c in _BYTE_LEVEL for c in piece):
-        text = bytes(_BYTE_LEVEL[c] for c in piece).decode("utf-8", errors="replace")
+        text = bytes(_BYTE_LEVEL[c] for c in piece).decode("utf-8", errors="surrogateescape")
     else:
         text = piece.replace("\u2581", " ")
-    return text.strip() or repr(text)[1:-1]
+    if text in (".", ".."):
+        return "".join(f"-x{ord(c):02x}-" for c in text)
+    return "".join(_key_char(c) for c in text)
 
 
 @dataclass(frozen=True)
@@ -97,13 +127,21 @@ class SafetyTokens:
 
     @property
     def readable_names(self) -> list[str]:
-        """One name per token as a person reads it (`readable_token`), unique: tokens that read alike
-        ('I' and ' I') carry their id ('I#40')."""
+        """One metric-key name per token (`drift/<name>`), as `readable_token` spells it: 'ĠSorry' ->
+        '_Sorry', 'I' -> 'I', "'m" -> '-x27-m'. Unique within the set: tokens whose names are equal (or
+        empty) all get `-<id>` appended ('_I-40', '_I-314'), repeated until none are equal. A pure function
+        of the (string, id) pairs: the same names in every run and whatever the tokens' order."""
         names = [readable_token(s) for s in self.strings]
-        return [
-            f"{name}#{tid}" if names.count(name) > 1 else name
-            for name, tid in zip(names, self.ids, strict=True)
-        ]
+        # Every round appends each clashing token's own id (digits after a `-`), so two tokens that clashed
+        # once never clash again: at most one round per pair of tokens, plus one for empty names, plus the
+        # last check (a single round when no names are equal, as in every real token set).
+        while True:
+            counts = Counter(names)
+            clashing = [i for i, name in enumerate(names) if counts[name] > 1 or not name]
+            if not clashing:
+                return names
+            for i in clashing:
+                names[i] = f"{names[i]}-{self.ids[i]}"
 
     def __post_init__(self) -> None:
         n = len(self.ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -237,26 +238,79 @@ def test_check_vocab(vocab_size: int) -> None:
     tokens.check_vocab(31)
 
 
+# What every logger stores unchanged: MLflow's name check (`^[/\w.\- ]*$`, and no `.`/`..` path segment)
+# and TensorBoard's tag cleaning (`[^-/\w.]` replaced), in ASCII.
+LOGGER_SAFE = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def logger_safe(name: str) -> bool:
+    key = f"str/drift/{name}"
+    return LOGGER_SAFE.fullmatch(name) is not None and posixpath.normpath(key) == key
+
+
+def tokens_named(strings: list[str], ids: list[int]) -> SafetyTokens:
+    return SafetyTokens(
+        ids=ids, strings=strings, weights=[1 / len(ids)] * len(ids), scores=[1.0] * len(ids), method="list"
+    )
+
+
 @pytest.mark.parametrize(
     ("piece", "readable"),
     [
-        ("ĠSorry", "Sorry"),  # byte-level BPE (GPT-2, Llama 3, SmolLM2): 'Ġ' is the space byte
-        ("âĢĻ", "\u2019"),  # a multi-byte character spelled byte by byte
-        ("Ċ", "\\n"),  # whitespace only: its escaped spelling, never an empty name
-        ("\u2581cannot", "cannot"),  # SentencePiece (Llama 2, Gemma): '▁' is the space
-        ("I", "I"),
+        ("I", "I"),  # a piece without a leading space reads as itself
+        ("Sorry", "Sorry"),
+        ("ĠSorry", "_Sorry"),  # byte-level BPE (GPT-2, Llama 3, SmolLM2): 'Ġ' is the space byte
+        ("ĠI", "_I"),
+        ("\u2581cannot", "_cannot"),  # SentencePiece (Llama 2, Gemma): '▁' is the space
+        ("Ġ", "_"),
+        ("can-not_x.y", "can-not_x.y"),  # letters, digits, `_`, `-`, `.` kept
+        ("'m", "-x27-m"),  # MLflow rejects `'`
+        ("âĢĻ", "-x2019-"),  # a multi-byte character spelled byte by byte: ’
+        ("ĠÃ©", "_-xe9-"),  # é: non-ASCII, escaped
+        ("\u2581你", "_-x4f60-"),
+        ("Ċ", "-x0a-"),  # whitespace other than a space: escaped, never an empty name
+        ("ĉĉ", "-x09--x09-"),
+        ("Ġ/", "_-x2f-"),  # `/` would open a section (W&B) or a path (MLflow)
+        ("âĢ", "-xe2--x80-"),  # bytes that are not valid UTF-8 alone: their values
+        (".", "-x2e-"),  # MLflow reads 'drift/.' and 'drift/..' as paths
+        ("..", "-x2e--x2e-"),
+        ("...", "..."),
     ],
 )
 def test_tokens_are_named_as_they_read(piece: str, readable: str) -> None:
     assert readable_token(piece) == readable
+    assert logger_safe(readable)
 
 
-def test_readable_names_are_unique() -> None:
-    tokens = SafetyTokens(
-        ids=[40, 314, 7],
-        strings=["I", "ĠI", "ĠSorry"],
-        weights=[0.5, 0.25, 0.25],
-        scores=[1, 1, 1],
-        method="list",
-    )
-    assert tokens.readable_names == ["I#40", "I#314", "Sorry"]
+def test_colliding_pieces_get_their_ids() -> None:
+    # ' I' and the literal '_I' read alike; 'I' does not collide with ' I'.
+    tokens = tokens_named(["ĠI", "_I", "I", "ĠSorry"], [40, 314, 7, 9])
+    assert tokens.readable_names == ["_I-40", "_I-314", "I", "_Sorry"]
+    # A suffixed name that meets another token's own name is disambiguated again, by each one's id.
+    tokens = tokens_named(["ĠI", "_I", "_I-40"], [40, 314, 5])
+    assert tokens.readable_names == ["_I-40-40", "_I-314", "_I-40-5"]
+    assert tokens_named(["", "a"], [3, 4]).readable_names == ["-3", "a"]
+
+
+def test_every_piece_gets_a_unique_logger_safe_name(other_tokenizer: Any) -> None:
+    # All 256 byte-level single-byte pieces (space and '_' collide, as do U+00E9 and a lone 0xE9 byte) and a
+    # whole trained vocabulary.
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    byte_pieces = sorted(ByteLevel.alphabet())
+    vocab = sorted(other_tokenizer.get_vocab().items(), key=lambda item: item[1])
+    for strings, ids in (
+        (byte_pieces, list(range(len(byte_pieces)))),
+        ([piece for piece, _ in vocab], [idx for _, idx in vocab]),
+    ):
+        names = tokens_named(strings, ids).readable_names
+        assert len(set(names)) == len(names)
+        assert all(logger_safe(name) for name in names), [n for n in names if not logger_safe(n)]
+
+
+def test_names_are_a_function_of_the_tokens_not_their_order() -> None:
+    strings, ids = ["ĠI", "_I", "I", "Ċ", "âĢĻ", "ĠSorry", "'m"], [40, 314, 7, 198, 447, 9, 1101]
+    expected = {40: "_I-40", 314: "_I-314", 7: "I", 198: "-x0a-", 447: "-x2019-", 9: "_Sorry", 1101: "-x27-m"}
+    for order in ([0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [3, 1, 5, 0, 6, 2, 4]):
+        tokens = tokens_named([strings[i] for i in order], [ids[i] for i in order])
+        assert dict(zip(tokens.ids, tokens.readable_names, strict=True)) == expected
