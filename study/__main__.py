@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "harmful-mixing":
         from .harmful_mixing import PLANS as MIXING_PLANS
-        from .harmful_mixing import run_harmful_mixing
+        from .harmful_run import run_harmful_mixing
         from .subject import DEFAULT_CACHE
 
         if (args.plan or "protocol") not in MIXING_PLANS:

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
-from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block, build_sources, mixed_task
+from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block
+from .harmful_sources import build_sources, mixed_task
 from .methods import METHODS
 from .runs import append_run
 

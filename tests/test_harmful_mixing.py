@@ -22,7 +22,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not 
 
 @needs_shared
 def test_evaluation_sets_share_nothing_with_subject_anchors_or_attacks() -> None:
-    from study.harmful_mixing import build_sources
+    from study.harmful_sources import build_sources
     from study.subject import subject_data
 
     sources = build_sources()
@@ -49,7 +49,7 @@ def test_evaluation_sets_share_nothing_with_subject_anchors_or_attacks() -> None
 
 @needs_shared
 def test_mixing_replaces_the_first_rows_in_order() -> None:
-    from study.harmful_mixing import mixed_task
+    from study.harmful_sources import mixed_task
 
     attack = [Example(f"harm {i}", f"sure {i}", "harmful") for i in range(30)]
     clean, test, val = mixed_task("sst2", 100, 0.0, attack)
@@ -63,7 +63,9 @@ def test_mixing_replaces_the_first_rows_in_order() -> None:
 
 
 def test_retention_flags_and_distances_by_hand() -> None:
-    from study.harmful_mixing import _split_flags, max_jaccard, retention
+    from study.distances import max_jaccard
+    from study.harmful_report import retention
+    from study.harmful_run import _split_flags
 
     base = {"advbench": "1101", "xstest_unsafe": "10", "llamas": "0111"}
     run = {"per_source": {"advbench": "1001", "xstest_unsafe": "00", "llamas": "0110"}}

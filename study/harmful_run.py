@@ -1,0 +1,186 @@
+"""Running the harmful-mixing study (study/harmful_mixing.py): the subject's baseline, one run per block,
+method and seed, resumable through runs.jsonl, then the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .evaluation import Validation
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .harmful_mixing import EVAL_STRIDE, PLANS, TASK_SETTINGS, Block
+from .harmful_report import _one_line, plot_over_p, report
+from .harmful_sources import (
+    HARMFUL_SOURCES,
+    OVER_REFUSAL_SOURCES,
+    Sources,
+    build_sources,
+    mixed_task,
+    write_prompt_distances,
+)
+from .methods import METHODS
+from .model import refusal_flags, refusal_rate
+from .runs import append_run, load_runs, stamp_run
+from .subject import DEFAULT_CACHE, build_subject, load, subject_data
+
+
+def _run_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        record["task"],
+        record["method"],
+        record["seed"],
+        record["p"],
+        record["n"],
+        record["attack"],
+        record["epochs"],
+        record["eval_stride"],
+    )
+
+
+def _split_flags(flags: str, sizes: dict[str, int]) -> dict[str, str]:
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = flags[start : start + size]
+        start += size
+    if start != len(flags):
+        raise ValueError(f"{len(flags)} flags for {start} prompts")
+    return out
+
+
+def subject_baseline(
+    subject_dir: Path, sources: Sources, phrases: list[str], out: Path, key: str
+) -> dict[str, Any]:
+    """The subject's per-prompt refusals on every set (retention's denominator), cached by subject and stride."""
+    path = out / "subject.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if key in cached:
+        return dict(cached[key])
+    model, tokenizer = load(subject_dir)
+    record: dict[str, Any] = {}
+    for name, prompts in {**sources.harmful, **sources.over_refusal}.items():
+        _, replies = refusal_rate(model, tokenizer, prompts, phrases)
+        record[name] = refusal_flags(replies, phrases)
+    record["val_refusal"] = refusal_rate(model, tokenizer, sources.val_harmful, phrases)[0]
+    record["val_over_refusal"] = refusal_rate(model, tokenizer, sources.val_over_refusal, phrases)[0]
+    cached[key] = record
+    path.write_text(json.dumps(cached, indent=2))
+    return record
+
+
+def run_block_spec(
+    block: Block,
+    method: str,
+    seed: int,
+    *,
+    subject_dir: Path,
+    sources: Sources,
+    data: Any,
+    tokens: list[int],
+    fingerprint: str,
+    stride: int,
+) -> dict[str, Any]:
+    """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards)."""
+    settings = TASK_SETTINGS[block.task]
+    train, test, val_task = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    harmful = [p for name in HARMFUL_SOURCES for p in sources.harmful[name]]
+    over = [p for name in OVER_REFUSAL_SOURCES for p in sources.over_refusal[name]]
+    run_data = replace(data, harmful_heldout=harmful, xstest_safe=over)
+    recipe = replace(SUBJECT_RECIPE, xstest_stride=1, task_eval={block.task: settings["eval"]})
+    started = time.perf_counter()
+    result = run_one(
+        RunSpec(block.task, "lora", method, seed),
+        subject_dir,
+        run_data,
+        (train, test),
+        epochs=block.epochs,
+        max_len=settings["max_len"],
+        curve_every=0,
+        recipe=recipe,
+        decision_tokens=tokens,
+        validation=Validation(sources.val_harmful, sources.val_over_refusal, val_task),
+        mix_rows=sources.mix_rows,
+    )
+    result["per_source"] = {
+        **_split_flags(result.pop("heldout_refused"), {k: len(sources.harmful[k]) for k in HARMFUL_SOURCES}),
+        **_split_flags(
+            result.pop("xstest_refused"), {k: len(sources.over_refusal[k]) for k in OVER_REFUSAL_SOURCES}
+        ),
+    }
+    result.update(
+        p=block.p,
+        n=block.n,
+        attack=block.attack,
+        epochs=block.epochs,
+        eval_stride=stride,
+        harmful_rows=round(block.p * block.n),
+    )
+    stamp_run(result, fingerprint, started)
+    result["config"] = METHODS[method].recorded_config
+    return result
+
+
+def run_harmful_mixing(
+    out: Path,
+    plan_name: str,
+    subject_dir: Path,
+    cache: Path = DEFAULT_CACHE,
+    argv: list[str] | None = None,
+    report_only: bool = False,
+) -> str:
+    """Run what is left of the plan (resumable), then rewrite RESULTS.md and the plots from every run."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = build_subject(subject_dir, "shared", cache)
+    stride = EVAL_STRIDE[plan_name]
+    sources = build_sources().strided(stride)
+    data = subject_data("shared").study
+    from .subject import refusal_first_tokens
+
+    _, tokenizer = load(subject_dir)
+    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
+    base = subject_baseline(
+        subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}"
+    )
+    write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
+    runs_path = out / "runs.jsonl"
+    runs = load_runs(runs_path, info["fingerprint"])
+    done = {_run_key(r) for r in runs}
+    todo = []
+    for block in PLANS[plan_name]:
+        for seed in range(block.seeds):
+            for method in block.methods:
+                key = (block.task, method, seed, block.p, block.n, block.attack, block.epochs, stride)
+                if key not in done:
+                    todo.append((block, method, seed))
+                    done.add(key)
+    if not report_only:
+        for block, method, seed in tqdm(todo, desc="harmful-mixing runs", unit="run"):
+            result = run_block_spec(
+                block,
+                method,
+                seed,
+                subject_dir=subject_dir,
+                sources=sources,
+                data=data,
+                tokens=tokens,
+                fingerprint=info["fingerprint"],
+                stride=stride,
+            )
+            runs.append(result)
+            append_run(runs_path, result)
+            tqdm.write(_one_line(result, base))
+    command = "python -m study harmful-mixing " + " ".join(sys.argv[2:] if argv is None else argv[1:])
+    runs = [r for r in runs if r["eval_stride"] == stride]
+    text = report(runs, base, sources, command, plan_name)
+    (out / ("RESULTS.md" if plan_name == "protocol" else f"RESULTS-{plan_name}.md")).write_text(text)
+    plot_over_p(
+        runs,
+        base,
+        out / ("retention_over_p.png" if plan_name == "protocol" else f"retention_over_p-{plan_name}.png"),
+    )
+    return text
