@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     if args.command == "decision":
-        from .decision import PLANS, run_decision
+        from .decision import PLANS
+        from .decision_run import run_decision
         from .subject import DEFAULT_CACHE
 
         if (args.plan or "decision") not in PLANS:
