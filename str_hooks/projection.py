@@ -168,19 +168,25 @@ def _search_causal_lm(root: nn.Module, owner: str) -> nn.Module:
     )
 
 
+def _from_getter(base: nn.Module, getter_name: str) -> Any:
+    """What `base.<getter_name>()` returns, or None where the model lacks or does not implement it."""
+    getter = getattr(base, getter_name, None)
+    if not callable(getter):
+        return None
+    try:
+        return getter()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
 def find_decoder(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
     """The decoder backbone whose output is the final normed hidden state."""
     explicit = _resolve(base, spec, "decoder")
     if explicit is not None:
         return explicit
-    get_decoder = getattr(base, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            found = get_decoder()
-        except (AttributeError, NotImplementedError, TypeError):
-            found = None
-        if isinstance(found, nn.Module) and found is not base:
-            return found
+    found = _from_getter(base, "get_decoder")
+    if isinstance(found, nn.Module) and found is not base:
+        return found
     for name in DECODER_ATTRIBUTES:
         found = getattr(base, name, None)
         if isinstance(found, nn.Module):
@@ -195,14 +201,7 @@ def find_decoder(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
 def find_head(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
     """The LM head (output embeddings)."""
     explicit = _resolve(base, spec, "head")
-    found: Any = explicit
-    if found is None:
-        get_output = getattr(base, "get_output_embeddings", None)
-        if callable(get_output):
-            try:
-                found = get_output()
-            except (AttributeError, NotImplementedError, TypeError):
-                found = None
+    found: Any = explicit if explicit is not None else _from_getter(base, "get_output_embeddings")
     if found is None:
         for name in HEAD_ATTRIBUTES:
             candidate = getattr(base, name, None)

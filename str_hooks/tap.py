@@ -86,6 +86,15 @@ class Sink:
         # True when only the decoder's inputs were seen (a wrapper called `causal_lm.forward` directly).
         self.from_decoder: bool = False
 
+    @classmethod
+    def of_forward(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sink:
+        """A fresh capture of the forward `module` is about to run."""
+        sink = cls()
+        sink.args, sink.kwargs = args, dict(kwargs)
+        sink.training = module.training
+        sink.grad_enabled = torch.is_grad_enabled()
+        return sink
+
     def input_ids(self) -> torch.Tensor | None:
         ids = self.kwargs.get("input_ids")
         if ids is None and self.args and isinstance(self.args[0], torch.Tensor):
@@ -155,12 +164,8 @@ class ModelTap:
         self._point_request = None
 
     def _on_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sink = Sink()
-        sink.args, sink.kwargs = args, dict(kwargs)
-        sink.training = module.training
-        sink.grad_enabled = torch.is_grad_enabled()
-        sink.awaiting_decoder = True
-        self.sink = sink
+        self.sink = Sink.of_forward(module, args, kwargs)
+        self.sink.awaiting_decoder = True
 
     def _on_decoder_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.sink.awaiting_decoder:
@@ -170,12 +175,8 @@ class ModelTap:
         # directly (PEFT <= 0.20 does for task_type CAUSAL_LM). Start a fresh capture from the decoder's
         # inputs, so the hidden state is never attributed to a stale capture; labels then come from
         # `handle.loss(labels=...)` (the trainer integrations pass them) or their absence is an error.
-        sink = Sink()
-        sink.args, sink.kwargs = args, dict(kwargs)
-        sink.training = module.training
-        sink.grad_enabled = torch.is_grad_enabled()
-        sink.from_decoder = True
-        self.sink = sink
+        self.sink = Sink.of_forward(module, args, kwargs)
+        self.sink.from_decoder = True
 
     def _on_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
         # Project here, inside the causal LM's forward: under FSDP2 the root's parameters (the head among
