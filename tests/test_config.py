@@ -104,7 +104,7 @@ def test_defaults() -> None:
         "cache_path": None,
         "anchors_path": None,
         "anchors_column": None,
-        "anchor_batch_size": 8,
+        "anchor_batch_size": 2,
         "anchor_every": 1,
         "anchor_placement": "separate",
         "fold_into_padding": "auto",
