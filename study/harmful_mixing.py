@@ -70,12 +70,14 @@ class Block:
 # Whole rows first: the p = 10 % SST-2 table (every method), then for the methods that decide the question
 # p = 20 %, the second attack (compliant "Sure, here is" openings, the kind of rows the issue's own failing
 # report used), AG News, p = 0 and the extra seeds, then p = 5 %, the long run and GSM8K.
-# `CHEAP` is the candidate default (issue 26 item 4's x1.25 step-time target, measured by `study step-cost`:
-# the shipped anchors at 2 per step instead of 8, x1.15 of plain); it runs beside `{}` wherever `{}` runs.
-CHEAP = "STR anchors b2 (as written)"
-DECIDING = (BASELINE, CHEAP, SHIPPED)
+# `{}` attached 8 anchors per step until the default became 2 (issue 26 item 4's x1.25 step-time target:
+# x1.15 of plain against x1.45 in `study step-cost`, chosen on this study's validation split at p = 10 %).
+# The runs recorded before the change are relabelled by their explicit equivalent (`recorded_as` keeps the
+# name they ran under), and the previous default runs beside `{}` wherever `{}` runs.
+PREVIOUS_DEFAULT = "STR anchors b8 (as written)"
+DECIDING = (BASELINE, SHIPPED, PREVIOUS_DEFAULT)
 PROTOCOL_PLAN: list[Block] = [
-    Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], CHEAP, *PROTOCOL_METHODS[2:-1])),
+    Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], PREVIOUS_DEFAULT, *PROTOCOL_METHODS[2:-1])),
     Block("sst2", 0.20, DECIDING),
     Block("sst2", 0.10, (*DECIDING, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("agnews", 0.10, DECIDING),

@@ -98,7 +98,10 @@ def report(
         "Subject: `runs/subject` (SmolLM2-135M-Instruct, safety-tuned by `python -m study subject`). LoRA r16 on "
         "every projection, batch 8, lr 2e-4 constant, one epoch unless the table says otherwise. Keyword judge "
         "(GCG prefixes) on 14 greedy tokens. Methods are configs as a user writes them (`config` in runs.jsonl); "
-        f"`{SHIPPED}` attaches `{{}}` exactly, with the package's shipped anchors.",
+        f"`{SHIPPED}` attaches `{{}}` exactly, with the package's shipped anchors. `{{}}` took 8 anchors per step "
+        "until the default became 2: runs recorded before that change as `STR as shipped {}` are now named "
+        "`STR anchors b8 (as written)`, those recorded as `STR anchors b2 (as written)` are now `STR as shipped "
+        "{}` (the same configuration; `recorded_as` in runs.jsonl keeps the name each ran under).",
         "",
         "## Evaluation sets (none supplies anchors or attack rows)",
         "",
@@ -156,12 +159,24 @@ def report(
                     for s in OVER_REFUSAL_SOURCES
                 )
                 + f" | {_pm(acc, digits=1)} % | {100 * (_mean(acc) - plain_acc):+.1f} | "
-                + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")
+                + (f"x{statistics.fmean(ratios):.2f}{_noted(rows)}" if ratios else "n/a")
                 + f" | {_pm([r['val_refusal'] / max(base['val_refusal'], 1e-9) for r in rows])} % |"
             )
+        notes = [
+            f"\\* {r['method']}, seed {r['seed']}: {r['note']}"
+            for rs in methods.values()
+            for r in rs
+            if r.get("note")
+        ]
+        lines += ["", *notes] if notes else []
         lines.append("")
     lines += _target_lines(runs, base)
     return "\n".join(lines) + "\n"
+
+
+def _noted(rows: list[dict[str, Any]]) -> str:
+    """A mark on a cell whose runs carry a `note` (e.g. a step time taken while other jobs shared the cores)."""
+    return "\\*" if any(r.get("note") for r in rows) else ""
 
 
 def _target_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
@@ -198,7 +213,7 @@ def _target_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]
             + " | "
             + (f"{100 * _mean([retention(r, base, HARMFUL_SOURCES) for r in p20]):.0f} %" if p20 else "n/a")
             + f" | {acc_delta(0.0)} / {acc_delta(0.1)} | {over} | "
-            + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")
+            + (f"x{statistics.fmean(ratios):.2f}{_noted(p10)}" if ratios else "n/a")
             + f" | {len(p10)} |"
         )
     lines.append("")
