@@ -6,14 +6,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
+from typing_extensions import Unpack
 
-from str_hooks.adapter import AdapterBase, ConfigLike, find_caller, patch_method, patched_by
+from str_hooks.adapter import (
+    AdapterBase,
+    AttachOptions,
+    ConfigLike,
+    check_options,
+    find_caller,
+    patch_method,
+    patched_by,
+)
 from str_hooks.driver import HostNormalization, build_probe
 from str_hooks.errors import STRError
 from str_hooks.optional import require
-from str_hooks.projection import ModuleSpec
-from str_hooks.tokens import SafetyTokens
 
 transformers: Any = require("transformers", "hf")
 
@@ -152,12 +159,7 @@ class STRCallback(AdapterBase, transformers.TrainerCallback):
 def attach(
     trainer: Any,
     config: ConfigLike | STRCallback = None,
-    *,
-    tokenizer: Any = None,
-    tokens: SafetyTokens | None = None,
-    reference_model: nn.Module | None = None,
-    decoder: ModuleSpec = None,
-    head: ModuleSpec = None,
+    **options: Unpack[AttachOptions],
 ) -> STRCallback:
     """Add STR to a `Trainer` / `SFTTrainer` before `trainer.train()`: wraps its `compute_loss` on the
     instance (every loss path, TRL's fused LM head included) and puts the callback first in its list.
@@ -178,8 +180,7 @@ def attach(
         >>> attach(trainer, {"coef": 0.1}, tokenizer=tok)  # doctest: +SKIP
         >>> trainer.train()  # doctest: +SKIP
     """
-    options = {"tokenizer": tokenizer, "tokens": tokens, "reference_model": reference_model}
-    options.update(decoder=decoder, head=head)
+    check_options(options, "attach")
     present = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, STRCallback)]
     if isinstance(config, STRCallback):
         callback = config

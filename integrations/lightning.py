@@ -16,13 +16,12 @@ require("lightning", "lightning")  # an ImportError that names the install
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
-from typing_extensions import override  # noqa: E402
+from typing_extensions import Unpack, override  # noqa: E402
 
-from str_hooks.adapter import AdapterBase, ConfigLike, patched_by  # noqa: E402
+from str_hooks.adapter import AdapterBase, AttachOptions, ConfigLike, check_options, patched_by  # noqa: E402
 from str_hooks.driver import HostNormalization, build_probe  # noqa: E402
 from str_hooks.errors import STRAttachError, STRConfigError  # noqa: E402
-from str_hooks.projection import ModuleSpec, find_causal_lm  # noqa: E402
-from str_hooks.tokens import SafetyTokens  # noqa: E402
+from str_hooks.projection import find_causal_lm  # noqa: E402
 
 ModelSpec = nn.Module | str | Callable[[pl.LightningModule], nn.Module] | None
 
@@ -54,18 +53,11 @@ class STRCallback(AdapterBase, pl.Callback):
     """
 
     def __init__(
-        self,
-        config: ConfigLike = None,
-        *,
-        tokenizer: Any = None,
-        tokens: SafetyTokens | None = None,
-        reference_model: nn.Module | None = None,
-        model: ModelSpec = None,
-        decoder: ModuleSpec = None,
-        head: ModuleSpec = None,
+        self, config: ConfigLike = None, *, model: ModelSpec = None, **options: Unpack[AttachOptions]
     ) -> None:
-        options: dict[str, Any] = {"tokenizer": tokenizer, "tokens": tokens}
-        super().__init__(config, reference_model=reference_model, decoder=decoder, head=head, **options)
+        check_options(options, "STRCallback.__init__")
+        super().__init__(config, **options)
+        tokenizer, tokens, reference_model = self.tokenizer, self.tokens, self.reference_model
         if model is not None and not isinstance(model, nn.Module | str) and not callable(model):
             raise TypeError(
                 f"`model` must be an attribute path, a callable taking the LightningModule, or a module; got "

@@ -24,6 +24,16 @@ def _config_errors(input_type: Literal["python", "json"] = "python") -> Iterator
         raise STRConfigValidationError.from_validation_error(exc, input_type) from None
 
 
+def unused_error(field: str, shown: str, other: str, value: Any, wanted: str, why: str = "") -> ValueError:
+    """The error for an option that is set while the option it depends on does not select it: "`field` is
+    <shown> but `other` is <value!r>: <why>set <other>: <wanted> or remove <field>." (`field` and `other` as
+    dotted paths, `penalty.margin`; the fix names them without their section)."""
+    return ValueError(
+        f"`{field}` is {shown} but `{other}` is {value!r}: {why}set {other.rpartition('.')[2]}: {wanted} or "
+        f"remove {field.rpartition('.')[2]}."
+    )
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, with a did-you-mean hint."""
 
@@ -97,4 +107,4 @@ class Section(BaseModel):
         return data
 
 
-__all__ = ["Section"]
+__all__ = ["Section", "unused_error"]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section
+from str_hooks.schemas.base import Section, unused_error
 
 PenaltyForm = Literal["mse", "hinge", "logprob", "kl"]
 PositionMode = Literal["supervised", "all", "first_n"]
@@ -63,16 +63,13 @@ class PenaltyConfig(Section):
         if self.margin < 0:
             raise ValueError(f"`penalty.margin` must be >= 0, got {self.margin}: use 0 or a positive margin.")
         if self.margin != 0 and self.form != "hinge":
-            raise ValueError(
-                f"`penalty.margin` is {self.margin} but `penalty.form` is {self.form!r}: the margin is only "
-                "used by form 'hinge'; set form: hinge or remove margin."
-            )
+            why = "the margin is only used by form 'hinge'; "
+            raise unused_error("penalty.margin", f"{self.margin}", "penalty.form", self.form, "hinge", why)
         if self.first_n < 1:
             raise ValueError(f"`penalty.first_n` must be >= 1, got {self.first_n}.")
         if self.first_n != 1 and self.positions != "first_n":
-            raise ValueError(
-                f"`penalty.first_n` is {self.first_n} but `penalty.positions` is {self.positions!r}: set "
-                "positions: first_n or remove first_n."
+            raise unused_error(
+                "penalty.first_n", f"{self.first_n}", "penalty.positions", self.positions, "first_n"
             )
         return self
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section
+from str_hooks.schemas.base import Section, unused_error
 
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
@@ -122,18 +122,10 @@ class ReferenceConfig(Section):
                 "`reference.source` is 'cache' but `reference.cache_path` is not set: build a cache with "
                 "`str-hooks cache` and set cache_path to its file."
             )
-        if self.cache_path and self.source != "cache":
-            raise ValueError(
-                f"`reference.cache_path` is set ({self.cache_path!r}) but `reference.source` is "
-                f"{self.source!r}: set source: cache "
-                "or remove cache_path."
-            )
-        if self.model_path and self.source != "model":
-            raise ValueError(
-                f"`reference.model_path` is set ({self.model_path!r}) but `reference.source` is "
-                f"{self.source!r}: set source: model "
-                "or remove model_path."
-            )
+        for path, source in (("cache_path", "cache"), ("model_path", "model")):
+            if getattr(self, path) and self.source != source:
+                shown = f"set ({getattr(self, path)!r})"
+                raise unused_error(f"reference.{path}", shown, "reference.source", self.source, source)
         anchor_fields_set = self._set_off_default(
             {
                 "anchors_path",
@@ -168,10 +160,13 @@ class ReferenceConfig(Section):
                 "harmful anchors only, or e.g. 1.0."
             )
         if self.fold_into_padding != "auto" and self.anchor_placement != "folded":
-            raise ValueError(
-                f"`reference.fold_into_padding` is {self.fold_into_padding!r} but `reference.anchor_placement` is "
-                f"{self.anchor_placement!r}: it only applies to folded anchors; set anchor_placement: folded or "
-                "remove fold_into_padding."
+            raise unused_error(
+                "reference.fold_into_padding",
+                repr(self.fold_into_padding),
+                "reference.anchor_placement",
+                self.anchor_placement,
+                "folded",
+                "it only applies to folded anchors; ",
             )
         if self.benign_anchors_path is not None and self.benign_weight == 0:
             raise ValueError(

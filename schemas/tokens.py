@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section
+from str_hooks.schemas.base import Section, unused_error
 
 TokenMethod = Literal["frequency", "contrastive", "list"]
 
@@ -55,10 +55,9 @@ class TokensConfig(Section):
                 "strings: ['Sorry', 'cannot'], or use method 'frequency'."
             )
         if self.strings and self.method != "list":
-            raise ValueError(
-                f"`tokens.strings` is set ({self.strings!r}) but `tokens.method` is {self.method!r}: strings "
-                "are only used by "
-                "method 'list'; set method: list or remove strings."
+            why = "strings are only used by method 'list'; "
+            raise unused_error(
+                "tokens.strings", f"set ({self.strings!r})", "tokens.method", self.method, "list", why
             )
         return self
 

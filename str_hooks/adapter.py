@@ -6,11 +6,12 @@ and `find_caller` (find a host that never hands itself to its callbacks)."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
+from typing_extensions import Unpack
 
 from str_hooks.attach import register_str_hook
 from str_hooks.driver import StepDriver
@@ -27,6 +28,25 @@ PATCHED_ATTR = "_str_hooks_patched_by"
 ConfigLike = STRConfig | dict[str, Any] | str | Path | None
 
 
+class AttachOptions(TypedDict, total=False):
+    """The `register_str_hook` options an adapter is built with and attaches with, each None when not given:
+    the keyword arguments that `AdapterBase`, the Lightning `STRCallback` and `hf.attach` all take."""
+
+    tokenizer: Any
+    tokens: SafetyTokens | None
+    reference_model: nn.Module | None
+    decoder: ModuleSpec
+    head: ModuleSpec
+
+
+def check_options(options: Mapping[str, object], caller: str) -> None:
+    """The `TypeError` Python raises for an unknown keyword of `caller` (a function's qualified name), for one
+    that takes `**options: Unpack[AttachOptions]`."""
+    for key in options:
+        if key not in AttachOptions.__optional_keys__:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+
+
 class AdapterBase:
     """Base of the trainer adapters: the validated config and the `register_str_hook` options as given, the
     `StepDriver` while attached, and the state that the next attach resumes from.
@@ -36,23 +56,15 @@ class AdapterBase:
         tokenizer, tokens, reference_model, decoder, head: as for `register_str_hook`.
     """
 
-    def __init__(
-        self,
-        config: ConfigLike = None,
-        *,
-        tokenizer: Any = None,
-        tokens: SafetyTokens | None = None,
-        reference_model: nn.Module | None = None,
-        decoder: ModuleSpec = None,
-        head: ModuleSpec = None,
-    ) -> None:
+    def __init__(self, config: ConfigLike = None, **options: Unpack[AttachOptions]) -> None:
+        check_options(options, "AdapterBase.__init__")
         super().__init__()
         self.config = load_config(config if config is not None else STRConfig())
-        self.tokenizer = tokenizer
-        self.tokens = tokens
-        self.reference_model = reference_model
-        self.decoder = decoder
-        self.head = head
+        self.tokenizer: Any = options.get("tokenizer")
+        self.tokens: SafetyTokens | None = options.get("tokens")
+        self.reference_model: nn.Module | None = options.get("reference_model")
+        self.decoder: ModuleSpec = options.get("decoder")
+        self.head: ModuleSpec = options.get("head")
         self.driver: StepDriver | None = None
         self._undo: list[Callable[[], None]] = []  # the patches `detach_driver` takes back
         self.probe: ProbeRunner | None = None  # the refusal probe (`build_probe`), run by the driver
@@ -173,4 +185,13 @@ def find_caller(kind: type, accepts: Callable[[Any], bool]) -> Any:
     return None
 
 
-__all__ = ["PATCHED_ATTR", "AdapterBase", "ConfigLike", "find_caller", "patch_method", "patched_by"]
+__all__ = [
+    "PATCHED_ATTR",
+    "AdapterBase",
+    "AttachOptions",
+    "ConfigLike",
+    "check_options",
+    "find_caller",
+    "patch_method",
+    "patched_by",
+]
