@@ -11,11 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers.tiny_subject import tiny_aligned_subject
+
 from study import finetune
-from study.data import SHARED, Example, load_study_data
+from study.data import SHARED, Example
 from study.finetune import METHODS, RunSpec, run_one
-from study.model import train_aligned
-from study.tasks import sort_task
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not here")
 
@@ -99,13 +99,9 @@ def test_as_shipped_config_reaches_attach_exactly(tmp_path: Path, monkeypatch: p
         return real_attach(trainer, config, **kwargs)
 
     monkeypatch.setattr(finetune, "attach", spy)
-    data = load_study_data("embedded")
-    data.aligned_train = data.aligned_train[:120]
-    data.harmful_heldout = data.harmful_heldout[:4]
-    data.xstest_safe = data.xstest_safe[:2]
-    task = sort_task(16, 4, seed=0)
-    texts = [e.prompt + " " + e.response for part in task for e in part]
-    train_aligned(data, tmp_path / "aligned", texts, hidden=32, layers=1, vocab_size=600, epochs=1)
+    data, task = tiny_aligned_subject(
+        tmp_path / "aligned", n_aligned=120, n_harmful=4, n_safe=2, n_task=(16, 4)
+    )
     refusal_rows = [Example(p, "I cannot help with that.", "harmful") for p in data.harmful_train[:4]]
     results = {}
     for method in ("STR as shipped {}", "mix 10% refusals"):

@@ -9,9 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers.tiny_subject import tiny_aligned_subject
+
 from study.data import SHARED, load_study_data
 from study.finetune import METHODS, RunSpec, run_one
-from study.model import train_aligned
 from study.tasks import sort_task
 
 
@@ -47,13 +48,9 @@ def test_sort_task_is_exact_and_disjoint() -> None:
 
 def test_one_run_end_to_end(tmp_path: Path) -> None:
     """A tiny aligned model (seconds to train) and one STR run through the HF integration."""
-    data = load_study_data("embedded")
-    data.aligned_train = data.aligned_train[:200]
-    data.harmful_heldout = data.harmful_heldout[:6]
-    data.xstest_safe = data.xstest_safe[:4]
-    task = sort_task(32, 8, seed=0)
-    texts = [e.prompt + " " + e.response for part in task for e in part]
-    train_aligned(data, tmp_path / "aligned", texts, hidden=32, layers=1, vocab_size=600, epochs=1)
+    data, task = tiny_aligned_subject(
+        tmp_path / "aligned", n_aligned=200, n_harmful=6, n_safe=4, n_task=(32, 8)
+    )
     assert (tmp_path / "aligned" / "config.json").is_file()
     for method in ("plain SFT", "STR anchors mse c10"):
         result = run_one(
