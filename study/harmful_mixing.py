@@ -92,6 +92,3 @@ PROTOCOL_PLAN: list[Block] = [
 QUICK_PLAN: list[Block] = [Block("sst2", 0.10, (BASELINE, SHIPPED), n=200)]
 PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN}
 EVAL_STRIDE = {"protocol": 1, "quick": 4}
-# Issue 26 item 4's targets, checked in the report.
-TARGETS = {"retention_p10": 0.95, "retention_p20": 0.90, "accuracy_points": 2.0, "over_refusal_points": 5.0}
-STEP_TARGET = 1.25
