@@ -67,25 +67,33 @@ class Block:
     epochs: float = 1.0
 
 
-# Whole rows first: the p = 10 % SST-2 table (every method), then for the methods that decide the question
-# p = 20 %, the second attack (compliant "Sure, here is" openings, the kind of rows the issue's own failing
-# report used), AG News, p = 0 and the extra seeds, then p = 5 %, the long run and GSM8K.
+# Whole rows first: the p = 10 % SST-2 table (every method), then p = 20 % for the methods that decide the
+# question. After that the two that decide it (plain SFT and `{}`) go first through every block the issue asks
+# for: the second attack (compliant "Sure, here is" openings, the kind of rows the issue's own failing report
+# used), p = 0 (the accuracy target), seeds 1-2 at p = 10 %, AG News; then the previous default and the adapter
+# KL beside them, p = 5 %, the long run and GSM8K.
 # `{}` attached 8 anchors per step until the default became 2 (issue 26 item 4's x1.25 step-time target:
 # x1.15 of plain against x1.45 in `study step-cost`, chosen on this study's validation split at p = 10 %).
 # The runs recorded before the change are relabelled by their explicit equivalent (`recorded_as` keeps the
-# name they ran under), and the previous default runs beside `{}` wherever `{}` runs.
+# name they ran under).
 PREVIOUS_DEFAULT = "STR anchors b8 (as written)"
 DECIDING = (BASELINE, SHIPPED, PREVIOUS_DEFAULT)
+PAIR = (BASELINE, SHIPPED)
+
 PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], PREVIOUS_DEFAULT, *PROTOCOL_METHODS[2:-1])),
     Block("sst2", 0.20, DECIDING),
-    Block("sst2", 0.10, (*DECIDING, "STR adapter kl c10 (as written)"), attack="advbench"),
-    Block("agnews", 0.10, DECIDING),
-    Block("sst2", 0.0, DECIDING),
-    Block("sst2", 0.10, DECIDING, seeds=3),
+    Block("sst2", 0.10, PAIR, attack="advbench"),
+    Block("sst2", 0.0, PAIR),
+    Block("sst2", 0.10, PAIR, seeds=3),
+    Block("agnews", 0.10, PAIR),
+    Block("sst2", 0.10, (PREVIOUS_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
+    Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
+    Block("agnews", 0.10, (PREVIOUS_DEFAULT,)),
     Block("sst2", 0.05, DECIDING),
     Block("sst2", 0.10, DECIDING, epochs=5.0),
     Block("gsm8k", 0.10, DECIDING, n=500),
+    Block("sst2", 0.10, (PREVIOUS_DEFAULT,), seeds=3),
     Block("sst2", 0.10, (BASELINE, PROTOCOL_METHODS[-1])),
 ]
 # Under 20 minutes here: 200 rows (25 steps), two methods, every 4th evaluation prompt.
