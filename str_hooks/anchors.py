@@ -25,6 +25,9 @@ from str_hooks.penalty import form_values
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
 
+# Anchors per forward in the one-off passes before training (no gradient, a few hundred tokens each).
+SETUP_BATCH_SIZE = 32
+
 
 def _texts(prompts: Sequence[str] | str | None, column: str | None, default: str, what: str) -> list[str]:
     if isinstance(prompts, str) and column is not None:
@@ -243,7 +246,10 @@ class AnchorSet:
         return torch.cat(parts, dim=0)
 
     def _batches(self) -> list[list[int]]:
-        step = max(self.batch_size, 1)
+        """Batches of the one-off no-grad passes (openings, reference values): wider than the per-step anchor
+        batch, which is sized for step time (2 by default: 120 anchors two at a time were ~450 sequential
+        forwards, about 80 s of a 2-core CPU before the first step)."""
+        step = max(self.batch_size, SETUP_BATCH_SIZE)
         return [list(range(s, min(s + step, len(self.encoded)))) for s in range(0, len(self.encoded), step)]
 
     @torch.no_grad()

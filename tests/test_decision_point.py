@@ -137,6 +137,34 @@ def test_anchor_openings_forms_and_benign_weights_match_hand_written(
     assert_grads_close(ours, theirs, rtol=5e-5)
 
 
+def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
+    tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """The openings and reference values are computed once, before training, in wide batches whatever the
+    per-step `anchor_batch_size`: the same values as one batch of all anchors, in as few forwards."""
+    model = make_lora(make_model("llama"))
+    forwards = 0
+
+    def count(*_: Any) -> None:
+        nonlocal forwards
+        forwards += 1
+
+    model.get_base_model().model.register_forward_hook(count)
+    built = {}
+    for batch_size in (1, len(HARMFUL) + len(BENIGN)):
+        forwards = 0
+        cfg = anchor_cfg(tmp_path, "mse", "separate", anchor_batch_size=batch_size)
+        with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+            anchors = handle.anchors
+            assert anchors is not None
+            built[batch_size] = (forwards, list(anchors.openings), anchors.reference)
+    (one_at_a_time, openings_1, reference_1), (all_at_once, openings_all, reference_all) = built.values()
+    assert openings_1 == openings_all and all(len(o) > 1 for o in openings_1)
+    torch.testing.assert_close(reference_1, reference_all)
+    # For all 5 anchors at once: the projection check, one forward per opening token, the reference values.
+    assert one_at_a_time == all_at_once == 1 + OPENING + 1
+
+
 def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:
     torch.manual_seed(0)
     logits = torch.randn(5, 40) * 3
