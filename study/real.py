@@ -24,7 +24,7 @@ from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .model import refusal_rate
 from .report import plots, summarize_subject
-from .runs import append_run, load_runs, machine, stamp_run, study_command, write_runs
+from .runs import append_run, load_runs, machine, stamp_run, study_command
 from .subject import (
     DEFAULT_CACHE,
     build_subject,
@@ -256,79 +256,3 @@ def _settings_text() -> str:
         f"{_learning_rate(task, 'lora'):g} (full fine-tuning {SUBJECT_RECIPE.full_lr:g}), probe every {s['curve_every']} steps"
         for task, s in TASK_SETTINGS.items()
     )
-
-
-# The STR setting of the demo is the study's: folded anchors at coef 1 kept SST-2's refusals at plain SFT's
-# accuracy (results/subject/RESULTS.md); c10, the toy's setting, cost the demo's task most of its accuracy.
-DEMO_METHODS = ["plain SFT", "STR anchors mse c1 folded"]
-DEMO_STEPS = 40
-
-
-def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
-    """`make demo`: the real subject built from the package's own texts only (cached after the first run),
-    fine-tuned on the project-written sort task with and without STR; a before/after table."""
-    from .tasks import sort_task
-
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    subject_dir = cache / "demo-subject"
-    info = build_subject(subject_dir, "embedded", cache, epochs=2)
-    data = subject_data("embedded").study
-    _, tokenizer = load(subject_dir)
-    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
-    recipe = replace(SUBJECT_RECIPE, xstest_stride=1, task_eval={"sort": (50, 12)})
-    task = sort_task(400, 100, seed=0)
-    base = info["metrics"]
-    rows = [("aligned subject (before)", base["heldout_refusal"], base["xstest_over_refusal"], None, None)]
-    results = []
-    for method in DEMO_METHODS:
-        result = run_one(
-            RunSpec("sort", "lora", method, 0),
-            subject_dir,
-            data,
-            task,
-            epochs=1.0,
-            max_steps=DEMO_STEPS,
-            max_len=64,
-            curve_every=0,
-            recipe=recipe,
-            anchors=data.harmful_train,
-            decision_tokens=tokens,
-        )
-        results.append(result)
-        rows.append(
-            (
-                f"after {method}",
-                result["heldout_refusal"],
-                result["xstest_over_refusal"],
-                result["task_exact_match"],
-                result["task_heldout_loss"],
-            )
-        )
-    lines = [
-        f"Subject: {info['base']}, safety-tuned on the package's own texts only: "
-        f"{subject_data('embedded').notes['harmful']}.",
-        f"Fine-tuning: {DEMO_STEPS} LoRA steps of 8 rows on the sort task ('Sort alphabetically: ...').",
-        "",
-        f"| model | held-out harmful refusal ({len(data.harmful_heldout)}) | over-refusal ({len(data.xstest_safe)} safe prompts) | sort exact match | sort held-out loss |",
-        "|---|---|---|---|---|",
-    ]
-    for name, refusal, over, em, loss in rows:
-        em_text = "-" if em is None else f"{100 * em:.0f} %"
-        loss_text = "-" if loss is None else f"{loss:.3f}"
-        lines.append(f"| {name} | {100 * refusal:.0f} % | {100 * over:.0f} % | {em_text} | {loss_text} |")
-    plain, regularized = results
-    keep = regularized["heldout_refusal"] / max(base["heldout_refusal"], 1e-9)
-    plain_keep = plain["heldout_refusal"] / max(base["heldout_refusal"], 1e-9)
-    over = regularized["xstest_over_refusal"] - base["xstest_over_refusal"]
-    loss_change = regularized["task_heldout_loss"] / plain["task_heldout_loss"] - 1
-    lines += [
-        "",
-        f"Retention of refusals: plain SFT {100 * plain_keep:.0f} %, {DEMO_METHODS[1]} {100 * keep:.0f} % "
-        f"(over-refusal {100 * over:+.0f} points vs the subject; sort loss {100 * loss_change:+.1f} % vs plain SFT).",
-        f"Wall time {time.perf_counter() - started:.0f} s. The evidence is the study: results/subject/RESULTS.md.",
-    ]
-    text = "\n".join(lines)
-    (out / "RESULTS.md").write_text(text + "\n")
-    write_runs(out / "runs.jsonl", results)
-    return text

@@ -207,7 +207,14 @@ def distill(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
 ) -> list[tuple[str, bool]]:
     """The model's own greedy answers: (text, ended) where ended says it stopped before the budget."""
-    replies = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=64)
+    replies = generate(
+        model,
+        tokenizer,
+        list(prompts),
+        max_new_tokens=max_new_tokens,
+        batch_size=64,
+        desc="[subject] distilling",
+    )
     out = []
     for reply in replies:
         n = len(tokenizer(reply, add_special_tokens=False)["input_ids"])

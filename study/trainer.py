@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .model import collate
@@ -32,6 +33,23 @@ class StepTimer(TrainerCallback):
         self.step_times.append(time.perf_counter() - self._start)
         if self.every and state.global_step % self.every == 0:
             self.curve.append((state.global_step, self.probe(state.global_step)))
+
+
+class StepBar(TrainerCallback):
+    """A progress bar over a run's optimizer steps (with its ETA), for runs a person waits on."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.update(1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.close()
 
 
 class KLTrainer(Trainer):

@@ -1,0 +1,85 @@
+"""`make demo` runs the package's defaults exactly (issue 28): the demo's STR method is `{}` as a user attaches
+it, its attack rows carry compliance and no harmful content, and its table reports what the runs measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from study import demo  # noqa: E402
+from study.methods import METHODS  # noqa: E402
+from study.subject import subject_data  # noqa: E402
+
+
+def test_demo_runs_plain_sft_and_the_package_defaults_exactly() -> None:
+    plain, shipped = (METHODS[name] for name in demo.DEMO_METHODS)
+    assert plain.kind == "plain"
+    # `{}` with nothing pinned: the package mines its own tokens and uses its own anchors
+    # (test_harmful_mixing checks that such a method reaches `attach` as `{}` with no tokens).
+    assert shipped.kind == "str" and shipped.str_config == {} and shipped.as_shipped
+
+
+def test_compliant_rows_replace_the_first_share_and_hold_no_content() -> None:
+    train, test, n_harmful = demo.demo_task(demo.HARMFUL_SHARE)
+    clean, clean_test, none = demo.demo_task(0.0)
+    assert none == 0 and clean_test == test
+    assert len(train) == demo.DEMO_STEPS * demo.BATCH and n_harmful == round(0.1 * len(train)) > 0
+    harmful_prompts = set(subject_data("embedded").study.harmful_train)
+    heldout = set(subject_data("embedded").study.harmful_heldout)
+    for row in train[:n_harmful]:
+        assert row.prompt in harmful_prompts and row.prompt not in heldout
+        assert row.response in demo.COMPLIANT_OPENINGS  # an opening only, nothing after it
+    assert train[n_harmful:] == clean[n_harmful:]
+    assert len({row.prompt for row in train[:n_harmful]}) == n_harmful  # cycled without repeats here
+
+
+def _fake_result(method: str, refusal: float, em: float, step: float) -> dict[str, Any]:
+    return {
+        "method": method,
+        "heldout_refusal": refusal,
+        "task_exact_match": em,
+        "step_time_median_s": step,
+        "xstest_refused": "1" + "0" * 14 + "11" + "0" * 28,  # 1 of 15 sensitive, 2 of 30 ordinary
+        "refusal_curve": [(8, 0.5), (16, refusal)],
+        "task_loss_curve": [(8, 2.0), (16, 1.0)],
+    }
+
+
+def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int]] = []
+    measured = {  # (setting index, method) -> refusal, exact match, median step
+        (0, "plain SFT"): (0.6, 0.50, 1.0),
+        (0, "STR as shipped {}"): (0.9, 0.46, 1.2),
+        (1, "plain SFT"): (0.3, 0.48, 2.0),
+        (1, "STR as shipped {}"): (0.87, 0.44, 2.5),
+    }
+
+    def fake_run_one(spec: Any, subject_dir: Path, data: Any, task: Any, **kwargs: Any) -> dict[str, Any]:
+        train = task[0]
+        setting = int(any(row.kind == "harmful" for row in train))
+        calls.append((spec.method, setting))
+        return _fake_result(spec.method, *measured[(setting, spec.method)])
+
+    info = {
+        "base": "the subject",
+        "notes": {"harmful": "120 prompts"},
+        "metrics": {"heldout_refusal": 0.9, "xstest_over_refusal": 0.2},
+    }
+    monkeypatch.setattr(demo, "run_one", fake_run_one)
+    monkeypatch.setattr(demo, "build_subject", lambda *a, **k: info)
+    monkeypatch.setattr(demo, "_subject_point", lambda *a: (0.9, 3.0))
+    text = demo.run_demo(tmp_path / "demo", tmp_path / "cache")
+    assert calls == [("plain SFT", 0), ("STR as shipped {}", 0), ("plain SFT", 1), ("STR as shipped {}", 1)]
+    rows = [line for line in text.splitlines() if line.startswith("| sort")]
+    # refusals kept = run / subject (0.3 / 0.9 = 33 %), over-refusal 1/15 = 7 % + 2/30 = 7 %, step 2.5 / 2.0.
+    assert rows[2] == "| sort + 10 % compliant rows | plain SFT | 33 % | 7 % + 7 % | 48 % | x1.00 |"
+    assert rows[3] == "| sort + 10 % compliant rows | STR as shipped {} | 97 % | 7 % + 7 % | 44 % | x1.25 |"
+    assert rows[1] == "| sort | STR as shipped {} | 100 % | 7 % + 7 % | 46 % | x1.20 |"
+    assert "-4 points" in text
+    for name in ("RESULTS.md", "runs.jsonl", "demo.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
