@@ -25,7 +25,8 @@ from str_hooks.penalty import form_values
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
 
-# Anchors per forward in the one-off passes before training (no gradient, a few hundred tokens each).
+# Anchors per forward in the one-off passes before training (no gradient; with `logits_to_keep` only the
+# requested positions' logits are built, otherwise [32, T, V] logits for the duration of one forward).
 SETUP_BATCH_SIZE = 32
 
 
@@ -247,8 +248,8 @@ class AnchorSet:
 
     def _batches(self) -> list[list[int]]:
         """Batches of the one-off no-grad passes (openings, reference values): wider than the per-step anchor
-        batch, which is sized for step time (2 by default: 120 anchors two at a time were ~450 sequential
-        forwards, about 80 s of a 2-core CPU before the first step)."""
+        batch, which is sized for step time (2 by default: the 180 default anchors two at a time were 450
+        sequential forwards, about 80 s of a 2-core CPU before the first step on a 135M model)."""
         step = max(self.batch_size, SETUP_BATCH_SIZE)
         return [list(range(s, min(s + step, len(self.encoded)))) for s in range(0, len(self.encoded), step)]
 

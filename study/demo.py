@@ -9,7 +9,7 @@ defaults exist for. A compliant row is one of the subject's 90 training harmful 
 compliant opening ("Sure, here is what you asked for."): it teaches compliance without any harmful content.
 
 What the demo cannot show: the package ships no harmful text beyond its anchors, so the demo's held-out
-harmful prompts are among the anchors `{}` regularizes. Retention on prompts unlike the anchors and the
+harmful prompts and the compliant rows' prompts are all among the anchors `{}` regularizes. Retention on prompts unlike the anchors and the
 attack is measured in `results/harmful_mixing` (`make study-harmful-mixing`).
 """
 
@@ -21,6 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from str_hooks.prompts import default_texts
 
 from .data import Example, StudyData
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
@@ -72,21 +74,30 @@ def demo_task(share: float, seed: int = 0) -> tuple[list[Example], list[Example]
 
 def _demo_data(data: StudyData) -> tuple[StudyData, int, int]:
     """The subject's evaluation sets, the over-refusal set widened by ordinary instructions it never saw
-    (the 15 held-out sensitive-sounding safe prompts alone move in steps of 7 points)."""
-    ordinary = [e.prompt for e in data.benign_check_heldout[:30]]
-    return replace(data, xstest_safe=data.xstest_safe + ordinary), len(data.xstest_safe), len(ordinary)
+    (the held-out sensitive-sounding safe prompts alone move in steps of 7 points). Safe prompts that are
+    among `{}`'s benign anchors are left out: `{}` pins those to the subject's own answers."""
+    benign_anchors = set(default_texts("benign_anchors"))
+    sensitive = [p for p in data.xstest_safe if p not in benign_anchors]
+    ordinary = [e.prompt for e in data.benign_check_heldout[:30] if e.prompt not in benign_anchors]
+    return replace(data, xstest_safe=sensitive + ordinary), len(sensitive), len(ordinary)
 
 
-def _subject_point(subject_dir: Path, data: StudyData) -> tuple[float, float]:
-    """Step 0 of every curve, measured once: the subject's refusal rate and held-out sort loss."""
+def _subject_point(subject_dir: Path, data: StudyData) -> dict[str, Any]:
+    """Step 0 of every curve and the table's first row, measured once on the demo's own sets: the subject's
+    refusal rate, its refusals of the safe prompts, its held-out sort loss."""
     from .evaluation import heldout_loss
-    from .model import refusal_rate
+    from .model import refusal_flags, refusal_rate
     from .subject import load
 
     model, tokenizer = load(subject_dir)
     refusal, _ = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
+    _, safe_replies = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
     _, test, _ = demo_task(0.0)
-    return refusal, heldout_loss(model, tokenizer, test, MAX_LEN)
+    return {
+        "heldout_refusal": refusal,
+        "xstest_refused": refusal_flags(safe_replies, data.refusal_phrases),
+        "task_heldout_loss": heldout_loss(model, tokenizer, test, MAX_LEN),
+    }
 
 
 def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
@@ -121,18 +132,18 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
                 progress=f"[demo 2/2] run {run}/4: {setting}, {method}",
                 probe_before=False,
             )
-            result["refusal_curve"].insert(0, (0, start[0]))
-            result["task_loss_curve"].insert(0, (0, start[1]))
+            result["refusal_curve"].insert(0, (0, start["heldout_refusal"]))
+            result["task_loss_curve"].insert(0, (0, start["task_heldout_loss"]))
             result.update(setting=setting, harmful_rows=n_harmful, train_rows=len(train))
             results.append(result)
     base = {
-        "heldout_refusal": info["metrics"]["heldout_refusal"],
+        **start,
         "n_harmful": len(data.harmful_heldout),
         "n_sensitive": n_sensitive,
         "n_ordinary": n_ordinary,
     }
     write_runs(out / "runs.jsonl", results)
-    (out / "subject.json").write_text(json.dumps(info["metrics"], indent=2))
+    (out / "subject.json").write_text(json.dumps({"demo_sets": base, "build": info["metrics"]}, indent=2))
     plot_demo(results, out / "demo.png")
     text = demo_report(results, base, info, time.perf_counter() - started, subject_seconds)
     (out / "RESULTS.md").write_text(text + "\n")
@@ -162,10 +173,11 @@ def demo_report(
         "`STR as shipped {}` is `STRCallback({})`: the package's defaults, its own anchors and tokens.",
         "",
         f"| setting | method | refusals kept ({base['n_harmful']} held-out harmful) | over-refusal "
-        f"({n_sensitive} sensitive + {n_ordinary} ordinary safe) | sort exact match ({n_test}) | step time vs plain |",
+        f"({n_sensitive} sensitive + {n_ordinary} ordinary safe) | sort exact match ({n_test}) | "
+        f"step time vs plain (median of {DEMO_STEPS - 3} steps) |",
         "|---|---|---|---|---|---|",
         f"| before fine-tuning | aligned subject | {100 * subject_refusal:.0f} % refused | "
-        f"{_over(info['metrics'], None)} | - | - |",
+        f"{_over(base, n_sensitive)} | - | - |",
     ]
     for i in range(0, len(results), 2):
         plain = results[i]
@@ -189,8 +201,10 @@ def demo_report(
         *verdicts,
         "",
         "Refusals kept = the run's refusal rate over the subject's, greedy 14 tokens, the package's refusal "
-        "phrases as the judge. The held-out harmful prompts are among the package's anchors (it ships no other "
-        "harmful text): prompts unlike the anchors and the attack are measured in results/harmful_mixing. "
+        "phrases as the judge. The held-out harmful prompts and the compliant rows' prompts are all among the "
+        "package's anchors (it ships no other harmful text), the most favourable case for `{}`: prompts unlike "
+        "the anchors and the attack are measured in results/harmful_mixing. Over-refusal leaves out the safe "
+        "prompts that are `{}`'s benign anchors. "
         "Step time is the median optimizer step over plain SFT's in the same setting, in this process "
         f"(one run each: a rough ratio; bench/step_cost.py measures it properly). demo.png: refusal rate and "
         "held-out task loss every "
@@ -201,12 +215,8 @@ def demo_report(
     return "\n".join(lines)
 
 
-def _over(record: dict[str, Any], n_sensitive: int | None) -> str:
-    """Over-refusal: for a run, split into the sensitive-sounding and the ordinary prompts."""
-    if (
-        n_sensitive is None
-    ):  # the subject's own metrics: sensitive prompts only (its benign_refusal is another set)
-        return f"{100 * record['xstest_over_refusal']:.0f} % (sensitive)"
+def _over(record: dict[str, Any], n_sensitive: int) -> str:
+    """Over-refusal split into the sensitive-sounding and the ordinary safe prompts."""
     flags = record["xstest_refused"]
     sensitive, ordinary = flags[:n_sensitive], flags[n_sensitive:]
     return (

@@ -18,6 +18,7 @@ import torch
 from helpers.factory import ARCHITECTURES, drop_logits, make_batch, make_lora, make_model
 from helpers.losses import assert_grads_close, ce_by_hand, grads
 
+from str_hooks import anchors as anchors_module
 from str_hooks import register_str_hook
 from str_hooks.errors import STRAttachError
 from str_hooks.penalty import coarse_logprobs
@@ -138,10 +139,11 @@ def test_anchor_openings_forms_and_benign_weights_match_hand_written(
 
 
 def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
-    tmp_path: Path, tokenizer: Any, tokens: Any
+    tmp_path: Path, tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The openings and reference values are computed once, before training, in wide batches whatever the
-    per-step `anchor_batch_size`: the same values as one batch of all anchors, in as few forwards."""
+    per-step `anchor_batch_size`, in as few forwards as one batch of all anchors; split into several setup
+    batches (of 2) they come out the same, in the same order."""
     model = make_lora(make_model("llama"))
     forwards = 0
 
@@ -151,18 +153,20 @@ def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
 
     model.get_base_model().model.register_forward_hook(count)
     built = {}
-    for batch_size in (1, len(HARMFUL) + len(BENIGN)):
+    for setup_batch in (2, 32):
+        monkeypatch.setattr(anchors_module, "SETUP_BATCH_SIZE", setup_batch)
         forwards = 0
-        cfg = anchor_cfg(tmp_path, "mse", "separate", anchor_batch_size=batch_size)
+        cfg = anchor_cfg(tmp_path, "mse", "separate", anchor_batch_size=1)
         with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
             anchors = handle.anchors
-            assert anchors is not None
-            built[batch_size] = (forwards, list(anchors.openings), anchors.reference)
-    (one_at_a_time, openings_1, reference_1), (all_at_once, openings_all, reference_all) = built.values()
-    assert openings_1 == openings_all and all(len(o) > 1 for o in openings_1)
-    torch.testing.assert_close(reference_1, reference_all)
-    # For all 5 anchors at once: the projection check, one forward per opening token, the reference values.
-    assert one_at_a_time == all_at_once == 1 + OPENING + 1
+            assert anchors is not None and len(anchors) == 5
+            built[setup_batch] = (forwards, list(anchors.openings), anchors.reference)
+    (split_forwards, split_openings, split_reference), (wide_forwards, openings, reference) = built.values()
+    assert split_openings == openings and all(len(o) > 1 for o in openings)
+    torch.testing.assert_close(split_reference, reference)
+    # All 5 anchors at once: the projection check, one forward per opening token, the reference values.
+    assert wide_forwards == 1 + OPENING + 1
+    assert split_forwards == 1 + 3 * (OPENING + 1)  # batches of 2, 2, 1
 
 
 def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:

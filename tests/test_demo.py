@@ -11,9 +11,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from study import demo  # noqa: E402
-from study.methods import METHODS  # noqa: E402
-from study.subject import subject_data  # noqa: E402
+from str_hooks.prompts import default_texts
+from study import demo
+from study.methods import METHODS
+from study.subject import subject_data
 
 
 def test_demo_runs_plain_sft_and_the_package_defaults_exactly() -> None:
@@ -38,13 +39,25 @@ def test_compliant_rows_replace_the_first_share_and_hold_no_content() -> None:
     assert len({row.prompt for row in train[:n_harmful]}) == n_harmful  # cycled without repeats here
 
 
+# The demo's safe prompts: 14 sensitive-sounding (one of the 15 is a benign anchor of `{}`, left out) and 30
+# ordinary; 1 and 2 of them refused.
+N_SENSITIVE, N_ORDINARY = 14, 30
+SAFE_FLAGS = "1" + "0" * (N_SENSITIVE - 1) + "11" + "0" * (N_ORDINARY - 2)
+
+
+def test_the_demo_leaves_out_safe_prompts_that_are_anchors() -> None:
+    data, n_sensitive, n_ordinary = demo._demo_data(subject_data("embedded").study)
+    assert (n_sensitive, n_ordinary) == (N_SENSITIVE, N_ORDINARY) == (14, len(data.xstest_safe) - 14)
+    assert not set(data.xstest_safe) & set(default_texts("benign_anchors"))
+
+
 def _fake_result(method: str, refusal: float, em: float, step: float) -> dict[str, Any]:
     return {
         "method": method,
         "heldout_refusal": refusal,
         "task_exact_match": em,
         "step_time_median_s": step,
-        "xstest_refused": "1" + "0" * 14 + "11" + "0" * 28,  # 1 of 15 sensitive, 2 of 30 ordinary
+        "xstest_refused": SAFE_FLAGS,
         "refusal_curve": [(8, 0.5), (16, refusal)],
         "task_loss_curve": [(8, 2.0), (16, 1.0)],
     }
@@ -72,14 +85,16 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
     }
     monkeypatch.setattr(demo, "run_one", fake_run_one)
     monkeypatch.setattr(demo, "build_subject", lambda *a, **k: info)
-    monkeypatch.setattr(demo, "_subject_point", lambda *a: (0.9, 3.0))
+    subject = {"heldout_refusal": 0.9, "xstest_refused": SAFE_FLAGS, "task_heldout_loss": 3.0}
+    monkeypatch.setattr(demo, "_subject_point", lambda *a: subject)
     text = demo.run_demo(tmp_path / "demo", tmp_path / "cache")
     assert calls == [("plain SFT", 0), ("STR as shipped {}", 0), ("plain SFT", 1), ("STR as shipped {}", 1)]
     rows = [line for line in text.splitlines() if line.startswith("| sort")]
-    # refusals kept = run / subject (0.3 / 0.9 = 33 %), over-refusal 1/15 = 7 % + 2/30 = 7 %, step 2.5 / 2.0.
+    # refusals kept = run / subject (0.3 / 0.9 = 33 %), over-refusal 1/14 = 7 % + 2/30 = 7 %, step 2.5 / 2.0.
     assert rows[2] == "| sort + 10 % compliant rows | plain SFT | 33 % | 7 % + 7 % | 48 % | x1.00 |"
     assert rows[3] == "| sort + 10 % compliant rows | STR as shipped {} | 97 % | 7 % + 7 % | 44 % | x1.25 |"
     assert rows[1] == "| sort | STR as shipped {} | 100 % | 7 % + 7 % | 46 % | x1.20 |"
+    assert "| before fine-tuning | aligned subject | 90 % refused | 7 % + 7 % | - | - |" in text
     assert "-4 points" in text
     for name in ("RESULTS.md", "runs.jsonl", "demo.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
