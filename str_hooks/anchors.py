@@ -264,24 +264,78 @@ class AnchorSet:
             return
         with _adapters_off(peft_model), eval_mode(tap.causal_lm):
             for indices in self._batches():
-                sequences = {i: list(self.prompt_ids[i]) for i in indices}
-                openings: dict[int, list[int]] = {i: [] for i in indices}
-                for _ in range(n_tokens):
-                    active = [i for i in indices if not openings[i] or openings[i][-1] not in end_ids]
-                    if not active:
-                        break
-                    ids, mask = self._padded([sequences[i] for i in active], tap.device())
-                    rows = torch.arange(len(active), device=ids.device)
-                    tap.request_points(rows, mask.sum(dim=1) - 1)
-                    sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
-                    assert sink.point_logits is not None  # requested above
-                    for i, token in zip(active, sink.point_logits.argmax(dim=-1).tolist(), strict=True):
-                        openings[i].append(int(token))
-                        sequences[i].append(int(token))
+                if tap.can_decode_with_cache:
+                    openings = self._greedy_with_cache(tap, indices, n_tokens, end_ids)
+                else:
+                    openings = self._greedy_full_forwards(tap, indices, n_tokens, end_ids)
                 for i in indices:
                     self.openings[i] = openings[i]
                     self.encoded[i] = self.prompt_ids[i] + openings[i][:-1]
                     self.points[i] = len(openings[i])
+
+    def _greedy_with_cache(
+        self, tap: ModelTap, indices: list[int], n_tokens: int, end_ids: set[int]
+    ) -> dict[int, list[int]]:
+        """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
+        forward (positions from the attention mask, so padding moves nothing)."""
+        device = tap.device()
+        prompts = [self.prompt_ids[i] for i in indices]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, prompt in enumerate(prompts):
+            ids[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[r, width - len(prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        rows = torch.arange(len(prompts), device=device)
+        last = torch.zeros_like(rows)
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if tap.accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        tap.request_points(rows, last + width - 1)
+        sink = tap.run(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        generated: list[list[int]] = [[] for _ in indices]
+        for step in range(n_tokens):
+            assert sink.point_logits is not None  # requested above
+            tokens = sink.point_logits.argmax(dim=-1)
+            for r, token in enumerate(tokens.tolist()):
+                if not generated[r] or generated[r][-1] not in end_ids:
+                    generated[r].append(int(token))
+            done = all(g[-1] in end_ids for g in generated)
+            if done or step == n_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            tap.request_points(rows, last)
+            sink = tap.run(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                **{str(tap.cache_argument): sink.past_key_values},
+                **kwargs,
+            )
+        return dict(zip(indices, generated, strict=True))
+
+    def _greedy_full_forwards(
+        self, tap: ModelTap, indices: list[int], n_tokens: int, end_ids: set[int]
+    ) -> dict[int, list[int]]:
+        """Greedy openings for models without a usable KV cache: one full forward per token."""
+        sequences = {i: list(self.prompt_ids[i]) for i in indices}
+        openings: dict[int, list[int]] = {i: [] for i in indices}
+        for _ in range(n_tokens):
+            active = [i for i in indices if not openings[i] or openings[i][-1] not in end_ids]
+            if not active:
+                break
+            ids, mask = self._padded([sequences[i] for i in active], tap.device())
+            rows = torch.arange(len(active), device=ids.device)
+            tap.request_points(rows, mask.sum(dim=1) - 1)
+            sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
+            assert sink.point_logits is not None  # requested above
+            for i, token in zip(active, sink.point_logits.argmax(dim=-1).tolist(), strict=True):
+                openings[i].append(int(token))
+                sequences[i].append(int(token))
+        return openings
 
     def _padded(self, rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)

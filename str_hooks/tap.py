@@ -85,6 +85,8 @@ class Sink:
         self.awaiting_decoder: bool = False
         # True when only the decoder's inputs were seen (a wrapper called `causal_lm.forward` directly).
         self.from_decoder: bool = False
+        # The forward's KV cache, kept only for `ModelTap.run(..., use_cache=True)` (greedy openings).
+        self.past_key_values: Any = None
 
     @classmethod
     def of_forward(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sink:
@@ -143,9 +145,17 @@ class ModelTap:
             params = inspect.signature(self.causal_lm.forward).parameters
             self.accepts_logits_to_keep = "logits_to_keep" in params
             self.accepts_use_cache = "use_cache" in params
+            # The KV cache's argument (and output field): `cache` since transformers 5.2x, `past_key_values`
+            # before. With it and `position_ids`, greedy openings decode one token per forward.
+            self.cache_argument = next((n for n in ("cache", "past_key_values") if n in params), None)
+            self.can_decode_with_cache = (
+                self.accepts_use_cache and self.cache_argument is not None and "position_ids" in params
+            )
         except (TypeError, ValueError):
             self.accepts_logits_to_keep = False
             self.accepts_use_cache = False
+            self.cache_argument = None
+            self.can_decode_with_cache = False
 
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -239,10 +249,13 @@ class ModelTap:
         return kwargs
 
     def run(self, *args: Any, **kwargs: Any) -> Sink:
-        """Run the causal LM and return what it left in a fresh sink."""
+        """Run the causal LM and return what it left in a fresh sink (with the forward's KV cache when it
+        was asked to build one)."""
         with self.redirect():
-            self.causal_lm(*args, **kwargs)
+            output = self.causal_lm(*args, **kwargs)
             sink = self.sink
+            if kwargs.get("use_cache") and self.cache_argument is not None:
+                sink.past_key_values = getattr(output, self.cache_argument, None)
         if sink.safety_logits is None:
             raise STRAttachError(
                 f"the decoder {type(self.decoder).__name__} of {type(self.causal_lm).__name__} did not yield a "

@@ -169,6 +169,33 @@ def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
     assert split_forwards == 1 + 3 * (OPENING + 1)  # batches of 2, 2, 1
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_openings_decoded_on_a_kv_cache_equal_full_forwards(
+    arch: str, tmp_path: Path, tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left-padded prompts of different lengths decoded on the KV cache give the openings (and so the
+    reference values) that one full forward per token gives, the path for models without a usable cache."""
+    model = make_lora(make_model(arch))
+    if arch == "gpt2":  # absolute positions: make them decide the argmax, so wrong positions would show
+        with torch.no_grad():
+            model.get_base_model().transformer.wpe.weight.mul_(100.0)
+    cfg = anchor_cfg(tmp_path, "kl", "separate", anchor_tokens=5)
+    built = []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(
+                anchors_module.AnchorSet, "_greedy_with_cache", anchors_module.AnchorSet._greedy_full_forwards
+            )
+        with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+            anchors = handle.anchors
+            assert anchors is not None
+            assert handle.tap.can_decode_with_cache  # every test architecture has a cache to decode on
+            built.append((list(anchors.openings), anchors.reference))
+    (openings, reference), (full_openings, full_reference) = built
+    assert openings == full_openings and len({len(p) for p in anchors.prompt_ids}) > 1
+    torch.testing.assert_close(reference, full_reference)
+
+
 def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:
     torch.manual_seed(0)
     logits = torch.randn(5, 40) * 3
