@@ -3,6 +3,7 @@ it, its attack rows carry compliance and no harmful content, and its table repor
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the research code (study/) beside tests/
 
 from str_hooks.prompts import default_texts
 from study import demo
