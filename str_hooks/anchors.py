@@ -279,16 +279,10 @@ class AnchorSet:
         """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
         forward (positions from the attention mask, so padding moves nothing)."""
         device = tap.device()
-        prompts = [self.prompt_ids[i] for i in indices]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, prompt in enumerate(prompts):
-            ids[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[r, width - len(prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = self._padded([self.prompt_ids[i] for i in indices], device, left=True)
+        width = ids.shape[1]
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        rows = torch.arange(len(prompts), device=device)
+        rows = torch.arange(len(indices), device=device)
         last = torch.zeros_like(rows)
         kwargs: dict[str, Any] = {"use_cache": True}
         if tap.accepts_logits_to_keep:
@@ -337,13 +331,17 @@ class AnchorSet:
                 sequences[i].append(int(token))
         return openings
 
-    def _padded(self, rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded(
+        self, rows: list[list[int]], device: torch.device, left: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of `rows`, padded on the right (or the left, for decoding)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, : len(row)] = 1
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[r, span] = torch.tensor(row, dtype=torch.long)
+            mask[r, span] = 1
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
