@@ -109,6 +109,13 @@ class STRConfig(Section):
                 "'anchors': anchors are penalized at "
                 "their decision point (the last prompt position); remove positions or pick another source."
             )
+        if self.penalty.min_reference_mass is not None and self.reference.source not in ("adapter", "model"):
+            raise ValueError(
+                f"`penalty.min_reference_mass` is set ({self.penalty.min_reference_mass}) but `reference.source` is "
+                f"{self.reference.source!r}: the gate picks training positions by the reference's full softmax, "
+                "which only sources 'adapter' and 'model' compute; set source: adapter (or model) or remove "
+                "min_reference_mass."
+            )
         if (
             self.probe.every > 0
             and self.probe.prompts_path is None

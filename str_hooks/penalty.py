@@ -108,6 +108,12 @@ def form_values(
     return full.index_select(-1, token_ids.to(full.device)) - torch.logsumexp(full, dim=-1, keepdim=True)
 
 
+def reference_safety_mass(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The probability the safety tokens hold together, [...], from the values forms `kl` ([..., k + 1]) and
+    `logprob` ([..., k]) compare: their first k columns are log-softmax values."""
+    return torch.logsumexp(values[..., :k].float(), dim=-1).exp()
+
+
 def penalty_terms(diff: torch.Tensor, form: str, margin: float = 0.0) -> torch.Tensor:
     """phi(d) elementwise. `mse` and `logprob`: d^2. `hinge`: relu(-(d + margin))^2."""
     if form in ("mse", "logprob"):

@@ -18,7 +18,7 @@ import torch
 from str_hooks.anchors import AnchorBatch, AnchorSet
 from str_hooks.errors import STRAttachError, STRError
 from str_hooks.folding import FoldedAnchors, fold_anchors, fold_in_front
-from str_hooks.penalty import COARSE_FORMS, form_values, penalty_positions
+from str_hooks.penalty import COARSE_FORMS, form_values, penalty_positions, reference_safety_mass
 from str_hooks.projection import HeadRows
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
@@ -83,7 +83,14 @@ class TokenSite:
         if isinstance(found, torch.Tensor):
             # Cached examples missing from the cache: left out here, reported by `check_step()`.
             positions = positions & found.to(positions.device).unsqueeze(1)
-        return SiteTerm(policy, reference, positions.sum(), mask=positions)
+        # The normalizer counts the candidates, not the gated ones: a batch whose rows the aligned model would
+        # not refuse adds nothing, rather than a mean over the few positions that pass.
+        candidates = positions.sum()
+        gate = self.config.penalty.min_reference_mass
+        if gate is not None:
+            k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
+            positions = positions & (reference_safety_mass(reference, k) >= gate)
+        return SiteTerm(policy, reference, candidates, mask=positions)
 
 
 class AnchorSite:

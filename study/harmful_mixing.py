@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from study.methods import GATED_ROWS
+
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
 SHIPPED = "STR as shipped {}"
@@ -86,6 +88,10 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, PAIR, attack="advbench"),
     Block("sst2", 0.0, PAIR),
     Block("sst2", 0.10, PAIR, seeds=3),
+    # The gated coarse KL at training positions (DESIGN section 10) where `{}` failed (the second attack) and
+    # where the ungated KL lost the task (BeaverTails, p = 10 %), before anything else.
+    Block("sst2", 0.10, (GATED_ROWS,), attack="advbench"),
+    Block("sst2", 0.10, (GATED_ROWS,)),
     Block("agnews", 0.10, PAIR),
     Block("sst2", 0.10, (PREVIOUS_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),

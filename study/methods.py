@@ -50,6 +50,9 @@ class Method:
         return self.str_config if self.kind == "str" else None
 
 
+GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
+
+
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
     """Folded anchors with form `form`, `anchor_tokens: opening` and `benign_weight: benign`, named by them."""
     parts = [f"STR anchors {form}"]
@@ -211,6 +214,19 @@ METHODS = {
                 ("open2 b4", {"anchor_tokens": 2, "anchor_batch_size": 4}),
             )
         ],
+        # DESIGN section 10's self-gating made explicit: the coarse KL at training positions only where the
+        # aligned model puts >= half its probability on the safety tokens (a refusal opening). The ungated KL
+        # pinned SST-2's answer positions to the reference's small safety mass there (accuracy 18.5 %).
+        Method(
+            GATED_ROWS,
+            "str",
+            {
+                "coef": 10.0,
+                "penalty": {"form": "kl", "min_reference_mass": 0.5},
+                "reference": {"source": "adapter"},
+            },
+            as_shipped=True,
+        ),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",

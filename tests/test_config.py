@@ -96,6 +96,7 @@ def test_defaults() -> None:
         "margin": 0.0,
         "positions": "supervised",
         "first_n": 1,
+        "min_reference_mass": None,
         "on_nonfinite": "raise",
     }
     assert cfg.reference.model_dump() == {
@@ -250,6 +251,36 @@ def test_first_n_must_be_positive() -> None:
     config_error(
         {"penalty": {"positions": "first_n", "first_n": 0}}, r"`penalty\.first_n` must be >= 1, got 0"
     )
+
+
+@pytest.mark.parametrize("gate", [0.0, -0.1, 1.5])
+def test_min_reference_mass_must_be_a_probability(gate: float) -> None:
+    config_error(
+        {"penalty": {"form": "kl", "min_reference_mass": gate}, "reference": {"source": "adapter"}},
+        rf"`penalty\.min_reference_mass` must be in \(0, 1\], got {re.escape(str(gate))}",
+    )
+
+
+def test_min_reference_mass_needs_a_coarse_form() -> None:
+    config_error(
+        {"penalty": {"form": "mse", "min_reference_mass": 0.5}, "reference": {"source": "adapter"}},
+        r"`penalty\.min_reference_mass` is 0\.5 but `penalty\.form` is 'mse'.*set form: kl",
+    )
+
+
+def test_min_reference_mass_needs_a_training_position_reference() -> None:
+    # Source `cache` keeps k logits per position (forms mse/hinge only), so its error comes first.
+    config_error(
+        {"penalty": {"form": "logprob", "min_reference_mass": 0.5}},
+        r"`penalty\.min_reference_mass` is set \(0\.5\) but `reference\.source` is 'anchors'",
+    )
+
+
+def test_min_reference_mass_is_accepted_where_it_applies() -> None:
+    cfg = STRConfig.model_validate(
+        {"penalty": {"form": "kl", "min_reference_mass": 0.5}, "reference": {"source": "model"}}
+    )
+    assert cfg.penalty.min_reference_mass == 0.5
 
 
 def test_cache_source_without_cache_path() -> None:

@@ -134,3 +134,67 @@ def test_coarse_kl_opposes_the_attack_at_a_harmful_opening_and_is_silent_at_a_be
     # Silent where the reference gives the safety tokens ~0: value and gradient orders of magnitude below.
     assert term_b < 1e-2 * term_h, (term_b, term_h)
     assert float(flat(grad_b).norm()) < 1e-2 * float(g_h.norm())
+
+
+def pair_batch() -> dict[str, torch.Tensor]:
+    """The harmful row (compliant opening) and the benign row in one batch: 2 supervised positions."""
+    harmful, benign = row(HARMFUL_PROMPT, COMPLY_ID), row(BENIGN_PROMPT, BENIGN_ANSWER_ID)
+    return {key: torch.cat([harmful[key], benign[key]]) for key in harmful}
+
+
+def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() -> None:
+    """`penalty.min_reference_mass`: with the gate the term over both rows is the hand KL at the harmful row's
+    opening alone, divided by both rows' supervised positions (the candidates, not the gated ones); without
+    it the benign row's position counts too. A gate above the harmful row's reference mass leaves no term."""
+    policy, reference = build()
+    tokens = SafetyTokens(
+        ids=SAFETY_IDS,
+        strings=[f"<t{i}>" for i in SAFETY_IDS],
+        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
+        scores=[1.0] * len(SAFETY_IDS),
+        method="list",
+    )
+    batch = pair_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    supervised = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    supervised[:, :-1] = batch["labels"][:, 1:] != -100
+    harmful_only = supervised.clone()
+    harmful_only[1] = False
+
+    def package_term(gate: float | None) -> tuple[float, dict[str, torch.Tensor], float]:
+        penalty: dict[str, Any] = {"form": "kl"}
+        if gate is not None:
+            penalty["min_reference_mass"] = gate
+        config = {"coef": 1.0, "penalty": penalty, "reference": {"source": "model"}}
+        with register_str_hook(policy, config, tokens=tokens, reference_model=reference) as handle:
+            policy(**batch)
+            term = handle.loss()
+            term.backward()
+            positions = handle.metrics()["positions"]
+        return float(term.detach()), grads(policy), positions
+
+    def hand_term(where: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        logits = policy(**inputs).logits
+        with torch.no_grad():
+            reference_logits = reference(**inputs).logits
+        # penalty_by_hand divides by the positions it sums over; the package divides by both candidates.
+        hand = penalty_by_hand(logits, reference_logits, SAFETY_IDS, [0.25] * 4, where, "kl", 0.0)
+        hand = hand * int(where.sum()) / int(supervised.sum())
+        hand.backward()
+        return float(hand.detach()), grads(policy)
+
+    policy.train()
+    harmful_mass = safety_mass(reference, HARMFUL_PROMPT)
+    gated, gated_grads, positions = package_term(0.5)
+    by_hand, hand_grads = hand_term(harmful_only)
+    assert positions == 2  # the normalizer counts the candidates
+    assert abs(gated - by_hand) <= 1e-4 * abs(by_hand) + 1e-7, (gated, by_hand)
+    assert_grads_close(gated_grads, hand_grads, rtol=1e-4, atol=1e-9, what="gated package vs hand")
+
+    ungated, _, _ = package_term(None)
+    both, _ = hand_term(supervised)
+    assert abs(ungated - both) <= 1e-4 * abs(both) + 1e-7, (ungated, both)
+    assert ungated != gated  # the benign row's position counts without the gate
+
+    above = min(1.0, harmful_mass + (1 - harmful_mass) / 2)
+    assert package_term(above)[0] == 0.0
