@@ -74,6 +74,12 @@ class STRConfig(Section):
     def where_penalized(self) -> str:
         """Where the penalty acts, in words (for logs and `str-hooks` checks)."""
         reference = self.reference
+        rows = ""
+        if reference.rows is not None:
+            gate = self.penalty.min_reference_mass
+            rows = (
+                f", and {self.penalty.positions} positions where the reference's safety mass is >= {gate:g}"
+            )
         if reference.source != "anchors":
             return f"{self.penalty.positions} positions"
         where = "the decision point of anchor prompts"
@@ -81,7 +87,7 @@ class STRConfig(Section):
             where += f" and up to {reference.anchor_tokens - 1} more tokens of the aligned model's openings"
         if reference.benign_weight > 0:
             where += f", benign anchors weighted {reference.benign_weight:g}"
-        return where
+        return where + rows
 
     @model_validator(mode="after")
     def _form_follows_source(self) -> STRConfig:
@@ -89,6 +95,15 @@ class STRConfig(Section):
         # and `cache` keeps k logits per position (mse or hinge only). The one source-dependent default.
         if "form" not in self.penalty.model_fields_set and self.reference.source != "anchors":
             self.penalty = self.penalty.model_copy(update={"form": "mse"})
+        return self
+
+    @model_validator(mode="after")
+    def _rows_gate(self) -> STRConfig:
+        # Rows next to anchors exist for the rows that attack: ungated, the KL pins a benign task's answer
+        # positions to the reference's small safety mass there (SST-2 accuracy 18.5 %, results/harmful_mixing).
+        coarse = self.penalty.form in ("kl", "logprob")  # otherwise `_check` names the form
+        if self.reference.rows is not None and self.penalty.min_reference_mass is None and coarse:
+            self.penalty = self.penalty.model_copy(update={"min_reference_mass": 0.5})
         return self
 
     @model_validator(mode="after")
@@ -103,18 +118,30 @@ class STRConfig(Section):
                 "`reference.source` 'cache' does not keep (k logits per position): use form 'mse' or 'hinge', "
                 "or source 'adapter', 'model' or 'anchors'."
             )
-        if self.reference.source == "anchors" and self.penalty._set_off_default({"positions"}):
+        if self.reference.rows is not None and self.penalty.form not in ("kl", "logprob"):
+            raise ValueError(
+                f"`reference.rows` is {self.reference.rows!r} but `penalty.form` is {self.penalty.form!r}: the rows "
+                "are penalized only where the reference would refuse, which only forms kl and logprob can tell; "
+                "set form: kl or remove rows."
+            )
+        if (
+            self.reference.source == "anchors"
+            and self.reference.rows is None
+            and self.penalty._set_off_default({"positions", "first_n"})
+        ):
             raise ValueError(
                 f"`penalty.positions` is set ({self.penalty.positions!r}) but `reference.source` is "
                 "'anchors': anchors are penalized at "
-                "their decision point (the last prompt position); remove positions or pick another source."
+                "their decision point (the last prompt position); remove positions, pick another source, or set "
+                "`reference.rows` to penalize the training rows too."
             )
-        if self.penalty.min_reference_mass is not None and self.reference.source not in ("adapter", "model"):
+        rows_penalized = self.reference.source in ("adapter", "model") or self.reference.rows is not None
+        if self.penalty.min_reference_mass is not None and not rows_penalized:
             raise ValueError(
                 f"`penalty.min_reference_mass` is set ({self.penalty.min_reference_mass}) but `reference.source` is "
                 f"{self.reference.source!r}: the gate picks training positions by the reference's full softmax, "
-                "which only sources 'adapter' and 'model' compute; set source: adapter (or model) or remove "
-                "min_reference_mass."
+                "which only sources 'adapter' and 'model' (or `reference.rows`) compute; set source: adapter (or "
+                "model), or reference.rows: adapter, or remove min_reference_mass."
             )
         if (
             self.probe.every > 0

@@ -11,6 +11,7 @@ from str_hooks.schemas.base import Section, unused_error
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
 FoldPadding = Literal["auto", "yes", "no"]
+RowsSource = Literal["adapter"]
 
 
 class ReferenceConfig(Section):
@@ -84,6 +85,18 @@ class ReferenceConfig(Section):
             "them an XSTest prompt)."
         ),
     )
+    rows: RowsSource | None = Field(
+        default=None,
+        description=(
+            "For source `anchors`: also penalize the training rows' own positions (`penalty.positions`) against "
+            "this reference, where the aligned model would refuse (`penalty.min_reference_mass`, 0.5 unless "
+            "set): harmful rows in the user's data train compliance exactly there, which anchors elsewhere "
+            "cannot hold (DESIGN section 10). `adapter`: the PEFT model with its adapters disabled, one no-grad "
+            "forward per micro-batch. Needs form `kl` or `logprob`, a forward that builds logits, and anchors "
+            "placed `separate`. The anchors' term and the rows' term add up, each normalized as alone (the "
+            "rows' like the host's cross-entropy). None: anchors only."
+        ),
+    )
     anchor_every: int = Field(
         default=1,
         description=(
@@ -137,6 +150,7 @@ class ReferenceConfig(Section):
                 "benign_weight",
                 "benign_anchors_path",
                 "fold_into_padding",
+                "rows",
             }
         )
         if anchor_fields_set and self.source != "anchors":
@@ -144,6 +158,12 @@ class ReferenceConfig(Section):
             raise ValueError(
                 f"`reference.{name}` is set ({getattr(self, name)!r}) but `reference.source` is "
                 f"{self.source!r}: anchor options are only used by source 'anchors'."
+            )
+        if self.rows is not None and self.anchor_placement != "separate":
+            raise ValueError(
+                f"`reference.rows` is {self.rows!r} but `reference.anchor_placement` is "
+                f"{self.anchor_placement!r}: the rows' reference forward re-runs the training batch, which folded "
+                "anchors would be part of; set anchor_placement: separate or remove rows."
             )
         if self.anchor_batch_size < 1:
             raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")
@@ -177,4 +197,4 @@ class ReferenceConfig(Section):
         return self
 
 
-__all__ = ["AnchorPlacement", "FoldPadding", "ReferenceConfig", "ReferenceSource"]
+__all__ = ["AnchorPlacement", "FoldPadding", "ReferenceConfig", "ReferenceSource", "RowsSource"]

@@ -74,6 +74,12 @@ def register_str_hook(
         )
     peft_model = peft_model_of(model)
     source = cfg.reference.source
+    if cfg.reference.rows == "adapter" and peft_model is None:
+        raise STRAttachError(
+            f"`reference.rows` is 'adapter' but {type(model).__name__} has no PEFT adapters to disable for the "
+            "rows' reference (full fine-tuning?): wrap it with peft.get_peft_model first, or remove "
+            "`reference.rows` (anchors only)."
+        )
     if source == "adapter" and peft_model is None:
         raise STRAttachError(
             f"`reference.source` is 'adapter' but {type(model).__name__} has no PEFT adapters to disable: wrap "
@@ -110,13 +116,14 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
     config, tap, peft_model = parts.config, parts.tap, parts.peft_model
     source = config.reference.source
     form = config.penalty.form
-    full_softmax_at_training_positions = form in COARSE_FORMS and source != "anchors"
+    rows = config.reference.rows is not None
+    full_softmax_at_training_positions = form in COARSE_FORMS and (source != "anchors" or rows)
     if config.verify_projection or full_softmax_at_training_positions:
         parts.projection_verified = _verify(tap, parts.tokens, strict=config.verify_projection)
     if full_softmax_at_training_positions and parts.projection_verified is None:
         raise STRAttachError(
-            f"`penalty.form` is {form!r} at training positions but {type(tap.causal_lm).__name__}'s forward "
-            "builds no logits (a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from "
+            f"`penalty.form` is {form!r} at training positions{' (`reference.rows`)' if rows else ''} but "
+            f"{type(tap.causal_lm).__name__}'s forward builds no logits (a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from "
             f"hidden states, or source 'anchors', which takes the {form!r} softmax at the anchors' positions "
             "only."
         )
@@ -156,6 +163,9 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":
             _verify_folding(tap, anchors)
+        if rows:
+            assert peft_model is not None  # checked by register_str_hook
+            parts.reference = AdapterReference(tap, peft_model)
 
 
 def _resolve_tokens(

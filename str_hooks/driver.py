@@ -157,22 +157,19 @@ class StepDriver:
         by `token_scale`). Records whether a term was computed and its metrics.
         """
         handle = self.handle
-        if handle.uses_anchors:
-            term = handle.loss(labels=labels)
-            factor = normalization.host_divides_by
-        elif normalization.num_items_in_batch is not None:
-            term = handle.loss(num_items_in_batch=normalization.num_items_in_batch, labels=labels)
-            factor = normalization.host_divides_by * normalization.token_scale
-        else:
-            # A per-micro-batch mean: divided by the accumulation steps for a summed loss, then multiplied
-            # back by what the host divides by (one factor, so that the usual case multiplies by exactly 1).
-            term = handle.loss(labels=labels)
-            if normalization.host_divides_by == normalization.accumulation_steps:
-                factor = 1
-            else:
-                term = term / normalization.accumulation_steps
-                factor = normalization.host_divides_by
-        value = term * factor if factor != 1 else term
+        anchors, rows = handle.loss_parts(normalization.num_items_in_batch, labels=labels)
+        # The anchors' per-step mean is summed over the step like the host's loss: times what it divides by.
+        term = anchors * normalization.host_divides_by if anchors is not None else None
+        if rows is not None:
+            if normalization.num_items_in_batch is not None:
+                rows = rows * (normalization.host_divides_by * normalization.token_scale)
+            elif normalization.host_divides_by != normalization.accumulation_steps:
+                # A per-micro-batch mean: divided by the accumulation steps for a summed loss, then multiplied
+                # back by what the host divides by (skipped in the usual case, where the two are equal).
+                rows = rows / normalization.accumulation_steps * normalization.host_divides_by
+            term = rows if term is None else term + rows.to(term.device)
+        assert term is not None  # loss_parts gives at least one part
+        value = term
         # Device tensors only: read on the host when the host logs (docs/host_sync.md).
         self._record(handle.step_metrics(), value.detach() / normalization.host_divides_by)
         return value
@@ -257,7 +254,11 @@ class StepDriver:
         self._last_computed = bool(metrics)
         if not metrics:
             return
-        computed = metrics["computed"]
+        computed = metrics.get("computed")
+        if computed is None:
+            # Only the rows' term beside anchors (`rows/...`): the step's penalty holds it; its drift is not
+            # averaged into the anchors' drift.
+            return
         self._computed = computed if self._computed is None else self._computed + computed
         self._coef = self.handle.current_coef()
         for key, value in metrics.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +25,14 @@ from str_hooks.usage import UsageChecks
 # Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
 ATTACHED_ATTR = "_str_hooks_handle"
 STATE_VERSION = 1
+
+
+class LossParts(NamedTuple):
+    """`STRHandle.loss_parts()`: the anchors' per-step term and the training rows' term (None where the
+    handle has no such part)."""
+
+    anchors: torch.Tensor | None
+    rows: torch.Tensor | None
 
 
 @dataclass
@@ -69,12 +77,22 @@ class STRHandle:
             self.config.reference.anchor_every,
             len(self.anchors) if self.anchors is not None else 0,
         )
-        self.site: TokenSite | AnchorSite
-        if self.anchors is not None:
-            self.site = AnchorSite(self.config, self.anchors, self.tap, self.schedule)
-        else:
-            assert self.reference is not None  # every source but anchors has one
-            self.site = TokenSite(self.config, self.reference, self.tap.rows)
+        # Source `anchors` penalizes the anchors, and with `reference.rows` the training rows too; every other
+        # source penalizes the training rows only.
+        self.anchor_site = (
+            AnchorSite(self.config, self.anchors, self.tap, self.schedule)
+            if self.anchors is not None
+            else None
+        )
+        self.token_site = (
+            TokenSite(self.config, self.reference, self.tap.rows) if self.reference is not None else None
+        )
+        # The rows' term beside the anchors' one keeps metrics of its own, under `rows/`.
+        self._rows_metrics = (
+            PenaltyMetrics(self.config, self.tokens, prefix="rows/")
+            if self.anchor_site is not None and self.token_site is not None
+            else None
+        )
         self._usage = UsageChecks(self.config, self.tap.causal_lm, self.schedule, self.anchors is not None)
         self._attached = True
         setattr(self.tap.causal_lm, ATTACHED_ATTR, self)
@@ -103,9 +121,11 @@ class STRHandle:
             The number of micro-batches with a non-finite term (0 when none, always 0 under `raise`).
         """
         self._checked_at = self.schedule.step
-        problems = self.site.take_fold_problems() if isinstance(self.site, AnchorSite) else None
+        problems = self.anchor_site.take_fold_problems() if self.anchor_site is not None else None
         missing = self.reference.missing() if self.reference is not None else 0
         nonfinite = self._metrics.read_nonfinite()
+        if self._rows_metrics is not None:
+            nonfinite += self._rows_metrics.read_nonfinite()
         if problems is not None and int(problems):
             raise problem_error(int(problems))
         if missing:
@@ -152,9 +172,9 @@ class STRHandle:
         """
         if not self._attached:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
-        if not isinstance(self.site, AnchorSite):
+        if self.anchor_site is None:
             return batch
-        return self.site.prepare(batch, extend_labels)
+        return self.anchor_site.prepare(batch, extend_labels)
 
     def loss(
         self,
@@ -199,28 +219,53 @@ class STRHandle:
                 f"`accumulation_steps` must be >= 1, got {accumulation_steps}: pass the number of micro-batches "
                 "per optimizer step (1 without gradient accumulation)."
             )
-        term = self._loss(num_items_in_batch, labels)
-        if self.anchors is None and num_items_in_batch is None and accumulation_steps != 1:
-            term = term / accumulation_steps
+        parts = self.loss_parts(num_items_in_batch, labels)
+        term = parts.anchors if parts.anchors is not None else None
+        if parts.rows is not None:
+            rows = parts.rows
+            if num_items_in_batch is None and accumulation_steps != 1:
+                rows = rows / accumulation_steps
+            term = rows if term is None else term + rows.to(term.device)
+        assert term is not None  # loss_parts gives at least one part
         return term
 
-    def _loss(
-        self, num_items_in_batch: int | torch.Tensor | None, labels: torch.Tensor | None
-    ) -> torch.Tensor:
+    def loss_parts(
+        self, num_items_in_batch: int | torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> LossParts:
+        """`loss()` in its two parts, for hosts that scale them differently (the step driver): the anchors'
+        per-step mean (None without anchors) and the training rows' term (None without a row source),
+        `coef * pen_sum / num_items_in_batch`, or this micro-batch's mean over its positions without a
+        normalizer. A part with nothing to add this call (eval mode, no anchor term due) is a zero tensor."""
         if not self._attached:
             raise STRError("this STR handle was removed; register a new one with register_str_hook.")
         self._usage.loss_called()
         self._metrics.clear()  # metrics() describe only a term this call computed
+        if self._rows_metrics is not None:
+            self._rows_metrics.clear()
         sink = self.tap.take()
         self._usage.forward_seen(sink)
-        term = self.site.term(sink) if isinstance(self.site, AnchorSite) else self.site.term(sink, labels)
-        if term is None:
-            device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
-            return torch.zeros((), device=device)
-        # The anchor term is a mean over the anchor points: the host's normalizer does not apply to it.
-        return self._finish(term, None if self.anchors is not None else num_items_in_batch)
+        device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
+        anchors = rows = None
+        # The rows' reference forward runs on the captured batch first, before an anchor forward of its own.
+        if self.token_site is not None:
+            term = self.token_site.term(sink, labels)
+            metrics = self._rows_metrics if self._rows_metrics is not None else self._metrics
+            rows = (
+                torch.zeros((), device=device)
+                if term is None
+                else self._finish(term, num_items_in_batch, metrics)
+            )
+        if self.anchor_site is not None:
+            term = self.anchor_site.term(sink)
+            # The anchor term is a mean over the anchor points: the host's normalizer does not apply to it.
+            anchors = (
+                torch.zeros((), device=device) if term is None else self._finish(term, None, self._metrics)
+            )
+        return LossParts(anchors, rows)
 
-    def _finish(self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    def _finish(
+        self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None, metrics: PenaltyMetrics
+    ) -> torch.Tensor:
         # Tensor math only, no host synchronization (docs/host_sync.md): the positions are a mask, the
         # normalizer stays a tensor, and a non-finite term is zeroed here and counted on the device;
         # `check_step()` (before the optimizer step, or in `step()`) reads the count once per step.
@@ -242,7 +287,7 @@ class STRHandle:
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.to(pen_sum.device)
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
-        self._metrics.record(value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite)
+        metrics.record(value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite)
         return value
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
@@ -250,13 +295,17 @@ class STRHandle:
         integrations accumulate): `penalty`, `computed` (1 for a finite term, 0 for a non-finite one), `drift`,
         `abs_drift` and `drift/<token>` for the top-weighted tokens (0 for a non-finite term). Empty when that
         call computed no term (eval mode, no anchor step due)."""
-        return self._metrics.step_tensors()
+        out = self._metrics.step_tensors()
+        if self._rows_metrics is not None:
+            out.update(self._rows_metrics.step_tensors())
+        return out
 
     @property
     def term_computed(self) -> bool:
         """Whether the last `loss()` call computed a term (False in eval mode or when no anchor step was due;
         a non-finite term counts as computed here: it is zeroed on the device, see `step_metrics`)."""
-        return self._metrics.computed
+        rows = self._rows_metrics is not None and self._rows_metrics.computed
+        return self._metrics.computed or rows
 
     def metrics(self) -> dict[str, float]:
         """Plain floats from the last `loss()` call (a host read): `penalty` (the added term), `pen_mean`
@@ -267,8 +316,14 @@ class STRHandle:
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""
-        self._metrics.account_nonfinite(self._metrics.read_nonfinite())
-        return self._metrics.floats(self.current_coef(), self.schedule.step)
+        nonfinite = self._metrics.read_nonfinite()
+        if self._rows_metrics is not None:
+            nonfinite += self._rows_metrics.read_nonfinite()
+        self._metrics.account_nonfinite(nonfinite)
+        out = self._metrics.floats(self.current_coef(), self.schedule.step)
+        if self._rows_metrics is not None:
+            out.update(self._rows_metrics.term_floats())
+        return out
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -338,4 +393,4 @@ class STRHandle:
         )
 
 
-__all__ = ["ATTACHED_ATTR", "STATE_VERSION", "Attachment", "STRHandle"]
+__all__ = ["ATTACHED_ATTR", "STATE_VERSION", "Attachment", "LossParts", "STRHandle"]

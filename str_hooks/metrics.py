@@ -19,16 +19,18 @@ class PenaltyMetrics:
     Args:
         config: the handle's config, read when used (`logging.top_tokens`, `penalty.on_nonfinite`).
         tokens: the safety tokens (the per-token drift is keyed by their `readable_names`).
+        prefix: put in front of every key (`rows/` for the rows' term beside the anchors' one).
     """
 
-    def __init__(self, config: STRConfig, tokens: SafetyTokens) -> None:
+    def __init__(self, config: STRConfig, tokens: SafetyTokens, prefix: str = "") -> None:
         self.config = config
+        self.prefix = prefix
         self.k = tokens.k
         # Tokens are frozen, so their keys are built once, highest weight first (ties keep the tokens'
         # order: `sorted` is stable); `logging.top_tokens` says how many are logged.
         names = tokens.readable_names
         order = sorted(range(self.k), key=lambda i: -tokens.weights[i])
-        self.ranked_keys = [(i, f"drift/{names[i]}") for i in order]
+        self.ranked_keys = [(i, f"{prefix}drift/{names[i]}") for i in order]
         # Non-finite micro-batches counted since the last host read, and all that were reported (resumable).
         self.skipped = 0
         self._nonfinite: torch.Tensor | None = None
@@ -113,11 +115,12 @@ class PenaltyMetrics:
         count = last["count"]
         count = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
         per_token = last["drift_sum"] / count
+        prefix = self.prefix
         out = {
-            "penalty": last["penalty"],
-            "computed": last["finite"].float(),
-            "drift": per_token.sum() / self.k,
-            "abs_drift": last["abs_drift_sum"].sum() / (count * self.k),
+            f"{prefix}penalty": last["penalty"],
+            f"{prefix}computed": last["finite"].float(),
+            f"{prefix}drift": per_token.sum() / self.k,
+            f"{prefix}abs_drift": last["abs_drift_sum"].sum() / (count * self.k),
         }
         for i, key in self.ranked_keys[: self.config.logging.top_tokens]:
             out[key] = per_token[i]
@@ -126,15 +129,16 @@ class PenaltyMetrics:
     def floats(self, coef: float, step: int) -> dict[str, float]:
         """`STRHandle.metrics()` after its accounting: plain floats (a host read)."""
         out: dict[str, float] = {"coef": float(coef), "skipped": float(self.skipped), "step": float(step)}
+        return {**out, **self.term_floats()} if not self.prefix else self.term_floats()
+
+    def term_floats(self) -> dict[str, float]:
+        """The last term's metrics as plain floats (a host read); empty without a finite term."""
         if not self._last or not bool(self._last["finite"]):
-            return out
-        tensors = self.step_tensors()
-        out["penalty"] = float(tensors["penalty"])
-        out["pen_mean"] = float(self._last["pen_mean"])
-        out["positions"] = float(self._last["count"])
-        for key, value in tensors.items():
-            if key != "computed" and key != "penalty":
-                out[key] = float(value)
+            return {}
+        prefix = self.prefix
+        out = {key: float(value) for key, value in self.step_tensors().items() if key != f"{prefix}computed"}
+        out[f"{prefix}pen_mean"] = float(self._last["pen_mean"])
+        out[f"{prefix}positions"] = float(self._last["count"])
         return out
 
 

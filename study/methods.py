@@ -51,6 +51,7 @@ class Method:
 
 
 GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
+ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
 
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
@@ -227,6 +228,9 @@ METHODS = {
             },
             as_shipped=True,
         ),
+        # The default's anchors plus the same gate on the training rows (`reference.rows`: the anchors hold
+        # prompts absent from the data, the rows hold the ones the data attacks).
+        Method(ANCHORS_AND_ROWS, "str", {"reference": {"rows": "adapter"}}, as_shipped=True),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",

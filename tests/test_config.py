@@ -106,6 +106,7 @@ def test_defaults() -> None:
         "anchors_path": None,
         "anchors_column": None,
         "anchor_batch_size": 2,
+        "rows": None,
         "anchor_every": 1,
         "anchor_placement": "separate",
         "fold_into_padding": "auto",

@@ -284,3 +284,61 @@ def test_default_benign_anchors_are_not_xstest_prompts() -> None:
     with path.open(encoding="utf-8") as handle:
         xstest = {row["prompt"].strip().lower() for row in csv.DictReader(handle)}
     assert not ours & xstest
+
+
+def test_rows_beside_anchors_add_the_gated_training_position_kl(
+    tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """`reference.rows: adapter`: the handle's term is the anchors' term (as alone) plus the coarse KL at the
+    batch's supervised positions where the adapter-disabled reference's safety mass is >= the gate, over the
+    supervised positions (the micro-batch mean without a normalizer); values and gradients against the hand
+    computation, and each part against `loss_parts`."""
+    model = make_lora(make_model("llama"))
+    batch = make_batch(tokenizer, n=3, seed=7)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    supervised = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    supervised[:, :-1] = batch["labels"][:, 1:] != -100
+    with torch.no_grad(), model.disable_adapter():
+        reference_logits = model(**inputs).logits.float()
+    mass = torch.softmax(reference_logits, -1)[..., tokens.ids].sum(-1)
+    # A tiny random model never "refuses": a gate between the two middle masses passes half the positions
+    # (midway, so that rounding cannot move a position across it).
+    ordered = mass[supervised].sort().values
+    middle = len(ordered) // 2
+    gate = float(ordered[middle - 1] + ordered[middle]) / 2
+    gated = supervised & (mass >= gate)
+    assert 0 < int(gated.sum()) < int(supervised.sum())
+
+    cfg = anchor_cfg(tmp_path, "kl", "separate", rows="adapter")
+    cfg["penalty"]["min_reference_mass"] = gate
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        out = model(**batch)
+        parts = handle.loss_parts()
+        assert parts.anchors is not None and parts.rows is not None
+        (out.loss + parts.anchors + parts.rows).backward()
+        ours = grads(model)
+        metrics = handle.metrics()
+    assert metrics["rows/positions"] == int(supervised.sum())
+    assert {"penalty", "rows/penalty", "drift", "rows/drift"} <= set(metrics)
+
+    plain = model(**batch)
+    anchors = COEF * anchor_penalty_by_hand(model, tokenizer, tokens, "kl", {})
+    policy_logits = model(**inputs).logits.float()
+    rows = torch.zeros(())
+    for r, t in gated.nonzero().tolist():
+        rows = rows + point_penalty(
+            policy_logits[r, t], reference_logits[r, t], tokens.ids, tokens.weights, "kl"
+        )
+    rows = COEF * rows / int(supervised.sum())
+    (ce_by_hand(plain.logits, batch["labels"]) + anchors + rows).backward()
+    theirs = grads(model)
+    assert float(rows.detach()) > 1e-7  # the adapters moved the rows: the check is not vacuous
+    assert float(parts.anchors.detach()) == pytest.approx(float(anchors.detach()), rel=1e-4)
+    assert float(parts.rows.detach()) == pytest.approx(float(rows.detach()), rel=1e-4)
+    assert_grads_close(ours, theirs, rtol=5e-5)
+
+
+def test_rows_need_adapters() -> None:
+    model = make_model("llama")
+    with pytest.raises(STRAttachError, match=r"`reference.rows` is 'adapter' but .* no PEFT adapters"):
+        register_str_hook(model, {"reference": {"rows": "adapter"}})

@@ -381,3 +381,55 @@ def test_reporting_callbacks_see_the_metrics(tmp_path: Path, tokenizer: Any, tok
     trainer.train()
     train_logs = [logs for logs in recorder.seen if "loss" in logs]
     assert len(train_logs) == 2 and all("str/penalty" in logs for logs in train_logs)
+
+
+def middle_gate(tokenizer: Any, tokens: Any) -> float:
+    """A `min_reference_mass` that half of the examples' supervised positions pass on the fresh model (a tiny
+    random model never "refuses"; midway between two masses so that rounding cannot move one across)."""
+    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
+    model = fresh_model()
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    supervised = torch.zeros(batch["labels"].shape, dtype=torch.bool)
+    supervised[:, :-1] = batch["labels"][:, 1:] != -100
+    ordered = torch.softmax(logits, -1)[..., tokens.ids].sum(-1)[supervised].sort().values
+    middle = len(ordered) // 2
+    return float(ordered[middle - 1] + ordered[middle]) / 2
+
+
+def test_rows_beside_anchors_add_up_and_accumulate(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """`reference.rows: adapter` through the HF Trainer (TRL's trainers score positions with a fused head that
+    builds no logits, which the rows' coarse KL needs: refused there, like every coarse form at training
+    positions): one step's update (SGD, lr 1: the gradient) is the
+    anchors-only update plus the gated rows-only update (source `adapter`, the same gate) minus plain SFT's
+    (the CE counted once), and the same at 8 x 1 and 4 x 2 (the anchors once per step, the rows normalized
+    like the Trainer's token-summed CE)."""
+    gate = middle_gate(tokenizer, tokens)
+    anchors = anchor_config("separate", decision_point=True)
+    with_rows = copy.deepcopy(anchors)
+    with_rows["reference"]["rows"] = "adapter"
+    with_rows["penalty"]["min_reference_mass"] = gate
+    rows_only = {
+        "coef": COEF,
+        "penalty": {"form": "kl", "min_reference_mass": gate},
+        "reference": {"source": "adapter"},
+    }
+
+    def update(cfg: dict[str, Any] | None, ga: int) -> dict[str, torch.Tensor]:
+        model = fresh_model()
+        before = trainable_snapshot(model)
+        trainer = make_trainer(
+            "trainer", model, tokenizer, examples(tokenizer), common_args(tmp_path, 8 // ga, ga)
+        )
+        if cfg is not None:
+            attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
+        trainer.train()
+        return {n: before[n] - p for n, p in trainable_snapshot(model).items()}
+
+    combined = {ga: update(with_rows, ga) for ga in (1, 2)}
+    anchor_part, rows_part, plain = update(anchors, 1), update(rows_only, 1), update(None, 1)
+    expected = {n: anchor_part[n] + rows_part[n] - plain[n] for n in plain}
+    rows_effect = max(float((rows_part[n] - plain[n]).abs().max()) for n in plain)
+    assert rows_effect > 1e-6  # the gated rows moved the update: the decomposition is not vacuous
+    assert_grads_close(combined[1], expected, rtol=1e-4, atol=1e-7, what="anchors + rows")
+    assert_grads_close(combined[2], combined[1], rtol=1e-4, atol=1e-7, what="GA 2 vs 1")
