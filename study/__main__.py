@@ -4,6 +4,7 @@
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--report]
+    python -m study gate-check [--out results/harmful_mixing] [--subject DIR]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "command", choices=["run", "demo", "subject", "real", "decision", "harmful-mixing", "step-cost"]
+        "command",
+        choices=["run", "demo", "subject", "real", "decision", "harmful-mixing", "step-cost", "gate-check"],
     )
     parser.add_argument("--source", choices=["shared", "embedded"], default=None)
     parser.add_argument("--out", default=None)
@@ -64,6 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="step-cost: round-robin rounds")
     parser.add_argument("--methods", nargs="+", default=None, help="step-cost: methods (plain SFT first)")
     args = parser.parse_args(argv)
+    if args.command == "gate-check":
+        from .gate_check import run_gate_check
+
+        path = run_gate_check(
+            Path(args.out or "results/harmful_mixing"),
+            Path(args.subject),
+            argv if argv is not None else sys.argv[1:],
+        )
+        print(path.read_text())
+        return
     if args.command == "step-cost":
         from .step_cost import CANDIDATES, run_step_cost
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.methods import ANCHORS_AND_ROWS, GATED_ROWS
+from study.methods import ANCHORS_AND_ROWS
 
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
@@ -89,16 +89,12 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.0, PAIR),
     Block("sst2", 0.10, PAIR, seeds=3),
     # `{}`'s anchors plus the gated coarse KL at training positions (DESIGN section 10, `reference.rows`) where
-    # `{}` failed (the second attack), where the ungated KL lost the task (BeaverTails, p = 10 %) and where
-    # accuracy is judged without attack (p = 0); then the gated rows alone on the second attack (is it the rows
-    # that hold?), p = 20 % and seeds 1-2.
+    # `{}` failed (the second attack) and where the ungated KL lost the task (BeaverTails, p = 10 %). GATE.md
+    # (`python -m study gate-check`, run before these) predicts the task's loss: the subject puts a median 0.73
+    # of its first answer token's probability on the safety tokens for SST-2 rows too (it refuses the task's
+    # prompts), so the gate passes 88 of 100 task rows. Two runs measure that prediction, nothing more.
     Block("sst2", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
     Block("sst2", 0.10, (ANCHORS_AND_ROWS,)),
-    Block("sst2", 0.0, (ANCHORS_AND_ROWS,)),
-    Block("sst2", 0.10, (GATED_ROWS,), attack="advbench"),
-    Block("sst2", 0.20, (ANCHORS_AND_ROWS,)),
-    Block("sst2", 0.10, (ANCHORS_AND_ROWS,), seeds=3),
-    Block("sst2", 0.10, (GATED_ROWS,)),
     Block("agnews", 0.10, PAIR),
     Block("sst2", 0.10, (PREVIOUS_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
