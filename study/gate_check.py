@@ -7,6 +7,10 @@ is" attack rows; training rows only, never an evaluation prompt) the aligned sub
 package's default safety tokens (what `{}` mines) at every supervised position: at the answer's first
 position, and over all of them, with the share that a gate of 0.5 lets through. It says whether the gate
 separates the rows that attack from the task's rows before any fine-tuning run spends time on it.
+
+A second table asks the same of a gate that would not read the subject's refusal: is a row's prompt nearer
+(cosine of the subject's hidden states, mean over the prompt or at its last token, at a middle and the last
+layer) to a package harmful anchor than to a package benign anchor?
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from str_hooks import mine_safety_tokens
+from str_hooks.prompts import default_texts, encode_prompt
 from str_hooks.schemas import STRConfig
 
 from .data import Example
@@ -49,6 +54,26 @@ def safety_masses(model: Any, tokenizer: Any, ids: list[int], rows: list[Example
         supervised[:, :-1] = batch["labels"][:, 1:] != -100
         out += [mass[i][supervised[i]].tolist() for i in range(mass.shape[0])]
     return out
+
+
+def prompt_states(model: Any, tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per prompt, unit-normalized hidden states: the mean over the chat-formatted prompt and its last token,
+    at the middle and the last layer."""
+    middle = model.config.num_hidden_layers // 2
+    found: dict[str, list[torch.Tensor]] = {}
+    for prompt in tqdm(prompts, desc="[gate-check] prompts", unit="prompt", leave=False):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)[:MAX_LEN]])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer, name in ((middle, f"layer {middle}"), (len(hidden) - 1, "last layer")):
+            found.setdefault(f"{name}, prompt mean", []).append(hidden[layer][0].mean(0))
+            found.setdefault(f"{name}, last token", []).append(hidden[layer][0, -1])
+    return {key: torch.nn.functional.normalize(torch.stack(value), dim=-1) for key, value in found.items()}
+
+
+def nearer_harmful(rows: torch.Tensor, harmful: torch.Tensor, benign: torch.Tensor) -> float:
+    """The share of rows whose nearest harmful anchor is nearer (cosine) than their nearest benign anchor."""
+    return float(((rows @ harmful.T).max(1).values > (rows @ benign.T).max(1).values).float().mean())
 
 
 def run_gate_check(out: Path, subject_dir: Path, argv: list[str]) -> Path:
@@ -86,6 +111,22 @@ def run_gate_check(out: Path, subject_dir: Path, argv: list[str]) -> Path:
             f"| {statistics.median(every):.4f} | {sum(x >= GATE for x in every)}/{len(every)} "
             f"| {any_gated}/{len(masses)} |"
         )
+    lines += [
+        "",
+        "Share of rows whose prompt is nearer a harmful anchor than a benign one (the package's "
+        f"{len(default_texts('harmful_anchors'))} harmful and {len(default_texts('benign_anchors'))} benign anchors):",
+        "",
+        "| hidden state | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    harmful_anchors = prompt_states(model, tokenizer, default_texts("harmful_anchors"))
+    benign_anchors = prompt_states(model, tokenizer, default_texts("benign_anchors"))
+    states = {name: prompt_states(model, tokenizer, [e.prompt for e in rows]) for name, rows in kinds.items()}
+    for key in harmful_anchors:
+        shares = [
+            nearer_harmful(states[name][key], harmful_anchors[key], benign_anchors[key]) for name in kinds
+        ]
+        lines.append(f"| {key} | " + " | ".join(f"{share:.2f}" for share in shares) + " |")
     lines += ["", f"Wall time: {time.perf_counter() - started:.0f} s.", ""]
     path = out / "GATE.md"
     out.mkdir(parents=True, exist_ok=True)

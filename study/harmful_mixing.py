@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.methods import ANCHORS_AND_ROWS
+from study.methods import ANCHORS_AND_ROWS, STRONGER_ANCHORS
 
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
@@ -89,14 +89,17 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.0, PAIR),
     Block("sst2", 0.10, PAIR, seeds=3),
     # `{}`'s anchors plus the gated coarse KL at training positions (DESIGN section 10, `reference.rows`) where
-    # `{}` failed (the second attack) and where the ungated KL lost the task (BeaverTails, p = 10 %). GATE.md
-    # (`python -m study gate-check`, run before these) predicts the task's loss: the subject puts a median 0.73
-    # of its first answer token's probability on the safety tokens for SST-2 rows too (it refuses the task's
-    # prompts), so the gate passes 88 of 100 task rows. Two runs measure that prediction, nothing more.
+    # `{}` failed (the second attack). GATE.md (`python -m study gate-check`, run before it) predicts the task's
+    # loss: the subject puts a median 0.73 of its first answer token's probability on the safety tokens for
+    # SST-2 rows too (it refuses the task's prompts), so the gate passes 88 of 100 task rows. One run measures
+    # that prediction. Then the anchors' own strength on the second attack: 8 anchors per step (the previous
+    # default) and coef 30, and coef 30 where its costs show (BeaverTails p = 10 %, p = 0).
     Block("sst2", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
-    Block("sst2", 0.10, (ANCHORS_AND_ROWS,)),
+    Block("sst2", 0.10, (PREVIOUS_DEFAULT, STRONGER_ANCHORS), attack="advbench"),
+    Block("sst2", 0.10, (STRONGER_ANCHORS,)),
+    Block("sst2", 0.0, (STRONGER_ANCHORS,)),
     Block("agnews", 0.10, PAIR),
-    Block("sst2", 0.10, (PREVIOUS_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
+    Block("sst2", 0.10, ("STR adapter kl c10 (as written)",), attack="advbench"),
     Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
     Block("agnews", 0.10, (PREVIOUS_DEFAULT,)),
     Block("sst2", 0.05, DECIDING),

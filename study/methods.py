@@ -52,6 +52,7 @@ class Method:
 
 GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
 ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
+STRONGER_ANCHORS = "STR anchors c30 (as written)"
 
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
@@ -228,6 +229,9 @@ METHODS = {
             },
             as_shipped=True,
         ),
+        # `{}` with a stronger anchor term (the second attack trains compliance on prompts near the anchors'
+        # own kind; does a larger coef hold them, at what cost to the task and over-refusal?).
+        Method(STRONGER_ANCHORS, "str", {"coef": 30.0}, as_shipped=True),
         # The default's anchors plus the same gate on the training rows (`reference.rows`: the anchors hold
         # prompts absent from the data, the rows hold the ones the data attacks).
         Method(ANCHORS_AND_ROWS, "str", {"reference": {"rows": "adapter"}}, as_shipped=True),

@@ -103,6 +103,14 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             r"`str.reference.source` is 'adapter' but the config sets no `adapter:`",
         ),
         (
+            {"adapter": None, "str": {"reference": {"rows": "adapter"}}},
+            r"`str.reference.rows` is 'adapter' but the config sets no `adapter:`",
+        ),
+        (
+            {"cut_cross_entropy": True, "str": {"reference": {"rows": "adapter"}}},
+            r"'kl' but `cut_cross_entropy: true` never builds the full logits",
+        ),
+        (
             {"cut_cross_entropy": True, "str": {"penalty": {"form": "logprob"}, **ADAPTER}},
             r"'logprob' but `cut_cross_entropy: true` never builds the full logits",
         ),

@@ -82,15 +82,22 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
     """
     out: list[str] = []
     source, form = config.reference.source, config.penalty.form
-    if source == "adapter" and not cfg.get("adapter"):
+    # `reference.rows: adapter` needs what source `adapter` needs; its messages name the field that was set.
+    adapter_field = (
+        "source" if source == "adapter" else "rows" if config.reference.rows == "adapter" else None
+    )
+    training_softmax = form in ("logprob", "kl") and (
+        source != "anchors" or config.reference.rows is not None
+    )
+    if adapter_field is not None and not cfg.get("adapter"):
         out.append(
-            "`str.reference.source` is 'adapter' but the config sets no `adapter:` (full "
+            f"`str.reference.{adapter_field}` is 'adapter' but the config sets no `adapter:` (full "
             "fine-tuning): there are no adapters to disable for the reference. Set `adapter: lora` (or qlora), "
             "or `str.reference.source: anchors` (reference computed once at attach) or `model` (a frozen copy; "
             "`str.reference.model_path` defaults to `base_model`)."
         )
     fused = [key for key in _FUSED_CE_KEYS if cfg.get(key)]
-    if form in ("logprob", "kl") and source != "anchors" and fused:
+    if training_softmax and fused:
         # At anchors the softmax is taken from hidden states at the anchor positions: fused kernels are fine.
         out.append(
             f"`str.penalty.form` is {form!r} but `{fused[0]}: true` never builds the full logits it needs at "
@@ -109,9 +116,9 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
             "in `attention_mask`, which the fold cannot keep exact: set `sample_packing: false`, or "
             "`str.reference.anchor_placement: separate`."
         )
-    if source == "adapter" and (cfg.get("fsdp_config") or cfg.get("fsdp")):
+    if adapter_field is not None and (cfg.get("fsdp_config") or cfg.get("fsdp")):
         out.append(
-            "`str.reference.source` is 'adapter' under FSDP (`fsdp_config`), where PEFT's disable_adapter() is "
+            f"`str.reference.{adapter_field}` is 'adapter' under FSDP (`fsdp_config`), where PEFT's disable_adapter() is "
             "known to break (PEFT #1442, #2977): use `str.reference.source: anchors`, `model` or `cache`."
         )
     if _zero_stage(cfg.get("deepspeed")) == 3:
