@@ -3,8 +3,8 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
-    python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--report]
-    python -m study gate-check [--out results/harmful_mixing] [--subject DIR]
+    python -m study harmful-mixing [--plan protocol|quick|broad] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
+    python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
         "command",
         choices=["run", "demo", "subject", "real", "decision", "harmful-mixing", "step-cost", "gate-check"],
     )
-    parser.add_argument("--source", choices=["shared", "embedded"], default=None)
+    parser.add_argument(
+        "--source",
+        choices=["shared", "embedded", "broad"],
+        default=None,
+        help="subject, harmful-mixing, gate-check: the subject's data (harmful-mixing: `shared` unless given)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
     parser.add_argument(
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             "decision",
             "default-first",
             "protocol",
+            "broad",
         ],
         default=None,
     )
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.out or "results/harmful_mixing"),
             Path(args.subject),
             argv if argv is not None else sys.argv[1:],
+            args.source or "shared",
         )
         print(path.read_text())
         return
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.cache or DEFAULT_CACHE),
                 argv=argv,
                 report_only=args.report,
+                subject_source=args.source or "shared",
             )
         )
         return

@@ -76,9 +76,9 @@ def nearer_harmful(rows: torch.Tensor, harmful: torch.Tensor, benign: torch.Tens
     return float(((rows @ harmful.T).max(1).values > (rows @ benign.T).max(1).values).float().mean())
 
 
-def run_gate_check(out: Path, subject_dir: Path, argv: list[str]) -> Path:
+def run_gate_check(out: Path, subject_dir: Path, argv: list[str], subject_source: str = "shared") -> Path:
     started = time.perf_counter()
-    build_subject(subject_dir, "shared", DEFAULT_CACHE)
+    build_subject(subject_dir, subject_source, DEFAULT_CACHE)
     model, tokenizer = load(subject_dir)
     model.eval()
     defaults = STRConfig().tokens
@@ -135,4 +135,4 @@ def run_gate_check(out: Path, subject_dir: Path, argv: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    print(run_gate_check(Path("results/harmful_mixing"), Path("runs/subject"), sys.argv).read_text())
+    print(run_gate_check(Path("results/harmful_mixing"), Path("runs/subject"), sys.argv[1:]).read_text())

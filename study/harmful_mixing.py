@@ -110,5 +110,11 @@ PROTOCOL_PLAN: list[Block] = [
 ]
 # Under 20 minutes here: 200 rows (25 steps), two methods, every 4th evaluation prompt.
 QUICK_PLAN: list[Block] = [Block("sst2", 0.10, (BASELINE, SHIPPED), n=200)]
-PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN}
-EVAL_STRIDE = {"protocol": 1, "quick": 4}
+# Issue 27's broader subject (`--source broad`, which answers task-style prompts): does the rows gate separate
+# the attack rows from the task's there, and do anchors + rows then hold the second attack at the task's accuracy?
+BROAD_PLAN: list[Block] = [
+    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS, SHIPPED), attack="advbench"),
+    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS, SHIPPED)),
+]
+PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN, "broad": BROAD_PLAN}
+EVAL_STRIDE = {"protocol": 1, "quick": 4, "broad": 1}

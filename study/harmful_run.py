@@ -132,10 +132,12 @@ def run_harmful_mixing(
     cache: Path = DEFAULT_CACHE,
     argv: list[str] | None = None,
     report_only: bool = False,
+    subject_source: str = "shared",
 ) -> str:
-    """Run what is left of the plan (resumable), then rewrite RESULTS.md and the plots from every run."""
+    """Run what is left of the plan (resumable), then rewrite RESULTS.md and the plots from every run.
+    `subject_source` is the subject's data (`python -m study subject --source`): `shared`, or `broad`."""
     out.mkdir(parents=True, exist_ok=True)
-    info = build_subject(subject_dir, "shared", cache)
+    info = build_subject(subject_dir, subject_source, cache)
     stride = EVAL_STRIDE[plan_name]
     sources = build_sources().strided(stride)
     data = subject_data("shared").study

@@ -142,9 +142,12 @@ def subject_data(source: str = "shared", seed: int = 0) -> SubjectData:
     """The safety-tuning prompts. `shared`: 200 AdvBench training goals and refusal_direction's 54 harmful
     instructions (templated refusals) and 100 safety_tuned_llamas instructions whose own answer is a
     refusal; 300 Alpaca prompts (refusal_direction's harmless split) and 80 project-written
-    sensitive-sounding safe prompts. `embedded`: the package's own texts only (for `make demo`)."""
+    sensitive-sounding safe prompts. `embedded`: the package's own texts only (for `make demo`). `broad`: `shared` plus 180
+    project-written task-style prompts (an instruction and an input), which the `shared` subject refuses."""
     from str_hooks.probe import is_refusal
 
+    broad = source == "broad"
+    source = "shared" if broad else source
     study = load_study_data(source, seed=seed)
     rng = random.Random(seed)
     held_out = set(study.xstest_safe) | set(study.harmful_heldout)
@@ -188,6 +191,14 @@ def subject_data(source: str = "shared", seed: int = 0) -> SubjectData:
             "safe prompts, self-distilled answers",
             "benign_heldout": f"the other {len(benign_heldout)} package benign prompts",
         }
+    if broad:
+        # Issue 27: the base subject refuses instruction-plus-input task prompts (GATE.md); these teach it
+        # to answer them (project-written inputs, none from a task the studies fine-tune on).
+        from .task_prompts import task_style_prompts
+
+        tasks = task_style_prompts(seed)
+        benign += tasks
+        notes["benign"] += f" + {len(tasks)} project-written task-style prompts (study/task_prompts.py)"
     return SubjectData(
         harmful, benign + [p for p in sensitive if p not in held_out], benign_heldout, study, notes
     )
