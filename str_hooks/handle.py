@@ -312,7 +312,8 @@ class STRHandle:
         (penalty per position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>`
         for the top-weighted tokens (`drift/_Sorry` for the tokenizer's `ĠSorry`, `drift/Sorry` for `Sorry`;
         `SafetyTokens.readable_names` gives the rules), `coef`,
-        `positions`, `skipped`, `step`. Only `coef`, `skipped` and `step` when that call computed no term
+        `positions`, `skipped`, `step`; with `reference.rows` beside anchors, the rows' term's own `rows/penalty`,
+        `rows/pen_mean`, `rows/positions` (the candidates the gate chose from), `rows/drift`... . Only `coef`, `skipped` and `step` when that call computed no term
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""

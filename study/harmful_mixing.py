@@ -114,7 +114,7 @@ QUICK_PLAN: list[Block] = [Block("sst2", 0.10, (BASELINE, SHIPPED), n=200)]
 # the attack rows from the task's there, and do anchors + rows then hold the second attack at the task's accuracy?
 BROAD_PLAN: list[Block] = [
     Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS, SHIPPED), attack="advbench"),
-    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS, SHIPPED)),
+    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS)),
 ]
 PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN, "broad": BROAD_PLAN}
 EVAL_STRIDE = {"protocol": 1, "quick": 4, "broad": 1}
