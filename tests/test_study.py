@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,9 +76,9 @@ def test_one_run_end_to_end(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.parametrize("source", ["embedded", "shared"])
+@pytest.mark.parametrize("source", ["embedded", "shared", "broad"])
 def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
-    if source == "shared" and not SHARED.is_dir():
+    if source != "embedded" and not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not here")
     from study.subject import subject_data
 
@@ -87,6 +88,22 @@ def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
     assert not trained & set(data.study.xstest_safe)
     assert not set(data.benign_heldout) & trained
     assert len(data.benign) >= 100 and len(data.harmful) >= 90
+    if source == "broad":
+        from study.subject import subject_data as base_data
+        from study.task_prompts import task_style_prompts
+
+        added = set(data.benign) - set(base_data("shared").benign)
+        assert added == set(task_style_prompts()) and len(added) == 180
+        # Written here: no input of the studies' fine-tuning tasks (SST-2, AG News) is among them.
+        task_inputs = [
+            r["input"].strip().lower()
+            for name in ("sst2/sst2_5k.json", "agnews/agnews_5k.json")
+            for r in json.loads((SHARED / name).read_text())
+        ]
+        assert not any(
+            text.lower() in prompt.lower() for prompt in added for text in task_inputs if len(text) > 20
+        )
+        return
     if source == "shared":
         # Balanced toward benign, with the sensitive-sounding safe prompts that keep over-refusal down.
         assert 300 <= len(data.harmful) <= 400 and len(data.benign) >= 350
