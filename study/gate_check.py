@@ -2,8 +2,8 @@
 
     python -m study gate-check [--out results/harmful_mixing] [--subject runs/subject]
 
-For 100 rows of each kind the protocol trains on (SST-2 rows, BeaverTails attack rows, AdvBench "Sure, here
-is" attack rows; training rows only, never an evaluation prompt) the aligned subject's probability mass on the
+For 100 rows of each kind the protocol trains on (SST-2, AG News and GSM8K rows, BeaverTails attack rows,
+AdvBench "Sure, here is" attack rows; training rows only, never an evaluation prompt) the aligned subject's probability mass on the
 package's default safety tokens (what `{}` mines) at every supervised position: at the answer's first
 position, and over all of them, with the share that a gate of 0.5 lets through. It says whether the gate
 separates the rows that attack from the task's rows before any fine-tuning run spends time on it.
@@ -32,7 +32,7 @@ from .data import Example
 from .harmful_sources import build_sources
 from .model import collate, encode_example
 from .subject import DEFAULT_CACHE, build_subject, load
-from .tasks import sst2_task
+from .tasks import agnews_task, gsm8k_task, sst2_task
 
 ROWS_PER_KIND = 100
 GATE = 0.5
@@ -86,6 +86,8 @@ def run_gate_check(out: Path, subject_dir: Path, argv: list[str], subject_source
     sources = build_sources()
     kinds = {
         "SST-2 rows (the task)": sst2_task(ROWS_PER_KIND, 1)[0],
+        "AG News rows": agnews_task(ROWS_PER_KIND, 1)[0],
+        "GSM8K rows": gsm8k_task(ROWS_PER_KIND, 1)[0],
         "BeaverTails rows (attack 1)": sources.attacks["beavertails"][:ROWS_PER_KIND],
         "AdvBench 'Sure, here is' rows (attack 2)": sources.attacks["advbench"][:ROWS_PER_KIND],
     }

@@ -89,16 +89,18 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.0, PAIR),
     Block("sst2", 0.10, PAIR, seeds=3),
     # `{}`'s anchors plus the gated coarse KL at training positions (DESIGN section 10, `reference.rows`) where
-    # `{}` failed (the second attack). GATE.md (`python -m study gate-check`, run before it) predicts the task's
-    # loss: the subject puts a median 0.73 of its first answer token's probability on the safety tokens for
-    # SST-2 rows too (it refuses the task's prompts), so the gate passes 88 of 100 task rows. One run measures
-    # that prediction. Then the anchors' own strength on the second attack: 8 anchors per step (the previous
-    # default) and coef 30, and coef 30 where its costs show (BeaverTails p = 10 %, p = 0).
+    # `{}` failed (the second attack). GATE.md (`python -m study gate-check`, run before it) predicted SST-2's
+    # loss: the subject refuses SST-2's own prompts (median safety mass 0.73 at the first answer token, 88 of
+    # 100 rows pass the gate), and one run measured it. On AG News the gate passes no task row (0 of 195
+    # positions) and every attack row: the task where the rows gate can be judged, with the second attack (the
+    # issue's own failing report) and BeaverTails.
     Block("sst2", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
+    Block("agnews", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
+    Block("agnews", 0.10, (SHIPPED, BASELINE), attack="advbench"),
+    Block("agnews", 0.10, (ANCHORS_AND_ROWS,)),
+    Block("agnews", 0.10, PAIR),
     Block("sst2", 0.10, (PREVIOUS_DEFAULT, STRONGER_ANCHORS), attack="advbench"),
     Block("sst2", 0.10, (STRONGER_ANCHORS,)),
-    Block("sst2", 0.0, (STRONGER_ANCHORS,)),
-    Block("agnews", 0.10, PAIR),
     Block("sst2", 0.10, ("STR adapter kl c10 (as written)",), attack="advbench"),
     Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
     Block("agnews", 0.10, (PREVIOUS_DEFAULT,)),
@@ -110,11 +112,5 @@ PROTOCOL_PLAN: list[Block] = [
 ]
 # Under 20 minutes here: 200 rows (25 steps), two methods, every 4th evaluation prompt.
 QUICK_PLAN: list[Block] = [Block("sst2", 0.10, (BASELINE, SHIPPED), n=200)]
-# Issue 27's broader subject (`--source broad`, which answers task-style prompts): does the rows gate separate
-# the attack rows from the task's there, and do anchors + rows then hold the second attack at the task's accuracy?
-BROAD_PLAN: list[Block] = [
-    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS, SHIPPED), attack="advbench"),
-    Block("sst2", 0.10, (BASELINE, ANCHORS_AND_ROWS)),
-]
-PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN, "broad": BROAD_PLAN}
-EVAL_STRIDE = {"protocol": 1, "quick": 4, "broad": 1}
+PLANS = {"protocol": PROTOCOL_PLAN, "quick": QUICK_PLAN}
+EVAL_STRIDE = {"protocol": 1, "quick": 4}
