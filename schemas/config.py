@@ -102,7 +102,8 @@ class STRConfig(Section):
         # Rows next to anchors exist for the rows that attack: ungated, the KL pins a benign task's answer
         # positions to the reference's small safety mass there (SST-2 accuracy 18.5 %, results/harmful_mixing).
         coarse = self.penalty.form in ("kl", "logprob")  # otherwise `_check` names the form
-        if self.reference.rows is not None and self.penalty.min_reference_mass is None and coarse:
+        unset = "min_reference_mass" not in self.penalty.model_fields_set  # an explicit null means ungated
+        if self.reference.rows is not None and unset and coarse:
             self.penalty = self.penalty.model_copy(update={"min_reference_mass": 0.5})
         return self
 
@@ -124,15 +125,13 @@ class STRConfig(Section):
                 "are penalized only where the reference would refuse, which only forms kl and logprob can tell; "
                 "set form: kl or remove rows."
             )
-        if (
-            self.reference.source == "anchors"
-            and self.reference.rows is None
-            and self.penalty._set_off_default({"positions", "first_n"})
-        ):
+        placed = self.penalty._set_off_default({"positions", "first_n"})
+        if self.reference.source == "anchors" and self.reference.rows is None and placed:
+            name = placed[-1]  # `positions` over `first_n` (which only counts with it)
             raise ValueError(
-                f"`penalty.positions` is set ({self.penalty.positions!r}) but `reference.source` is "
+                f"`penalty.{name}` is set ({getattr(self.penalty, name)!r}) but `reference.source` is "
                 "'anchors': anchors are penalized at "
-                "their decision point (the last prompt position); remove positions, pick another source, or set "
+                f"their decision point (the last prompt position); remove {name}, pick another source, or set "
                 "`reference.rows` to penalize the training rows too."
             )
         rows_penalized = self.reference.source in ("adapter", "model") or self.reference.rows is not None

@@ -90,7 +90,7 @@ class ReferenceConfig(Section):
         description=(
             "For source `anchors`: also penalize the training rows' own positions (`penalty.positions`) against "
             "this reference, where the aligned model would refuse (`penalty.min_reference_mass`, 0.5 unless "
-            "set): harmful rows in the user's data train compliance exactly there, which anchors elsewhere "
+            "set; an explicit null penalizes every position): harmful rows in the user's data train compliance exactly there, which anchors elsewhere "
             "cannot hold (DESIGN section 10). `adapter`: the PEFT model with its adapters disabled, one no-grad "
             "forward per micro-batch. Needs form `kl` or `logprob`, a forward that builds logits, and anchors "
             "placed `separate`. The anchors' term and the rows' term add up, each normalized as alone (the "

@@ -169,10 +169,11 @@ class StepDriver:
                 rows = rows / normalization.accumulation_steps * normalization.host_divides_by
             term = rows if term is None else term + rows.to(term.device)
         assert term is not None  # loss_parts gives at least one part
-        value = term
         # Device tensors only: read on the host when the host logs (docs/host_sync.md).
-        self._record(handle.step_metrics(), value.detach() / normalization.host_divides_by)
-        return value
+        divisor = normalization.host_divides_by
+        rows_in_step = rows.detach() / divisor if rows is not None and anchors is not None else None
+        self._record(handle.step_metrics(), term.detach() / divisor, rows_in_step)
+        return term
 
     @property
     def term_computed(self) -> bool:
@@ -201,18 +202,19 @@ class StepDriver:
             "penalty": self._penalty,
             "coef": self._coef if self._coef is not None else handle.current_coef(),
         }
-        if self._computed is not None:
-            # Drift averaged over the step's micro-batches with a finite term (none: no drift this step).
-            for key, total in self._drift.items():
-                step[key] = total / self._computed.clamp_min(1)
+        if self._rows_penalty is not None:
+            step["rows/penalty"] = self._rows_penalty
+        # Drift averaged over the step's micro-batches with a finite term of its own (the anchors' or, under
+        # `rows/`, the rows'); none: no drift this step.
+        for key, total in self._drift.items():
+            step[key] = total / self._computed[_term_prefix(key)].clamp_min(1)
         handle.step()
         if self.probe is not None and model is not None and self.probe.due(handle.step_count):
             step["refusal_rate"] = self.probe.run(model).refusal_rate
         for key, value in step.items():
             present: torch.Tensor | float = 1.0
-            if key.startswith("drift") or key == "abs_drift":
-                assert self._computed is not None
-                present = (self._computed > 0).float()
+            if key in self._drift:
+                present = (self._computed[_term_prefix(key)] > 0).float()
                 value = value * present
             self._window_sums[key] = self._window_sums.get(key, 0.0) + value
             self._window_counts[key] = self._window_counts.get(key, 0.0) + present
@@ -245,25 +247,37 @@ class StepDriver:
     def _reset_step(self) -> None:
         self._penalty: torch.Tensor | float = 0.0
         self._coef: float | None = None
-        self._computed: torch.Tensor | None = None
+        # Per term (`""`, or `rows/` for the rows beside anchors): micro-batches with a finite term this step.
+        self._computed: dict[str, torch.Tensor] = {}
         self._drift: dict[str, torch.Tensor] = {}
+        self._rows_penalty: torch.Tensor | None = None
         self._last_computed = False
 
-    def _record(self, metrics: dict[str, torch.Tensor], term_in_step: torch.Tensor) -> None:
+    def _record(
+        self, metrics: dict[str, torch.Tensor], term_in_step: torch.Tensor, rows_in_step: torch.Tensor | None
+    ) -> None:
         self._penalty = self._penalty + term_in_step
+        if rows_in_step is not None:
+            self._rows_penalty = (
+                rows_in_step if self._rows_penalty is None else self._rows_penalty + rows_in_step
+            )
         self._last_computed = bool(metrics)
-        if not metrics:
-            return
-        computed = metrics.get("computed")
-        if computed is None:
-            # Only the rows' term beside anchors (`rows/...`): the step's penalty holds it; its drift is not
-            # averaged into the anchors' drift.
-            return
-        self._computed = computed if self._computed is None else self._computed + computed
-        self._coef = self.handle.current_coef()
-        for key, value in metrics.items():
-            if key in ("drift", "abs_drift") or key.startswith("drift/"):
-                self._drift[key] = self._drift.get(key, 0.0) + value
+        for prefix in ("", "rows/"):
+            computed = metrics.get(f"{prefix}computed")
+            if computed is None:
+                continue
+            before = self._computed.get(prefix)
+            self._computed[prefix] = computed if before is None else before + computed
+            self._coef = self.handle.current_coef()
+            for key, value in metrics.items():
+                name = key[len(prefix) :] if key.startswith(prefix) else None
+                if name is not None and (name in ("drift", "abs_drift") or name.startswith("drift/")):
+                    self._drift[key] = self._drift.get(key, 0.0) + value
+
+
+def _term_prefix(key: str) -> str:
+    """The term a metric key belongs to: `rows/` for the rows' term beside anchors, else `""`."""
+    return "rows/" if key.startswith("rows/") else ""
 
 
 __all__ = ["STEP_KEYS", "HostNormalization", "StepDriver", "build_probe"]

@@ -124,8 +124,6 @@ class STRHandle:
         problems = self.anchor_site.take_fold_problems() if self.anchor_site is not None else None
         missing = self.reference.missing() if self.reference is not None else 0
         nonfinite = self._metrics.read_nonfinite()
-        if self._rows_metrics is not None:
-            nonfinite += self._rows_metrics.read_nonfinite()
         if problems is not None and int(problems):
             raise problem_error(int(problems))
         if missing:
@@ -246,26 +244,31 @@ class STRHandle:
         self._usage.forward_seen(sink)
         device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
         anchors = rows = None
+        finite: list[torch.Tensor] = []
         # The rows' reference forward runs on the captured batch first, before an anchor forward of its own.
         if self.token_site is not None:
             term = self.token_site.term(sink, labels)
             metrics = self._rows_metrics if self._rows_metrics is not None else self._metrics
-            rows = (
-                torch.zeros((), device=device)
-                if term is None
-                else self._finish(term, num_items_in_batch, metrics)
-            )
+            rows = torch.zeros((), device=device)
+            if term is not None:
+                rows, rows_finite = self._finish(term, num_items_in_batch, metrics)
+                finite.append(rows_finite)
         if self.anchor_site is not None:
             term = self.anchor_site.term(sink)
-            # The anchor term is a mean over the anchor points: the host's normalizer does not apply to it.
-            anchors = (
-                torch.zeros((), device=device) if term is None else self._finish(term, None, self._metrics)
-            )
+            anchors = torch.zeros((), device=device)
+            if term is not None:
+                # The anchor term is a mean over the anchor points: the host's normalizer does not apply to it.
+                anchors, anchors_finite = self._finish(term, None, self._metrics)
+                finite.append(anchors_finite.to(device))
+        if finite:
+            # One micro-batch counts once, however many of its terms were not finite.
+            self._metrics.count_nonfinite(torch.stack(finite).all())
         return LossParts(anchors, rows)
 
     def _finish(
         self, term: SiteTerm, num_items_in_batch: int | torch.Tensor | None, metrics: PenaltyMetrics
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The term's value (zero when it is not finite), recorded in `metrics`, and whether it was finite."""
         # Tensor math only, no host synchronization (docs/host_sync.md): the positions are a mask, the
         # normalizer stays a tensor, and a non-finite term is zeroed here and counted on the device;
         # `check_step()` (before the optimizer step, or in `step()`) reads the count once per step.
@@ -280,6 +283,7 @@ class STRHandle:
             self.config.penalty.margin,
             term.row_weights,
             mask,
+            checked=term.candidates,
         )
         pen_sum, finite = guarded.pen_sum, guarded.finite
         count = n_places.clamp_min(1) if isinstance(n_places, torch.Tensor) else (n_places or 1)
@@ -287,8 +291,12 @@ class STRHandle:
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.to(pen_sum.device)
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
-        metrics.record(value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite)
-        return value
+        # Drift is a mean over the places it was summed at: the gated positions for a gated token term.
+        drift_places = mask.sum() if term.candidates is not None else count
+        metrics.record(
+            value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite, drift_places
+        )
+        return value, finite
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
         """The last `loss()` call's metrics as 0-dim device tensors, without a host read (what the trainer
@@ -317,10 +325,7 @@ class STRHandle:
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""
-        nonfinite = self._metrics.read_nonfinite()
-        if self._rows_metrics is not None:
-            nonfinite += self._rows_metrics.read_nonfinite()
-        self._metrics.account_nonfinite(nonfinite)
+        self._metrics.account_nonfinite(self._metrics.read_nonfinite())
         out = self._metrics.floats(self.current_coef(), self.schedule.step)
         if self._rows_metrics is not None:
             out.update(self._rows_metrics.term_floats())
@@ -370,6 +375,8 @@ class STRHandle:
             delattr(self.tap.causal_lm, ATTACHED_ATTR)
         self._attached = False
         self._metrics.clear()
+        if self._rows_metrics is not None:
+            self._rows_metrics.clear()
 
     @property
     def uses_anchors(self) -> bool:

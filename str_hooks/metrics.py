@@ -55,15 +55,13 @@ class PenaltyMetrics:
         reference: torch.Tensor,
         mask: torch.Tensor,
         finite: torch.Tensor,
+        drift_places: float | torch.Tensor | None = None,
     ) -> None:
-        """Keep a term's metrics as device tensors (no host read) and count it when it was not finite.
+        """Keep a term's metrics as device tensors (no host read); `count_nonfinite` counts the micro-batch.
 
         `policy` and `reference` are the compared values with non-finite entries already replaced, `count`
-        the places clamped to at least 1, `finite` a 0-dim bool tensor."""
-        skipped = (~finite).to(torch.int64)
-        self._nonfinite = (
-            skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
-        )
+        the places clamped to at least 1, `finite` a 0-dim bool tensor, `drift_places` what the drift is a
+        mean over (default `count`; the gated positions of a gated term)."""
         with torch.no_grad():
             # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
             k = self.k
@@ -76,8 +74,16 @@ class PenaltyMetrics:
                 "drift_sum": drift.sum(dim=0),
                 "abs_drift_sum": drift.abs().sum(dim=0),
                 "count": torch.where(finite, n_places, 0) if isinstance(n_places, torch.Tensor) else n_places,
+                "drift_count": count if drift_places is None else drift_places,
                 "finite": finite,
             }
+
+    def count_nonfinite(self, finite: torch.Tensor) -> None:
+        """Count one micro-batch when `finite` (a 0-dim bool tensor) is False, on the device."""
+        skipped = (~finite).to(torch.int64)
+        self._nonfinite = (
+            skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
+        )
 
     def read_nonfinite(self) -> int:
         """Non-finite micro-batches since the last read (a host read: once per optimizer step at most)."""
@@ -112,7 +118,7 @@ class PenaltyMetrics:
         if not self._last:
             return {}
         last = self._last
-        count = last["count"]
+        count = last["drift_count"]
         count = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
         per_token = last["drift_sum"] / count
         prefix = self.prefix

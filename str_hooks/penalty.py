@@ -181,10 +181,12 @@ def guarded_penalty_sum(
     margin: float,
     row_weights: torch.Tensor | None,
     mask: torch.Tensor,
+    checked: torch.Tensor | None = None,
 ) -> GuardedSum:
     """`weighted_penalty_sum` that tolerates NaN/inf: non-finite entries compare equal (zero penalty and zero
-    gradient into them) and `finite` says whether any penalized row had one, so the caller can zero the term
-    on the device instead of reading it on the host (docs/host_sync.md)."""
+    gradient into them) and `finite` says whether any row of `checked` (default: the penalized rows, `mask`)
+    had one, so the caller can zero the term on the device instead of reading it on the host
+    (docs/host_sync.md)."""
     # A reference log-prob of -inf (probability 0) is a valid `kl` bucket; anything else must be finite.
     reference_ok = torch.isfinite(reference)
     if form == "kl":
@@ -193,7 +195,8 @@ def guarded_penalty_sum(
     reference = torch.where(reference_ok, reference.float(), 0.0)
     safe = torch.where(entries_ok, policy.float(), reference)
     pen_sum = weighted_penalty_sum(safe, reference, weights, form, margin, row_weights=row_weights, mask=mask)
-    finite = (entries_ok.all(dim=-1) | ~mask).all() & torch.isfinite(pen_sum)
+    checked = mask if checked is None else checked
+    finite = (entries_ok.all(dim=-1) | ~checked.to(entries_ok.device)).all() & torch.isfinite(pen_sum)
     return GuardedSum(pen_sum, safe, reference, finite)
 
 

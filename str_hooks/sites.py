@@ -36,6 +36,9 @@ class SiteTerm(NamedTuple):
     n_places: float | torch.Tensor
     row_weights: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    # The positions checked for NaN/inf when a gate (`penalty.min_reference_mass`) left some out of `mask`:
+    # a non-finite policy must not go unreported because the reference gated its positions away.
+    candidates: torch.Tensor | None = None
 
 
 class TokenSite:
@@ -85,12 +88,12 @@ class TokenSite:
             positions = positions & found.to(positions.device).unsqueeze(1)
         # The normalizer counts the candidates, not the gated ones: a batch whose rows the aligned model would
         # not refuse adds nothing, rather than a mean over the few positions that pass.
-        candidates = positions.sum()
         gate = self.config.penalty.min_reference_mass
-        if gate is not None:
-            k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
-            positions = positions & (reference_safety_mass(reference, k) >= gate)
-        return SiteTerm(policy, reference, candidates, mask=positions)
+        if gate is None:
+            return SiteTerm(policy, reference, positions.sum(), mask=positions)
+        k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
+        gated = positions & (reference_safety_mass(reference, k) >= gate)
+        return SiteTerm(policy, reference, positions.sum(), mask=gated, candidates=positions)
 
 
 class AnchorSite:

@@ -342,3 +342,27 @@ def test_rows_need_adapters() -> None:
     model = make_model("llama")
     with pytest.raises(STRAttachError, match=r"`reference.rows` is 'adapter' but .* no PEFT adapters"):
         register_str_hook(model, {"reference": {"rows": "adapter"}})
+
+
+def test_a_micro_batch_with_both_terms_non_finite_counts_once(
+    tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """Anchors and rows both NaN in one micro-batch: one skipped micro-batch, not two."""
+    model = make_lora(make_model("llama"))
+    batch = make_batch(tokenizer, n=2, seed=7)
+    cfg = anchor_cfg(tmp_path, "kl", "separate", rows="adapter")
+    cfg["penalty"]["on_nonfinite"] = "skip"
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        # NaN only while training: the attach-time checks and the adapter-disabled reference stay finite.
+        hook = model.base_model.model.model.norm.register_forward_hook(
+            lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
+        )
+        try:
+            model(**batch)
+            parts = handle.loss_parts()
+        finally:
+            hook.remove()
+        assert float(parts.anchors.detach()) == 0.0 and float(parts.rows.detach()) == 0.0
+        with pytest.warns(RuntimeWarning, match=r"1 micro-batch"):
+            assert handle.check_step() == 1
+        assert handle.metrics()["skipped"] == 1

@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers.factory import make_model
 from helpers.losses import assert_grads_close, grads, penalty_by_hand
 
 from str_hooks import SafetyTokens, register_str_hook
+from str_hooks.errors import STRNonFiniteError
 
 SAFETY_IDS = [40, 41, 42, 43]  # stand-ins for "Sorry", "cannot", "I", "As"
 COMPLY_ID = 50  # the harmful row's compliant opening ("Sure")
@@ -161,6 +163,8 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
     harmful_only = supervised.clone()
     harmful_only[1] = False
 
+    metrics: dict[str, float] = {}
+
     def package_term(gate: float | None) -> tuple[float, dict[str, torch.Tensor], float]:
         penalty: dict[str, Any] = {"form": "kl"}
         if gate is not None:
@@ -170,8 +174,8 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
             policy(**batch)
             term = handle.loss()
             term.backward()
-            positions = handle.metrics()["positions"]
-        return float(term.detach()), grads(policy), positions
+            metrics.update(handle.metrics())
+        return float(term.detach()), grads(policy), metrics["positions"]
 
     def hand_term(where: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
         logits = policy(**inputs).logits
@@ -189,6 +193,12 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
     by_hand, hand_grads = hand_term(harmful_only)
     assert positions == 2  # the normalizer counts the candidates
     assert abs(gated - by_hand) <= 1e-4 * abs(by_hand) + 1e-7, (gated, by_hand)
+    # The drift is a mean over the gated position alone (the harmful row's opening), not over the candidates.
+    with torch.no_grad():
+        opening = batch["input_ids"][:1, :-1]
+        policy_lp = torch.log_softmax(policy(input_ids=opening).logits[0, -1].float(), -1)[SAFETY_IDS]
+        reference_lp = torch.log_softmax(reference(input_ids=opening).logits[0, -1].float(), -1)[SAFETY_IDS]
+    assert metrics["drift"] == pytest.approx(float((policy_lp - reference_lp).mean()), rel=1e-4, abs=1e-6)
     assert_grads_close(gated_grads, hand_grads, rtol=1e-4, atol=1e-9, what="gated package vs hand")
 
     ungated, _, _ = package_term(None)
@@ -198,3 +208,36 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
 
     above = min(1.0, harmful_mass + (1 - harmful_mass) / 2)
     assert package_term(above)[0] == 0.0
+
+
+def test_a_gated_out_non_finite_position_is_still_reported() -> None:
+    """NaN in the policy at the benign row, which the gate leaves out: the step is still reported
+    (`STRNonFiniteError` under `on_nonfinite: raise`), as without the gate."""
+    policy, reference = build()
+    tokens = SafetyTokens(
+        ids=SAFETY_IDS,
+        strings=[f"<t{i}>" for i in SAFETY_IDS],
+        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
+        scores=[1.0] * len(SAFETY_IDS),
+        method="list",
+    )
+
+    def benign_row_nan(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] < 2:  # the attach-time projection check runs one row
+            return output
+        output = output.clone()
+        output[1] = float("nan")
+        return output
+
+    config = {"penalty": {"form": "kl", "min_reference_mass": 0.5}, "reference": {"source": "model"}}
+    hook = policy.model.norm.register_forward_hook(benign_row_nan)
+    policy.train()
+    try:
+        with register_str_hook(policy, config, tokens=tokens, reference_model=reference) as handle:
+            policy(**pair_batch())
+            term = handle.loss()
+            assert float(term) == 0.0
+            with pytest.raises(STRNonFiniteError, match="1 micro-batch"):
+                handle.check_step()
+    finally:
+        hook.remove()

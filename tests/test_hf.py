@@ -415,6 +415,8 @@ def test_rows_beside_anchors_add_up_and_accumulate(tmp_path: Path, tokenizer: An
         "reference": {"source": "adapter"},
     }
 
+    logged: dict[str, float] = {}
+
     def update(cfg: dict[str, Any] | None, ga: int) -> dict[str, torch.Tensor]:
         model = fresh_model()
         before = trainable_snapshot(model)
@@ -424,9 +426,14 @@ def test_rows_beside_anchors_add_up_and_accumulate(tmp_path: Path, tokenizer: An
         if cfg is not None:
             attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer)
         trainer.train()
+        logged.clear()
+        logged.update(next(e for e in trainer.state.log_history if "loss" in e))
         return {n: before[n] - p for n, p in trainable_snapshot(model).items()}
 
     combined = {ga: update(with_rows, ga) for ga in (1, 2)}
+    # The rows' own term and drift are logged beside the step's total penalty (prefix `str/`).
+    assert logged["str/rows/penalty"] > 0 and "str/rows/drift" in logged
+    assert logged["str/penalty"] > logged["str/rows/penalty"]
     anchor_part, rows_part, plain = update(anchors, 1), update(rows_only, 1), update(None, 1)
     expected = {n: anchor_part[n] + rows_part[n] - plain[n] for n in plain}
     rows_effect = max(float((rows_part[n] - plain[n]).abs().max()) for n in plain)

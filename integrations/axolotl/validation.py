@@ -93,16 +93,26 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
         out.append(
             f"`str.reference.{adapter_field}` is 'adapter' but the config sets no `adapter:` (full "
             "fine-tuning): there are no adapters to disable for the reference. Set `adapter: lora` (or qlora), "
-            "or `str.reference.source: anchors` (reference computed once at attach) or `model` (a frozen copy; "
-            "`str.reference.model_path` defaults to `base_model`)."
+            + (
+                "or `str.reference.source: anchors` (reference computed once at attach) or `model` (a frozen "
+                "copy; `str.reference.model_path` defaults to `base_model`)."
+                if adapter_field == "source"
+                else "or remove `str.reference.rows` (anchors only)."
+            )
         )
     fused = [key for key in _FUSED_CE_KEYS if cfg.get(key)]
     if training_softmax and fused:
         # At anchors the softmax is taken from hidden states at the anchor positions: fused kernels are fine.
         out.append(
             f"`str.penalty.form` is {form!r} but `{fused[0]}: true` never builds the full logits it needs at "
-            f"training positions: use `str.penalty.form: mse` or `hinge` (they project from hidden states), "
-            f"`str.reference.source: anchors` (the softmax at the anchor positions only), or turn `{fused[0]}` off."
+            "training positions: "
+            + (
+                "use `str.penalty.form: mse` or `hinge` (they project from hidden states), "
+                "`str.reference.source: anchors` (the softmax at the anchor positions only), "
+                if config.reference.rows is None
+                else "remove `str.reference.rows` (the rows' gate needs them), "
+            )
+            + f"or turn `{fused[0]}` off."
         )
     if source == "cache" and cfg.get("sample_packing"):
         out.append(
@@ -118,8 +128,13 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
         )
     if adapter_field is not None and (cfg.get("fsdp_config") or cfg.get("fsdp")):
         out.append(
-            f"`str.reference.{adapter_field}` is 'adapter' under FSDP (`fsdp_config`), where PEFT's disable_adapter() is "
-            "known to break (PEFT #1442, #2977): use `str.reference.source: anchors`, `model` or `cache`."
+            f"`str.reference.{adapter_field}` is 'adapter' under FSDP (`fsdp_config`), where PEFT's "
+            "disable_adapter() is known to break (PEFT #1442, #2977): "
+            + (
+                "use `str.reference.source: anchors`, `model` or `cache`."
+                if adapter_field == "source"
+                else "remove `str.reference.rows` (anchors only)."
+            )
         )
     if _zero_stage(cfg.get("deepspeed")) == 3:
         out.append(
