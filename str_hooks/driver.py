@@ -271,7 +271,9 @@ class StepDriver:
             self._coef = self.handle.current_coef()
             for key, value in metrics.items():
                 name = key[len(prefix) :] if key.startswith(prefix) else None
-                if name is not None and (name in ("drift", "abs_drift") or name.startswith("drift/")):
+                if name is not None and (
+                    name in ("drift", "abs_drift", "gated") or name.startswith("drift/")
+                ):
                     self._drift[key] = self._drift.get(key, 0.0) + value
 
 

@@ -293,8 +293,20 @@ class STRHandle:
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
         # Drift is a mean over the places it was summed at: the gated positions for a gated token term.
         drift_places = mask.sum() if term.candidates is not None else count
+        # What a gate let through: a large share on a benign task means the aligned model refuses the task's
+        # own prompts, and the penalty then holds that refusal (results/harmful_mixing/GATE.md).
+        gated = drift_places / count if term.candidates is not None else None
         metrics.record(
-            value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite, drift_places
+            value,
+            pen_sum,
+            n_places,
+            count,
+            guarded.policy,
+            guarded.reference,
+            mask,
+            finite,
+            drift_places,
+            gated,
         )
         return value, finite
 
@@ -321,7 +333,8 @@ class STRHandle:
         for the top-weighted tokens (`drift/_Sorry` for the tokenizer's `ĠSorry`, `drift/Sorry` for `Sorry`;
         `SafetyTokens.readable_names` gives the rules), `coef`,
         `positions`, `skipped`, `step`; with `reference.rows` beside anchors, the rows' term's own `rows/penalty`,
-        `rows/pen_mean`, `rows/positions` (the candidates the gate chose from), `rows/drift`... . Only `coef`, `skipped` and `step` when that call computed no term
+        `rows/pen_mean`, `rows/positions` (the candidates the gate chose from), `rows/drift`... . A gated term
+        also reports `gated` (or `rows/gated`): the share of its candidate positions the gate let through. Only `coef`, `skipped` and `step` when that call computed no term
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""

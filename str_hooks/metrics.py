@@ -56,12 +56,14 @@ class PenaltyMetrics:
         mask: torch.Tensor,
         finite: torch.Tensor,
         drift_places: float | torch.Tensor | None = None,
+        gated: torch.Tensor | None = None,
     ) -> None:
         """Keep a term's metrics as device tensors (no host read); `count_nonfinite` counts the micro-batch.
 
         `policy` and `reference` are the compared values with non-finite entries already replaced, `count`
         the places clamped to at least 1, `finite` a 0-dim bool tensor, `drift_places` what the drift is a
-        mean over (default `count`; the gated positions of a gated term)."""
+        mean over (default `count`; the gated positions of a gated term), `gated` the share of the candidate
+        positions a gate (`penalty.min_reference_mass`) let through."""
         with torch.no_grad():
             # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
             k = self.k
@@ -77,6 +79,8 @@ class PenaltyMetrics:
                 "drift_count": count if drift_places is None else drift_places,
                 "finite": finite,
             }
+            if gated is not None:
+                self._last["gated"] = gated.detach().float()
 
     def count_nonfinite(self, finite: torch.Tensor) -> None:
         """Count one micro-batch when `finite` (a 0-dim bool tensor) is False, on the device."""
@@ -130,6 +134,8 @@ class PenaltyMetrics:
         }
         for i, key in self.ranked_keys[: self.config.logging.top_tokens]:
             out[key] = per_token[i]
+        if "gated" in last:
+            out[f"{prefix}gated"] = last["gated"]
         return out
 
     def floats(self, coef: float, step: int) -> dict[str, float]:

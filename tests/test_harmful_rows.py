@@ -192,6 +192,7 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
     gated, gated_grads, positions = package_term(0.5)
     by_hand, hand_grads = hand_term(harmful_only)
     assert positions == 2  # the normalizer counts the candidates
+    assert metrics["gated"] == 0.5  # the harmful row's opening of the two candidates
     assert abs(gated - by_hand) <= 1e-4 * abs(by_hand) + 1e-7, (gated, by_hand)
     # The drift is a mean over the gated position alone (the harmful row's opening), not over the candidates.
     with torch.no_grad():

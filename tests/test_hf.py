@@ -433,6 +433,7 @@ def test_rows_beside_anchors_add_up_and_accumulate(tmp_path: Path, tokenizer: An
     combined = {ga: update(with_rows, ga) for ga in (1, 2)}
     # The rows' own term and drift are logged beside the step's total penalty (prefix `str/`).
     assert logged["str/rows/penalty"] > 0 and "str/rows/drift" in logged
+    assert 0 < logged["str/rows/gated"] < 1  # the gate between the two middle masses
     assert logged["str/penalty"] > logged["str/rows/penalty"]
     anchor_part, rows_part, plain = update(anchors, 1), update(rows_only, 1), update(None, 1)
     expected = {n: anchor_part[n] + rows_part[n] - plain[n] for n in plain}
