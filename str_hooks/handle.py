@@ -2,51 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import nn
 
-from str_hooks.anchors import AnchorSet
 from str_hooks.device_index import DeviceCopies
 from str_hooks.errors import STRCacheError, STRConfigError, STRError
 from str_hooks.folding import problem_error
 from str_hooks.metrics import PenaltyMetrics
+from str_hooks.parts import Attachment, LossParts
 from str_hooks.penalty import guarded_penalty_sum
-from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
-from str_hooks.schemas.config import STRConfig
 from str_hooks.sites import AnchorSite, SiteTerm, TokenSite
-from str_hooks.tap import ModelTap
 from str_hooks.tokens import SafetyTokens
 from str_hooks.usage import UsageChecks
 
 # Marker set on the causal LM while a handle is attached (not a parameter or buffer: never saved).
 ATTACHED_ATTR = "_str_hooks_handle"
 STATE_VERSION = 1
-
-
-class LossParts(NamedTuple):
-    """`STRHandle.loss_parts()`: the anchors' per-step term and the training rows' term (None where the
-    handle has no such part)."""
-
-    anchors: torch.Tensor | None
-    rows: torch.Tensor | None
-
-
-@dataclass
-class Attachment:
-    """What `register_str_hook` built for a handle: the hooks (`tap`), the tokens, the reference."""
-
-    config: STRConfig
-    tokens: SafetyTokens
-    tap: ModelTap
-    peft_model: nn.Module | None
-    reference: ReferenceSource | None = None
-    anchors: AnchorSet | None = None
-    cache_identity: dict[str, Any] | None = None
-    projection_verified: bool | None = None
 
 
 class STRHandle:
@@ -292,10 +265,13 @@ class STRHandle:
             normalizer = normalizer.to(pen_sum.device)
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
         # Drift is a mean over the places it was summed at: the gated positions for a gated token term.
-        drift_places = mask.sum() if term.candidates is not None else count
-        # What a gate let through: a large share on a benign task means the aligned model refuses the task's
-        # own prompts, and the penalty then holds that refusal (results/harmful_mixing/GATE.md).
-        gated = drift_places / count if term.candidates is not None else None
+        drift_places: float | torch.Tensor = count
+        gated = None
+        if term.candidates is not None:
+            # What a gate let through: a large share on a benign task means the aligned model refuses the
+            # task's own prompts, and the penalty then holds that refusal (results/harmful_mixing/GATE.md).
+            drift_places = mask.sum()
+            gated = drift_places / count
         metrics.record(
             value,
             pen_sum,
