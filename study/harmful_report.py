@@ -103,6 +103,11 @@ def report(
         "`STR anchors b8 (as written)`, those recorded as `STR anchors b2 (as written)` are now `STR as shipped "
         "{}` (the same configuration; `recorded_as` in runs.jsonl keeps the name each ran under).",
         "",
+        '`STR anchors + rows (as written)` is `{"reference": {"rows": "adapter"}}`: `{}`\'s anchors plus the coarse '
+        "KL at the training rows' positions where the adapter-disabled reference puts >= 0.5 on the safety tokens "
+        "(DESIGN section 10). What that gate lets through on each task's rows and each attack's, before any run: "
+        "[GATE.md](GATE.md) (`python -m study gate-check`).",
+        "",
         "## Evaluation sets (none supplies anchors or attack rows)",
         "",
         "| set | prompts | subject refuses | far from anchors and BeaverTails rows | median max Jaccard to anchors | "

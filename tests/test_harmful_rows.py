@@ -42,6 +42,17 @@ def row(prompt: list[int], answer: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def safety_tokens() -> SafetyTokens:
+    """The four stand-in safety tokens, equally weighted."""
+    return SafetyTokens(
+        ids=SAFETY_IDS,
+        strings=[f"<t{i}>" for i in SAFETY_IDS],
+        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
+        scores=[1.0] * len(SAFETY_IDS),
+        method="list",
+    )
+
+
 def safety_mass(model: torch.nn.Module, prompt: list[int]) -> float:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
@@ -79,13 +90,7 @@ def term_and_grads(
     policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[float, dict[str, torch.Tensor], float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(package term, its grads, hand term, its grads, the cross-entropy's grads) on one row."""
-    tokens = SafetyTokens(
-        ids=SAFETY_IDS,
-        strings=[f"<t{i}>" for i in SAFETY_IDS],
-        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
-        scores=[1.0] * len(SAFETY_IDS),
-        method="list",
-    )
+    tokens = safety_tokens()
     config: dict[str, Any] = {
         "coef": 1.0,
         "penalty": {"form": "kl", "positions": "supervised"},
@@ -149,13 +154,7 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
     opening alone, divided by both rows' supervised positions (the candidates, not the gated ones); without
     it the benign row's position counts too. A gate above the harmful row's reference mass leaves no term."""
     policy, reference = build()
-    tokens = SafetyTokens(
-        ids=SAFETY_IDS,
-        strings=[f"<t{i}>" for i in SAFETY_IDS],
-        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
-        scores=[1.0] * len(SAFETY_IDS),
-        method="list",
-    )
+    tokens = safety_tokens()
     batch = pair_batch()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     supervised = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
@@ -215,13 +214,7 @@ def test_a_gated_out_non_finite_position_is_still_reported() -> None:
     """NaN in the policy at the benign row, which the gate leaves out: the step is still reported
     (`STRNonFiniteError` under `on_nonfinite: raise`), as without the gate."""
     policy, reference = build()
-    tokens = SafetyTokens(
-        ids=SAFETY_IDS,
-        strings=[f"<t{i}>" for i in SAFETY_IDS],
-        weights=[1 / len(SAFETY_IDS)] * len(SAFETY_IDS),
-        scores=[1.0] * len(SAFETY_IDS),
-        method="list",
-    )
+    tokens = safety_tokens()
 
     def benign_row_nan(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         if output.shape[0] < 2:  # the attach-time projection check runs one row
