@@ -191,7 +191,7 @@ class STRHandle:
                 "per optimizer step (1 without gradient accumulation)."
             )
         parts = self.loss_parts(num_items_in_batch, labels)
-        term = parts.anchors if parts.anchors is not None else None
+        term = parts.anchors
         if parts.rows is not None:
             rows = parts.rows
             if num_items_in_batch is None and accumulation_steps != 1:
@@ -265,24 +265,10 @@ class STRHandle:
             normalizer = normalizer.to(pen_sum.device)
         value = torch.where(finite, self.current_coef() * pen_sum / normalizer, 0.0)
         # Drift is a mean over the places it was summed at: the gated positions for a gated token term.
-        drift_places: float | torch.Tensor = count
-        gated = None
-        if term.candidates is not None:
-            # What a gate let through: a large share on a benign task means the aligned model refuses the
-            # task's own prompts, and the penalty then holds that refusal (results/harmful_mixing/GATE.md).
-            drift_places = mask.sum()
-            gated = drift_places / count
+        # A gated term's drift is a mean over the gated positions (metrics also report their share).
+        gated_places = mask.sum() if term.candidates is not None else None
         metrics.record(
-            value,
-            pen_sum,
-            n_places,
-            count,
-            guarded.policy,
-            guarded.reference,
-            mask,
-            finite,
-            drift_places,
-            gated,
+            value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite, gated_places
         )
         return value, finite
 
@@ -308,9 +294,10 @@ class STRHandle:
         (penalty per position before coef), `drift` (mean z - r), `abs_drift` (mean |z - r|), `drift/<token>`
         for the top-weighted tokens (`drift/_Sorry` for the tokenizer's `ĠSorry`, `drift/Sorry` for `Sorry`;
         `SafetyTokens.readable_names` gives the rules), `coef`,
-        `positions`, `skipped`, `step`; with `reference.rows` beside anchors, the rows' term's own `rows/penalty`,
-        `rows/pen_mean`, `rows/positions` (the candidates the gate chose from), `rows/drift`... . A gated term
-        also reports `gated` (or `rows/gated`): the share of its candidate positions the gate let through. Only `coef`, `skipped` and `step` when that call computed no term
+        `positions`, `skipped`, `step`; with `reference.rows` beside anchors, the rows' term's own
+        `rows/penalty`, `rows/pen_mean`, `rows/positions` (the candidates the gate chose from), `rows/drift`...
+        A gated term also reports `gated` (or `rows/gated`): the share of its candidate positions the gate let
+        through. Only `coef`, `skipped` and `step` when that call computed no term
         (eval mode, no anchor step due, a skipped non-finite micro-batch). Non-finite micro-batches not yet
         reported are counted in `skipped` here, with a warning (or `STRNonFiniteError` under
         `on_nonfinite: raise`)."""

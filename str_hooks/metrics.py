@@ -55,15 +55,14 @@ class PenaltyMetrics:
         reference: torch.Tensor,
         mask: torch.Tensor,
         finite: torch.Tensor,
-        drift_places: float | torch.Tensor | None = None,
-        gated: torch.Tensor | None = None,
+        gated_places: torch.Tensor | None = None,
     ) -> None:
         """Keep a term's metrics as device tensors (no host read); `count_nonfinite` counts the micro-batch.
 
         `policy` and `reference` are the compared values with non-finite entries already replaced, `count`
-        the places clamped to at least 1, `finite` a 0-dim bool tensor, `drift_places` what the drift is a
-        mean over (default `count`; the gated positions of a gated term), `gated` the share of the candidate
-        positions a gate (`penalty.min_reference_mass`) let through."""
+        the places clamped to at least 1, `finite` a 0-dim bool tensor, `gated_places` the positions a gate
+        (`penalty.min_reference_mass`) let through: the drift is then a mean over them, and their share of
+        the candidates is reported as `gated`."""
         with torch.no_grad():
             # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
             k = self.k
@@ -76,11 +75,11 @@ class PenaltyMetrics:
                 "drift_sum": drift.sum(dim=0),
                 "abs_drift_sum": drift.abs().sum(dim=0),
                 "count": torch.where(finite, n_places, 0) if isinstance(n_places, torch.Tensor) else n_places,
-                "drift_count": count if drift_places is None else drift_places,
+                "drift_count": count if gated_places is None else gated_places,
                 "finite": finite,
             }
-            if gated is not None:
-                self._last["gated"] = gated.detach().float()
+            if gated_places is not None:
+                self._last["gated"] = gated_places.float() / count
 
     def count_nonfinite(self, finite: torch.Tensor) -> None:
         """Count one micro-batch when `finite` (a 0-dim bool tensor) is False, on the device."""
