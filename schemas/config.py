@@ -142,6 +142,19 @@ class STRConfig(Section):
                 "which only sources 'adapter' and 'model' (or `reference.rows`) compute; set source: adapter (or "
                 "model), or reference.rows: adapter, or remove min_reference_mass."
             )
+        forward_at_rows = self.reference.source in ("adapter", "model") or self.reference.rows is not None
+        if self.reference.screen_mass is not None and not forward_at_rows:
+            raise ValueError(
+                f"`reference.screen_mass` is set ({self.reference.screen_mass}) but `reference.source` is "
+                f"{self.reference.source!r} without `reference.rows`: the screen picks the rows a reference forward "
+                "runs on, which only sources 'adapter' and 'model' (or reference.rows) have; remove screen_mass."
+            )
+        if self.reference.screen_mass is not None and self.penalty.form not in ("kl", "logprob"):
+            why = "the screen reads the trained model's safety-token probability, which only forms kl and logprob keep; "
+            raise ValueError(
+                f"`reference.screen_mass` is set ({self.reference.screen_mass}) but `penalty.form` is "
+                f"{self.penalty.form!r}: {why}set form: kl, or remove screen_mass."
+            )
         if (
             self.probe.every > 0
             and self.probe.prompts_path is None

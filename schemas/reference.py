@@ -97,6 +97,26 @@ class ReferenceConfig(Section):
             "rows' like the host's cross-entropy). None: anchors only."
         ),
     )
+    screen_mass: float | None = Field(
+        default=None,
+        description=(
+            "For a reference forward at training rows (sources `adapter`, `model`, or `reference.rows`) with form "
+            "`kl` or `logprob`: run that forward only on the rows where the model being trained still puts at "
+            "least this probability on the safety tokens at one of the penalized positions (the rows it would "
+            "still refuse, which the gate `penalty.min_reference_mass` is after), plus a random `audit_share` of "
+            "the other rows, weighted by 1 / audit_share, so the penalty's expectation is that of the full "
+            "forward (Horvitz-Thompson). Cuts the reference forward to the few rows that can matter; costs one "
+            "host read per micro-batch (the number of rows chosen). None: every row. In (0, 1]."
+        ),
+    )
+    audit_share: float = Field(
+        default=0.125,
+        description=(
+            "For `screen_mass`: the probability that a row the model would not refuse still gets the reference "
+            "forward (and weight 1 / audit_share), which catches rows the model already learned to comply with. "
+            "Larger is closer to the full forward at more cost. In (0, 1]."
+        ),
+    )
     anchor_every: int = Field(
         default=1,
         description=(
@@ -164,6 +184,20 @@ class ReferenceConfig(Section):
                 f"`reference.rows` is {self.rows!r} but `reference.anchor_placement` is "
                 f"{self.anchor_placement!r}: the rows' reference forward re-runs the training batch, which folded "
                 "anchors would be part of; set anchor_placement: separate or remove rows."
+            )
+        if self.screen_mass is not None and not 0 < self.screen_mass <= 1:
+            raise ValueError(
+                f"`reference.screen_mass` must be in (0, 1], got {self.screen_mass}: e.g. 0.05 (a tenth of the "
+                "default gate), or remove it to run the reference on every row."
+            )
+        if not 0 < self.audit_share <= 1:
+            raise ValueError(
+                f"`reference.audit_share` must be in (0, 1], got {self.audit_share}: e.g. 0.125 (one row in eight)."
+            )
+        if self._set_off_default({"audit_share"}) and self.screen_mass is None:
+            raise ValueError(
+                f"`reference.audit_share` is set ({self.audit_share}) but `reference.screen_mass` is not: the audit "
+                "only samples the rows the screen left out; set screen_mass (e.g. 0.05) or remove audit_share."
             )
         if self.anchor_batch_size < 1:
             raise ValueError(f"`reference.anchor_batch_size` must be >= 1, got {self.anchor_batch_size}.")

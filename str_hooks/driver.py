@@ -272,7 +272,7 @@ class StepDriver:
             for key, value in metrics.items():
                 name = key[len(prefix) :] if key.startswith(prefix) else None
                 if name is not None and (
-                    name in ("drift", "abs_drift", "gated") or name.startswith("drift/")
+                    name in ("drift", "abs_drift", "gated", "referenced") or name.startswith("drift/")
                 ):
                     self._drift[key] = self._drift.get(key, 0.0) + value
 

@@ -268,7 +268,16 @@ class STRHandle:
         # A gated term's drift is a mean over the gated positions (metrics also report their share).
         gated_places = mask.sum() if term.candidates is not None else None
         metrics.record(
-            value, pen_sum, n_places, count, guarded.policy, guarded.reference, mask, finite, gated_places
+            value,
+            pen_sum,
+            n_places,
+            count,
+            guarded.policy,
+            guarded.reference,
+            mask,
+            finite,
+            gated_places,
+            referenced=term.referenced,
         )
         return value, finite
 

@@ -56,13 +56,15 @@ class PenaltyMetrics:
         mask: torch.Tensor,
         finite: torch.Tensor,
         gated_places: torch.Tensor | None = None,
+        referenced: torch.Tensor | None = None,
     ) -> None:
         """Keep a term's metrics as device tensors (no host read); `count_nonfinite` counts the micro-batch.
 
         `policy` and `reference` are the compared values with non-finite entries already replaced, `count`
         the places clamped to at least 1, `finite` a 0-dim bool tensor, `gated_places` the positions a gate
         (`penalty.min_reference_mass`) let through: the drift is then a mean over them, and their share of
-        the candidates is reported as `gated`."""
+        the candidates is reported as `gated`; `referenced` is the share of rows a screened reference forward
+        ran on (`reference.screen_mass`)."""
         with torch.no_grad():
             # Per safety token: logits or log-probs (for `kl` the last column, the rest bucket, is left out).
             k = self.k
@@ -80,6 +82,8 @@ class PenaltyMetrics:
             }
             if gated_places is not None:
                 self._last["gated"] = gated_places.float() / count
+            if referenced is not None:
+                self._last["referenced"] = referenced.detach()
 
     def count_nonfinite(self, finite: torch.Tensor) -> None:
         """Count one micro-batch when `finite` (a 0-dim bool tensor) is False, on the device."""
@@ -133,8 +137,9 @@ class PenaltyMetrics:
         }
         for i, key in self.ranked_keys[: self.config.logging.top_tokens]:
             out[key] = per_token[i]
-        if "gated" in last:
-            out[f"{prefix}gated"] = last["gated"]
+        for name in ("gated", "referenced"):
+            if name in last:
+                out[f"{prefix}{name}"] = last[name]
         return out
 
     def floats(self, coef: float, step: int) -> dict[str, float]:

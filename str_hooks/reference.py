@@ -21,13 +21,14 @@ from str_hooks.cache import ReferenceCache
 from str_hooks.errors import STRAttachError, STRCacheError
 from str_hooks.optional import require
 from str_hooks.penalty import form_values
+from str_hooks.screen import select_rows
 from str_hooks.tap import ModelTap, Sink, eval_mode
 
 
 class ReferenceSource(Protocol):
     name: str
 
-    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor: ...
+    def logits(self, sink: Sink, coarse: str | None, rows: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def missing(self) -> int: ...
 
@@ -51,12 +52,15 @@ class _ForwardReference:
     def _context(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor:
+    def logits(self, sink: Sink, coarse: str | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row's values [B, T, C], or with `rows` ([n] indices) those rows' only, [n, T, C]."""
         args, kwargs = self.tap.forward_inputs(sink, full_logits=coarse is not None)
+        assert sink.safety_logits is not None  # the site checked it
+        if rows is not None:
+            args, kwargs = select_rows(args, kwargs, rows, sink.safety_logits.shape[0])
         device = self.tap.device()
         args = tuple(_move(a, device) for a in args)
         kwargs = {k: _move(v, device) for k, v in kwargs.items()}
-        assert sink.safety_logits is not None  # the site checked it
         width = sink.safety_logits.shape[1]
         with self._context(), torch.no_grad(), eval_mode(self.tap.causal_lm):
             ref = self.tap.run(*args, **kwargs)
@@ -127,7 +131,12 @@ class CacheReference:
         if device is not None:
             cache.device_index(device)  # copied to the training device at attach, not at the first step
 
-    def logits(self, sink: Sink, coarse: str | None) -> torch.Tensor:
+    def logits(self, sink: Sink, coarse: str | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            # The config refuses `screen_mass` with source cache: a lookup costs nothing to screen.
+            raise STRCacheError(
+                "the reference cache looks up whole batches; `reference.screen_mass` does not apply."
+            )
         input_ids = sink.input_ids()
         if input_ids is None:
             raise STRCacheError(

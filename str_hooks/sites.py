@@ -23,6 +23,7 @@ from str_hooks.projection import HeadRows
 from str_hooks.reference import ReferenceSource
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
+from str_hooks.screen import RowScreen
 from str_hooks.tap import ModelTap, Sink
 
 
@@ -39,6 +40,8 @@ class SiteTerm(NamedTuple):
     # The positions checked for NaN/inf when a gate (`penalty.min_reference_mass`) left some out of `mask`:
     # a non-finite policy must not go unreported because the reference gated its positions away.
     candidates: torch.Tensor | None = None
+    # With `reference.screen_mass`: the share of the batch's rows the reference forward ran on (0-dim).
+    referenced: torch.Tensor | None = None
 
 
 class TokenSite:
@@ -48,6 +51,13 @@ class TokenSite:
         self.config = config
         self.reference = reference
         self.rows = rows  # the safety ids, copied to each device once (`HeadRows.ids_on`)
+        screen_mass = config.reference.screen_mass
+        self.screen = (
+            # Seeded from the run's seed (read, not drawn: the run's random streams stay as they were).
+            RowScreen(screen_mass, config.reference.audit_share, seed=torch.initial_seed())
+            if screen_mass is not None
+            else None
+        )
 
     def term(self, sink: Sink, labels: torch.Tensor | None) -> SiteTerm | None:
         if sink.safety_logits is None:
@@ -81,6 +91,8 @@ class TokenSite:
             policy = form_values(sink.logits, self.rows.ids_on(sink.logits.device), form, low_memory=True)
         else:
             policy = sink.safety_logits
+        if self.screen is not None:
+            return self._screened(sink, policy, positions, coarse)
         reference = self.reference.logits(sink, coarse).to(policy.device)
         found = getattr(self.reference, "found", None)
         if isinstance(found, torch.Tensor):
@@ -94,6 +106,36 @@ class TokenSite:
         k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
         gated = positions & (reference_safety_mass(reference, k) >= gate)
         return SiteTerm(policy, reference, positions.sum(), mask=gated, candidates=positions)
+
+    def _screened(
+        self, sink: Sink, policy: torch.Tensor, positions: torch.Tensor, coarse: str | None
+    ) -> SiteTerm:
+        """The term with the reference forward on the rows `RowScreen` picks, each weighted by 1 / its
+        inclusion probability; a row left out compares its policy with itself (no penalty, but a NaN in it
+        is still reported, as `candidates`)."""
+        assert self.screen is not None and coarse is not None  # the config requires a coarse form
+        k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
+        chosen = self.screen.select(policy, positions, k)
+        reference = policy.detach().float().clone()
+        if chosen.rows.numel():
+            rows = chosen.rows.to(policy.device)
+            values = self.reference.logits(sink, coarse, rows).to(policy.device, reference.dtype)
+            reference = reference.index_copy(0, rows, values)
+        penalized = positions & chosen.selected.to(positions.device).unsqueeze(1)
+        gate = self.config.penalty.min_reference_mass
+        if gate is not None:
+            penalized = penalized & (reference_safety_mass(reference, k) >= gate)
+        weights = chosen.weights.to(policy.device).unsqueeze(1)
+        referenced = chosen.selected.float().mean()
+        return SiteTerm(
+            policy,
+            reference,
+            positions.sum(),
+            weights,
+            penalized,
+            candidates=positions,
+            referenced=referenced,
+        )
 
 
 class AnchorSite:

@@ -99,6 +99,11 @@ PROTOCOL_PLAN: list[Block] = [
     Block("agnews", 0.10, (SHIPPED, BASELINE), attack="advbench"),
     Block("agnews", 0.10, (ANCHORS_AND_ROWS,)),
     Block("agnews", 0.10, PAIR),
+    # The competing hypotheses where `{}` failed (AG News, second attack): stronger anchors alone (x1.2's cost,
+    # not the rows' x1.8), and the issue's side-by-side methods; then p = 0 on AG News (the accuracy target).
+    Block("agnews", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
+    Block("agnews", 0.0, PAIR),
+    Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
     Block("sst2", 0.10, (PREVIOUS_DEFAULT, STRONGER_ANCHORS), attack="advbench"),
     Block("sst2", 0.10, (STRONGER_ANCHORS,)),
     Block("sst2", 0.10, ("STR adapter kl c10 (as written)",), attack="advbench"),

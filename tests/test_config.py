@@ -107,6 +107,8 @@ def test_defaults() -> None:
         "anchors_column": None,
         "anchor_batch_size": 2,
         "rows": None,
+        "screen_mass": None,
+        "audit_share": 0.125,
         "anchor_every": 1,
         "anchor_placement": "separate",
         "fold_into_padding": "auto",
@@ -282,6 +284,47 @@ def test_min_reference_mass_is_accepted_where_it_applies() -> None:
         {"penalty": {"form": "kl", "min_reference_mass": 0.5}, "reference": {"source": "model"}}
     )
     assert cfg.penalty.min_reference_mass == 0.5
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"reference": {"rows": "adapter", "screen_mass": 0.0}},
+            r"`reference\.screen_mass` must be in \(0, 1\], got 0\.0",
+        ),
+        (
+            {"reference": {"rows": "adapter", "screen_mass": 0.05, "audit_share": 1.5}},
+            r"`reference\.audit_share` must be in \(0, 1\], got 1\.5",
+        ),
+        (
+            {"reference": {"rows": "adapter", "audit_share": 0.5}},
+            r"`reference\.audit_share` is set \(0\.5\) but `reference\.screen_mass` is not.*set screen_mass",
+        ),
+        (
+            {"reference": {"screen_mass": 0.05}},
+            r"`reference\.screen_mass` is set \(0\.05\) but `reference\.source` is 'anchors' without "
+            r"`reference\.rows`",
+        ),
+        (
+            {"reference": {"source": "adapter", "screen_mass": 0.05}},
+            r"`reference\.screen_mass` is set \(0\.05\) but `penalty\.form` is 'mse'.*set form: kl",
+        ),
+    ],
+)
+def test_screen_settings_are_checked(settings: dict[str, Any], message: str) -> None:
+    config_error(settings, message)
+
+
+def test_screen_is_accepted_where_it_applies() -> None:
+    cfg = STRConfig.model_validate(
+        {"reference": {"rows": "adapter", "screen_mass": 0.05, "audit_share": 0.25}}
+    )
+    assert (cfg.reference.screen_mass, cfg.reference.audit_share) == (0.05, 0.25)
+    # A dump (every field, defaults included) loads back to the same config.
+    assert STRConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    plain = STRConfig.model_validate({"reference": {"source": "adapter"}})
+    assert STRConfig.model_validate_json(plain.model_dump_json()) == plain
 
 
 def test_cache_source_without_cache_path() -> None:

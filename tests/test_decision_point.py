@@ -286,13 +286,15 @@ def test_default_benign_anchors_are_not_xstest_prompts() -> None:
     assert not ours & xstest
 
 
+@pytest.mark.parametrize("screened", [False, True], ids=["every-row", "screened"])
 def test_rows_beside_anchors_add_the_gated_training_position_kl(
-    tmp_path: Path, tokenizer: Any, tokens: Any
+    tmp_path: Path, tokenizer: Any, tokens: Any, screened: bool
 ) -> None:
     """`reference.rows: adapter`: the handle's term is the anchors' term (as alone) plus the coarse KL at the
     batch's supervised positions where the adapter-disabled reference's safety mass is >= the gate, over the
     supervised positions (the micro-batch mean without a normalizer); values and gradients against the hand
-    computation, and each part against `loss_parts`."""
+    computation, and each part against `loss_parts`. Screened (`reference.screen_mass`, no audit), only the
+    rows where the trained model's own safety mass reaches the screen at some supervised position count."""
     model = make_lora(make_model("llama"))
     batch = make_batch(tokenizer, n=3, seed=7)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -308,8 +310,25 @@ def test_rows_beside_anchors_add_the_gated_training_position_kl(
     gate = float(ordered[middle - 1] + ordered[middle]) / 2
     gated = supervised & (mass >= gate)
     assert 0 < int(gated.sum()) < int(supervised.sum())
+    screen: dict[str, float] = {}
+    if screened:
+        with torch.no_grad():
+            policy_logits = model(**inputs).logits.float()
+        row_mass = torch.where(supervised, torch.softmax(policy_logits, -1)[..., tokens.ids].sum(-1), 0).amax(
+            1
+        )
+        # Between the rows' two highest masses: the screen keeps one or two rows, and one of them gated.
+        ranked = row_mass.sort(descending=True).values
+        screen = {"screen_mass": float(ranked[0] + ranked[1]) / 2, "audit_share": 1e-9}
+        kept = gated & (row_mass >= screen["screen_mass"]).unsqueeze(1)
+        if not 0 < int(kept.sum()) < int(gated.sum()):
+            screen["screen_mass"] = float(ranked[1] + ranked[2]) / 2
+            kept = gated & (row_mass >= screen["screen_mass"]).unsqueeze(1)
+        assert 0 < int(kept.sum()) < int(gated.sum())  # the screen changes the term: the check is not vacuous
+        gated = kept
+        referenced = float((row_mass >= screen["screen_mass"]).float().mean())
 
-    cfg = anchor_cfg(tmp_path, "kl", "separate", rows="adapter")
+    cfg = anchor_cfg(tmp_path, "kl", "separate", rows="adapter", **screen)
     cfg["penalty"]["min_reference_mass"] = gate
     with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
         out = model(**batch)
@@ -320,6 +339,8 @@ def test_rows_beside_anchors_add_the_gated_training_position_kl(
         metrics = handle.metrics()
     assert metrics["rows/positions"] == int(supervised.sum())
     assert {"penalty", "rows/penalty", "drift", "rows/drift"} <= set(metrics)
+    if screened:
+        assert metrics["rows/referenced"] == pytest.approx(referenced)  # the reference ran on those rows only
 
     plain = model(**batch)
     anchors = COEF * anchor_penalty_by_hand(model, tokenizer, tokens, "kl", {})

@@ -25,7 +25,8 @@ from helpers.factory import make_model
 from helpers.losses import assert_grads_close, grads, penalty_by_hand
 
 from str_hooks import SafetyTokens, register_str_hook
-from str_hooks.errors import STRNonFiniteError
+from str_hooks.errors import STRError, STRNonFiniteError
+from str_hooks.screen import select_rows
 
 SAFETY_IDS = [40, 41, 42, 43]  # stand-ins for "Sorry", "cannot", "I", "As"
 COMPLY_ID = 50  # the harmful row's compliant opening ("Sure")
@@ -235,3 +236,115 @@ def test_a_gated_out_non_finite_position_is_still_reported() -> None:
                 handle.check_step()
     finally:
         hook.remove()
+
+
+def screened_term(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    reference_settings: dict[str, Any],
+    calls: int = 1,
+) -> tuple[list[float], dict[str, torch.Tensor], list[int], dict[str, float]]:
+    """(the gated term of each of `calls` loss calls on `batch`, the first call's grads, the rows every reference
+    forward ran on, the first call's metrics) with source `model`, gate 0.5 and `reference_settings`."""
+    config = {
+        "coef": 1.0,
+        "penalty": {"form": "kl", "min_reference_mass": 0.5},
+        "reference": {"source": "model", **reference_settings},
+    }
+    seen_rows: list[int] = []
+    counter = reference.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_rows.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    values: list[float] = []
+    first_grads: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    policy.train()
+    try:
+        with register_str_hook(policy, config, tokens=safety_tokens(), reference_model=reference) as handle:
+            seen_rows.clear()  # the attach-time checks
+            for call in range(calls):
+                policy(**batch)
+                term = handle.loss()
+                if call == 0:
+                    term.backward()
+                    first_grads = grads(policy)
+                    metrics = handle.metrics()
+                values.append(float(term.detach()))
+    finally:
+        counter.remove()
+    return values, first_grads, seen_rows, metrics
+
+
+def test_the_screen_runs_the_reference_only_on_rows_the_model_still_refuses() -> None:
+    """`reference.screen_mass`: the reference forward runs on the harmful row alone (the policy still puts
+    mass on the safety tokens there, ~0 at the benign row), and the term equals the full forward's gated term,
+    value and gradients (the benign row would have added nothing). Audited at share 1, every row runs and the
+    term is again the same."""
+    policy, reference = build()
+    batch = pair_batch()
+    harmful_mass = safety_mass(policy, HARMFUL_PROMPT)
+    benign_mass = safety_mass(policy, BENIGN_PROMPT)
+    assert benign_mass < 1e-3 and harmful_mass > 100 * benign_mass  # the construction
+    screen = harmful_mass / 10
+
+    (full,), full_grads, full_rows, _ = screened_term(policy, reference, batch, {})
+    (cut,), cut_grads, cut_rows, metrics = screened_term(
+        policy, reference, batch, {"screen_mass": screen, "audit_share": 1e-9}
+    )
+    assert full_rows == [2] and cut_rows == [1]  # one reference row instead of two
+    assert metrics["referenced"] == 0.5 and metrics["positions"] == 2
+    assert full > 0.05
+    assert cut == pytest.approx(full, rel=1e-5)
+    assert_grads_close(cut_grads, full_grads, rtol=1e-5, atol=1e-9, what="screened vs full")
+
+    (audited,), audited_grads, audited_rows, metrics = screened_term(
+        policy, reference, batch, {"screen_mass": screen, "audit_share": 1.0}
+    )
+    assert audited_rows == [2] and metrics["referenced"] == 1.0
+    assert audited == pytest.approx(full, rel=1e-5)
+    assert_grads_close(audited_grads, full_grads, rtol=1e-5, atol=1e-9, what="audited vs full")
+
+
+def test_audited_rows_are_weighted_so_the_expected_term_is_the_full_one() -> None:
+    """A harmful row the policy no longer refuses (screen above its mass) is found only by the audit: each call
+    is the full term / q when the seeded draw audits it, else 0 (the hand replay of the draws), so the mean over
+    calls tends to the full term (Horvitz-Thompson)."""
+    policy, reference = build()
+    batch = pair_batch()
+    q, calls, seed = 0.5, 200, 1234
+    (full,), _, _, _ = screened_term(policy, reference, batch, {})
+    torch.manual_seed(seed)
+    values, _, _, _ = screened_term(
+        policy, reference, batch, {"screen_mass": 1.0, "audit_share": q}, calls=calls
+    )
+    replay = torch.Generator().manual_seed(seed)
+    expected = []
+    for _ in range(calls):
+        harmful_draw, _benign_draw = torch.rand(2, generator=replay).tolist()
+        expected.append(full / q if harmful_draw < q else 0.0)
+    assert values == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    audited = sum(value > 0 for value in values)
+    assert 0 < audited < calls  # both outcomes occur: the replay is not vacuous
+    # The mean over 200 calls: within 4 standard errors of the full term (binomial, q = 0.5).
+    standard_error = full / q * (q * (1 - q) / calls) ** 0.5
+    assert abs(sum(values) / calls - full) < 4 * standard_error
+
+
+def test_select_rows_refuses_an_input_it_cannot_split_by_row() -> None:
+    """Known per-row inputs are split, a [1, T] one broadcasts, a shared one passes; anything else is an error
+    naming the input and the option that avoids the split (never a silent mis-split)."""
+    ids = torch.arange(12).reshape(3, 4)
+    rows = torch.tensor([0, 2])
+    args, kwargs = select_rows(
+        (ids,),
+        {"attention_mask": ids > 0, "position_ids": torch.arange(4)[None], "cache_position": torch.arange(4)},
+        rows,
+        3,
+    )
+    assert torch.equal(args[0], ids[[0, 2]]) and torch.equal(kwargs["attention_mask"], (ids > 0)[[0, 2]])
+    assert kwargs["position_ids"].shape == (1, 4) and kwargs["cache_position"].shape == (4,)
+    with pytest.raises(
+        STRError, match=r"forward input 'pixel_values' \(shape \(3, 2\)\).*remove `reference\.screen_mass`"
+    ):
+        select_rows((), {"pixel_values": torch.zeros(3, 2)}, rows, 3)

@@ -34,6 +34,7 @@ SETTINGS = {
     "model": {"reference": {"source": "model"}},
     "cache": {"reference": {"source": "cache"}},
     "anchors-separate": {"reference": {"source": "anchors", "anchor_batch_size": 3}},
+    "anchors-rows": {"reference": {"source": "anchors", "anchor_batch_size": 3, "rows": "adapter"}},
     # Folded without reading the batch on the host (`auto` does so on accelerators; on CPU it reads).
     "anchors-folded": {
         "reference": {
@@ -77,7 +78,13 @@ def build(
 
 # Every setting with mse and kl (the schema refuses kl with a cache: tested in test_config).
 @pytest.mark.parametrize(
-    ("setting", "form"), [(s, f) for s in SETTINGS for f in ("mse", "kl") if (s, f) != ("cache", "kl")]
+    ("setting", "form"),
+    [
+        (s, f)
+        for s in SETTINGS
+        for f in ("mse", "kl")
+        if (s, f) not in (("cache", "kl"), ("anchors-rows", "mse"))
+    ],
 )
 def test_loss_and_driver_never_synchronize(
     setting: str, form: str, tmp_path: Path, tokenizer: Any, tokens: Any
@@ -208,3 +215,17 @@ def test_device_keys_ignore_padding_and_lookups_match_the_host(
     torch.testing.assert_close(on_device, cache.lookup(batch["input_ids"], batch["attention_mask"]))
     assert bool(found.all())
     assert index.read_missing() == 0
+
+
+def test_the_row_screen_reads_one_count_per_micro_batch(tmp_path: Path, tokenizer: Any, tokens: Any) -> None:
+    """`reference.screen_mass` is the documented exception (docs/host_sync.md): choosing the rows the reference
+    forward runs on reads how many there are. The same setting without the screen never synchronizes (above)."""
+    model, cfg, _ = build("anchors-rows", "kl", tmp_path, tokenizer, tokens)
+    cfg["reference"]["screen_mass"] = 0.05
+    from helpers.hf import PadCollator
+
+    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer)[:3])
+    with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+        model(**batch)
+        with pytest.raises(HostSyncError, match="nonzero"), no_host_sync():
+            handle.loss()
