@@ -6,6 +6,7 @@
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
+                              [--cost-task agnews] [--attack advbench]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=16, help="step-cost: optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="step-cost: round-robin rounds")
     parser.add_argument("--methods", nargs="+", default=None, help="step-cost: methods (plain SFT first)")
+    parser.add_argument("--cost-task", default="sst2", help="step-cost: the task (sst2, agnews, gsm8k)")
+    parser.add_argument("--attack", default="beavertails", help="step-cost: the attack rows (or advbench)")
     args = parser.parse_args(argv)
     if args.command == "gate-check":
         from .gate_check import run_gate_check
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.steps,
                 args.repeats,
                 argv if argv is not None else sys.argv[1:],
+                task=args.cost_task,
+                attack=args.attack,
             ).read_text()
         )
         return

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.methods import ANCHORS_AND_ROWS, STRONGER_ANCHORS
+from study.methods import ANCHORS_AND_ROWS, SCREENED_ROWS, STRONGER_ANCHORS
 
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
@@ -102,6 +102,10 @@ PROTOCOL_PLAN: list[Block] = [
     # The competing hypotheses where `{}` failed (AG News, second attack): stronger anchors alone (x1.2's cost,
     # not the rows' x1.8), and the issue's side-by-side methods; then p = 0 on AG News (the accuracy target).
     Block("agnews", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
+    # Anchors + rows with the reference forward screened to the rows the trained model still refuses
+    # (`reference.screen_mass`): the rows' protection at a fraction of its x1.77 cost?
+    Block("agnews", 0.10, (SCREENED_ROWS,), attack="advbench"),
+    Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("agnews", 0.0, PAIR),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
     Block("sst2", 0.10, (PREVIOUS_DEFAULT, STRONGER_ANCHORS), attack="advbench"),

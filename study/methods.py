@@ -53,6 +53,7 @@ class Method:
 GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
 ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
 STRONGER_ANCHORS = "STR anchors c30 (as written)"
+SCREENED_ROWS = "STR anchors + rows screened (as written)"
 
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
@@ -235,6 +236,11 @@ METHODS = {
         # The default's anchors plus the same gate on the training rows (`reference.rows`: the anchors hold
         # prompts absent from the data, the rows hold the ones the data attacks).
         Method(ANCHORS_AND_ROWS, "str", {"reference": {"rows": "adapter"}}, as_shipped=True),
+        # The same with the reference forward screened to the rows the trained model still refuses (a tenth of
+        # the gate) plus an audit of one other row in eight, weighted so the penalty's expectation is unchanged.
+        Method(
+            SCREENED_ROWS, "str", {"reference": {"rows": "adapter", "screen_mass": 0.05}}, as_shipped=True
+        ),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",

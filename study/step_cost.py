@@ -1,8 +1,10 @@
 """Step time of candidate settings on the real subject at the harmful-mixing study's shape, train-only.
 
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
+                              [--cost-task sst2|agnews|gsm8k] [--attack beavertails|advbench]
 
-Each method trains `--steps` optimizer steps of the SST-2 p = 10 % block (the same rows, in the same order,
+Each method trains `--steps` optimizer steps of the task's p = 10 % block (SST-2 with BeaverTails rows unless
+told otherwise; the same rows, in the same order,
 for every method: seed 0), with nothing evaluated, in one process; methods run round-robin, `--repeats`
 rounds, the order reversed every other round. A method's step time is the median over its timed steps
 (the first 3 of each run are warm-up); the ratio divides it by plain SFT's. Appends to step_cost.jsonl and
@@ -41,7 +43,14 @@ WARMUP_STEPS = 3
 
 
 def run_step_cost(
-    out: Path, subject_dir: Path, methods: list[str], steps: int, repeats: int, argv: list[str] | None
+    out: Path,
+    subject_dir: Path,
+    methods: list[str],
+    steps: int,
+    repeats: int,
+    argv: list[str] | None,
+    task: str = "sst2",
+    attack: str = "beavertails",
 ) -> Path:
     from .subject import subject_data
 
@@ -51,7 +60,7 @@ def run_step_cost(
     if methods[0] != BASELINE:
         methods = [BASELINE, *[m for m in methods if m != BASELINE]]
     out.mkdir(parents=True, exist_ok=True)
-    block = Block("sst2", 0.10, tuple(methods))
+    block = Block(task, 0.10, tuple(methods), attack=attack)
     sources = build_sources()
     train, test, _ = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
     data = subject_data("shared").study
@@ -77,6 +86,8 @@ def run_step_cost(
         times[method] += result["step_times_s"][WARMUP_STEPS:]
         shares[method] = result["anchor_token_share"]
     record = {
+        "task": task,
+        "attack": attack,
         "steps": steps,
         "repeats": repeats,
         "medians_s": {m: statistics.median(t) for m, t in times.items()},
@@ -98,7 +109,8 @@ def write_step_cost_report(out: Path) -> Path:
     lines = [
         "# Step cost of candidate settings (harmful-mixing study shape)",
         "",
-        "SST-2 p = 10 %, LoRA r16, batch 8, the real subject, train-only (nothing evaluated), one process,",
+        "p = 10 % (SST-2 with BeaverTails rows where a record names no task), LoRA r16, batch 8, the real",
+        "subject, train-only (nothing evaluated), one process,",
         f"methods round-robin; median over each method's timed steps (the first {WARMUP_STEPS} of a run are",
         "warm-up); ratio = the method's median / plain SFT's in the same record.",
     ]
@@ -106,8 +118,8 @@ def write_step_cost_report(out: Path) -> Path:
         base = r["medians_s"][BASELINE]
         lines += [
             "",
-            f"## Record {i + 1}: {r['steps']} steps x {r['repeats']} rounds, {r['wall_seconds']:.0f} s wall, "
-            f"load after {r['load_average_after']:.2f}",
+            f"## Record {i + 1}: {r.get('task', 'sst2')} with {r.get('attack', 'beavertails')} rows, {r['steps']} "
+            f"steps x {r['repeats']} rounds, {r['wall_seconds']:.0f} s wall, load after {r['load_average_after']:.2f}",
             "",
             f"`{r['command']}`; torch {r['torch']}, {r['torch_threads']} threads, {r['machine']}.",
             "",
