@@ -107,6 +107,7 @@ class STRHandle:
                 "rebuild it over this training set with `str-hooks cache`."
             )
         self._metrics.account_nonfinite(nonfinite)
+        self._usage.check_refused_rows()
         return nonfinite
 
     def step(self) -> None:
@@ -226,6 +227,8 @@ class STRHandle:
             if term is not None:
                 rows, rows_finite = self._finish(term, num_items_in_batch, metrics)
                 finite.append(rows_finite)
+                if self.config.penalty.min_reference_mass is not None and term.mask is not None:
+                    self._usage.count_refused_rows(term.mask)
         if self.anchor_site is not None:
             term = self.anchor_site.term(sink)
             anchors = torch.zeros((), device=device)

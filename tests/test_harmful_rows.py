@@ -348,3 +348,39 @@ def test_select_rows_refuses_an_input_it_cannot_split_by_row() -> None:
         STRError, match=r"forward input 'pixel_values' \(shape \(3, 2\)\).*remove `reference\.screen_mass`"
     ):
         select_rows((), {"pixel_values": torch.zeros(3, 2)}, rows, 3)
+
+
+@pytest.mark.parametrize(("harmful_rows", "warns"), [(2, True), (1, False)])
+def test_a_gate_that_passes_most_rows_warns_once_after_the_first_steps(
+    harmful_rows: int, warns: bool
+) -> None:
+    """Harmful rows are a minority of a user's data: when the gate lets through half the rows or more over the
+    first optimizer steps, the aligned model refuses the task itself, and the user is told so once (with the
+    counts and the fix). One harmful row in three stays silent."""
+    import warnings
+
+    from str_hooks.usage import REFUSED_ROWS_STEPS
+
+    policy, reference = build()
+    rows = [row(HARMFUL_PROMPT, COMPLY_ID)] * harmful_rows + [row(BENIGN_PROMPT, BENIGN_ANSWER_ID)] * (
+        3 - harmful_rows
+    )
+    batch = {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
+    config = {"penalty": {"form": "kl", "min_reference_mass": 0.5}, "reference": {"source": "model"}}
+    policy.train()
+    with register_str_hook(policy, config, tokens=safety_tokens(), reference_model=reference) as handle:
+        for step in range(REFUSED_ROWS_STEPS + 2):
+            policy(**batch)
+            handle.loss()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handle.check_step()
+                handle.step()
+            said = [str(w.message) for w in caught if "would refuse" in str(w.message)]
+            if warns and step == REFUSED_ROWS_STEPS - 1:
+                assert len(said) == 1, said
+                total = 3 * REFUSED_ROWS_STEPS
+                assert f"refuse {harmful_rows * REFUSED_ROWS_STEPS} of the {total} training rows" in said[0]
+                assert "remove `reference.rows`" in said[0]
+            else:
+                assert not said, (step, said)
