@@ -102,14 +102,21 @@ PROTOCOL_PLAN: list[Block] = [
     # The competing hypotheses where `{}` failed (AG News, second attack): stronger anchors alone (x1.2's cost,
     # not the rows' x1.8), and the issue's side-by-side methods; then p = 0 on AG News (the accuracy target).
     Block("agnews", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
+    # It held there (101 %, 99 % of held-out AdvBench, accuracy +4.5 vs plain) at `{}`'s compute: that block is
+    # where it was found, so it is judged on the others, SST-2 first (both attacks, p = 0 for the accuracy
+    # target, p = 20 %, three seeds at p = 10 %).
+    Block("sst2", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
+    Block("sst2", 0.10, (STRONGER_ANCHORS,)),
+    Block("sst2", 0.0, (STRONGER_ANCHORS,)),
     # Anchors + rows with the reference forward screened to the rows the trained model still refuses
     # (`reference.screen_mass`): the rows' protection at a fraction of its x1.77 cost?
     Block("agnews", 0.10, (SCREENED_ROWS,), attack="advbench"),
+    Block("sst2", 0.20, (STRONGER_ANCHORS,)),
+    Block("sst2", 0.10, (STRONGER_ANCHORS,), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("agnews", 0.0, PAIR),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
-    Block("sst2", 0.10, (PREVIOUS_DEFAULT, STRONGER_ANCHORS), attack="advbench"),
-    Block("sst2", 0.10, (STRONGER_ANCHORS,)),
+    Block("sst2", 0.10, (PREVIOUS_DEFAULT,), attack="advbench"),
     Block("sst2", 0.10, ("STR adapter kl c10 (as written)",), attack="advbench"),
     Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
     Block("agnews", 0.10, (PREVIOUS_DEFAULT,)),
