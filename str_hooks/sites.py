@@ -88,11 +88,11 @@ class TokenSite:
                     "but it returned none (a fused loss kernel, or logits_to_keep): use form 'mse' or 'hinge', or "
                     "source 'anchors' (which takes the softmax at the anchors' positions only)."
                 )
+            if self.screen is not None:
+                return self._screened(sink, sink.logits, positions, coarse)
             policy = form_values(sink.logits, self.rows.ids_on(sink.logits.device), form, low_memory=True)
         else:
             policy = sink.safety_logits
-        if self.screen is not None:
-            return self._screened(sink, policy, positions, coarse)
         reference = self.reference.logits(sink, coarse).to(policy.device)
         found = getattr(self.reference, "found", None)
         if isinstance(found, torch.Tensor):
@@ -107,25 +107,30 @@ class TokenSite:
         gated = positions & (reference_safety_mass(reference, k) >= gate)
         return SiteTerm(policy, reference, positions.sum(), mask=gated, candidates=positions)
 
-    def _screened(
-        self, sink: Sink, policy: torch.Tensor, positions: torch.Tensor, coarse: str | None
-    ) -> SiteTerm:
+    def _screened(self, sink: Sink, logits: torch.Tensor, positions: torch.Tensor, coarse: str) -> SiteTerm:
         """The term with the reference forward on the rows `RowScreen` picks, each weighted by 1 / its
-        inclusion probability; a row left out compares its policy with itself (no penalty, but a NaN in it
-        is still reported, as `candidates`)."""
-        assert self.screen is not None and coarse is not None  # the config requires a coarse form
-        k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
-        chosen = self.screen.select(policy, positions, k)
-        reference = policy.detach().float().clone()
+        inclusion probability. The screen already reads the host, so the trained model's values are built
+        with gradient at the penalized positions only (a few rows' openings, not a backward through the
+        whole [B, T, V] softmax); elsewhere they are detached, and a row left out compares them with
+        themselves (no penalty, but a NaN in them is still reported, as `candidates`)."""
+        assert self.screen is not None  # the caller checked it
+        ids = self.rows.ids_on(logits.device)
+        with torch.no_grad():
+            values = form_values(logits, ids, coarse, low_memory=True)
+        k = values.shape[-1] - 1 if coarse == "kl" else values.shape[-1]
+        chosen = self.screen.select(values, positions, k)
+        reference = values.clone()
         if chosen.rows.numel():
-            rows = chosen.rows.to(policy.device)
-            values = self.reference.logits(sink, coarse, rows).to(policy.device, reference.dtype)
-            reference = reference.index_copy(0, rows, values)
+            rows = chosen.rows.to(values.device)
+            found = self.reference.logits(sink, coarse, rows).to(values.device, reference.dtype)
+            reference = reference.index_copy(0, rows, found)
         penalized = positions & chosen.selected.to(positions.device).unsqueeze(1)
         gate = self.config.penalty.min_reference_mass
         if gate is not None:
             penalized = penalized & (reference_safety_mass(reference, k) >= gate)
-        weights = chosen.weights.to(policy.device).unsqueeze(1)
+        where = penalized.nonzero(as_tuple=True)  # a second host read, of the few penalized positions
+        policy = values.index_put(where, form_values(logits[where], ids, coarse, low_memory=True))
+        weights = chosen.weights.to(values.device).unsqueeze(1)
         referenced = chosen.selected.float().mean()
         return SiteTerm(
             policy,

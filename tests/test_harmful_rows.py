@@ -211,9 +211,10 @@ def test_min_reference_mass_penalizes_only_where_the_reference_would_refuse() ->
     assert package_term(above)[0] == 0.0
 
 
-def test_a_gated_out_non_finite_position_is_still_reported() -> None:
-    """NaN in the policy at the benign row, which the gate leaves out: the step is still reported
-    (`STRNonFiniteError` under `on_nonfinite: raise`), as without the gate."""
+@pytest.mark.parametrize("screen", [{}, {"screen_mass": 0.05}], ids=["every-row", "screened"])
+def test_a_gated_out_non_finite_position_is_still_reported(screen: dict[str, Any]) -> None:
+    """NaN in the policy at the benign row, which the gate (and the screen) leaves out: the step is still
+    reported (`STRNonFiniteError` under `on_nonfinite: raise`), as without the gate."""
     policy, reference = build()
     tokens = safety_tokens()
 
@@ -224,7 +225,10 @@ def test_a_gated_out_non_finite_position_is_still_reported() -> None:
         output[1] = float("nan")
         return output
 
-    config = {"penalty": {"form": "kl", "min_reference_mass": 0.5}, "reference": {"source": "model"}}
+    config = {
+        "penalty": {"form": "kl", "min_reference_mass": 0.5},
+        "reference": {"source": "model", **screen},
+    }
     hook = policy.model.norm.register_forward_hook(benign_row_nan)
     policy.train()
     try:
