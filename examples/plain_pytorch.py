@@ -19,8 +19,8 @@ optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]
 batches = [make_batch(tok, n=2, seed=i) for i in range(4)]
 accum = 2  # micro-batches per optimizer step
 
-# The defaults: the coarse KL at anchor prompts' 4-token openings, benign anchors too, coef 10 (the decision
-# study's choice; `{"reference": {"source": "adapter"}}` regularizes the training positions instead).
+# The defaults: the coarse KL at anchor prompts' 4-token openings, benign anchors too, coef 30 (the decision
+# and harmful-mixing studies' choice; `{"reference": {"source": "adapter"}}` regularizes the training positions instead).
 with register_str_hook(model, {}, tokenizer=tok) as handle:
     for step in range(len(batches) // accum):
         for batch in batches[step * accum : (step + 1) * accum]:

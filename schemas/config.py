@@ -43,13 +43,14 @@ class STRConfig(Section):
     """
 
     coef: float = Field(
-        default=10.0,
+        default=30.0,
         description=(
             "Strength of the penalty: the loss gains `coef * pen_sum / N`, N normalized like the host's "
             "cross-entropy. >= 0; 0 keeps the hook (metrics) but adds nothing. Coefficients compare within "
-            "one form and source, not across them: 10 is the study's choice for the default (`kl` at anchors "
-            "with 4-token openings and benign anchors); training-position `mse` needed 100 to keep refusals "
-            "against an attack and cost 2x the task loss at 1 (results/decision)."
+            "one form and source, not across them. 30 for the default (`kl` at anchors with 4-token openings "
+            "and benign anchors): with harmful 'Sure, here is' rows in the data, 10 kept 29-40 % of held-out "
+            "AdvBench and 30 kept 95-99 %, at the same compute (results/harmful_mixing); training-position "
+            "`mse` needed 100 to keep refusals against an attack and cost 2x the task loss at 1 (results/decision)."
         ),
     )
     warmup_steps: int = Field(

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.methods import ANCHORS_AND_ROWS, SCREENED_ROWS, STRONGER_ANCHORS
+from study.methods import ANCHORS_AND_ROWS, PREVIOUS_DEFAULT, SCREENED_ROWS
 
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
@@ -70,60 +70,47 @@ class Block:
 
 
 # Whole rows first: the p = 10 % SST-2 table (every method), then p = 20 % for the methods that decide the
-# question. After that the two that decide it (plain SFT and `{}`) go first through every block the issue asks
-# for: the second attack (compliant "Sure, here is" openings, the kind of rows the issue's own failing report
-# used), p = 0 (the accuracy target), seeds 1-2 at p = 10 %, AG News; then the previous default and the adapter
-# KL beside them, p = 5 %, the long run and GSM8K.
-# `{}` attached 8 anchors per step until the default became 2 (issue 26 item 4's x1.25 step-time target:
-# x1.15 of plain against x1.45 in `study step-cost`, chosen on this study's validation split at p = 10 %).
-# The runs recorded before the change are relabelled by their explicit equivalent (`recorded_as` keeps the
-# name they ran under).
-PREVIOUS_DEFAULT = "STR anchors b8 (as written)"
+# question. After that the ones that decide it (plain SFT, `{}` and the previous default) go first through every
+# block the issue asks for: the second attack (compliant "Sure, here is" openings, the kind of rows the issue's
+# own failing report used), p = 0 (the accuracy target), seeds 1-2 at p = 10 %, AG News; then the other
+# hypotheses beside them, p = 5 %, the long run and GSM8K.
+# The defaults changed twice while the study ran; the runs recorded before each change are relabelled by their
+# explicit equivalent (`recorded_as` in runs.jsonl keeps the name they ran under):
+# - `{}` attached 8 anchors per step until the default became 2 (issue 26 item 4's x1.25 step-time target:
+#   x1.15 of plain against x1.45 in `study step-cost`, chosen on this study's validation split at p = 10 %);
+# - `{}` had coef 10 until it became 30: coef 10 kept 29 % (SST-2) and 40 % (AG News) of held-out AdvBench
+#   under the second attack; coef 30, found on AG News, kept 95 % on SST-2, which it was not chosen on.
+EARLIER_DEFAULT = "STR anchors b8 (as written)"
 DECIDING = (BASELINE, SHIPPED, PREVIOUS_DEFAULT)
 PAIR = (BASELINE, SHIPPED)
 
 PROTOCOL_PLAN: list[Block] = [
-    Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], PREVIOUS_DEFAULT, *PROTOCOL_METHODS[2:-1])),
-    Block("sst2", 0.20, DECIDING),
-    Block("sst2", 0.10, PAIR, attack="advbench"),
-    Block("sst2", 0.0, PAIR),
-    Block("sst2", 0.10, PAIR, seeds=3),
-    # `{}`'s anchors plus the gated coarse KL at training positions (DESIGN section 10, `reference.rows`) where
-    # `{}` failed (the second attack). GATE.md (`python -m study gate-check`, run before it) predicted SST-2's
+    Block("sst2", 0.10, (*PROTOCOL_METHODS[:2], PREVIOUS_DEFAULT, EARLIER_DEFAULT, *PROTOCOL_METHODS[2:-1])),
+    Block("sst2", 0.20, (*DECIDING, EARLIER_DEFAULT)),
+    Block("sst2", 0.10, DECIDING, attack="advbench"),
+    Block("sst2", 0.0, DECIDING),
+    Block("sst2", 0.10, DECIDING, seeds=3),
+    # The anchors plus the gated coarse KL at training positions (DESIGN section 10, `reference.rows`) where
+    # coef 10 failed (the second attack). GATE.md (`python -m study gate-check`, run before it) predicted SST-2's
     # loss: the subject refuses SST-2's own prompts (median safety mass 0.73 at the first answer token, 88 of
     # 100 rows pass the gate), and one run measured it. On AG News the gate passes no task row (0 of 195
     # positions) and every attack row: the task where the rows gate can be judged, with the second attack (the
     # issue's own failing report) and BeaverTails.
     Block("sst2", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
-    Block("agnews", 0.10, (ANCHORS_AND_ROWS,), attack="advbench"),
-    Block("agnews", 0.10, (SHIPPED, BASELINE), attack="advbench"),
-    Block("agnews", 0.10, (ANCHORS_AND_ROWS,)),
-    Block("agnews", 0.10, PAIR),
-    # The competing hypotheses where `{}` failed (AG News, second attack): stronger anchors alone (x1.2's cost,
-    # not the rows' x1.8), and the issue's side-by-side methods; then p = 0 on AG News (the accuracy target).
-    Block("agnews", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
-    # It held there (101 %, 99 % of held-out AdvBench, accuracy +4.5 vs plain) at `{}`'s compute: that block is
-    # where it was found, so it is judged on the others, SST-2 first (both attacks, p = 0 for the accuracy
-    # target, p = 20 %, three seeds at p = 10 %).
-    Block("sst2", 0.10, (STRONGER_ANCHORS,), attack="advbench"),
-    Block("sst2", 0.10, (STRONGER_ANCHORS,)),
-    Block("sst2", 0.0, (STRONGER_ANCHORS,)),
+    Block("agnews", 0.10, (ANCHORS_AND_ROWS, *DECIDING), attack="advbench"),
+    Block("agnews", 0.10, (ANCHORS_AND_ROWS, *DECIDING)),
     # Anchors + rows with the reference forward screened to the rows the trained model still refuses
     # (`reference.screen_mass`): the rows' protection at a fraction of its x1.77 cost?
     Block("agnews", 0.10, (SCREENED_ROWS,), attack="advbench"),
-    Block("sst2", 0.20, (STRONGER_ANCHORS,)),
-    Block("sst2", 0.10, (STRONGER_ANCHORS,), seeds=3),
-    Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("agnews", 0.0, PAIR),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
-    Block("sst2", 0.10, (PREVIOUS_DEFAULT,), attack="advbench"),
-    Block("sst2", 0.10, ("STR adapter kl c10 (as written)",), attack="advbench"),
-    Block("sst2", 0.0, (PREVIOUS_DEFAULT,)),
-    Block("agnews", 0.10, (PREVIOUS_DEFAULT,)),
+    Block("agnews", 0.10, (SCREENED_ROWS,)),
+    Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
+    Block("sst2", 0.0, (EARLIER_DEFAULT,)),
     Block("sst2", 0.05, DECIDING),
     Block("sst2", 0.10, DECIDING, epochs=5.0),
     Block("gsm8k", 0.10, DECIDING, n=500),
-    Block("sst2", 0.10, (PREVIOUS_DEFAULT,), seeds=3),
+    Block("sst2", 0.10, (EARLIER_DEFAULT,), seeds=3),
     Block("sst2", 0.10, (BASELINE, PROTOCOL_METHODS[-1])),
 ]
 # Under 20 minutes here: 200 rows (25 steps), two methods, every 4th evaluation prompt.

@@ -101,7 +101,10 @@ def report(
         f"`{SHIPPED}` attaches `{{}}` exactly, with the package's shipped anchors. `{{}}` took 8 anchors per step "
         "until the default became 2: runs recorded before that change as `STR as shipped {}` are now named "
         "`STR anchors b8 (as written)`, those recorded as `STR anchors b2 (as written)` are now `STR as shipped "
-        "{}` (the same configuration; `recorded_as` in runs.jsonl keeps the name each ran under).",
+        "{}` (the same configuration; `recorded_as` in runs.jsonl keeps the name each ran under). `{}` had coef 10 "
+        "until it became 30: runs recorded as `STR as shipped {}` before that are now `STR anchors c10 (as written)` "
+        '(`{"coef": 10}`), those recorded as `STR anchors c30 (as written)` are `STR as shipped {}`, and every other '
+        "method's config names its coef 10.",
         "",
         '`STR anchors + rows (as written)` is `{"reference": {"rows": "adapter"}}`: `{}`\'s anchors plus the coarse '
         "KL at the training rows' positions where the adapter-disabled reference puts >= 0.5 on the safety tokens "

@@ -52,7 +52,7 @@ class Method:
 
 GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
 ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
-STRONGER_ANCHORS = "STR anchors c30 (as written)"
+PREVIOUS_DEFAULT = "STR anchors c10 (as written)"
 SCREENED_ROWS = "STR anchors + rows screened (as written)"
 
 
@@ -207,7 +207,12 @@ METHODS = {
         # Cheaper anchor steps (issue 26 item 4, issue 29 item 3): fewer anchors per step (the penalty is a
         # mean over points, so its expectation is unchanged), or the anchors folded into the training forward.
         *[
-            Method(f"STR anchors {name} (as written)", "str", {"reference": reference}, as_shipped=True)
+            Method(
+                f"STR anchors {name} (as written)",
+                "str",
+                {"coef": 10.0, "reference": reference},
+                as_shipped=True,
+            )
             for name, reference in (
                 ("b8", {"anchor_batch_size": 8}),
                 ("b4", {"anchor_batch_size": 4}),
@@ -230,16 +235,19 @@ METHODS = {
             },
             as_shipped=True,
         ),
-        # `{}` with a stronger anchor term (the second attack trains compliance on prompts near the anchors'
-        # own kind; does a larger coef hold them, at what cost to the task and over-refusal?).
-        Method(STRONGER_ANCHORS, "str", {"coef": 30.0}, as_shipped=True),
-        # The default's anchors plus the same gate on the training rows (`reference.rows`: the anchors hold
+        # The default until coef became 30 (the runs recorded as `STR as shipped {}` before, `recorded_as`);
+        # the runs recorded as `STR anchors c30 (as written)` are now `STR as shipped {}`.
+        Method(PREVIOUS_DEFAULT, "str", {"coef": 10.0}, as_shipped=True),
+        # The anchors at coef 10 plus the same gate on the training rows (`reference.rows`: the anchors hold
         # prompts absent from the data, the rows hold the ones the data attacks).
-        Method(ANCHORS_AND_ROWS, "str", {"reference": {"rows": "adapter"}}, as_shipped=True),
+        Method(ANCHORS_AND_ROWS, "str", {"coef": 10.0, "reference": {"rows": "adapter"}}, as_shipped=True),
         # The same with the reference forward screened to the rows the trained model still refuses (a tenth of
         # the gate) plus an audit of one other row in eight, weighted so the penalty's expectation is unchanged.
         Method(
-            SCREENED_ROWS, "str", {"reference": {"rows": "adapter", "screen_mass": 0.05}}, as_shipped=True
+            SCREENED_ROWS,
+            "str",
+            {"coef": 10.0, "reference": {"rows": "adapter", "screen_mass": 0.05}},
+            as_shipped=True,
         ),
         Method(
             "STR adapter kl first4 c10 (as written)",

@@ -81,9 +81,9 @@ def assert_example(cfg: STRConfig) -> None:
 
 
 def test_defaults() -> None:
-    # The study's choice (results/decision): kl at anchors with 4-token openings and benign anchors, coef 10.
+    # kl at anchors with 4-token openings and benign anchors (results/decision), coef 30 (results/harmful_mixing).
     cfg = STRConfig()
-    assert (cfg.coef, cfg.warmup_steps, cfg.verify_projection) == (10.0, 0, True)
+    assert (cfg.coef, cfg.warmup_steps, cfg.verify_projection) == (30.0, 0, True)
     assert cfg.tokens.model_dump() == {
         "method": "frequency",
         "k": 32,

@@ -1,5 +1,6 @@
 """The explicit STR settings the mechanics tests run with. The package's defaults are the decision study's
-choice (kl at anchors with 4-token openings and benign anchors, coef 10; tests/test_config.py checks them);
+choice (kl at anchors with 4-token openings and benign anchors) at coef 30 (the harmful-mixing study's;
+tests/test_config.py checks them);
 the tests of training-position mechanics and of the decision point alone name their settings here instead of
 relying on defaults that may change again."""
 
