@@ -135,21 +135,22 @@ class STRConfig(Section):
                 f"their decision point (the last prompt position); remove {name}, pick another source, or set "
                 "`reference.rows` to penalize the training rows too."
             )
-        rows_penalized = self.reference.source in ("adapter", "model") or self.reference.rows is not None
-        if self.penalty.min_reference_mass is not None and not rows_penalized:
-            raise ValueError(
-                f"`penalty.min_reference_mass` is set ({self.penalty.min_reference_mass}) but `reference.source` is "
-                f"{self.reference.source!r}: the gate picks training positions by the reference's full softmax, "
-                "which only sources 'adapter' and 'model' (or `reference.rows`) compute; set source: adapter (or "
-                "model), or reference.rows: adapter, or remove min_reference_mass."
-            )
+        # The gate and the screen both act on a reference forward at the training rows.
         forward_at_rows = self.reference.source in ("adapter", "model") or self.reference.rows is not None
-        if self.reference.screen_mass is not None and not forward_at_rows:
-            raise ValueError(
-                f"`reference.screen_mass` is set ({self.reference.screen_mass}) but `reference.source` is "
-                f"{self.reference.source!r} without `reference.rows`: the screen picks the rows a reference forward "
-                "runs on, which only sources 'adapter' and 'model' (or reference.rows) have; remove screen_mass."
-            )
+        acts_on_rows = {
+            "penalty.min_reference_mass": (
+                self.penalty.min_reference_mass,
+                "the gate picks training positions by the reference's full softmax",
+            ),
+            "reference.screen_mass": (self.reference.screen_mass, "the screen picks the rows it runs on"),
+        }
+        for name, (value, why) in acts_on_rows.items():
+            if value is not None and not forward_at_rows:
+                raise ValueError(
+                    f"`{name}` is set ({value}) but `reference.source` is {self.reference.source!r}: {why}, which "
+                    "only sources 'adapter' and 'model' (or `reference.rows`) compute; set source: adapter (or "
+                    f"model), or reference.rows: adapter, or remove {name.rpartition('.')[2]}."
+                )
         if self.reference.screen_mass is not None and self.penalty.form not in ("kl", "logprob"):
             why = "the screen reads the trained model's safety-token probability, which only forms kl and logprob keep; "
             raise ValueError(

@@ -303,8 +303,7 @@ def test_min_reference_mass_is_accepted_where_it_applies() -> None:
         ),
         (
             {"reference": {"screen_mass": 0.05}},
-            r"`reference\.screen_mass` is set \(0\.05\) but `reference\.source` is 'anchors' without "
-            r"`reference\.rows`",
+            r"`reference\.screen_mass` is set \(0\.05\) but `reference\.source` is 'anchors'.*set source: adapter",
         ),
         (
             {"reference": {"source": "adapter", "screen_mass": 0.05}},
