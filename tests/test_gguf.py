@@ -19,7 +19,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's gguf-py
 from helpers.factory import make_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from study.subject import dequantize_gguf  # noqa: E402
+from study.shipped import dequantize_gguf  # noqa: E402
 
 # transformers' Llama name -> llama.cpp's, inside `blk.N.` (as convert_hf_to_gguf.py writes them).
 LAYER_NAMES = {
