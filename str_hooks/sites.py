@@ -51,6 +51,8 @@ class TokenSite:
         self.config = config
         self.reference = reference
         self.rows = rows  # the safety ids, copied to each device once (`HeadRows.ids_on`)
+        # The safety tokens' count: the first k columns of either coarse form's values are their log-probs.
+        self.k = int(rows.ids_on(torch.device("cpu")).numel())
         screen_mass = config.reference.screen_mass
         self.screen = (
             # Seeded from the run's seed (read, not drawn: the run's random streams stay as they were).
@@ -103,8 +105,7 @@ class TokenSite:
         gate = self.config.penalty.min_reference_mass
         if gate is None:
             return SiteTerm(policy, reference, positions.sum(), mask=positions)
-        k = policy.shape[-1] - 1 if coarse == "kl" else policy.shape[-1]
-        gated = positions & (reference_safety_mass(reference, k) >= gate)
+        gated = positions & (reference_safety_mass(reference, self.k) >= gate)
         return SiteTerm(policy, reference, positions.sum(), mask=gated, candidates=positions)
 
     def _screened(self, sink: Sink, logits: torch.Tensor, positions: torch.Tensor, coarse: str) -> SiteTerm:
@@ -117,8 +118,7 @@ class TokenSite:
         ids = self.rows.ids_on(logits.device)
         with torch.no_grad():
             values = form_values(logits, ids, coarse, low_memory=True)
-        k = values.shape[-1] - 1 if coarse == "kl" else values.shape[-1]
-        chosen = self.screen.select(values, positions, k)
+        chosen = self.screen.select(values, positions, self.k)
         reference = values.clone()
         if chosen.rows.numel():
             rows = chosen.rows.to(values.device)
@@ -127,7 +127,7 @@ class TokenSite:
         penalized = positions & chosen.selected.to(positions.device).unsqueeze(1)
         gate = self.config.penalty.min_reference_mass
         if gate is not None:
-            penalized = penalized & (reference_safety_mass(reference, k) >= gate)
+            penalized = penalized & (reference_safety_mass(reference, self.k) >= gate)
         where = penalized.nonzero(as_tuple=True)  # a second host read, of the few penalized positions
         policy = values.index_put(where, form_values(logits[where], ids, coarse, low_memory=True))
         weights = chosen.weights.to(values.device).unsqueeze(1)
