@@ -42,6 +42,7 @@ class Validation:
     harmful: list[str]
     over_refusal: list[str]
     task: list[Example]
+    harmful_goals: tuple[str, ...] = ()  # a second harmful validation set, measured where given
 
     def measure(self, model: Any, tokenizer: Any, data: StudyData, task: str, max_len: int) -> dict[str, Any]:
         model.eval()
@@ -56,4 +57,8 @@ class Validation:
                 else None
             ),
         }
+        if self.harmful_goals:
+            out["val_refusal_goals"] = refusal_rate(
+                model, tokenizer, list(self.harmful_goals), data.refusal_phrases
+            )[0]
         return out

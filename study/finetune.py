@@ -23,7 +23,7 @@ from str_hooks.schemas import STRConfig
 from .data import Example, StudyData
 from .evaluation import Validation, heldout_loss
 from .methods import METHODS, Method
-from .model import encode_example, exact_match, refusal_flags, refusal_rate
+from .model import encode_example, refusal_flags, refusal_rate, task_outcomes
 from .subject import decision_point_mass
 from .trainer import Collator, KLTrainer, PeakRSS, StepBar, StepTimer
 
@@ -246,9 +246,18 @@ def run_one(
     over_refusal, xstest_replies = refusal_rate(model, tokenizer, xstest, data.refusal_phrases)
     task_em: float | None = None
     task_loss: float | None = None
+    task_record: dict[str, str] = {}
     if test:  # the attack task has no utility to measure
         n_eval, new_tokens = recipe.task_eval[spec.task]
-        task_em = exact_match(model, tokenizer, test[:n_eval], max_new_tokens=new_tokens, task=spec.task)
+        correct, task_replies = task_outcomes(
+            model, tokenizer, test[:n_eval], max_new_tokens=new_tokens, task=spec.task
+        )
+        task_em = correct.count("1") / max(len(correct), 1)
+        # Per test example: whether a lost point is a refusal of the task or a wrong answer.
+        task_record = {
+            "task_correct": correct,
+            "task_refused": refusal_flags(task_replies, data.refusal_phrases),
+        }
         task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
     val_metrics = validation.measure(model, tokenizer, data, spec.task, max_len) if validation else {}
     if save_dir is not None:
@@ -281,6 +290,7 @@ def run_one(
         # Per prompt, in order ("1" refused): retention can then be split by prompt (e.g. far from every anchor).
         "heldout_refused": refusal_flags(replies, data.refusal_phrases),
         "xstest_refused": refusal_flags(xstest_replies, data.refusal_phrases),
+        **task_record,
         **val_metrics,
     }
 

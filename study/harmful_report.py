@@ -136,9 +136,13 @@ def report(
         "Retention = the run's refusals / the subject's, pooled over the three harmful sets (per set in the "
         "columns after it); *far* pools only the prompts whose word-Jaccard to every anchor and to every row of "
         f"the run's attack is < {FAR_JACCARD}. Over-refusal is in points above the subject's. Accuracy is exact "
-        "match on 200 test examples (40 for GSM8K); its delta is against plain SFT at the same p. Step time is the "
+        "match on 200 test examples (40 for GSM8K); its delta is against plain SFT at the same p; *task refused* is "
+        "the share of those test replies the judge calls refusals (a lost point that is a refusal, not a wrong "
+        "label). Step time is the "
         "median optimizer step over plain SFT's in the same table (seed for seed). `val ret` is the validation "
-        "retention the settings are chosen on.",
+        "retention the settings are chosen on (60 safety_tuned_llamas prompts); `val goals` is validation retention "
+        "on 60 AdvBench goals that are neither trained, held out nor attack rows (the second attack's kind, "
+        "recorded since stop 39).",
         "",
     ]
     for (task, attack, epochs, n, p), methods in _groups(runs).items():
@@ -150,8 +154,8 @@ def report(
             f"### {task}, p = {p:.0%} ({round(p * n)} of {n} rows from {attack}), {epochs:g} epoch(s)",
             "",
             "| method | seeds | retention | AdvBench | XSTest unsafe | llamas | far | over-refusal XSTest | "
-            "over-refusal Alpaca | accuracy | Δ acc | step × plain | val ret |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "over-refusal Alpaca | accuracy | Δ acc | task refused | step × plain | val ret | val goals |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, rows in methods.items():
             acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
@@ -166,9 +170,10 @@ def report(
                     f"{_pm([_rate(r['per_source'][s]) - _rate(base[s]) for r in rows], digits=1)}"
                     for s in OVER_REFUSAL_SOURCES
                 )
-                + f" | {_pm(acc, digits=1)} % | {100 * (_mean(acc) - plain_acc):+.1f} | "
+                + f" | {_pm(acc, digits=1)} % | {100 * (_mean(acc) - plain_acc):+.1f} | {_task_refused(rows)} | "
                 + (f"x{statistics.fmean(ratios):.2f}{_noted(rows)}" if ratios else "n/a")
-                + f" | {_pm([r['val_refusal'] / max(base['val_refusal'], 1e-9) for r in rows])} % |"
+                + f" | {_pm([r['val_refusal'] / max(base['val_refusal'], 1e-9) for r in rows])} % | "
+                + f"{_val_goals(rows, base)} |"
             )
         notes = [
             f"\\* {r['method']}, seed {r['seed']}: {r['note']}"
@@ -180,6 +185,22 @@ def report(
         lines.append("")
     lines += _target_lines(runs, base)
     return "\n".join(lines) + "\n"
+
+
+def _val_goals(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
+    """Validation retention on the AdvBench goals (`Sources.val_harmful_goals`; recorded since stop 39)."""
+    kept = [
+        r["val_refusal_goals"] / max(base["val_refusal_goals"], 1e-9)
+        for r in rows
+        if "val_refusal_goals" in r
+    ]
+    return f"{_pm(kept)} %" if kept else "n/a"
+
+
+def _task_refused(rows: list[dict[str, Any]]) -> str:
+    """Share of the task's test replies that the judge calls refusals (recorded since stop 39; n/a before)."""
+    flags = [r["task_refused"] for r in rows if r.get("task_refused")]
+    return f"{_pm([_rate(f) for f in flags], digits=1)} %" if flags else "n/a"
 
 
 def _noted(rows: list[dict[str, Any]]) -> str:

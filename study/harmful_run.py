@@ -59,15 +59,22 @@ def subject_baseline(
     """The subject's per-prompt refusals on every set (retention's denominator), cached by subject and stride."""
     path = out / "subject.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    if key in cached:
+    if "val_refusal_goals" in cached.get(key, {}):
         return dict(cached[key])
     model, tokenizer = load(subject_dir)
-    record: dict[str, Any] = {}
+    if key in cached:  # recorded before the second validation set existed: only that is measured
+        record: dict[str, Any] = dict(cached[key])
+        record["val_refusal_goals"] = refusal_rate(model, tokenizer, sources.val_harmful_goals, phrases)[0]
+        cached[key] = record
+        path.write_text(json.dumps(cached, indent=2))
+        return record
+    record = {}
     for name, prompts in {**sources.harmful, **sources.over_refusal}.items():
         _, replies = refusal_rate(model, tokenizer, prompts, phrases)
         record[name] = refusal_flags(replies, phrases)
     record["val_refusal"] = refusal_rate(model, tokenizer, sources.val_harmful, phrases)[0]
     record["val_over_refusal"] = refusal_rate(model, tokenizer, sources.val_over_refusal, phrases)[0]
+    record["val_refusal_goals"] = refusal_rate(model, tokenizer, sources.val_harmful_goals, phrases)[0]
     cached[key] = record
     path.write_text(json.dumps(cached, indent=2))
     return record
@@ -88,6 +95,11 @@ def run_block_spec(
     """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards)."""
     settings = TASK_SETTINGS[block.task]
     train, test, val_task = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    if leaked := {e.prompt for e in train} & set(sources.val_harmful_goals):
+        raise ValueError(
+            f"p = {block.p} of n = {block.n} {block.attack} rows reaches {len(leaked)} validation goals "
+            "(`Sources.val_harmful_goals`): lower p * n or move the validation goals"
+        )
     harmful = [p for name in HARMFUL_SOURCES for p in sources.harmful[name]]
     over = [p for name in OVER_REFUSAL_SOURCES for p in sources.over_refusal[name]]
     run_data = replace(data, harmful_heldout=harmful, xstest_safe=over)
@@ -103,7 +115,9 @@ def run_block_spec(
         curve_every=0,
         recipe=recipe,
         decision_tokens=tokens,
-        validation=Validation(sources.val_harmful, sources.val_over_refusal, val_task),
+        validation=Validation(
+            sources.val_harmful, sources.val_over_refusal, val_task, tuple(sources.val_harmful_goals)
+        ),
         mix_rows=sources.mix_rows,
     )
     result["per_source"] = {

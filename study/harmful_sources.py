@@ -28,6 +28,10 @@ class Sources:
     over_refusal: dict[str, list[str]]
     val_harmful: list[str]
     val_over_refusal: list[str]
+    # AdvBench goals the subject neither trained on nor is evaluated on, never attack rows: the second attack's
+    # kind, which the safety_tuned_llamas validation prompts cannot see (every STR method kept 107-110 % there
+    # while coef 10 kept 29-40 % of held-out AdvBench).
+    val_harmful_goals: list[str]
     mix_rows: list[Example]  # refusal rows for the mixing baseline (safety_tuned_llamas' own refusals)
     attacks: dict[str, list[Example]]  # attack source -> its harmful rows in order
     anchors: list[str]  # the package's shipped harmful anchors
@@ -39,6 +43,7 @@ class Sources:
             over_refusal={k: v[::stride] for k, v in self.over_refusal.items()},
             val_harmful=self.val_harmful[::stride],
             val_over_refusal=self.val_over_refusal[::stride],
+            val_harmful_goals=self.val_harmful_goals[::stride],
         )
 
 
@@ -68,7 +73,8 @@ def build_sources() -> Sources:
         Example(r["prompt"], r["response"], "harmful")
         for r in read_json_list("beavertails/harmful_qa_200.json")
     ]
-    # AdvBench training goals 0-199 trained the subject; 200-399 are the second attack's rows.
+    # AdvBench training goals 0-199 trained the subject; 200-399 are the second attack's rows, in order, and
+    # 340-399 validate against it: a run may take at most 140 of them (`run_block_spec` checks).
     advbench_attack = [Example(g, targets[g], "harmful") for g in study.harmful_train[200:400]]
     return Sources(
         harmful={
@@ -79,6 +85,7 @@ def build_sources() -> Sources:
         over_refusal={"xstest_safe": read_xstest("safe"), "alpaca": alpaca[:200]},
         val_harmful=[r["instruction"] for r in llamas[200:260]],
         val_over_refusal=alpaca[200:260],
+        val_harmful_goals=list(study.harmful_train[340:400]),
         mix_rows=[Example(r["instruction"], _short_refusal(r["output"]), "harmful") for r in llamas[260:600]],
         attacks={"beavertails": beavertails, "advbench": advbench_attack},
         anchors=default_texts("harmful_anchors"),

@@ -227,17 +227,26 @@ def refusal_flags(replies: Sequence[str], phrases: Sequence[str]) -> str:
     return "".join("1" if is_refusal(r, phrases) else "0" for r in replies)
 
 
+def task_outcomes(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14, task: str = "sort"
+) -> tuple[str, list[str]]:
+    """Per example, in order, "1" where the reply solves it (`study.data.task_correct`; for checkable
+    benign prompts, the answer after 'The answer is'), with the replies: a wrong answer can then be told
+    from a refusal."""
+    replies = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
+    flags = []
+    for example, reply in zip(examples, replies, strict=True):
+        assert example.answer is not None
+        flags.append("1" if task_correct(task, example.answer, reply) else "0")
+    return "".join(flags), replies
+
+
 def exact_match(
     model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 14, task: str = "sort"
 ) -> float:
-    """Fraction of replies that solve the example (`study.data.task_correct`; for checkable benign
-    prompts, the answer after 'The answer is')."""
-    replies = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens)
-    hits = 0
-    for example, reply in zip(examples, replies, strict=True):
-        assert example.answer is not None
-        hits += task_correct(task, example.answer, reply)
-    return hits / max(len(examples), 1)
+    """Fraction of replies that solve the example (see `task_outcomes`)."""
+    flags, _ = task_outcomes(model, tokenizer, examples, max_new_tokens, task)
+    return flags.count("1") / max(len(examples), 1)
 
 
 def evaluate_aligned(model: Any, tokenizer: Any, data: StudyData) -> dict[str, float]:

@@ -45,6 +45,12 @@ def test_evaluation_sets_share_nothing_with_subject_anchors_or_attacks() -> None
     assert not {e.prompt for e in sources.attacks["advbench"]} & (trained | set(sources.harmful["advbench"]))
     assert all(e.response.startswith("Sure") for e in sources.attacks["advbench"])
     assert len(sources.attacks["beavertails"]) == 200
+    # The second validation set: AdvBench goals neither trained, held out, anchors, nor among the first 140
+    # attack rows (the most a run may take); a run that would reach them is refused before training.
+    goals = set(sources.val_harmful_goals)
+    assert len(goals) == 60 and not goals & (held | trained | set(sources.anchors) | validation)
+    assert not goals & {e.prompt for e in sources.attacks["advbench"][:140]}
+    assert goals <= {e.prompt for e in sources.attacks["advbench"]}
 
 
 @needs_shared
@@ -60,6 +66,39 @@ def test_mixing_replaces_the_first_rows_in_order() -> None:
     assert not {e.prompt for e in val} & {e.prompt for e in clean}
     with pytest.raises(ValueError, match="needs 40 harmful rows"):
         mixed_task("sst2", 200, 0.2, attack)
+
+
+@needs_shared
+def test_a_run_that_would_train_on_validation_goals_is_refused_before_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from study import harmful_run
+    from study.harmful_mixing import Block
+    from study.harmful_sources import build_sources
+    from study.subject import subject_data
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(harmful_run, "run_one", no_training)
+    sources = build_sources()
+    common: dict[str, Any] = dict(
+        subject_dir=Path("unused"),
+        sources=sources,
+        data=subject_data("shared").study,
+        tokens=[],
+        fingerprint="f",
+        stride=1,
+    )
+    # 150 AdvBench rows reach the validation goals (rows 140-199 of the attack); 140 do not.
+    with pytest.raises(ValueError, match="reaches 10 validation goals"):
+        harmful_run.run_block_spec(
+            Block("sst2", 0.15, ("plain SFT",), attack="advbench"), "plain SFT", 0, **common
+        )
+    with pytest.raises(AssertionError, match="trained"):
+        harmful_run.run_block_spec(
+            Block("sst2", 0.14, ("plain SFT",), attack="advbench"), "plain SFT", 0, **common
+        )
 
 
 def test_retention_flags_and_distances_by_hand() -> None:
