@@ -97,6 +97,7 @@ def run_one(
     curve_task_loss: bool = False,
     progress: str | None = None,
     probe_before: bool = True,
+    keep_replies: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
@@ -106,7 +107,8 @@ def run_one(
     that settings are chosen by (never the held-out ones); `evaluate=False` trains and times only (no
     generation before or after), for step-cost comparisons; `curve_task_loss` adds the held-out task loss
     at every probe; `progress` names a progress bar over the run's steps; `probe_before=False` leaves the
-    step-0 probe (the untouched subject, the same for every run) to the caller."""
+    step-0 probe (the untouched subject, the same for every run) to the caller; `keep_replies` adds every
+    evaluation reply (`replies`: harmful, over_refusal, task) for a judge applied afterwards."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -247,6 +249,7 @@ def run_one(
     task_em: float | None = None
     task_loss: float | None = None
     task_record: dict[str, str] = {}
+    task_replies: list[str] = []
     if test:  # the attack task has no utility to measure
         n_eval, new_tokens = recipe.task_eval[spec.task]
         correct, task_replies = task_outcomes(
@@ -292,6 +295,11 @@ def run_one(
         "xstest_refused": refusal_flags(xstest_replies, data.refusal_phrases),
         **task_record,
         **val_metrics,
+        **(
+            {"replies": {"harmful": replies, "over_refusal": xstest_replies, "task": task_replies}}
+            if keep_replies
+            else {}
+        ),
     }
 
 

@@ -13,6 +13,7 @@ import torch
 from .distances import FAR_JACCARD
 from .harmful_mixing import BASELINE, SHIPPED
 from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, Sources, far_mask, prompt_distances
+from .judge import agreement
 
 SOURCE_LABELS = {
     "advbench": "AdvBench held-out",
@@ -184,6 +185,7 @@ def report(
         lines += ["", *notes] if notes else []
         lines.append("")
     lines += _target_lines(runs, base)
+    lines += _judge_lines(runs, base)
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +203,53 @@ def _task_refused(rows: list[dict[str, Any]]) -> str:
     """Share of the task's test replies that the judge calls refusals (recorded since stop 39; n/a before)."""
     flags = [r["task_refused"] for r in rows if r.get("task_refused")]
     return f"{_pm([_rate(f) for f in flags], digits=1)} %" if flags else "n/a"
+
+
+def _judge_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """Retention and over-refusal under the keyword judge and the opening judge (`study.judge`), for the
+    runs that recorded both (since stop 39), with the share of prompts on which the two agree."""
+    judged = [r for r in runs if r.get("per_source_opening")]
+    if not judged or "opening" not in base:
+        return []
+    base_opening = base["opening"]
+    lines = [
+        "## The two judges (issue 27 item 5)",
+        "",
+        "The keyword judge counts a reply as a refusal when a refusal phrase occurs anywhere in it; the opening "
+        "judge (`study/judge.py`) only when one begins within its first 4 words, with no compliance marker "
+        '("Sure", "Here is", ...) and no degenerate text. Each judge\'s retention is over the subject\'s '
+        f"refusals under the same judge (the subject: keyword {100 * _rate(''.join(base[s] for s in HARMFUL_SOURCES)):.1f} %, "
+        f"opening {100 * _rate(''.join(base_opening[s] for s in HARMFUL_SOURCES)):.1f} % of the harmful prompts). "
+        "*agree* is the share of all held-out prompts (harmful and over-refusal) the two judge alike.",
+        "",
+        "| task, attack, p, epochs | method | seeds | retention keyword | retention opening | "
+        "over-refusal XSTest keyword / opening | agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (task, attack, epochs, _n, p), methods in _groups(judged).items():
+        for method, rows in methods.items():
+            opening = [{"per_source": r["per_source_opening"]} for r in rows]
+            names = HARMFUL_SOURCES + OVER_REFUSAL_SOURCES
+            agree = [
+                agreement(
+                    "".join(r["per_source"][s] for s in names),
+                    "".join(r["per_source_opening"][s] for s in names),
+                )
+                for r in rows
+            ]
+            over = [_rate(r["per_source"]["xstest_safe"]) - _rate(base["xstest_safe"]) for r in rows]
+            over_opening = [
+                _rate(r["per_source_opening"]["xstest_safe"]) - _rate(base_opening["xstest_safe"])
+                for r in rows
+            ]
+            lines.append(
+                f"| {task}, {attack}, {p:.0%}, {epochs:g} | {method} | {len(rows)} | "
+                f"{_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
+                f"{_pm([retention(o, base_opening, HARMFUL_SOURCES) for o in opening])} % | "
+                f"{_pm(over, digits=1)} / {_pm(over_opening, digits=1)} | {_pm(agree)} % |"
+            )
+    lines.append("")
+    return lines
 
 
 def _noted(rows: list[dict[str, Any]]) -> str:

@@ -3,7 +3,9 @@ method and seed, resumable through runs.jsonl, then the report."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -24,6 +26,7 @@ from .harmful_sources import (
     mixed_task,
     write_prompt_distances,
 )
+from .judge import opening_flags
 from .methods import METHODS
 from .model import refusal_flags, refusal_rate
 from .runs import append_run, load_runs, stamp_run
@@ -43,6 +46,18 @@ def _run_key(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def write_replies(record: dict[str, Any], replies: dict[str, list[str]], out: Path) -> str:
+    """Every evaluation reply of one run, gzipped beside runs.jsonl (`replies/`), so that a judge written later
+    can be applied without rerunning; returns the path relative to `out`. A run key names the file."""
+    key = "-".join(str(v) for v in _run_key(record))
+    name = re.sub(r"[^A-Za-z0-9.]+", "_", key).strip("_") + ".json.gz"
+    path = out / "replies" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        json.dump(replies, handle)
+    return str(path.relative_to(out))
+
+
 def _split_flags(flags: str, sizes: dict[str, int]) -> dict[str, str]:
     out, start = {}, 0
     for name, size in sizes.items():
@@ -56,24 +71,24 @@ def _split_flags(flags: str, sizes: dict[str, int]) -> dict[str, str]:
 def subject_baseline(
     subject_dir: Path, sources: Sources, phrases: list[str], out: Path, key: str
 ) -> dict[str, Any]:
-    """The subject's per-prompt refusals on every set (retention's denominator), cached by subject and stride."""
+    """The subject's per-prompt refusals on every set (retention's denominator) under both judges, cached by
+    subject and stride. A record cached before a field existed gains it; its recorded flags stay as they are
+    (the denominators of the runs already reported)."""
     path = out / "subject.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    if "val_refusal_goals" in cached.get(key, {}):
-        return dict(cached[key])
-    model, tokenizer = load(subject_dir)
-    if key in cached:  # recorded before the second validation set existed: only that is measured
-        record: dict[str, Any] = dict(cached[key])
-        record["val_refusal_goals"] = refusal_rate(model, tokenizer, sources.val_harmful_goals, phrases)[0]
-        cached[key] = record
-        path.write_text(json.dumps(cached, indent=2))
+    record: dict[str, Any] = dict(cached.get(key, {}))
+    if {"val_refusal_goals", "opening"} <= record.keys():
         return record
-    record = {}
+    model, tokenizer = load(subject_dir)
+    opening: dict[str, str] = {}
     for name, prompts in {**sources.harmful, **sources.over_refusal}.items():
         _, replies = refusal_rate(model, tokenizer, prompts, phrases)
-        record[name] = refusal_flags(replies, phrases)
-    record["val_refusal"] = refusal_rate(model, tokenizer, sources.val_harmful, phrases)[0]
-    record["val_over_refusal"] = refusal_rate(model, tokenizer, sources.val_over_refusal, phrases)[0]
+        record.setdefault(name, refusal_flags(replies, phrases))
+        opening[name] = opening_flags(replies, phrases)
+    record.setdefault("opening", opening)
+    if "val_refusal" not in record:
+        record["val_refusal"] = refusal_rate(model, tokenizer, sources.val_harmful, phrases)[0]
+        record["val_over_refusal"] = refusal_rate(model, tokenizer, sources.val_over_refusal, phrases)[0]
     record["val_refusal_goals"] = refusal_rate(model, tokenizer, sources.val_harmful_goals, phrases)[0]
     cached[key] = record
     path.write_text(json.dumps(cached, indent=2))
@@ -91,6 +106,7 @@ def run_block_spec(
     tokens: list[int],
     fingerprint: str,
     stride: int,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards)."""
     settings = TASK_SETTINGS[block.task]
@@ -119,12 +135,19 @@ def run_block_spec(
             sources.val_harmful, sources.val_over_refusal, val_task, tuple(sources.val_harmful_goals)
         ),
         mix_rows=sources.mix_rows,
+        keep_replies=True,
     )
+    replies = result.pop("replies")
+    harmful_sizes = {k: len(sources.harmful[k]) for k in HARMFUL_SOURCES}
+    over_sizes = {k: len(sources.over_refusal[k]) for k in OVER_REFUSAL_SOURCES}
+    # The stricter judge's flags beside the keyword judge's (study.judge), and every reply for later judges.
+    result["per_source_opening"] = {
+        **_split_flags(opening_flags(replies["harmful"], data.refusal_phrases), harmful_sizes),
+        **_split_flags(opening_flags(replies["over_refusal"], data.refusal_phrases), over_sizes),
+    }
     result["per_source"] = {
-        **_split_flags(result.pop("heldout_refused"), {k: len(sources.harmful[k]) for k in HARMFUL_SOURCES}),
-        **_split_flags(
-            result.pop("xstest_refused"), {k: len(sources.over_refusal[k]) for k in OVER_REFUSAL_SOURCES}
-        ),
+        **_split_flags(result.pop("heldout_refused"), harmful_sizes),
+        **_split_flags(result.pop("xstest_refused"), over_sizes),
     }
     result.update(
         p=block.p,
@@ -136,6 +159,7 @@ def run_block_spec(
     )
     stamp_run(result, fingerprint, started)
     result["config"] = METHODS[method].recorded_config
+    result["replies_file"] = write_replies(result, replies, out_dir) if out_dir is not None else None
     return result
 
 
@@ -186,6 +210,7 @@ def run_harmful_mixing(
                 tokens=tokens,
                 fingerprint=info["fingerprint"],
                 stride=stride,
+                out_dir=out,
             )
             runs.append(result)
             append_run(runs_path, result)

@@ -153,8 +153,19 @@ def test_as_shipped_config_reaches_attach_exactly(tmp_path: Path, monkeypatch: p
             max_len=64,
             curve_every=0,
             mix_rows=refusal_rows,
+            keep_replies=True,
         )
     assert seen == [({}, None)]
+    # The kept replies are the ones the flags were read from: a judge applied later sees what was judged.
+    from study.model import refusal_flags
+
+    for result in results.values():
+        replies = result["replies"]
+        assert refusal_flags(replies["harmful"], data.refusal_phrases) == result["heldout_refused"]
+        assert refusal_flags(replies["over_refusal"], data.refusal_phrases) == result["xstest_refused"]
+        assert refusal_flags(replies["task"], data.refusal_phrases) == result["task_refused"]
+        assert len(result["task_correct"]) == len(replies["task"]) > 0
+        assert result["task_correct"].count("1") / len(replies["task"]) == result["task_exact_match"]
     # The shipped default's anchors are the package's (a separate anchor forward each step).
     assert results["STR as shipped {}"]["steps"] == 1
     assert results["STR as shipped {}"]["anchor_token_share"] > 0
