@@ -106,12 +106,13 @@ PROTOCOL_PLAN: list[Block] = [
     # see the second attack that the llamas validation could not (coef 30 was chosen on held-out AdvBench)?
     # A second seed of the two coefs where they parted (AG News, the second attack).
     Block("agnews", 0.10, (SHIPPED, PREVIOUS_DEFAULT), attack="advbench", seeds=2),
-    Block("agnews", 0.0, PAIR),
+    Block("agnews", 0.0, (BASELINE,)),
     # From stop 39 every run records which task replies are refusals (`task_refused`): is `{}`'s SST-2
     # accuracy cost with harmful rows (-3.5 at p = 10 %, -13.5 at p = 20 %, one seed) the subject's refusal
     # of SST-2's own prompts kept, or wrong labels? p = 5 % and a second p = 20 % seed first, then GSM8K.
     Block("sst2", 0.05, PAIR),
     Block("sst2", 0.20, PAIR, seeds=2),
+    Block("agnews", 0.0, PAIR),
     Block("gsm8k", 0.10, PAIR, n=500),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
