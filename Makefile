@@ -24,9 +24,9 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt $(SOURCES)
 	@# torch first, pinned: this machine's CPU build; an unpinned torch would pull a multi-GB CUDA build.
-	@echo "[make] installing torch 2.13.0 (CPU) and str-hooks with its dev and hf extras into $(VENV)"
+	@echo "[make] installing torch 2.13.0 (CPU) and str-hooks with its dev, hf and deepspeed extras into $(VENV)"
 	@$(BIN)/pip install -q torch==2.13.0
-	@$(BIN)/pip install -q -c constraints.txt -e '.[dev,hf]' --config-settings editable_mode=strict
+	@$(BIN)/pip install -q -c constraints.txt -e '.[dev,hf,deepspeed]' --config-settings editable_mode=strict
 	@touch $@
 
 install: $(STAMP)

@@ -25,7 +25,7 @@ from torch import nn
 
 from str_hooks.device_index import DeviceIndex, sequence_keys
 from str_hooks.errors import STRCacheError
-from str_hooks.projection import ModuleSpec, peft_model_of
+from str_hooks.projection import ModuleSpec, full_shape, peft_model_of
 from str_hooks.tap import ModelTap, eval_mode
 from str_hooks.tokens import SafetyTokens
 
@@ -46,8 +46,8 @@ def model_fingerprint(tap: ModelTap) -> dict[str, Any]:
         rows64 = rows.detach().to(torch.float64)
         return {
             "model_type": str(getattr(config, "model_type", type(tap.causal_lm).__name__)),
-            "vocab_size": int(tap.rows.weight.shape[0]),
-            "hidden_size": int(tap.rows.weight.shape[1]),
+            "vocab_size": full_shape(tap.rows.weight)[0],
+            "hidden_size": full_shape(tap.rows.weight)[1],
             "head_rows_abs_sum": float(rows64.abs().sum()),
             "head_rows_sum": float(rows64.sum()),
         }

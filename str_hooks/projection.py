@@ -24,6 +24,17 @@ HEAD_ATTRIBUTES = ("lm_head", "embed_out", "output")
 ModuleSpec = nn.Module | str | Callable[[nn.Module], nn.Module] | None
 
 
+def zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitions across ranks: its data is gathered only inside its module's
+    forward (and backward), and `ds_shape` is its full shape."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_shape")
+
+
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The tensor's shape, or a ZeRO-3 partitioned parameter's full shape (its local data is a shard)."""
+    return tuple(tensor.ds_shape) if zero3_partitioned(tensor) else tuple(tensor.shape)  # type: ignore[attr-defined]
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The innermost causal LM: through DDP/FSDP1 `.module` and PEFT's `get_base_model()`."""
     current: Any = model
@@ -215,7 +226,7 @@ def find_head(base: nn.Module, spec: ModuleSpec = None) -> nn.Module:
             "'lm_head', or a callable taking the model) to register_str_hook."
         )
     weight = getattr(found, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or len(full_shape(weight)) != 2:
         raise STRAttachError(
             f"the LM head {type(found).__name__} has no 2-D `weight` [vocab, hidden]; str-hooks projects head "
             "rows and supports Linear heads (plain, PEFT LoRA, PEFT modules_to_save). Pass `head=` to name one."
@@ -292,6 +303,16 @@ class HeadRows:
                 "DoRA on the LM head is not supported by str-hooks; use plain LoRA on the head."
             )
         self.lora_layer = lora_layer
+        head_params = [p for p in head.parameters() if isinstance(p, torch.Tensor)]
+        if any(zero3_partitioned(p) for p in head_params) and self.is_trainable():
+            # Under ZeRO-3 a partitioned weight has data only inside its module's forward and backward; the
+            # safety rows are read outside both, and their gradient could not reach the partitions.
+            raise STRAttachError(
+                "the LM head is partitioned by DeepSpeed ZeRO-3 and trainable (full fine-tuning, LoRA or "
+                "modules_to_save on the head): str-hooks reads its safety rows outside the head's forward, "
+                "where ZeRO-3 does not gather them. Freeze the head (LoRA on the decoder only), or use ZeRO-2 "
+                "or FSDP2 (`fully_shard`), which str-hooks supports with a trainable head."
+            )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -314,6 +335,9 @@ class HeadRows:
         # Keyed by the tensor's identity and version counter: an in-place update invalidates the copy.
         key = (id(weight), weight._version)
         cached = self._frozen_cache.get(key)
+        if cached is None and zero3_partitioned(weight):
+            cached = self._gathered_rows(weight, bias)
+            self._frozen_cache = {key: cached}
         if cached is None:
             with torch.no_grad():
                 full = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
@@ -326,6 +350,20 @@ class HeadRows:
             cached = (rows, bias_rows)
             self._frozen_cache = {key: cached}
         return cached
+
+    def _gathered_rows(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen rows of a ZeRO-3 partitioned head, gathered once. A collective: every rank reads them at
+        the same point (the first projection, the same on every rank)."""
+        import deepspeed  # present whenever a parameter carries `ds_id`
+
+        params = [weight] if bias is None else [weight, bias]
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            ids = self._ids.on(weight.device)
+            rows = weight.index_select(0, ids).detach().clone()
+            bias_rows = None if bias is None else bias.index_select(0, ids).detach().clone()
+        return rows, bias_rows
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W[S], b[S]) as the current forward would use them (adapters on or off)."""

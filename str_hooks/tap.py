@@ -22,6 +22,7 @@ from str_hooks.projection import (
     ModuleSpec,
     find_decoder,
     find_head,
+    full_shape,
     hidden_from_output,
     unwrap_model,
 )
@@ -128,7 +129,7 @@ class ModelTap:
         self.decoder = find_decoder(self.causal_lm, decoder)
         self.head = find_head(self.causal_lm, head)
         head_weight: Any = self.head.weight
-        vocab = int(head_weight.shape[0])
+        vocab = full_shape(head_weight)[0]
         bad = [i for i in token_ids if not 0 <= i < vocab]
         if bad:
             raise STRAttachError(

@@ -9,12 +9,19 @@ Usage: dist_worker.py MODE OUTDIR, MODE one of
                   coarse KL, 3-token openings and benign anchors).
   trainer_fsdp2 : the HF Trainer with accelerate's FSDP plugin (fsdp_version 2), full fine-tuning with a
                   frozen reference copy, one SGD step (lr 1).
+  trainer_zero2 / trainer_zero3 / trainer_zero3_offload : the HF Trainer under DeepSpeed ZeRO-2 / ZeRO-3 /
+                  ZeRO-3 with the optimizer state offloaded to CPU (DS_ACCELERATOR=cpu), LoRA, every parameter
+                  partitioned under ZeRO-3 (the frozen head's safety rows gathered once).
+  trainer_zero3_folded_decision / trainer_zero3_default : ZeRO-3 with folded decision-point anchors / `{}`.
+  trainer_zero3_full_head : ZeRO-3, full fine-tuning (a trainable partitioned head): STR refuses it at train
+                  begin; rank 0 writes the error to OUTDIR/error.txt.
 Rank 0 writes the update / gradient of every trainable parameter to OUTDIR/result.safetensors.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,7 +46,38 @@ from helpers.hf import (
 from str_hooks import mine_safety_tokens, register_str_hook
 from str_hooks.testing import make_lora, make_model, make_tokenizer
 
-HF_MODES = ("trainer", "sft", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision")
+ZERO_MODES = (
+    "trainer_zero2",
+    "trainer_zero3",
+    "trainer_zero3_offload",
+    "trainer_zero3_folded_decision",
+    "trainer_zero3_default",
+    "trainer_zero3_full_head",
+)
+HF_MODES = ("trainer", "sft", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision", *ZERO_MODES)
+
+
+def zero_config(mode: str) -> dict[str, object]:
+    """DeepSpeed's JSON for a ZeRO mode: the stage, CPU offload of the optimizer state for `_offload`, the
+    Trainer's own SGD (a client optimizer) and fp32 everywhere, "auto" where the Trainer fills it in."""
+    stage = 3 if "zero3" in mode else 2
+    zero: dict[str, object] = {"stage": stage}
+    if (
+        stage == 3
+    ):  # partition every parameter: by default ZeRO-3 keeps small ones (all of a tiny model) whole
+        zero["stage3_param_persistence_threshold"] = 0
+    if mode.endswith("_offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+    }
 
 
 def hf_mode(mode: str, out: Path) -> None:
@@ -62,30 +100,56 @@ def hf_mode(mode: str, out: Path) -> None:
         cfg["reference"] = {"source": "model"}
     else:
         model = make_lora(make_model("llama"))
-    if mode in ("trainer_folded", "trainer_folded_decision"):
+    if mode in ("trainer_folded", "trainer_folded_decision", "trainer_zero3_folded_decision"):
         # Every rank folds the same anchors into its first micro-batch; DDP averages identical terms.
-        cfg = anchor_config("folded", decision_point=mode == "trainer_folded_decision")
+        cfg = anchor_config("folded", decision_point=mode != "trainer_folded")
+    if mode == "trainer_zero3_default":
+        cfg = {}  # the package defaults, its own anchors, as a user attaches them
+    if mode == "trainer_zero3_full_head":
+        model = make_model("llama")  # full fine-tuning: the head is trainable and partitioned
+        reference = copy.deepcopy(model).requires_grad_(False)
+        cfg["reference"] = {"source": "model"}
     before = trainable_snapshot(model)
     args = common_args(out / "run", batch=4, ga=1, ddp_backend="gloo")
+    if mode in ZERO_MODES:
+        args.update(deepspeed=zero_config(mode))
     if mode == "trainer_fsdp2":
         args.update(
             fsdp="full_shard",
             fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
-    kind = (
-        "trainer"
-        if mode in ("trainer", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision")
-        else "sft"
-    )
+    kind = "sft" if mode == "sft" else "trainer"
     trainer = make_trainer(kind, model, tokenizer, rows, args)
-    attach(trainer, cfg, tokens=tokens, tokenizer=tokenizer, reference_model=reference)
+    attach(trainer, cfg, tokens=None if cfg == {} else tokens, tokenizer=tokenizer, reference_model=reference)
+    if mode == "trainer_zero3_full_head":
+        from str_hooks.errors import STRAttachError
+
+        try:
+            trainer.train()
+        except STRAttachError as error:  # expected, at train begin: written for the test to read
+            if dist.get_rank() == 0:
+                (out / "error.txt").write_text(str(error))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     trainer.train()
     assert trainer.args.world_size == 2
-    after = {
-        n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainable_snapshot(model).items()
-    }
+    if mode in ZERO_MODES:
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            after = trainable_snapshot(model)
+        if "zero3" in mode:  # the head really was partitioned, so the gathered-rows path ran
+            assert model.base_model.model.lm_head.weight.numel() == 0
+    else:
+        after = {
+            n: p.full_tensor() if hasattr(p, "full_tensor") else p
+            for n, p in trainable_snapshot(model).items()
+        }
     if dist.get_rank() == 0:
         save_file({n: (before[n] - after[n]).contiguous() for n in before}, str(out / "result.safetensors"))
+        (out / "log.json").write_text(json.dumps(trainer.state.log_history[0]))
     # Leave together and close the group: a rank exiting while gloo threads still run can abort
     # ("terminate called without an active exception").
     dist.barrier()

@@ -134,8 +134,17 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             r"'folded' but `sample_packing: true` numbers the packed samples",
         ),
         ({"fsdp_config": {"fsdp_version": 2}, "str": ADAPTER}, r"'adapter' under FSDP"),
-        ({"deepspeed": str(zero3)}, r"ZeRO stage 3"),
-        ({"deepspeed": "deepspeed_configs/zero3.json"}, r"ZeRO stage 3"),
+        # ZeRO-3 only with a frozen head: not with full fine-tuning, LoRA or modules_to_save on the head.
+        ({"deepspeed": str(zero3), "adapter": None}, r"ZeRO stage 3 and full fine-tuning"),
+        ({"deepspeed": "deepspeed_configs/zero3.json", "adapter": None}, r"ZeRO stage 3 and full"),
+        (
+            {"deepspeed": str(zero3), "lora_modules_to_save": ["lm_head"]},
+            r"`lora_modules_to_save: \['lm_head'\]`",
+        ),
+        (
+            {"deepspeed": str(zero3), "lora_target_modules": ["q_proj", "lm_head"]},
+            r"ZeRO stage 3 and `lora_target",
+        ),
         ({"rl": "dpo"}, r"`rl: dpo`"),
         (
             {"str": {"tokens": {"path": str(tmp_path / "missing.json")}}},
@@ -170,6 +179,9 @@ def test_combinations_that_cannot_work(tmp_path: Path) -> None:
             },
         },
         {"deepspeed": str(zero2)},
+        {"deepspeed": str(zero2), "adapter": None},
+        {"deepspeed": str(zero3)},  # LoRA on the decoder: the head stays frozen (tests/test_deepspeed.py)
+        {"deepspeed": "deepspeed_configs/zero3_bf16.json", "lora_target_linear": True},
         {"fsdp_config": {"fsdp_version": 2}, "adapter": None, "str": {"reference": {"source": "anchors"}}},
     ):
         assert check_config(lora_config(**extra)) is not None, extra

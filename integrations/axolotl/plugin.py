@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from str_hooks.adapter import patch_method
-from str_hooks.errors import STRAttachError, STRConfigError, STRError
+from str_hooks.errors import STRConfigError, STRError
 from str_hooks.integrations.axolotl.validation import check_config
 from str_hooks.optional import require
 from str_hooks.reference import load_reference_model
@@ -55,7 +55,7 @@ class STRPlugin(BasePlugin):
 
     Raises:
         STRConfigError: in `register`, an invalid `str:` block or options that cannot work together.
-        STRAttachError: in `post_trainer_create`, under DeepSpeed ZeRO-3 (not supported).
+        STRAttachError: in `post_trainer_create`, under DeepSpeed ZeRO-3 with a trainable LM head.
 
     Example:
         ```yaml
@@ -88,7 +88,6 @@ class STRPlugin(BasePlugin):
         self.config = config
         if config is None:
             return
-        _refuse_zero3(trainer)
         reference_model = None
         if config.reference.source == "model":
             reference_model = _load_reference_model(config, cfg, trainer)
@@ -146,15 +145,6 @@ def _route_tuner_forward_through_call(model: Any) -> Callable[[], None] | None:
         return causal_lm(*args, **kwargs)
 
     return patch_method(tuner, "forward", forward, owner=_route_tuner_forward_through_call)
-
-
-def _refuse_zero3(trainer: Any) -> None:
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        raise STRAttachError(
-            "DeepSpeed ZeRO stage 3 is not supported by str-hooks yet: use ZeRO-1/2 or FSDP (`fsdp_config`), or "
-            "remove the `str:` block."
-        )
 
 
 def _load_reference_model(config: STRConfig, cfg: Any, trainer: Any) -> torch.nn.Module:

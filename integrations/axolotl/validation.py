@@ -136,11 +136,12 @@ def incompatibilities(cfg: Mapping[str, Any], config: STRConfig) -> list[str]:
                 else "remove `str.reference.rows` (anchors only)."
             )
         )
-    if _zero_stage(cfg.get("deepspeed")) == 3:
+    if _zero_stage(cfg.get("deepspeed")) == 3 and (trained := _trained_head(cfg)):
         out.append(
-            f"`deepspeed: {cfg.get('deepspeed')}` is ZeRO stage 3, which str-hooks does not support yet (the "
-            "safety rows of the LM head are partitioned and untested): use ZeRO-1/2 or FSDP (`fsdp_config`), "
-            "or remove the `str:` block."
+            f"`deepspeed: {cfg.get('deepspeed')}` is ZeRO stage 3 and {trained} trains the LM head: ZeRO-3 "
+            "partitions it and str-hooks reads its safety rows outside its forward, so only a frozen head works "
+            "there. Train LoRA on the decoder only (drop `lm_head` from the LoRA targets and modules to save), "
+            "or use ZeRO-1/2 or FSDP (`fsdp_config`)."
         )
     if cfg.get("rl"):
         out.append(
@@ -190,6 +191,19 @@ def _check_aliases(cfg: Mapping[str, Any]) -> None:
                 f"top-level key `{key}` looks like the STR block, which must be spelt `str:` (lower case); "
                 "Axolotl would drop it silently and train without STR. Rename it to `str:`."
             )
+
+
+def _trained_head(cfg: Mapping[str, Any]) -> str | None:
+    """What makes the LM head trainable in an Axolotl config (full fine-tuning, LoRA or modules to save on
+    it), or None when the head stays frozen."""
+    if not cfg.get("adapter"):
+        return "full fine-tuning (no `adapter:`)"
+    for key in ("lora_target_modules", "lora_modules_to_save"):
+        value = cfg.get(key) or []
+        names = [value] if isinstance(value, str) else list(value)
+        if any(str(name).split(".")[-1] in ("lm_head", "embed_out", "output") for name in names):
+            return f"`{key}: {value}`"
+    return None
 
 
 def _zero_stage(deepspeed: Any) -> int | None:

@@ -15,11 +15,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_two_processes(script: Path, *args: str, timeout: int = 300) -> None:
+def run_two_processes(
+    script: Path, *args: str, timeout: int = 300, env_extra: dict[str, str] | None = None
+) -> None:
     """Run `script` in 2 processes with torchrun on this machine's CPU; fails the test with the output
     when a process fails."""
     env = {
         **os.environ,
+        **(env_extra or {}),
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
