@@ -196,13 +196,18 @@ def _val_goals(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
         for r in rows
         if "val_refusal_goals" in r
     ]
-    return f"{_pm(kept)} %" if kept else "n/a"
+    return f"{_pm(kept)} %{_of(kept, rows)}" if kept else "n/a"
 
 
 def _task_refused(rows: list[dict[str, Any]]) -> str:
     """Share of the task's test replies that the judge calls refusals (recorded since stop 39; n/a before)."""
     flags = [r["task_refused"] for r in rows if r.get("task_refused")]
-    return f"{_pm([_rate(f) for f in flags], digits=1)} %" if flags else "n/a"
+    return f"{_pm([_rate(f) for f in flags], digits=1)} %{_of(flags, rows)}" if flags else "n/a"
+
+
+def _of(recorded: list[Any], rows: list[dict[str, Any]]) -> str:
+    """' (1 of 2 seeds)' when only some of a cell's runs recorded the measure."""
+    return f" ({len(recorded)} of {len(rows)} seeds)" if len(recorded) < len(rows) else ""
 
 
 def _judge_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
