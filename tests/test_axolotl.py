@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from helpers.factory import make_model, make_tokenizer
+from helpers.launch import free_port
 
 from str_hooks import STRConfig, STRConfigError
 from str_hooks.integrations.axolotl import PLUGIN_PATH, STRArgs, check_config
@@ -343,6 +344,31 @@ def liger_config(work: Path, name: str, block: dict[str, Any], lora: bool) -> Pa
     return path
 
 
+def zero3_config(work: Path, name: str, block: dict[str, Any]) -> Path:
+    """`train_config` (LoRA: the head stays frozen) with `deepspeed:` a ZeRO-3 JSON that partitions every
+    parameter (by default ZeRO-3 keeps small ones, all of a tiny model, whole), no checkpoint."""
+    ds = work / f"{name}-ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "zero_allow_untested_optimizer": True,
+                "fp16": {"enabled": False},
+                "bf16": {"enabled": False},
+            }
+        )
+    )
+    path = train_config(work, name, block)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(deepspeed=str(ds), save_strategy="no")
+    raw.pop("save_steps")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny aligned-model stand-in, its tokenizer and a chat dataset, on disk."""
@@ -445,6 +471,7 @@ def runs(work: Path) -> Iterator[Runs]:
         },
     }
     liger_folded = liger_config(work, "liger-folded", folded_block, lora=True)
+    zero3 = zero3_config(work, "zero3", {"coef": 5.0})
     prepared = started.result("preprocess")
     assert prepared.returncode == 0, prepared.stdout[-5000:]
     for name, config in configs.items():
@@ -452,6 +479,16 @@ def runs(work: Path) -> Iterator[Runs]:
     script = Path(__file__).parent / "axolotl_cpu_liger.py"
     calls = work / "liger-calls.txt"
     started.start("liger", [str(AXOLOTL_BIN / "python"), str(script), str(liger)], STR_LIGER_CALLS=str(calls))
+    # Two ranks under DeepSpeed ZeRO-3 on DeepSpeed's CPU accelerator (the package defaults but the coef).
+    started.start(
+        "zero3",
+        [
+            str(AXOLOTL_BIN / "python"),
+            *("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"),
+            *("--master_port", str(free_port()), "-m", "axolotl.cli.train", str(zero3)),
+        ],
+        DS_ACCELERATOR="cpu",
+    )
     started.start(
         "liger-folded",
         [str(AXOLOTL_BIN / "python"), str(script), str(liger_folded)],
@@ -551,6 +588,21 @@ def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> 
     assert int((work / "liger-folded-calls.txt").read_text()) == LIGER_STEPS
     penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
     assert len(penalties) == LIGER_STEPS and all(p > 0 for p in penalties[1:]), penalties
+
+
+@pytest.mark.slow
+@pytest.mark.axolotl_env
+def test_zero3_two_ranks_through_axolotl(runs: Runs) -> None:
+    """`deepspeed:` a ZeRO-3 JSON, two ranks on DeepSpeed's CPU accelerator, LoRA (the head frozen, its
+    safety rows gathered once): both ranks attach STR and train; the anchor term is logged every step, 0 at
+    the first (the adapter's B starts at 0) and positive once the adapter moves. The update's equality with
+    one process is tests/test_deepspeed.py's."""
+    result = runs.result("zero3")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert '"stage": 3' in result.stdout  # Axolotl passed the ZeRO-3 JSON on
+    assert "[RANK:1] STR attached" in result.stdout
+    penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
+    assert len(penalties) >= STEPS and penalties[0] == 0 and max(penalties) > 0, penalties
 
 
 @pytest.mark.slow
