@@ -49,7 +49,7 @@ $(AXOLOTL_BIN)/python:
 $(AXOLOTL_DEPS): $(AXOLOTL_BIN)/python constraints-axolotl.txt
 	# torch first, pinned (the CPU build), so that axolotl keeps it instead of pulling a CUDA build.
 	$(AXOLOTL_BIN)/pip install -q torch==2.13.0
-	$(AXOLOTL_BIN)/pip install -q -c constraints-axolotl.txt axolotl==0.19.0
+	$(AXOLOTL_BIN)/pip install -q -c constraints-axolotl.txt axolotl==0.19.0 deepspeed==0.19.8
 	touch $@
 
 $(AXOLOTL_STAMP): $(AXOLOTL_DEPS) pyproject.toml $(SOURCES)
