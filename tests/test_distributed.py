@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.hf import COEF, PadCollator, common_args, examples, hand_written_loss, make_trainer
+from helpers.hf import (
+    COEF,
+    PadCollator,
+    common_args,
+    examples,
+    make_trainer,
+    one_big_batch_lora_gradient,
+)
 from helpers.launch import run_two_processes
 from helpers.losses import assert_grads_close
 from safetensors.torch import load_file
@@ -32,12 +39,7 @@ def test_ddp_two_processes_equal_one_big_batch(
     mode: str, tmp_path: Path, tokenizer: Any, tokens: Any
 ) -> None:
     update = launch(mode, tmp_path)
-    torch.manual_seed(0)
-    model = make_lora(make_model("llama"))
-    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
-    hand_written_loss(model, batch, tokens.ids, tokens.weights, per_token=True).backward()
-    expected = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert_grads_close(update, expected)
+    assert_grads_close(update, one_big_batch_lora_gradient(tokenizer, tokens))
 
 
 @pytest.mark.parametrize("decision_point", [False, True])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.configs import decision_point_only
-from str_hooks.testing import make_batch
+from str_hooks.testing import make_batch, make_lora, make_model
 
 COEF = 0.7
 # The decision-point methods on top of any anchor config: the coarse KL, 3-token openings, benign anchors.
@@ -139,3 +139,13 @@ def make_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+
+
+def one_big_batch_lora_gradient(tokenizer: Any, tokens: Any) -> dict[str, torch.Tensor]:
+    """One process, the whole batch of `examples`, by hand: the LoRA gradient of CE + the mse penalty at
+    training positions (per-token mean), what the 2-process runs' one SGD step (lr 1) must equal."""
+    torch.manual_seed(0)
+    model = make_lora(make_model("llama"))
+    batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
+    hand_written_loss(model, batch, tokens.ids, tokens.weights, per_token=True).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
