@@ -115,6 +115,9 @@ PROTOCOL_PLAN: list[Block] = [
     Block("agnews", 0.0, PAIR),
     Block("gsm8k", 0.10, PAIR, n=500),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
+    # Does the protection last (issue 26 item 1's >= 5 epochs at p = 10 %)? `{}` first: it answers the question
+    # alone if the session ends before plain SFT's run does.
+    Block("sst2", 0.10, (SHIPPED, BASELINE), epochs=5.0),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.0, (EARLIER_DEFAULT,)),

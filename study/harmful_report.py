@@ -132,6 +132,7 @@ def report(
             f"| {SOURCE_LABELS[name]} (over-refusal) | {len(sources.over_refusal[name])} | "
             f"{100 * _rate(base[name]):.1f} % | | | |"
         )
+    lines += _task_prompt_lines(base)
     lines += [
         "",
         "Retention = the run's refusals / the subject's, pooled over the three harmful sets (per set in the "
@@ -185,8 +186,38 @@ def report(
         lines += ["", *notes] if notes else []
         lines.append("")
     lines += _target_lines(runs, base)
+    lines += _target_lines(runs, base, "agnews", "beavertails")
+    lines += _target_lines(runs, base, "agnews", "advbench")
     lines += _judge_lines(runs, base)
     return "\n".join(lines) + "\n"
+
+
+def _task_prompt_lines(base: dict[str, Any]) -> list[str]:
+    """Which of each task's scored test prompts the subject refuses before any fine-tuning, beside the shipped
+    model it was safety-tuned from (`harmful_run.task_prompt_refusals`)."""
+    subject, shipped = base.get("task_refused"), base.get("shipped_task_refused")
+    if not subject or not shipped:
+        return []
+    lines = [
+        "",
+        "The tasks' own test prompts (the ones accuracy is scored on), before any fine-tuning:",
+        "",
+        "| task | prompts | subject refuses | SmolLM2-135M-Instruct before the study's safety tuning refuses |",
+        "|---|---|---|---|",
+    ]
+    for task, flags in subject.items():
+        lines.append(
+            f"| {task} | {len(flags)} | {100 * _rate(flags):.1f} % | {100 * _rate(shipped[task]):.1f} % |"
+        )
+    lines += [
+        "",
+        "A task whose prompts the subject refuses is, to any penalty that keeps the subject's refusals, the same "
+        "request as a harmful row: answer where the subject refused. Its accuracy cost is then not noise in the "
+        "method; it is the conflict the method exists for, and it grows with the harmful share p, which adds "
+        "rows of the same kind. Where the subject answers the task's prompts, the accuracy target can be judged "
+        "on its own (the targets below, per task).",
+    ]
+    return lines
 
 
 def _val_goals(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
@@ -262,10 +293,20 @@ def _noted(rows: list[dict[str, Any]]) -> str:
     return "\\*" if any(r.get("note") for r in rows) else ""
 
 
-def _target_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
-    """Issue 26 item 4's targets, per method, on the SST-2 BeaverTails one-epoch tables."""
-    lines = ["## Targets (issue 26 item 4), SST-2 with BeaverTails rows, one epoch", ""]
-    sst2 = [r for r in runs if r["task"] == "sst2" and r["attack"] == "beavertails" and r["epochs"] == 1.0]
+def _target_lines(
+    runs: list[dict[str, Any]], base: dict[str, Any], task: str = "sst2", attack: str = "beavertails"
+) -> list[str]:
+    """Issue 26 item 4's targets, per method, on one task's one-epoch tables with one attack (the issue names
+    SST-2 with BeaverTails rows; other tasks are reported beside it, never in its place)."""
+    sst2 = [r for r in runs if r["task"] == task and r["attack"] == attack and r["epochs"] == 1.0]
+    if not sst2:
+        return []
+    refused = base.get("task_refused", {}).get(task)
+    lines = [
+        f"## Targets (issue 26 item 4), {task} with {attack} rows, one epoch"
+        + (f" (the subject refuses {100 * _rate(refused):.0f} % of its test prompts)" if refused else ""),
+        "",
+    ]
     by = {(r["method"], r["p"]): [] for r in sst2}  # type: dict[tuple[str, float], list[dict[str, Any]]]
     for r in sst2:
         by[(r["method"], r["p"])].append(r)

@@ -30,6 +30,7 @@ from .judge import opening_flags
 from .methods import METHODS
 from .model import refusal_flags, refusal_rate
 from .runs import append_run, load_runs, stamp_run
+from .shipped import shipped_model
 from .subject import DEFAULT_CACHE, build_subject, load, subject_data
 
 
@@ -68,6 +69,20 @@ def _split_flags(flags: str, sizes: dict[str, int]) -> dict[str, str]:
     return out
 
 
+def task_prompt_refusals(model_dir: Path, phrases: list[str]) -> dict[str, str]:
+    """Per task, which of the test prompts every run is scored on (`TASK_SETTINGS` eval count) a model
+    refuses, judged as the harmful sets are (14 greedy tokens, keyword judge). A task the aligned model
+    itself refuses asks fine-tuning to undo refusals, as harmful rows do, and a penalty that keeps the
+    refusals pays for it in accuracy."""
+    model, tokenizer = load(model_dir)
+    flags = {}
+    for task, settings in TASK_SETTINGS.items():
+        test = mixed_task(task, 1000 if task != "gsm8k" else 500, 0.0, [])[1][: settings["eval"][0]]
+        _, replies = refusal_rate(model, tokenizer, [e.prompt for e in test], phrases)
+        flags[task] = refusal_flags(replies, phrases)
+    return flags
+
+
 def subject_baseline(
     subject_dir: Path, sources: Sources, phrases: list[str], out: Path, key: str
 ) -> dict[str, Any]:
@@ -77,7 +92,15 @@ def subject_baseline(
     path = out / "subject.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     record: dict[str, Any] = dict(cached.get(key, {}))
+    if {"val_refusal_goals", "opening", "task_refused", "shipped_task_refused"} <= record.keys():
+        return record
+    if "task_refused" not in record:
+        record["task_refused"] = task_prompt_refusals(subject_dir, phrases)
+        # The same prompts before the study's safety tuning: is a refused task the subject's doing?
+        record["shipped_task_refused"] = task_prompt_refusals(shipped_model(), phrases)
     if {"val_refusal_goals", "opening"} <= record.keys():
+        cached[key] = record
+        path.write_text(json.dumps(cached, indent=2))
         return record
     model, tokenizer = load(subject_dir)
     opening: dict[str, str] = {}

@@ -171,3 +171,19 @@ def test_as_shipped_config_reaches_attach_exactly(tmp_path: Path, monkeypatch: p
     assert results["STR as shipped {}"]["anchor_token_share"] > 0
     # 16 rows of batch 16, plus 16 // 9 = 1 given refusal row: a second step.
     assert results["mix 10% refusals"]["steps"] == 2
+
+
+def test_task_prompt_table_counts_refusals_per_task_by_hand() -> None:
+    from study.harmful_report import _target_lines, _task_prompt_lines
+
+    base = {
+        "task_refused": {"sst2": "1101", "agnews": "0000"},
+        "shipped_task_refused": {"sst2": "1000", "agnews": "0001"},
+    }
+    lines = _task_prompt_lines(base)
+    assert "| sst2 | 4 | 75.0 % | 25.0 % |" in lines
+    assert "| agnews | 4 | 0.0 % | 25.0 % |" in lines
+    # A baseline recorded before the field existed gets no table rather than a made-up one.
+    assert _task_prompt_lines({}) == []
+    # A task with no one-epoch runs gets no targets table; one with runs names the subject's refusals.
+    assert _target_lines([], base, "agnews", "advbench") == []
