@@ -108,6 +108,7 @@ class STRHandle:
             )
         self._metrics.account_nonfinite(nonfinite)
         self._usage.check_refused_rows()
+        self._usage.check_task_refusals()
         return nonfinite
 
     def step(self) -> None:
@@ -216,6 +217,8 @@ class STRHandle:
             self._rows_metrics.clear()
         sink = self.tap.take()
         self._usage.forward_seen(sink)
+        if self.config.penalty.min_reference_mass is None:  # the gate's own warning covers gated configs
+            self._usage.count_task_refusals(sink, labels, self.tap.rows.ids_on(self.tap.device()))
         device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
         anchors = rows = None
         finite: list[torch.Tensor] = []

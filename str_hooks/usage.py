@@ -1,5 +1,5 @@
 """`UsageChecks`: one-time warnings for the ways a training loop silently goes wrong with STR (a model left in
-eval mode, `handle.step()` never called, a gated rows' term holding the refusals of the task itself)."""
+eval mode, `handle.step()` never called, an aligned model that refuses the task itself)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class UsageChecks:
         # Rows with a gated position, and rows, over the first `REFUSED_ROWS_STEPS` optimizer steps (device).
         self._refused_rows: torch.Tensor | None = None
         self._refused_rows_read = False
+        # Rows the model refuses at their first answer token, and rows, in the first optimizer step (device).
+        self._task_refusals: torch.Tensor | None = None
+        self._task_refusals_read = False
 
     def loss_called(self) -> None:
         """Count a `loss()` call; after 1000 of them without a `step()` a warm-up or an anchor interval never
@@ -110,9 +113,59 @@ class UsageChecks:
                 stacklevel=3,
             )
 
+    def count_task_refusals(self, sink: Sink, labels: torch.Tensor | None, safety_ids: torch.Tensor) -> None:
+        """In the first optimizer step only, where the model being trained is still the aligned one (STR's
+        premise: fine-tuning starts from it), count the rows whose first answer token the model would open with
+        a safety token (probability >= `TASK_REFUSED_MASS`); device ops, no host read. Needs the host's logits
+        and the labels (the call's, else the forward's `labels`), aligned with the input ids; a forward without
+        them is not counted (fused heads return no logits)."""
+        if self._task_refusals_read or self.schedule.step > 0 or not sink.training or sink.logits is None:
+            return
+        labels = labels if labels is not None else sink.kwargs.get("labels")
+        logits = sink.logits
+        if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+            return  # e.g. anchors folded in front of the rows: the labels no longer line up
+        with torch.no_grad():
+            supervised = labels.to(logits.device) != -100
+            first = supervised.int().argmax(dim=1)  # the first answer token's index
+            counted = supervised.any(dim=1) & (first > 0)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            at_opening = logits[rows, (first - 1).clamp(min=0)].float()  # the position that predicts it
+            mass = torch.softmax(at_opening, dim=-1)[:, safety_ids.to(logits.device)].sum(-1)
+            refused = counted & (mass >= TASK_REFUSED_MASS)
+            counts = torch.stack([refused.sum(), counted.sum()])
+        self._task_refusals = counts if self._task_refusals is None else self._task_refusals + counts
+
+    def check_task_refusals(self) -> None:
+        """At the end of the first optimizer step, one host read: warn when the aligned model would refuse at
+        least `REFUSED_ROWS_SHARE` of the task's rows. Every STR source keeps the aligned model's refusals, and
+        a row it refused asks fine-tuning for what a harmful row asks (to answer where it refused): the penalty
+        cannot tell them apart, so the task's accuracy pays, more with harmful rows in the data (the project's
+        subject refuses 95 % of SST-2's prompts: `{}` cost -1.5 / -3.5 / -10.8 points of accuracy at 5 / 10 /
+        20 % harmful rows, nothing on AG News, which it answers; results/harmful_mixing)."""
+        if self._task_refusals_read or self._task_refusals is None:
+            return
+        self._task_refusals_read = True
+        refused, rows = (int(v) for v in self._task_refusals.tolist())
+        self._task_refusals = None
+        if rows and refused >= REFUSED_ROWS_SHARE * rows:
+            warnings.warn(
+                f"the aligned model opens {refused} of the {rows} training rows of the first optimizer step with "
+                f"a safety token (probability >= {TASK_REFUSED_MASS:g} at their first answer token): it refuses "
+                "this task's prompts. STR keeps its refusals and cannot tell these rows from harmful ones, so "
+                "expect the task to learn slower than plain fine-tuning, more so if the data holds harmful rows. "
+                "If the task is benign, the aligned model over-refuses it; measure both (`str-hooks eval` for "
+                "refusals, your task's metric against a run without STR) before trusting either.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
 
 # The first optimizer steps whose rows `check_refused_rows` counts, and the share of them that warns.
 REFUSED_ROWS_STEPS = 4
 REFUSED_ROWS_SHARE = 0.5
+# A row's first answer token counts as refused where the model puts this much on the safety tokens (the
+# rows gate's default, `penalty.min_reference_mass`).
+TASK_REFUSED_MASS = 0.5
 
-__all__ = ["REFUSED_ROWS_SHARE", "REFUSED_ROWS_STEPS", "UsageChecks"]
+__all__ = ["REFUSED_ROWS_SHARE", "REFUSED_ROWS_STEPS", "TASK_REFUSED_MASS", "UsageChecks"]

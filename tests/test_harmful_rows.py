@@ -388,3 +388,43 @@ def test_a_gate_that_passes_most_rows_warns_once_after_the_first_steps(
                 assert "remove `reference.rows`" in said[0]
             else:
                 assert not said, (step, said)
+
+
+@pytest.mark.parametrize(("refused_rows", "warns"), [(2, True), (1, False)])
+def test_an_aligned_model_that_refuses_the_task_is_reported_after_the_first_step(
+    refused_rows: int, warns: bool
+) -> None:
+    """Every source keeps the aligned model's refusals, so a task whose prompts it refuses is fought like an
+    attack. At the end of the first optimizer step (the model trained is still the aligned one) the user is told
+    once when it would open half the rows or more with a safety token; the count is the hand-computed one (the
+    safety mass at each row's first answer token). Fewer refused rows stay silent, and so do later steps."""
+    import warnings
+
+    from str_hooks.usage import TASK_REFUSED_MASS
+
+    _, reference = build()
+    aligned = copy.deepcopy(reference).requires_grad_(True).train()
+    # By hand: the aligned model refuses the harmful prompt and answers the benign one.
+    assert safety_mass(aligned, HARMFUL_PROMPT) >= TASK_REFUSED_MASS > safety_mass(aligned, BENIGN_PROMPT)
+    rows = [row(HARMFUL_PROMPT, COMPLY_ID)] * refused_rows + [row(BENIGN_PROMPT, BENIGN_ANSWER_ID)] * (
+        4 - refused_rows
+    )
+    micro_batches = [{key: torch.cat([r[key] for r in pair]) for key in pair[0]} for pair in (rows[:2], rows[2:])]
+    config = {"penalty": {"form": "kl"}, "reference": {"source": "model"}}
+    optimizer = torch.optim.SGD(aligned.parameters(), lr=1e-3)
+    with register_str_hook(aligned, config, tokens=safety_tokens(), reference_model=reference) as handle:
+        for step in range(3):
+            for batch in micro_batches:  # two micro-batches per optimizer step: both are counted
+                (aligned(**batch).loss / 2 + handle.loss(accumulation_steps=2)).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handle.check_step()
+                handle.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            said = [str(w.message) for w in caught if "first answer token" in str(w.message)]
+            if warns and step == 0:
+                assert len(said) == 1, said
+                assert f"opens {refused_rows} of the 4 training rows" in said[0]
+            else:
+                assert not said, (step, said)
