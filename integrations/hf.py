@@ -24,8 +24,8 @@ from str_hooks.optional import require
 
 transformers: Any = require("transformers", "hf")
 
-# Key of the STR state inside TrainerState.stateful_callbacks (saved in every checkpoint's
-# trainer_state.json). Not a callback class name, so the Trainer's own callback restoring leaves it alone.
+# The STR state's key in TrainerState.stateful_callbacks (every checkpoint's trainer_state.json); not a class name,
+# so the Trainer's own callback restoring leaves it alone.
 STATE_KEY = "str_hooks"
 
 
@@ -40,7 +40,6 @@ class STRCallback(AdapterBase, transformers.TrainerCallback):
         decoder, head: overrides for the decoder and the LM head (module, attribute path, or callable).
 
     Metrics: `str_hooks.driver.STEP_KEYS`, prefixed (`logging.prefix`), in `log_history` and `report_to`.
-
     Raises:
         STRConfigError: an invalid config (at construction); the probe on without a tokenizer (train begin).
         STRError: at train begin, when the callback cannot reach the trainer's loss (then call
