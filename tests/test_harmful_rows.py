@@ -409,7 +409,9 @@ def test_an_aligned_model_that_refuses_the_task_is_reported_after_the_first_step
     rows = [row(HARMFUL_PROMPT, COMPLY_ID)] * refused_rows + [row(BENIGN_PROMPT, BENIGN_ANSWER_ID)] * (
         4 - refused_rows
     )
-    micro_batches = [{key: torch.cat([r[key] for r in pair]) for key in pair[0]} for pair in (rows[:2], rows[2:])]
+    micro_batches = [
+        {key: torch.cat([r[key] for r in pair]) for key in pair[0]} for pair in (rows[:2], rows[2:])
+    ]
     config = {"penalty": {"form": "kl"}, "reference": {"source": "model"}}
     optimizer = torch.optim.SGD(aligned.parameters(), lr=1e-3)
     with register_str_hook(aligned, config, tokens=safety_tokens(), reference_model=reference) as handle:
