@@ -93,8 +93,11 @@ def _subject_point(subject_dir: Path, data: StudyData) -> dict[str, Any]:
     refusal, _ = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
     _, safe_replies = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
     _, test, _ = demo_task(0.0)
+    # The task's own prompts: a subject that refuses them asks `{}` to hold what the task must undo.
+    task_refusal, _ = refusal_rate(model, tokenizer, [e.prompt for e in test], data.refusal_phrases)
     return {
         "heldout_refusal": refusal,
+        "task_refusal": task_refusal,
         "xstest_refused": refusal_flags(safe_replies, data.refusal_phrases),
         "task_heldout_loss": heldout_loss(model, tokenizer, test, MAX_LEN),
     }
@@ -177,7 +180,7 @@ def demo_report(
         f"step time vs plain (median of {DEMO_STEPS - 3} steps) |",
         "|---|---|---|---|---|---|",
         f"| before fine-tuning | aligned subject | {100 * subject_refusal:.0f} % refused | "
-        f"{_over(base, n_sensitive)} | - | - |",
+        f"{_over(base, n_sensitive)} | {100 * base['task_refusal']:.0f} % refused | - |",
     ]
     for i in range(0, len(results), 2):
         plain = results[i]
@@ -199,6 +202,11 @@ def demo_report(
     lines += [
         "",
         *verdicts,
+        "",
+        f"The subject refuses {100 * base['task_refusal']:.0f} % of the sort test prompts before fine-tuning. "
+        "Where it refuses the task, the task's rows ask what compliant rows ask (answer where it refused), and "
+        "`{}`, which keeps its refusals, cannot tell them apart: exact match pays (the handle warns about it "
+        "after the first step; results/harmful_mixing measures tasks the subject answers).",
         "",
         "Refusals kept = the run's refusal rate over the subject's, greedy 14 tokens, the package's refusal "
         "phrases as the judge. The held-out harmful prompts and the compliant rows' prompts are all among the "

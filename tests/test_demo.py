@@ -87,7 +87,12 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
     }
     monkeypatch.setattr(demo, "run_one", fake_run_one)
     monkeypatch.setattr(demo, "build_subject", lambda *a, **k: info)
-    subject = {"heldout_refusal": 0.9, "xstest_refused": SAFE_FLAGS, "task_heldout_loss": 3.0}
+    subject = {
+        "heldout_refusal": 0.9,
+        "task_refusal": 0.66,
+        "xstest_refused": SAFE_FLAGS,
+        "task_heldout_loss": 3.0,
+    }
     monkeypatch.setattr(demo, "_subject_point", lambda *a: subject)
     text = demo.run_demo(tmp_path / "demo", tmp_path / "cache")
     assert calls == [("plain SFT", 0), ("STR as shipped {}", 0), ("plain SFT", 1), ("STR as shipped {}", 1)]
@@ -96,7 +101,8 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
     assert rows[2] == "| sort + 10 % compliant rows | plain SFT | 33 % | 7 % + 7 % | 48 % | x1.00 |"
     assert rows[3] == "| sort + 10 % compliant rows | STR as shipped {} | 97 % | 7 % + 7 % | 44 % | x1.25 |"
     assert rows[1] == "| sort | STR as shipped {} | 100 % | 7 % + 7 % | 46 % | x1.20 |"
-    assert "| before fine-tuning | aligned subject | 90 % refused | 7 % + 7 % | - | - |" in text
+    assert "| before fine-tuning | aligned subject | 90 % refused | 7 % + 7 % | 66 % refused | - |" in text
+    assert "The subject refuses 66 % of the sort test prompts" in text
     assert "-4 points" in text
     for name in ("RESULTS.md", "runs.jsonl", "demo.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
