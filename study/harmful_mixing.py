@@ -116,8 +116,13 @@ PROTOCOL_PLAN: list[Block] = [
     Block("gsm8k", 0.10, PAIR, n=500),
     Block("agnews", 0.10, ("KL-SFT (full vocab, beta 1)", MIX), attack="advbench"),
     # Does the protection last (issue 26 item 1's >= 5 epochs at p = 10 %)? `{}` first: it answers the question
-    # alone if the session ends before plain SFT's run does.
-    Block("sst2", 0.10, (SHIPPED, BASELINE), epochs=5.0),
+    # alone; plain SFT's five epochs (its accuracy denominator) after the next, shorter run.
+    Block("sst2", 0.10, (SHIPPED,), epochs=5.0),
+    # SST-2's accuracy cost has two candidate causes: the subject refuses 95 % of SST-2's prompts (a conflict
+    # no refusal-keeping penalty escapes) and the anchor term's noise at 2 anchors a step (study/methods.py).
+    # 8 anchors at the same coef where the cost is largest (p = 20 %), judged on the validation accuracy.
+    Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",)),
+    Block("sst2", 0.10, (BASELINE,), epochs=5.0),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.0, (EARLIER_DEFAULT,)),

@@ -249,6 +249,15 @@ METHODS = {
             {"coef": 10.0, "reference": {"rows": "adapter", "screen_mass": 0.05}},
             as_shipped=True,
         ),
+        # Is part of `{}`'s SST-2 cost the anchor term's sampling noise? `{}` (2 anchors a step, coef 30) logs a
+        # gradient-norm spread of 4.3-7.3 against plain SFT's 0.4-1.2 and 8 anchors at coef 10's 0.46, and the
+        # Trainer clips the summed gradient at norm 1: the same coef over 8 anchors a step.
+        Method(
+            "STR anchors b8 c30 (as written)",
+            "str",
+            {"coef": 30.0, "reference": {"anchor_batch_size": 8}},
+            as_shipped=True,
+        ),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",
