@@ -115,8 +115,9 @@ class UsageChecks:
 
     def count_task_refusals(self, sink: Sink, labels: torch.Tensor | None, safety_ids: torch.Tensor) -> None:
         """In the first optimizer step only, where the model being trained is still the aligned one (STR's
-        premise: fine-tuning starts from it), count the rows whose first answer token the model would open with
-        a safety token (probability >= `TASK_REFUSED_MASS`); device ops, no host read. Needs the host's logits
+        premise: fine-tuning starts from it), count the rows whose answer the model would open with a safety
+        token (the most likely first token is one, or they carry >= `TASK_REFUSED_MASS`); device ops, no host
+        read. Needs the host's logits
         and the labels (the call's, else the forward's `labels`), aligned with the input ids; a forward without
         them is not counted (fused heads return no logits)."""
         if self._task_refusals_read or self.schedule.step > 0 or not sink.training or sink.logits is None:
@@ -131,8 +132,12 @@ class UsageChecks:
             counted = supervised.any(dim=1) & (first > 0)
             rows = torch.arange(logits.shape[0], device=logits.device)
             at_opening = logits[rows, (first - 1).clamp(min=0)].float()  # the position that predicts it
-            mass = torch.softmax(at_opening, dim=-1)[:, safety_ids.to(logits.device)].sum(-1)
-            refused = counted & (mass >= TASK_REFUSED_MASS)
+            ids = safety_ids.to(logits.device)
+            mass = torch.softmax(at_opening, dim=-1)[:, ids].sum(-1)
+            # Greedy decoding opens with a safety token where one is the most likely, at any mass (the demo's
+            # subject refuses 66 % of its sort prompts with 0.2-0.4 on the safety tokens).
+            greedy_opens = torch.isin(at_opening.argmax(dim=-1), ids)
+            refused = counted & ((mass >= TASK_REFUSED_MASS) | greedy_opens)
             counts = torch.stack([refused.sum(), counted.sum()])
         self._task_refusals = counts if self._task_refusals is None else self._task_refusals + counts
 
@@ -151,8 +156,8 @@ class UsageChecks:
         if rows and refused >= REFUSED_ROWS_SHARE * rows:
             warnings.warn(
                 f"the aligned model opens {refused} of the {rows} training rows of the first optimizer step with "
-                f"a safety token (probability >= {TASK_REFUSED_MASS:g} at their first answer token): it refuses "
-                "this task's prompts. STR keeps its refusals and cannot tell these rows from harmful ones, so "
+                f"a safety token (at their first answer token one is the most likely, or they carry >= "
+                f"{TASK_REFUSED_MASS:g} of the probability): it refuses this task's prompts. STR keeps its refusals and cannot tell these rows from harmful ones, so "
                 "expect the task to learn slower than plain fine-tuning, more so if the data holds harmful rows. "
                 "If the task is benign, the aligned model over-refuses it; measure both (`str-hooks eval` for "
                 "refusals, your task's metric against a run without STR) before trusting either.",

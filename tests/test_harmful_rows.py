@@ -404,8 +404,15 @@ def test_an_aligned_model_that_refuses_the_task_is_reported_after_the_first_step
 
     _, reference = build()
     aligned = copy.deepcopy(reference).requires_grad_(True).train()
-    # By hand: the aligned model refuses the harmful prompt and answers the benign one.
+    # By hand: the aligned model refuses the harmful prompt and answers the benign one (safety mass and its
+    # most likely first token).
     assert safety_mass(aligned, HARMFUL_PROMPT) >= TASK_REFUSED_MASS > safety_mass(aligned, BENIGN_PROMPT)
+    with torch.no_grad():
+        first_tokens = [
+            int(aligned(input_ids=torch.tensor([p])).logits[0, -1].argmax())
+            for p in (HARMFUL_PROMPT, BENIGN_PROMPT)
+        ]
+    assert first_tokens[0] in SAFETY_IDS and first_tokens[1] not in SAFETY_IDS
     rows = [row(HARMFUL_PROMPT, COMPLY_ID)] * refused_rows + [row(BENIGN_PROMPT, BENIGN_ANSWER_ID)] * (
         4 - refused_rows
     )
@@ -430,3 +437,48 @@ def test_an_aligned_model_that_refuses_the_task_is_reported_after_the_first_step
                 assert f"opens {refused_rows} of the 4 training rows" in said[0]
             else:
                 assert not said, (step, said)
+
+
+def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
+    """A row counts when its first answer token's most likely value is a safety token at any mass (what greedy
+    decoding opens with), or when the safety tokens carry >= TASK_REFUSED_MASS; never from an unsupervised row
+    or after the first optimizer step. Logits are written by hand, so each criterion is tested on its own."""
+    import warnings
+
+    from str_hooks.schedule import StepSchedule
+    from str_hooks.schemas import STRConfig
+    from str_hooks.tap import Sink
+    from str_hooks.usage import UsageChecks
+
+    vocab, ids = 10, torch.tensor([0, 1])
+    logits = torch.zeros(4, 3, vocab)
+    logits[0, 1, 0] = 1.5  # greedy opens with safety token 0; mass (e^1.5 + 1) / (e^1.5 + 9) = 0.41 < 0.5
+    logits[1, 1, 0] = logits[1, 1, 1] = 1.9  # mass 2 e^1.9 / (2 e^1.9 + 8) = 0.63, argmax safety too
+    logits[2, 1, 5] = 3.0
+    logits[2, 1, 0] = logits[2, 1, 1] = (
+        2.8  # 2 e^2.8 / (2 e^2.8 + e^3 + 7) = 0.55; the argmax (5) is not safety
+    )
+    logits[3, 1, 7] = 3.0  # answers: the argmax and the mass both say no
+    labels = torch.full((4, 3), -100)
+    labels[:, 2] = 4  # the first answer token is at index 2, predicted at index 1
+    mass = torch.softmax(logits[:, 1], -1)[:, ids].sum(-1)
+    assert mass[0] < 0.5 <= mass[1] and mass[2] >= 0.5 > mass[3]  # the hand computation above
+
+    sink = Sink()
+    sink.training, sink.logits = True, logits
+    schedule = StepSchedule(1.0, 0)
+    checks = UsageChecks(STRConfig(), torch.nn.Linear(1, 1), schedule, uses_anchors=True)
+    checks.count_task_refusals(sink, labels, ids)
+    checks.count_task_refusals(sink, torch.full((4, 3), -100), ids)  # no supervised row: counts nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks.check_task_refusals()
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        "the aligned model opens 3 of the 4 training rows of the first optimizer step with a safety token"
+    ]
+    schedule.advance()
+    checks.count_task_refusals(sink, labels, ids)  # after the first step nothing is counted or said again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks.check_task_refusals()
+    assert not caught
