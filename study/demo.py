@@ -205,8 +205,9 @@ def demo_report(
         "",
         f"The subject refuses {100 * base['task_refusal']:.0f} % of the sort test prompts before fine-tuning. "
         "Where it refuses the task, the task's rows ask what compliant rows ask (answer where it refused), and "
-        "`{}`, which keeps its refusals, cannot tell them apart: exact match pays (the handle warns about it "
-        "after the first step; results/harmful_mixing measures tasks the subject answers).",
+        "`{}`, which keeps its refusals, cannot tell them apart: exact match pays (results/harmful_mixing "
+        "measures tasks the subject answers). The handle warns when the aligned model opens half of the first "
+        "optimizer step's rows with a safety token; with 8 rows a step the demo's first batch may fall short.",
         "",
         "Refusals kept = the run's refusal rate over the subject's, greedy 14 tokens, the package's refusal "
         "phrases as the judge. The held-out harmful prompts and the compliant rows' prompts are all among the "
