@@ -119,7 +119,8 @@ class UsageChecks:
         token (the most likely first token is one, or they carry >= `TASK_REFUSED_MASS`); device ops, no host
         read. Needs the host's logits
         and the labels (the call's, else the forward's `labels`), aligned with the input ids; a forward without
-        them is not counted (fused heads return no logits)."""
+        them is not counted (fused heads return no logits), nor a row whose own answer opens with a safety token
+        (a task that answers "No" is not refused by a model that opens with it)."""
         if self._task_refusals_read or self.schedule.step > 0 or not sink.training or sink.logits is None:
             return
         labels = labels if labels is not None else sink.kwargs.get("labels")
@@ -127,12 +128,14 @@ class UsageChecks:
         if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
             return  # e.g. anchors folded in front of the rows: the labels no longer line up
         with torch.no_grad():
-            supervised = labels.to(logits.device) != -100
+            labels = labels.to(logits.device)
+            supervised = labels != -100
             first = supervised.int().argmax(dim=1)  # the first answer token's index
-            counted = supervised.any(dim=1) & (first > 0)
             rows = torch.arange(logits.shape[0], device=logits.device)
-            at_opening = logits[rows, (first - 1).clamp(min=0)].float()  # the position that predicts it
             ids = safety_ids.to(logits.device)
+            # A row whose own answer opens with a safety token ("No", "I") is the task's answer, not a refusal.
+            counted = supervised.any(dim=1) & (first > 0) & ~torch.isin(labels[rows, first], ids)
+            at_opening = logits[rows, (first - 1).clamp(min=0)].float()  # the position that predicts it
             mass = torch.softmax(at_opening, dim=-1)[:, ids].sum(-1)
             # Greedy decoding opens with a safety token where one is the most likely, at any mass (the demo's
             # subject refuses 66 % of its sort prompts with 0.2-0.4 on the safety tokens).

@@ -441,8 +441,8 @@ def test_an_aligned_model_that_refuses_the_task_is_reported_after_the_first_step
 
 def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
     """A row counts when its first answer token's most likely value is a safety token at any mass (what greedy
-    decoding opens with), or when the safety tokens carry >= TASK_REFUSED_MASS; never from an unsupervised row
-    or after the first optimizer step. Logits are written by hand, so each criterion is tested on its own."""
+    decoding opens with), or when the safety tokens carry >= TASK_REFUSED_MASS; never from an unsupervised row,
+    a row whose own answer opens with a safety token, or after the first optimizer step. Logits are written by hand, so each criterion is tested on its own."""
     import warnings
 
     from str_hooks.schedule import StepSchedule
@@ -451,7 +451,7 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
     from str_hooks.usage import UsageChecks
 
     vocab, ids = 10, torch.tensor([0, 1])
-    logits = torch.zeros(4, 3, vocab)
+    logits = torch.zeros(5, 3, vocab)
     logits[0, 1, 0] = 1.5  # greedy opens with safety token 0; mass (e^1.5 + 1) / (e^1.5 + 9) = 0.41 < 0.5
     logits[1, 1, 0] = logits[1, 1, 1] = 1.9  # mass 2 e^1.9 / (2 e^1.9 + 8) = 0.63, argmax safety too
     logits[2, 1, 5] = 3.0
@@ -459,8 +459,10 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
         2.8  # 2 e^2.8 / (2 e^2.8 + e^3 + 7) = 0.55; the argmax (5) is not safety
     )
     logits[3, 1, 7] = 3.0  # answers: the argmax and the mass both say no
-    labels = torch.full((4, 3), -100)
+    logits[4, 1, 1] = 5.0  # opens with safety token 1, which is this row's own answer: not counted
+    labels = torch.full((5, 3), -100)
     labels[:, 2] = 4  # the first answer token is at index 2, predicted at index 1
+    labels[4, 2] = 1
     mass = torch.softmax(logits[:, 1], -1)[:, ids].sum(-1)
     assert mass[0] < 0.5 <= mass[1] and mass[2] >= 0.5 > mass[3]  # the hand computation above
 
@@ -469,7 +471,7 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
     schedule = StepSchedule(1.0, 0)
     checks = UsageChecks(STRConfig(), torch.nn.Linear(1, 1), schedule, uses_anchors=True)
     checks.count_task_refusals(sink, labels, ids)
-    checks.count_task_refusals(sink, torch.full((4, 3), -100), ids)  # no supervised row: counts nothing
+    checks.count_task_refusals(sink, torch.full((5, 3), -100), ids)  # no supervised row: counts nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checks.check_task_refusals()
