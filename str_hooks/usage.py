@@ -117,10 +117,9 @@ class UsageChecks:
         """In the first optimizer step only, where the model being trained is still the aligned one (STR's
         premise: fine-tuning starts from it), count the rows whose answer the model would open with a safety
         token (the most likely first token is one, or they carry >= `TASK_REFUSED_MASS`); device ops, no host
-        read. Needs the host's logits
-        and the labels (the call's, else the forward's `labels`), aligned with the input ids; a forward without
-        them is not counted (fused heads return no logits), nor a row whose own answer opens with a safety token
-        (a task that answers "No" is not refused by a model that opens with it)."""
+        read. Needs the host's logits and the labels (the call's, else the forward's `labels`), aligned with the
+        input ids; a forward without them is not counted (fused heads return no logits), nor a row whose own
+        answer opens with a safety token (a task that answers "No" is not refused by a model that opens with it)."""
         if self._task_refusals_read or self.schedule.step > 0 or not sink.training or sink.logits is None:
             return
         labels = labels if labels is not None else sink.kwargs.get("labels")
@@ -159,9 +158,10 @@ class UsageChecks:
         if rows and refused >= REFUSED_ROWS_SHARE * rows:
             warnings.warn(
                 f"the aligned model opens {refused} of the {rows} training rows of the first optimizer step with "
-                f"a safety token (at their first answer token one is the most likely, or they carry >= "
-                f"{TASK_REFUSED_MASS:g} of the probability): it refuses this task's prompts. STR keeps its refusals and cannot tell these rows from harmful ones, so "
-                "expect the task to learn slower than plain fine-tuning, more so if the data holds harmful rows. "
+                "a safety token (at their first answer token one is the most likely, or they carry >= "
+                f"{TASK_REFUSED_MASS:g} of the probability): it refuses this task's prompts. STR keeps its "
+                "refusals and cannot tell these rows from harmful ones, so expect the task to learn slower than "
+                "plain fine-tuning, more so if the data holds harmful rows. "
                 "If the task is benign, the aligned model over-refuses it; measure both (`str-hooks eval` for "
                 "refusals, your task's metric against a run without STR) before trusting either.",
                 RuntimeWarning,
