@@ -218,7 +218,7 @@ class STRHandle:
         sink = self.tap.take()
         self._usage.forward_seen(sink)
         if self.config.penalty.min_reference_mass is None:  # the gate's own warning covers gated configs
-            self._usage.count_task_refusals(sink, labels, self.tap.rows.ids_on(self.tap.device()))
+            self._usage.count_task_refusals(sink, labels, self.tap.rows)
         device = sink.safety_logits.device if sink.safety_logits is not None else self.tap.device()
         anchors = rows = None
         finite: list[torch.Tensor] = []

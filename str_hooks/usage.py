@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from str_hooks.projection import HeadRows
 from str_hooks.schedule import StepSchedule
 from str_hooks.schemas.config import STRConfig
 from str_hooks.tap import Sink
@@ -113,7 +114,7 @@ class UsageChecks:
                 stacklevel=3,
             )
 
-    def count_task_refusals(self, sink: Sink, labels: torch.Tensor | None, safety_ids: torch.Tensor) -> None:
+    def count_task_refusals(self, sink: Sink, labels: torch.Tensor | None, safety: HeadRows) -> None:
         """In the first optimizer step only, where the model being trained is still the aligned one (STR's
         premise: fine-tuning starts from it), count the rows whose answer the model would open with a safety
         token (the most likely first token is one, or they carry >= `TASK_REFUSED_MASS`); device ops, no host
@@ -131,7 +132,7 @@ class UsageChecks:
             supervised = labels != -100
             first = supervised.int().argmax(dim=1)  # the first answer token's index
             rows = torch.arange(logits.shape[0], device=logits.device)
-            ids = safety_ids.to(logits.device)
+            ids = safety.ids_on(logits.device)
             # A row whose own answer opens with a safety token ("No", "I") is the task's answer, not a refusal.
             counted = supervised.any(dim=1) & (first > 0) & ~torch.isin(labels[rows, first], ids)
             at_opening = logits[rows, (first - 1).clamp(min=0)].float()  # the position that predicts it

@@ -77,7 +77,7 @@ def task_prompt_refusals(model_dir: Path, phrases: list[str]) -> dict[str, str]:
     model, tokenizer = load(model_dir)
     flags = {}
     for task, settings in TASK_SETTINGS.items():
-        test = mixed_task(task, 1000 if task != "gsm8k" else 500, 0.0, [])[1][: settings["eval"][0]]
+        test = mixed_task(task, 1000, 0.0, [])[1][: settings["eval"][0]]  # the test split ignores n
         _, replies = refusal_rate(model, tokenizer, [e.prompt for e in test], phrases)
         flags[task] = refusal_flags(replies, phrases)
     return flags

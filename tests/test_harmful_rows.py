@@ -451,6 +451,11 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
     from str_hooks.usage import UsageChecks
 
     vocab, ids = 10, torch.tensor([0, 1])
+
+    class Safety:  # the part of HeadRows the check reads
+        def ids_on(self, device: torch.device) -> torch.Tensor:
+            return ids.to(device)
+
     logits = torch.zeros(5, 3, vocab)
     logits[0, 1, 0] = 1.5  # greedy opens with safety token 0; mass (e^1.5 + 1) / (e^1.5 + 9) = 0.41 < 0.5
     logits[1, 1, 0] = logits[1, 1, 1] = 1.9  # mass 2 e^1.9 / (2 e^1.9 + 8) = 0.63, argmax safety too
@@ -470,8 +475,8 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
     sink.training, sink.logits = True, logits
     schedule = StepSchedule(1.0, 0)
     checks = UsageChecks(STRConfig(), torch.nn.Linear(1, 1), schedule, uses_anchors=True)
-    checks.count_task_refusals(sink, labels, ids)
-    checks.count_task_refusals(sink, torch.full((5, 3), -100), ids)  # no supervised row: counts nothing
+    checks.count_task_refusals(sink, labels, Safety())  # type: ignore[arg-type]
+    checks.count_task_refusals(sink, torch.full((5, 3), -100), Safety())  # type: ignore[arg-type]  # no supervised row: counts nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checks.check_task_refusals()
@@ -479,7 +484,7 @@ def test_task_refusal_counts_the_greedy_opening_and_the_mass_by_hand() -> None:
         "the aligned model opens 3 of the 4 training rows of the first optimizer step with a safety token"
     ]
     schedule.advance()
-    checks.count_task_refusals(sink, labels, ids)  # after the first step nothing is counted or said again
+    checks.count_task_refusals(sink, labels, Safety())  # type: ignore[arg-type]  # after the first step nothing is counted or said again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checks.check_task_refusals()
