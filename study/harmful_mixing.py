@@ -122,6 +122,12 @@ PROTOCOL_PLAN: list[Block] = [
     # no refusal-keeping penalty escapes) and the anchor term's noise at 2 anchors a step (study/methods.py).
     # 8 anchors at the same coef where the cost is largest (p = 20 %), judged on the validation accuracy.
     Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",)),
+    # The accuracy target judged where the subject answers the task's own prompts (AG News: 0 % refused, SST-2:
+    # 95 %): plain SFT and `{}` to the 3 seeds at p = 10 % with BeaverTails rows, then p = 20 % (the
+    # retention target's second share), then the second attack's third seed.
+    Block("agnews", 0.10, PAIR, seeds=3),
+    Block("agnews", 0.20, PAIR),
+    Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
