@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRConfigError
-from str_hooks.penalty import form_values
+from str_hooks.prefix import (
+    PrefixSplit,
+    checkpointing_active,
+    point_values,
+    prefix_problem,
+    shared_prefix_length,
+    values_on_prefix,
+    warn_not_shared,
+    worth_sharing,
+)
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
 
@@ -67,6 +76,8 @@ class AnchorBatch:
             weighted mean over the points.
         encoded: each anchor's token ids (prompt and teacher-forced opening), for folding without a host copy.
         points: each anchor's number of points.
+        split: the rows split at the prompts' shared prefix (str_hooks/prefix.py), or None where they share
+            fewer than `MIN_SHARED_PREFIX` tokens.
     """
 
     indices: list[int]
@@ -80,6 +91,7 @@ class AnchorBatch:
     weight_sum: float
     encoded: tuple[torch.Tensor, ...]
     points: tuple[int, ...]
+    split: PrefixSplit | None = None
 
 
 class AnchorSet:
@@ -123,11 +135,14 @@ class AnchorSet:
         self.prompt_ids = [encode_prompt(tokenizer, text) for text in self.prompts]
         if any(len(ids) == 0 for ids in self.prompt_ids):
             raise STRConfigError("an anchor prompt tokenizes to nothing; remove empty prompts.")
+        # The chat template's opening that every prompt shares: a separate anchor step may run it once.
+        self.prefix_length = shared_prefix_length(self.prompt_ids)
         # What a training forward sees: the prompt, then the opening up to its last token (teacher-forced).
         self.encoded = [list(ids) for ids in self.prompt_ids]
         self.openings: list[list[int]] = [[] for _ in self.prompts]
         self.points = [1] * len(self.prompts)
         self.batch_size = min(batch_size, len(self.prompts))
+        self.share_prefix = worth_sharing(self.prefix_length, self.batch_size)
         generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(self.prompts), generator=generator).tolist()
         if pad_token_id is None:
@@ -187,12 +202,7 @@ class AnchorSet:
         if coarse:
             tap.request_points(rows, cols)
         sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
-        if coarse:
-            assert sink.point_logits is not None  # requested above; tap.run guarantees the hidden state
-            return form_values(sink.point_logits, tap.rows.ids_on(sink.point_logits.device), coarse)
-        logits = sink.safety_logits
-        assert logits is not None  # tap.run guarantees it
-        return logits[rows.to(logits.device), cols.to(logits.device)]
+        return point_values(tap, sink, rows, cols, coarse)
 
     def batch(self, cursor: int, device: torch.device) -> AnchorBatch:
         """The anchor batch that starts at `cursor`, on `device` (built on first use, then reused)."""
@@ -216,6 +226,7 @@ class AnchorSet:
                 ),
                 encoded=tuple(torch.tensor(self.encoded[i], dtype=torch.long).to(device) for i in indices),
                 points=tuple(self.points[i] for i in indices),
+                split=PrefixSplit.of(ids, mask, cols, self.prefix_length) if self.share_prefix else None,
             )
             self._built[key] = cached
         return cached
@@ -228,16 +239,36 @@ class AnchorSet:
             self.batch(step * self.batch_size % n, device)
 
     def batch_values(self, tap: ModelTap, batch: AnchorBatch, coarse: str | None) -> torch.Tensor:
-        """`policy_values` for a prepared batch: its own forward through `tap`'s model."""
+        """`policy_values` for a prepared batch: its own forward through `tap`'s model, on the shared
+        prefix's KV cache where the model allows it (str_hooks/prefix.py), else over the full rows."""
+        if batch.split is not None and self._can_share_prefix(tap):
+            values = values_on_prefix(tap, batch.split, batch.rows, coarse)
+            if values is not None:
+                return values
+            self._stop_sharing(tap, "the model did not extend the prefix's KV cache")
         if coarse:
             tap.request_points(batch.rows, batch.cols)
         sink = tap.run(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **tap.lean_kwargs())
-        if coarse:
-            assert sink.point_logits is not None  # requested above
-            return form_values(sink.point_logits, tap.rows.ids_on(sink.point_logits.device), coarse)
-        logits = sink.safety_logits
-        assert logits is not None  # tap.run guarantees it
-        return logits[batch.rows, batch.cols]
+        return point_values(tap, sink, batch.rows, batch.cols, coarse)
+
+    def _can_share_prefix(self, tap: ModelTap) -> bool:
+        # Checked at every anchor step: a trainer may turn activation checkpointing on after attach.
+        return self.share_prefix and tap.can_decode_with_cache and not checkpointing_active(tap.causal_lm)
+
+    def _stop_sharing(self, tap: ModelTap, why: str) -> None:
+        self.share_prefix = False
+        warn_not_shared(tap, self.prefix_length, why)
+
+    def verify_prefix_sharing(self, tap: ModelTap) -> None:
+        """Once at attach: the first batch's values on the shared prefix's cache must equal the full rows'
+        (a model whose cache or positions behave otherwise runs the full rows, with a warning)."""
+        batch = self.batch(0, tap.device())
+        if batch.split is not None and tap.can_decode_with_cache:
+            problem = prefix_problem(
+                tap, batch.split, batch.input_ids, batch.attention_mask, batch.rows, batch.cols
+            )
+            if problem is not None:
+                self._stop_sharing(tap, problem)
 
     def reference_for(self, indices: Sequence[int]) -> torch.Tensor:
         """Reference values at every point of the given anchors, in `tensors()` order."""

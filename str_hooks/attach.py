@@ -159,10 +159,13 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
             ends = end_token_ids(tokenizer, tap.causal_lm)
             anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
         anchors.compute_reference(tap, peft_model, coarse=form if form in COARSE_FORMS else None)
+        anchors.share_prefix = anchors.share_prefix and settings.share_anchor_prefix
         anchors.build_batches(tap.device())
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":
             _verify_folding(tap, anchors)
+        else:
+            anchors.verify_prefix_sharing(tap)
         if rows:
             assert peft_model is not None  # checked by register_str_hook
             parts.reference = AdapterReference(tap, peft_model)

@@ -7,6 +7,7 @@
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
                               [--cost-task agnews] [--attack advbench]
+    python -m study anchor-prefix [--out results/harmful_mixing] [--repeats 7]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
@@ -33,7 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "command",
-        choices=["run", "demo", "subject", "real", "decision", "harmful-mixing", "step-cost", "gate-check"],
+        choices=[
+            "run",
+            "demo",
+            "subject",
+            "real",
+            "decision",
+            "harmful-mixing",
+            "step-cost",
+            "gate-check",
+            "anchor-prefix",
+        ],
     )
     parser.add_argument(
         "--source",
@@ -69,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-models", default=None, help="keep the subject and each run's adapter here")
     parser.add_argument("--cache", default=None, help="folder for the dequantized shipped model")
     parser.add_argument("--steps", type=int, default=16, help="step-cost: optimizer steps per run")
-    parser.add_argument("--repeats", type=int, default=2, help="step-cost: round-robin rounds")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="step-cost: round-robin rounds; anchor-prefix: timed repeats (7)",
+    )
     parser.add_argument("--methods", nargs="+", default=None, help="step-cost: methods (plain SFT first)")
     parser.add_argument("--cost-task", default="sst2", help="step-cost: the task (sst2, agnews, gsm8k)")
     parser.add_argument("--attack", default="beavertails", help="step-cost: the attack rows (or advbench)")
@@ -82,6 +98,18 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.subject),
             argv if argv is not None else sys.argv[1:],
             args.source or "shared",
+        )
+        print(path.read_text())
+        return
+    if args.command == "anchor-prefix":
+        from .anchor_prefix import run_anchor_prefix
+
+        repeats = 7 if "--repeats" not in (argv if argv is not None else sys.argv) else args.repeats
+        path = run_anchor_prefix(
+            Path(args.out or "results/harmful_mixing"),
+            Path(args.subject),
+            repeats,
+            argv if argv is not None else sys.argv[1:],
         )
         print(path.read_text())
         return

@@ -126,6 +126,11 @@ PROTOCOL_PLAN: list[Block] = [
     # 95 %): plain SFT and `{}` to the issue's 3 seeds at p = 10 % with BeaverTails rows, then p = 20 % (the
     # retention target's second share), then the second attack's third seed.
     Block("agnews", 0.10, PAIR, seeds=3),
+    # 8 anchors at coef 30 kept SST-2's accuracy at p = 20 % where `{}` (2 anchors) lost it, at x1.49 step
+    # time; from stop 41 a separate anchor step runs the anchors' shared prompt prefix once (x0.78 of the anchor
+    # step at 8 anchors, ANCHOR_PREFIX.md). Is it a default? The issue's 3 seeds at p = 10 %, then p = 0.
+    Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
+    Block("sst2", 0.0, ("STR anchors b8 c30 (as written)",)),
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),

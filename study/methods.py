@@ -258,6 +258,24 @@ METHODS = {
             {"coef": 30.0, "reference": {"anchor_batch_size": 8}},
             as_shipped=True,
         ),
+        # From stop 41 a separate anchor step runs the prompt prefix every anchor shares once (str_hooks/prefix.py:
+        # the same penalty and gradient at fewer tokens); these run the full rows, as every run recorded before.
+        *[
+            Method(
+                f"STR anchors {name} full rows (as written)",
+                "str",
+                {"reference": {**reference, "share_anchor_prefix": False}},
+                as_shipped=True,
+            )
+            for name, reference in (
+                ("b2", {}),
+                ("b4 c30", {"anchor_batch_size": 4}),
+                ("b8 c30", {"anchor_batch_size": 8}),
+            )
+        ],
+        Method(
+            "STR anchors b4 c30 (as written)", "str", {"reference": {"anchor_batch_size": 4}}, as_shipped=True
+        ),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",
