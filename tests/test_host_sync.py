@@ -35,6 +35,8 @@ SETTINGS = {
     "cache": {"reference": {"source": "cache"}},
     "anchors-separate": {"reference": {"source": "anchors", "anchor_batch_size": 3}},
     "anchors-rows": {"reference": {"source": "anchors", "anchor_batch_size": 3, "rows": "adapter"}},
+    # Anchors sharing a long prompt prefix: the anchor step runs it once on a KV cache (str_hooks/prefix.py).
+    "anchors-shared-prefix": {"reference": {"source": "anchors", "anchor_batch_size": 6}},
     # Folded without reading the batch on the host (`auto` does so on accelerators; on CPU it reads).
     "anchors-folded": {
         "reference": {
@@ -67,6 +69,16 @@ def build(
     reference = None
     if setting == "model":
         reference = make_model("llama").requires_grad_(False)
+    if setting == "anchors-shared-prefix":
+        from test_prefix import OPENING, REQUESTS
+
+        for key, requests in (
+            ("anchors_path", REQUESTS),
+            ("benign_anchors_path", ["bake bread", "fix a bike"]),
+        ):
+            path = tmp_path / f"{key}.txt"
+            path.write_text("\n".join(OPENING + r for r in requests) + "\n")
+            cfg["reference"][key] = str(path)
     if setting == "cache":
         rows = examples(tokenizer)
         path = build_reference_cache(
@@ -98,6 +110,8 @@ def test_loss_and_driver_never_synchronize(
         model, cfg, tokens=tokens, tokenizer=tokenizer, reference_model=reference
     ) as handle:
         driver = StepDriver(handle)
+        if setting == "anchors-shared-prefix":
+            assert handle.anchors is not None and handle.anchors.share_prefix
         for _step in range(2):  # the second step runs on what the first one built (steady state)
             for micro in range(2):
                 with no_host_sync():
@@ -127,6 +141,7 @@ def test_the_detector_catches_what_it_must() -> None:
             sync()
     with no_host_sync():
         torch.where(x > 0, x, 0.0).sum()  # masked math is fine
+        torch.tensor([])  # an empty host tensor moves no bytes (a KV cache layer's start)
 
 
 @contextlib.contextmanager
