@@ -11,6 +11,7 @@ from str_hooks.schemas.base import Section, unused_error
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
 FoldPadding = Literal["auto", "yes", "no"]
+SharePrefix = Literal["auto", "yes", "no"]
 RowsSource = Literal["adapter"]
 
 
@@ -136,17 +137,17 @@ class ReferenceConfig(Section):
             "from position ids (checked at attach)."
         ),
     )
-    share_anchor_prefix: bool = Field(
-        default=True,
+    share_anchor_prefix: SharePrefix = Field(
+        default="auto",
         description=(
             "For `anchor_placement: separate`: run the prompt prefix every anchor shares (the chat template's "
             "system prompt and role header, e.g. 24 of SmolLM2's ~47 anchor tokens) once per anchor step and "
             "the anchors' own tokens on its repeated KV cache: the same penalty and gradient at fewer tokens, "
-            "used where it saves >= 96 tokens a step (its second forward costs; on SmolLM2 8 anchors cost "
-            "x0.78 of their full rows, 4 x0.98, 2 would cost x1.26). "
-            "Off by itself (with a warning) where the model does not extend a passed cache or its values differ "
-            "at attach, and for the steps where activation checkpointing is on; set false for a model whose "
-            "layers recompute in the backward under a checkpointing scheme that hides itself."
+            "for a second forward. `auto`: where that pays, on the CPU when it saves >= 96 tokens a step (on "
+            "SmolLM2 8 anchors cost x0.78 of their full rows, 4 x0.98, 2 would cost x1.26); not on an "
+            "accelerator, where the anchor step is latency-bound (docs/design.md section 4). `yes`: whenever "
+            "they share a prefix; `no`: never. Never under activation checkpointing, and off (with a warning) "
+            "where the model does not extend a passed cache or the two paths' values differ at attach."
         ),
     )
     fold_into_padding: FoldPadding = Field(
@@ -236,10 +237,10 @@ class ReferenceConfig(Section):
                 "folded",
                 "it only applies to folded anchors; ",
             )
-        if not self.share_anchor_prefix and self.anchor_placement != "separate":
+        if self.share_anchor_prefix != "auto" and self.anchor_placement != "separate":
             raise unused_error(
                 "reference.share_anchor_prefix",
-                "False",
+                repr(self.share_anchor_prefix),
                 "reference.anchor_placement",
                 self.anchor_placement,
                 "separate",
@@ -254,4 +255,11 @@ class ReferenceConfig(Section):
         return self
 
 
-__all__ = ["AnchorPlacement", "FoldPadding", "ReferenceConfig", "ReferenceSource", "RowsSource"]
+__all__ = [
+    "AnchorPlacement",
+    "FoldPadding",
+    "ReferenceConfig",
+    "ReferenceSource",
+    "RowsSource",
+    "SharePrefix",
+]

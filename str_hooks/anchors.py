@@ -29,7 +29,6 @@ from str_hooks.prefix import (
     shared_prefix_length,
     values_on_prefix,
     warn_not_shared,
-    worth_sharing,
 )
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
 from str_hooks.tap import ModelTap, eval_mode
@@ -142,7 +141,9 @@ class AnchorSet:
         self.openings: list[list[int]] = [[] for _ in self.prompts]
         self.points = [1] * len(self.prompts)
         self.batch_size = min(batch_size, len(self.prompts))
-        self.share_prefix = worth_sharing(self.prefix_length, self.batch_size)
+        self.share_prefix = (
+            False  # attach decides (`reference.share_anchor_prefix`), before the batches are built
+        )
         generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(self.prompts), generator=generator).tolist()
         if pad_token_id is None:

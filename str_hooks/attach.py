@@ -17,6 +17,7 @@ from str_hooks.folding import fold_anchors
 from str_hooks.handle import ATTACHED_ATTR, Attachment, STRHandle
 from str_hooks.mining import mine_safety_tokens
 from str_hooks.penalty import COARSE_FORMS
+from str_hooks.prefix import worth_sharing
 from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
 from str_hooks.reference import (
     AdapterReference,
@@ -159,7 +160,9 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
             ends = end_token_ids(tokenizer, tap.causal_lm)
             anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
         anchors.compute_reference(tap, peft_model, coarse=form if form in COARSE_FORMS else None)
-        anchors.share_prefix = anchors.share_prefix and settings.share_anchor_prefix
+        anchors.share_prefix = settings.anchor_placement == "separate" and worth_sharing(
+            settings.share_anchor_prefix, anchors.prefix_length, anchors.batch_size, tap.device()
+        )
         anchors.build_batches(tap.device())
         parts.anchors = anchors
         if config.reference.anchor_placement == "folded":

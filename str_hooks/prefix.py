@@ -32,9 +32,14 @@ from str_hooks.tap import ModelTap, Sink, eval_mode, logits_close
 MIN_SAVED_TOKENS = 96
 
 
-def worth_sharing(prefix_length: int, batch_size: int) -> bool:
-    """Whether running the shared prefix once saves enough tokens a step to pay for its second forward."""
-    return prefix_length > 0 and (batch_size - 1) * prefix_length >= MIN_SAVED_TOKENS
+def worth_sharing(mode: str, prefix_length: int, batch_size: int, device: torch.device) -> bool:
+    """Whether to run the shared prefix once (`reference.share_anchor_prefix`): `auto` where the anchor step
+    is token-bound (the CPU) and it saves enough tokens to pay for the second forward."""
+    if mode == "no" or prefix_length == 0:
+        return False
+    if mode == "yes":
+        return True
+    return device.type == "cpu" and (batch_size - 1) * prefix_length >= MIN_SAVED_TOKENS
 
 
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:

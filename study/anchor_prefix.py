@@ -111,6 +111,8 @@ def run_anchor_prefix(out: Path, subject_dir: Path, repeats: int, argv: list[str
 def write_anchor_prefix_report(out: Path) -> Path:
     from str_hooks.prefix import worth_sharing
 
+    cpu = torch.device("cpu")
+
     lines = [
         "# One anchor step's forward and backward: the full rows against the shared prefix run once",
         "",
@@ -128,14 +130,14 @@ def write_anchor_prefix_report(out: Path) -> Path:
             "",
             f"`{record['command']}`; torch {record['torch']}, {record['threads']} threads, {record['machine']}.",
             "",
-            "| anchors | tokens full / shared | full rows (s) | shared prefix (s) | shared / full | diff | the package shares |",
+            "| anchors | tokens full / shared | full rows (s) | shared prefix (s) | shared / full | diff | `auto` shares on the CPU |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in record["rows"]:
             lines.append(
                 f"| {row['anchors']} | {row['tokens_full']} / {row['tokens_shared']} | {row['full_s']:.3f} | "
                 f"{row['shared_s']:.3f} | x{row['shared_s'] / row['full_s']:.2f} | {row['max_abs_difference']:.1e} | "
-                f"{'yes' if worth_sharing(row['prefix_tokens'], row['anchors']) else 'no'} |"
+                f"{'yes' if worth_sharing('auto', row['prefix_tokens'], row['anchors'], cpu) else 'no'} |"
             )
     path = out / "ANCHOR_PREFIX.md"
     path.write_text("\n".join(lines) + "\n")

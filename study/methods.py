@@ -264,7 +264,7 @@ METHODS = {
             Method(
                 f"STR anchors {name} full rows (as written)",
                 "str",
-                {"reference": {**reference, "share_anchor_prefix": False}},
+                {"reference": {**reference, "share_anchor_prefix": "no"}},
                 as_shipped=True,
             )
             for name, reference in (

@@ -111,7 +111,7 @@ def test_defaults() -> None:
         "audit_share": 0.125,
         "anchor_every": 1,
         "anchor_placement": "separate",
-        "share_anchor_prefix": True,
+        "share_anchor_prefix": "auto",
         "fold_into_padding": "auto",
         "anchor_tokens": 4,
         "benign_weight": 1.0,

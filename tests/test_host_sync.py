@@ -36,7 +36,9 @@ SETTINGS = {
     "anchors-separate": {"reference": {"source": "anchors", "anchor_batch_size": 3}},
     "anchors-rows": {"reference": {"source": "anchors", "anchor_batch_size": 3, "rows": "adapter"}},
     # Anchors sharing a long prompt prefix: the anchor step runs it once on a KV cache (str_hooks/prefix.py).
-    "anchors-shared-prefix": {"reference": {"source": "anchors", "anchor_batch_size": 6}},
+    "anchors-shared-prefix": {
+        "reference": {"source": "anchors", "anchor_batch_size": 6, "share_anchor_prefix": "yes"}
+    },
     # Folded without reading the batch on the host (`auto` does so on accelerators; on CPU it reads).
     "anchors-folded": {
         "reference": {
