@@ -105,7 +105,9 @@ def report(
         "{}` (the same configuration; `recorded_as` in runs.jsonl keeps the name each ran under). `{}` had coef 10 "
         "until it became 30: runs recorded as `STR as shipped {}` before that are now `STR anchors c10 (as written)` "
         '(`{"coef": 10}`), those recorded as `STR anchors c30 (as written)` are `STR as shipped {}`, and every other '
-        "method's config names its coef 10.",
+        "method's config names its coef 10. From stop 41 an anchor step of 8 anchors runs the prompt prefix they "
+        "share once (`reference.share_anchor_prefix: auto`, the same values and gradient: ANCHOR_PREFIX.md); the "
+        "8-anchor runs recorded before ran the full rows (their `note` says which ran shared).",
         "",
         '`STR anchors + rows (as written)` is `{"reference": {"rows": "adapter"}}`: `{}`\'s anchors plus the coarse '
         "KL at the training rows' positions where the adapter-disabled reference puts >= 0.5 on the safety tokens "
