@@ -131,6 +131,13 @@ PROTOCOL_PLAN: list[Block] = [
     # step at 8 anchors, ANCHOR_PREFIX.md). Is it a default? The 3 seeds at p = 10 %, then p = 0.
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("sst2", 0.0, ("STR anchors b8 c30 (as written)",)),
+    # Stop 41: at p = 10 % (3 seeds) it kept 98 % at -2.3 points of accuracy (`{}`: 105 %, -3.5), x1.13-1.23
+    # step time, validation accuracy at plain SFT's (`{}` 4 points below). Before it can be the default: the
+    # second attack, AG News (where `{}` meets every target), p = 20 % to 2 seeds.
+    Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
+    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
+    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
+    Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",), seeds=2),
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
