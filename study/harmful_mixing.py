@@ -132,8 +132,10 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("sst2", 0.0, ("STR anchors b8 c30 (as written)",)),
     # Stop 41: at p = 10 % (3 seeds) it kept 98 % at -2.3 points of accuracy (`{}`: 105 %, -3.5), x1.13-1.23
-    # step time, validation accuracy at plain SFT's (`{}` 4 points below). Before it can be the default: the
-    # second attack, AG News (where `{}` meets every target), p = 20 % to 2 seeds.
+    # step time, validation accuracy at plain SFT's (`{}` 4 points below); but at p = 0 it cost -5.0 (one seed;
+    # `{}` +1.0). A second p = 0 seed first, then the second attack, AG News (where `{}` meets every target),
+    # p = 20 % to 2 seeds.
+    Block("sst2", 0.0, ("STR anchors b8 c30 (as written)",), seeds=2),
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
