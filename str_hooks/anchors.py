@@ -24,7 +24,7 @@ from str_hooks.errors import STRConfigError
 from str_hooks.prefix import (
     PrefixSplit,
     checkpointing_active,
-    point_values,
+    full_row_values,
     prefix_problem,
     shared_prefix_length,
     values_on_prefix,
@@ -200,10 +200,7 @@ class AnchorSet:
         `logprob` or `kl`) what that form compares (`penalty.form_values`), from the full softmax at those P
         positions only."""
         ids, mask, rows, cols = self.tensors(indices, tap.device())
-        if coarse:
-            tap.request_points(rows, cols)
-        sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
-        return point_values(tap, sink, rows, cols, coarse)
+        return full_row_values(tap, ids, mask, rows, cols, coarse)
 
     def batch(self, cursor: int, device: torch.device) -> AnchorBatch:
         """The anchor batch that starts at `cursor`, on `device` (built on first use, then reused)."""
@@ -247,10 +244,7 @@ class AnchorSet:
             if values is not None:
                 return values
             self._stop_sharing(tap, "the model did not extend the prefix's KV cache")
-        if coarse:
-            tap.request_points(batch.rows, batch.cols)
-        sink = tap.run(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **tap.lean_kwargs())
-        return point_values(tap, sink, batch.rows, batch.cols, coarse)
+        return full_row_values(tap, batch.input_ids, batch.attention_mask, batch.rows, batch.cols, coarse)
 
     def _can_share_prefix(self, tap: ModelTap) -> bool:
         # Checked at every anchor step: a trainer may turn activation checkpointing on after attach.

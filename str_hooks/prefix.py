@@ -132,6 +132,21 @@ def values_on_prefix(
     return point_values(tap, sink, rows, split.cols, coarse)
 
 
+def full_row_values(
+    tap: ModelTap,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    coarse: str | None,
+) -> torch.Tensor:
+    """The values at (rows, cols) from one forward over the anchors' full rows (no shared prefix)."""
+    if coarse:
+        tap.request_points(rows, cols)
+    sink = tap.run(input_ids=input_ids, attention_mask=attention_mask, **tap.lean_kwargs())
+    return point_values(tap, sink, rows, cols, coarse)
+
+
 def point_values(
     tap: ModelTap, sink: Sink, rows: torch.Tensor, cols: torch.Tensor, coarse: str | None
 ) -> torch.Tensor:
@@ -158,9 +173,7 @@ def prefix_problem(
     they agree within the model's precision (compared as log-probabilities of the safety tokens)."""
     with eval_mode(tap.causal_lm):
         shared = values_on_prefix(tap, split, rows, "logprob")
-        tap.request_points(rows, cols)
-        sink = tap.run(input_ids=input_ids, attention_mask=attention_mask, **tap.lean_kwargs())
-        full = point_values(tap, sink, rows, cols, "logprob")
+        full = full_row_values(tap, input_ids, attention_mask, rows, cols, "logprob")
     if shared is None:
         return "the model did not extend the prefix's KV cache"
     err, scale, close = logits_close(shared, full, tap.rows.weight.dtype)

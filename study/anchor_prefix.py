@@ -31,7 +31,7 @@ def run_anchor_prefix(out: Path, subject_dir: Path, repeats: int, argv: list[str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from str_hooks import register_str_hook
-    from str_hooks.prefix import point_values, values_on_prefix
+    from str_hooks.prefix import full_row_values, values_on_prefix
 
     tokenizer = AutoTokenizer.from_pretrained(subject_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(subject_dir)
@@ -56,11 +56,7 @@ def run_anchor_prefix(out: Path, subject_dir: Path, repeats: int, argv: list[str
         assert batch.split is not None
 
         def full(batch: Any = batch) -> torch.Tensor:
-            tap.request_points(batch.rows, batch.cols)
-            sink = tap.run(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, **tap.lean_kwargs()
-            )
-            return point_values(tap, sink, batch.rows, batch.cols, "kl")
+            return full_row_values(tap, batch.input_ids, batch.attention_mask, batch.rows, batch.cols, "kl")
 
         def shared(batch: Any = batch) -> torch.Tensor:
             values = values_on_prefix(tap, batch.split, batch.rows, "kl")
