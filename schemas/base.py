@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import Self
 
 from str_hooks.errors import STRConfigValidationError
@@ -32,6 +32,11 @@ def unused_error(field: str, shown: str, other: str, value: Any, wanted: str, wh
         f"`{field}` is {shown} but `{other}` is {value!r}: {why}set {other.rpartition('.')[2]}: {wanted} or "
         f"remove {field.rpartition('.')[2]}."
     )
+
+
+def unset_by_default(description: str) -> Any:
+    """A field that is None until the user sets it (a path, a column, an opt-in), with its documentation."""
+    return Field(default=None, description=description)
 
 
 class Section(BaseModel):

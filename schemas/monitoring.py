@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section
+from str_hooks.schemas.base import Section, unset_by_default
 
 
 class ProbeConfig(Section):
@@ -17,21 +17,15 @@ class ProbeConfig(Section):
             "and log the keyword-judged refusal rate as `str/refusal_rate`. 0 turns the probe off."
         ),
     )
-    prompts_path: str | None = Field(
-        default=None,
-        description=(
-            "Harmful prompts to probe with (text, JSON list, or CSV/JSONL with `column`). None uses the "
-            "package's own harmful prompts; keep them out of the training data."
-        ),
+    prompts_path: str | None = unset_by_default(
+        "Harmful prompts to probe with (text, JSON list, or CSV/JSONL with `column`). None uses the "
+        "package's own harmful prompts; keep them out of the training data."
     )
-    column: str | None = Field(
-        default=None, description="Column holding the prompt when `prompts_path` is CSV/JSONL."
-    )
+    column: str | None = unset_by_default("Column holding the prompt when `prompts_path` is CSV/JSONL.")
     n_prompts: int = Field(default=16, description="How many prompts each probe generates for. >= 1.")
     max_new_tokens: int = Field(default=16, description="Tokens generated per reply. >= 1.")
-    phrases: list[str] | None = Field(
-        default=None,
-        description="Refusal phrases of the keyword judge (substring match); None uses the package's own list.",
+    phrases: list[str] | None = unset_by_default(
+        "Refusal phrases of the keyword judge (substring match); None uses the package's own list."
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section, unused_error
+from str_hooks.schemas.base import Section, unset_by_default, unused_error
 
 PenaltyForm = Literal["mse", "hinge", "logprob", "kl"]
 PositionMode = Literal["supervised", "all", "first_n"]
@@ -47,17 +47,14 @@ class PenaltyConfig(Section):
     first_n: int = Field(
         default=1, description="For positions `first_n`: how many positions per sequence. >= 1."
     )
-    min_reference_mass: float | None = Field(
-        default=None,
-        description=(
-            "For the training-position sources (`adapter`, `model`) with form `kl` or `logprob`: penalize only the "
-            "positions where the reference puts at least this probability on the safety tokens, i.e. where the "
-            "aligned model would open a refusal. A harmful row's first answer positions pass (the aligned model "
-            "refuses there); a benign row's answer positions do not, so the task is not pinned to the reference's "
-            "small safety mass there (the ungated coarse KL cost SST-2 accuracy 72 points in "
-            "results/harmful_mixing). The sum still divides by the same normalizer (every penalized-position "
-            "candidate, or the host's). None: every position of `positions`. In (0, 1]."
-        ),
+    min_reference_mass: float | None = unset_by_default(
+        "For the training-position sources (`adapter`, `model`) with form `kl` or `logprob`: penalize only the "
+        "positions where the reference puts at least this probability on the safety tokens, i.e. where the "
+        "aligned model would open a refusal. A harmful row's first answer positions pass (the aligned model "
+        "refuses there); a benign row's answer positions do not, so the task is not pinned to the reference's "
+        "small safety mass there (the ungated coarse KL cost SST-2 accuracy 72 points in "
+        "results/harmful_mixing). The sum still divides by the same normalizer (every penalized-position "
+        "candidate, or the host's). None: every position of `positions`. In (0, 1]."
     )
     on_nonfinite: NonFiniteAction = Field(
         default="raise",

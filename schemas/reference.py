@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section, unused_error
+from str_hooks.schemas.base import Section, unset_by_default, unused_error
 
 ReferenceSource = Literal["adapter", "model", "cache", "anchors"]
 AnchorPlacement = Literal["separate", "folded"]
@@ -28,23 +28,18 @@ class ReferenceConfig(Section):
             "logits at the decision point are computed once at attach; the penalty is evaluated on them."
         ),
     )
-    model_path: str | None = Field(
-        default=None,
-        description="For source `model`: a local path loaded with `AutoModelForCausalLM.from_pretrained`.",
+    model_path: str | None = unset_by_default(
+        "For source `model`: a local path loaded with `AutoModelForCausalLM.from_pretrained`."
     )
-    cache_path: str | None = Field(
-        default=None,
-        description="For source `cache`: the `.safetensors` file written by `build_reference_cache`.",
+    cache_path: str | None = unset_by_default(
+        "For source `cache`: the `.safetensors` file written by `build_reference_cache`."
     )
-    anchors_path: str | None = Field(
-        default=None,
-        description=(
-            "For source `anchors`: a file of harmful prompts (text, one per line; JSON list; CSV or JSONL with "
-            "`anchors_column`). None uses the package's own anchor prompts."
-        ),
+    anchors_path: str | None = unset_by_default(
+        "For source `anchors`: a file of harmful prompts (text, one per line; JSON list; CSV or JSONL with "
+        "`anchors_column`). None uses the package's own anchor prompts."
     )
-    anchors_column: str | None = Field(
-        default=None, description="Column holding the prompt when `anchors_path` is a CSV or JSONL file."
+    anchors_column: str | None = unset_by_default(
+        "Column holding the prompt when `anchors_path` is a CSV or JSONL file."
     )
     anchor_batch_size: int = Field(
         default=2,
@@ -78,37 +73,28 @@ class ReferenceConfig(Section):
             "anchors only. >= 0."
         ),
     )
-    benign_anchors_path: str | None = Field(
-        default=None,
-        description=(
-            "Benign anchor prompts (same file formats as `anchors_path`, same `anchors_column`). None, with "
-            "`benign_weight` > 0, uses the package's own ordinary and sensitive-sounding safe prompts (none of "
-            "them an XSTest prompt)."
-        ),
+    benign_anchors_path: str | None = unset_by_default(
+        "Benign anchor prompts (same file formats as `anchors_path`, same `anchors_column`). None, with "
+        "`benign_weight` > 0, uses the package's own ordinary and sensitive-sounding safe prompts (none of "
+        "them an XSTest prompt)."
     )
-    rows: RowsSource | None = Field(
-        default=None,
-        description=(
-            "For source `anchors`: also penalize the training rows' own positions (`penalty.positions`) against "
-            "this reference, where the aligned model would refuse (`penalty.min_reference_mass`, 0.5 unless "
-            "set; an explicit null penalizes every position): harmful rows in the user's data train compliance exactly there, which anchors elsewhere "
-            "cannot hold (DESIGN section 10). `adapter`: the PEFT model with its adapters disabled, one no-grad "
-            "forward per micro-batch. Needs form `kl` or `logprob`, a forward that builds logits, and anchors "
-            "placed `separate`. The anchors' term and the rows' term add up, each normalized as alone (the "
-            "rows' like the host's cross-entropy). None: anchors only."
-        ),
+    rows: RowsSource | None = unset_by_default(
+        "For source `anchors`: also penalize the training rows' own positions (`penalty.positions`) against "
+        "this reference, where the aligned model would refuse (`penalty.min_reference_mass`, 0.5 unless "
+        "set; an explicit null penalizes every position): harmful rows in the user's data train compliance exactly there, which anchors elsewhere "
+        "cannot hold (DESIGN section 10). `adapter`: the PEFT model with its adapters disabled, one no-grad "
+        "forward per micro-batch. Needs form `kl` or `logprob`, a forward that builds logits, and anchors "
+        "placed `separate`. The anchors' term and the rows' term add up, each normalized as alone (the "
+        "rows' like the host's cross-entropy). None: anchors only."
     )
-    screen_mass: float | None = Field(
-        default=None,
-        description=(
-            "For a reference forward at training rows (sources `adapter`, `model`, or `reference.rows`) with form "
-            "`kl` or `logprob`: run that forward only on the rows where the model being trained still puts at "
-            "least this probability on the safety tokens at one of the penalized positions (the rows it would "
-            "still refuse, which the gate `penalty.min_reference_mass` is after), plus a random `audit_share` of "
-            "the other rows, weighted by 1 / audit_share, so the penalty's expectation is that of the full "
-            "forward (Horvitz-Thompson). Cuts the reference forward to the few rows that can matter; costs one "
-            "host read per micro-batch (the number of rows chosen). None: every row. In (0, 1]."
-        ),
+    screen_mass: float | None = unset_by_default(
+        "For a reference forward at training rows (sources `adapter`, `model`, or `reference.rows`) with form "
+        "`kl` or `logprob`: run that forward only on the rows where the model being trained still puts at "
+        "least this probability on the safety tokens at one of the penalized positions (the rows it would "
+        "still refuse, which the gate `penalty.min_reference_mass` is after), plus a random `audit_share` of "
+        "the other rows, weighted by 1 / audit_share, so the penalty's expectation is that of the full "
+        "forward (Horvitz-Thompson). Cuts the reference forward to the few rows that can matter; costs one "
+        "host read per micro-batch (the number of rows chosen). None: every row. In (0, 1]."
     )
     audit_share: float = Field(
         default=0.125,
@@ -228,24 +214,21 @@ class ReferenceConfig(Section):
                 f"`reference.benign_weight` must be a finite number >= 0, got {self.benign_weight}: use 0 for "
                 "harmful anchors only, or e.g. 1.0."
             )
-        if self.fold_into_padding != "auto" and self.anchor_placement != "folded":
-            raise unused_error(
-                "reference.fold_into_padding",
-                repr(self.fold_into_padding),
-                "reference.anchor_placement",
-                self.anchor_placement,
-                "folded",
-                "it only applies to folded anchors; ",
-            )
-        if self.share_anchor_prefix != "auto" and self.anchor_placement != "separate":
-            raise unused_error(
-                "reference.share_anchor_prefix",
-                repr(self.share_anchor_prefix),
-                "reference.anchor_placement",
-                self.anchor_placement,
+        # Each placement's own switch, set away from `auto` under the other placement, would do nothing.
+        for switch, placement, why in (
+            ("fold_into_padding", "folded", "it only applies to folded anchors; "),
+            (
+                "share_anchor_prefix",
                 "separate",
                 "folded anchors ride in the training forward and have no forward of their own; ",
-            )
+            ),
+        ):
+            value = getattr(self, switch)
+            if value != "auto" and self.anchor_placement != placement:
+                where = "reference.anchor_placement"
+                raise unused_error(
+                    f"reference.{switch}", repr(value), where, self.anchor_placement, placement, why
+                )
         if self.benign_anchors_path is not None and self.benign_weight == 0:
             raise ValueError(
                 f"`reference.benign_anchors_path` is set ({self.benign_anchors_path!r}) but "

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from str_hooks.schemas.base import Section, unused_error
+from str_hooks.schemas.base import Section, unset_by_default, unused_error
 
 TokenMethod = Literal["frequency", "contrastive", "list"]
 
@@ -24,23 +24,16 @@ class TokensConfig(Section):
         ),
     )
     k: int = Field(default=32, description="Number of safety tokens to keep. Must be >= 1.")
-    templates: str | None = Field(
-        default=None,
-        description=(
-            "Path to a file of refusal templates (one per line, or a JSON list of strings). None uses the "
-            "package's own default templates."
-        ),
+    templates: str | None = unset_by_default(
+        "Path to a file of refusal templates (one per line, or a JSON list of strings). None uses the "
+        "package's own default templates."
     )
-    strings: list[str | int] | None = Field(
-        default=None,
-        description="For method `list`: token strings (each must be one token) or token ids.",
+    strings: list[str | int] | None = unset_by_default(
+        "For method `list`: token strings (each must be one token) or token ids."
     )
-    path: str | None = Field(
-        default=None,
-        description=(
-            "Path to a saved SafetyTokens JSON (from `str-hooks mine` or `SafetyTokens.save`). When set, "
-            "the tokens are loaded from it instead of mined, and checked against the tokenizer."
-        ),
+    path: str | None = unset_by_default(
+        "Path to a saved SafetyTokens JSON (from `str-hooks mine` or `SafetyTokens.save`). When set, "
+        "the tokens are loaded from it instead of mined, and checked against the tokenizer."
     )
 
     @model_validator(mode="after")

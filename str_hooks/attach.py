@@ -15,7 +15,7 @@ from str_hooks.cache import ReferenceCache, model_fingerprint
 from str_hooks.errors import STRAttachError
 from str_hooks.folding import fold_anchors
 from str_hooks.handle import ATTACHED_ATTR, Attachment, STRHandle
-from str_hooks.mining import mine_safety_tokens
+from str_hooks.mining import mine_as_configured
 from str_hooks.penalty import COARSE_FORMS
 from str_hooks.prefix import worth_sharing
 from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
@@ -195,14 +195,7 @@ def _resolve_tokens(
         )
     mining_model = unwrap_model(model) if cfg.method == "contrastive" else None
     with _adapters_off(peft_model):
-        return mine_safety_tokens(
-            tokenizer,
-            templates=cfg.templates,
-            k=cfg.k,
-            method=cfg.method,
-            model=mining_model,
-            strings=cfg.strings,
-        )
+        return mine_as_configured(tokenizer, cfg, model=mining_model)
 
 
 def _adapters_off(peft_model: Any) -> Any:

@@ -52,20 +52,16 @@ def _tokenizer_of(args: argparse.Namespace) -> Any:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from str_hooks.mining import mine_safety_tokens
+    from str_hooks.mining import mine_as_configured
+    from str_hooks.schemas.tokens import TokensConfig
 
+    # The config's rules check the options (`-k 0`, `--method list` without `--strings`) before any loading.
+    section = TokensConfig(method=args.method, k=args.k, templates=args.templates, strings=args.strings)
     _refuse_existing(args.out, args.overwrite)
     tokenizer = _tokenizer_of(args)
     model = _load_model(args.model) if args.method == "contrastive" else None
-    tokens = mine_safety_tokens(
-        tokenizer,
-        templates=args.templates,
-        k=args.k,
-        method=args.method,
-        model=model,
-        harmful_prompts=args.harmful,
-        benign_prompts=args.benign,
-        strings=args.strings,
+    tokens = mine_as_configured(
+        tokenizer, section, model=model, harmful_prompts=args.harmful, benign_prompts=args.benign
     )
     tokens.save(args.out, overwrite=args.overwrite)
     width = max(len(repr(s)) for s in tokens.strings)

@@ -18,6 +18,7 @@ import torch
 
 from str_hooks.errors import STRTokensError
 from str_hooks.prompts import encode_prompt, encode_response, has_chat_template, resolve_texts
+from str_hooks.schemas.tokens import TokensConfig
 from str_hooks.tokens import SafetyTokens, tokenizer_fingerprint
 
 MiningMethod = Literal["frequency", "contrastive", "list"]
@@ -106,6 +107,27 @@ def mine_safety_tokens(
         method=method,
         fingerprint=tokenizer_fingerprint(tokenizer),
         metadata={"n_templates": len(template_texts), "n_candidates": len(candidates)},
+    )
+
+
+def mine_as_configured(
+    tokenizer: Any,
+    config: TokensConfig,
+    model: torch.nn.Module | None = None,
+    harmful_prompts: Sequence[str] | str | Path | None = None,
+    benign_prompts: Sequence[str] | str | Path | None = None,
+) -> SafetyTokens:
+    """`mine_safety_tokens` as a `tokens` section says: the one path of `attach` and `str-hooks mine`, so the
+    config and the command line mine alike and are checked by the same rules."""
+    return mine_safety_tokens(
+        tokenizer,
+        templates=config.templates,
+        k=config.k,
+        method=config.method,
+        model=model,
+        harmful_prompts=harmful_prompts,
+        benign_prompts=benign_prompts,
+        strings=config.strings,
     )
 
 

@@ -74,28 +74,22 @@ def make_tokenizer(vocab_size: int = 512, chat: bool = True) -> PreTrainedTokeni
 
 
 def make_config(arch: str, vocab_size: int = 512, **overrides: Any) -> Any:
-    common: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    shape: dict[str, Any] = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        vocab_size=vocab_size,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "gpt2":
-        cfg: Any = GPT2Config(
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **common,
-        )
+        # GPT2Config maps the shared names onto n_embd, n_layer, n_head, n_positions; no dropout, so that
+        # two forwards of one batch agree exactly.
+        cfg: Any = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
     else:
-        llama_like: dict[str, Any] = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
+        llama_like: dict[str, Any] = dict(intermediate_size=64, num_key_value_heads=2, **shape)
         if arch == "llama":
             cfg = LlamaConfig(**llama_like)
         elif arch == "qwen2":

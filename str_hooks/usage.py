@@ -14,6 +14,29 @@ from str_hooks.schemas.config import STRConfig
 from str_hooks.tap import Sink
 
 
+class RowTally:
+    """Refused rows and rows, summed on the device until one host read takes them (`take`); after that it
+    counts nothing more, so a check costs one sync per run."""
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None
+        self.taken = False
+
+    def add(self, refused: torch.Tensor, rows: torch.Tensor) -> None:
+        counts = torch.stack([refused, rows])
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def take_majority(self) -> tuple[int, int] | None:
+        """`(refused, rows)` where at least `REFUSED_ROWS_SHARE` of the counted rows were refused, else None;
+        reads the host once and stops the tally."""
+        if self.taken or self.counts is None:
+            return None
+        self.taken = True
+        refused, rows = (int(v) for v in self.counts.tolist())
+        self.counts = None
+        return (refused, rows) if rows and refused >= REFUSED_ROWS_SHARE * rows else None
+
+
 class UsageChecks:
     """Warns once per handle about a training loop that uses it wrongly; never raises (both cases are legal).
 
@@ -36,12 +59,10 @@ class UsageChecks:
         self.loss_calls = 0
         self._warned_no_step = False
         self._warned_eval_mode = False
-        # Rows with a gated position, and rows, over the first `REFUSED_ROWS_STEPS` optimizer steps (device).
-        self._refused_rows: torch.Tensor | None = None
-        self._refused_rows_read = False
-        # Rows the model refuses at their first answer token, and rows, in the first optimizer step (device).
-        self._task_refusals: torch.Tensor | None = None
-        self._task_refusals_read = False
+        # Rows with a gated position, and rows, over the first `REFUSED_ROWS_STEPS` optimizer steps.
+        self._refused_rows = RowTally()
+        # Rows the model refuses at their first answer token, and rows, in the first optimizer step.
+        self._task_refusals = RowTally()
 
     def loss_called(self) -> None:
         """Count a `loss()` call; after 1000 of them without a `step()` a warm-up or an anchor interval never
@@ -80,12 +101,11 @@ class UsageChecks:
     def count_refused_rows(self, gated: torch.Tensor) -> None:
         """Count the rows of a training batch with a position the gate let through ([B, T] mask; device ops,
         no host read), until `check_refused_rows` has read them."""
-        if self._refused_rows_read:
+        if self._refused_rows.taken:
             return
         with torch.no_grad():
             rows = gated.any(dim=1)
-            counts = torch.stack([rows.sum(), torch.ones_like(rows, dtype=torch.long).sum()])
-        self._refused_rows = counts if self._refused_rows is None else self._refused_rows + counts
+            self._refused_rows.add(rows.sum(), torch.ones_like(rows, dtype=torch.long).sum())
 
     def check_refused_rows(self) -> None:
         """After the first `REFUSED_ROWS_STEPS` optimizer steps, one host read: warn when the gate let through
@@ -93,16 +113,11 @@ class UsageChecks:
         attacks mix 5-20 %); a majority means the aligned model refuses the task itself, which the rows' term
         would then hold, keeping the model from learning it (SST-2 on the project's subject: 88 of 100 rows,
         accuracy 28 % against plain SFT's 88 %, results/harmful_mixing/GATE.md)."""
-        if (
-            self._refused_rows_read
-            or self._refused_rows is None
-            or self.schedule.step + 1 < REFUSED_ROWS_STEPS
-        ):
+        if self.schedule.step + 1 < REFUSED_ROWS_STEPS:
             return
-        self._refused_rows_read = True
-        refused, rows = (int(v) for v in self._refused_rows.tolist())
-        self._refused_rows = None
-        if rows and refused >= REFUSED_ROWS_SHARE * rows:
+        majority = self._refused_rows.take_majority()
+        if majority is not None:
+            refused, rows = majority
             warnings.warn(
                 f"the aligned model would refuse {refused} of the {rows} training rows of the first "
                 f"{REFUSED_ROWS_STEPS} optimizer steps (its safety-token probability at their answer positions "
@@ -121,7 +136,7 @@ class UsageChecks:
         read. Needs the host's logits and the labels (the call's, else the forward's `labels`), aligned with the
         input ids; a forward without them is not counted (fused heads return no logits), nor a row whose own
         answer opens with a safety token (a task that answers "No" is not refused by a model that opens with it)."""
-        if self._task_refusals_read or self.schedule.step > 0 or not sink.training or sink.logits is None:
+        if self._task_refusals.taken or self.schedule.step > 0 or not sink.training or sink.logits is None:
             return
         labels = labels if labels is not None else sink.kwargs.get("labels")
         logits = sink.logits
@@ -141,8 +156,7 @@ class UsageChecks:
             # subject refuses 66 % of its sort prompts with 0.2-0.4 on the safety tokens).
             greedy_opens = torch.isin(at_opening.argmax(dim=-1), ids)
             refused = counted & ((mass >= TASK_REFUSED_MASS) | greedy_opens)
-            counts = torch.stack([refused.sum(), counted.sum()])
-        self._task_refusals = counts if self._task_refusals is None else self._task_refusals + counts
+            self._task_refusals.add(refused.sum(), counted.sum())
 
     def check_task_refusals(self) -> None:
         """At the end of the first optimizer step, one host read: warn when the aligned model would refuse at
@@ -151,12 +165,9 @@ class UsageChecks:
         cannot tell them apart, so the task's accuracy pays, more with harmful rows in the data (the project's
         subject refuses 95 % of SST-2's prompts: `{}` cost -1.5 / -3.5 / -10.8 points of accuracy at 5 / 10 /
         20 % harmful rows, nothing on AG News, which it answers; results/harmful_mixing)."""
-        if self._task_refusals_read or self._task_refusals is None:
-            return
-        self._task_refusals_read = True
-        refused, rows = (int(v) for v in self._task_refusals.tolist())
-        self._task_refusals = None
-        if rows and refused >= REFUSED_ROWS_SHARE * rows:
+        majority = self._task_refusals.take_majority()
+        if majority is not None:
+            refused, rows = majority
             warnings.warn(
                 f"the aligned model opens {refused} of the {rows} training rows of the first optimizer step with "
                 "a safety token (at their first answer token one is the most likely, or they carry >= "
@@ -177,4 +188,4 @@ REFUSED_ROWS_SHARE = 0.5
 # rows gate's default, `penalty.min_reference_mass`).
 TASK_REFUSED_MASS = 0.5
 
-__all__ = ["REFUSED_ROWS_SHARE", "REFUSED_ROWS_STEPS", "TASK_REFUSED_MASS", "UsageChecks"]
+__all__ = ["REFUSED_ROWS_SHARE", "REFUSED_ROWS_STEPS", "TASK_REFUSED_MASS", "RowTally", "UsageChecks"]
