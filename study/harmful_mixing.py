@@ -136,6 +136,9 @@ PROTOCOL_PLAN: list[Block] = [
     # `{}` +1.0). A second p = 0 seed first, then the second attack, AG News (where `{}` meets every target),
     # p = 20 % to 2 seeds.
     Block("sst2", 0.0, ("STR anchors b8 c30 (as written)",), seeds=2),
+    # Stop 42: p = 0 had one seed of plain SFT and `{}` (plain SFT's seed 0 is 4-6 points below its other SST-2
+    # runs): a second seed of both, so the candidate's p = 0 cost is paired by seed, as at p = 10 %.
+    Block("sst2", 0.0, PAIR, seeds=2),
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
