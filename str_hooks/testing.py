@@ -7,7 +7,7 @@ models are randomly initialized from small configs of several architectures. Nee
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -150,22 +150,29 @@ def make_batch(
     """Right-padded chat examples with prompt tokens masked (-100): unequal supervised counts per row."""
     prompts = default_texts("benign_prompts")
     answers = default_texts("benign_contrast")
-    rows: list[tuple[list[int], list[int]]] = []
+    rows: list[dict[str, list[int]]] = []
     gen = torch.Generator().manual_seed(seed)
     end_id: Any = tokenizer.convert_tokens_to_ids("<|end|>")
     for i in range(n):
         prompt = prompts[int(torch.randint(len(prompts), (1,), generator=gen))]
         answer = answers[int(torch.randint(len(answers), (1,), generator=gen))]
         answer = " ".join(answer.split()[: 3 + 4 * i])
-        answer_ids = [int(t) for t in tokenizer(answer, add_special_tokens=False)["input_ids"]]
-        rows.append((encode_prompt(tokenizer, prompt), [*answer_ids, end_id]))
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for r, (prompt_ids, answer_ids) in enumerate(rows):
-        ids = prompt_ids + answer_ids
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
-        labels[r, len(prompt_ids) : len(ids)] = torch.tensor(answer_ids)
+        answer_ids = [*(int(t) for t in tokenizer(answer, add_special_tokens=False)["input_ids"]), end_id]
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        rows.append({"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids})
+    return pad_rows(rows, tokenizer.pad_token_id)
+
+
+def pad_rows(rows: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads rows of `input_ids` and `labels` into a batch: `pad_id`, attention mask 0 and label -100
+    past each row's end."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(row["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -26,6 +26,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _plan(parser: argparse.ArgumentParser, asked: str | None, command: str, plans: Any, default: str) -> str:
+    """The plan `--plan` names for `command` (its default when not given); a usage error if it has none."""
+    plan = asked or default
+    if plan not in plans:
+        parser.error(f"--plan {asked} is not a plan of `{command}`: use {', '.join(plans)}")
+    return plan
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,62 +152,36 @@ def main(argv: list[str] | None = None) -> None:
 
         print(run_demo(Path(args.out or "runs/demo"), Path(args.cache or DEFAULT_CACHE)))
         return
-    if args.command == "real":
-        from .real import run_real
+    if args.command in ("real", "decision", "harmful-mixing"):
         from .subject import DEFAULT_CACHE
 
-        print(
-            run_real(
-                Path(args.out or "results/subject"),
-                args.plan or "subject",
-                Path(args.subject),
-                Path(args.cache or DEFAULT_CACHE),
-                seeds=args.seeds,
-                save_models=Path(args.save_models) if args.save_models else None,
-                argv=argv,
-                report_only=args.report,
-            )
-        )
-        return
-    if args.command == "decision":
-        from .decision import PLANS
-        from .decision_run import run_decision
-        from .subject import DEFAULT_CACHE
+        # The three studies on the real subject: (their plans, default plan, default folder) and what they take.
+        subject, cache = Path(args.subject), Path(args.cache or DEFAULT_CACHE)
+        saved = Path(args.save_models) if args.save_models else None
+        if args.command == "real":
+            from .real import PLANS as REAL_PLANS
+            from .real import run_real
 
-        if (args.plan or "decision") not in PLANS:
-            parser.error(f"--plan {args.plan} is not a plan of `decision`: use {', '.join(PLANS)}")
-        print(
-            run_decision(
-                Path(args.out or "results/decision"),
-                args.plan or "decision",
-                Path(args.subject),
-                Path(args.cache or DEFAULT_CACHE),
-                save_models=Path(args.save_models) if args.save_models else None,
-                argv=argv,
-                report_only=args.report,
-            )
-        )
-        return
-    if args.command == "harmful-mixing":
-        from .harmful_mixing import PLANS as MIXING_PLANS
-        from .harmful_run import run_harmful_mixing
-        from .subject import DEFAULT_CACHE
+            plan = _plan(parser, args.plan, "real", REAL_PLANS, "subject")
+            out = Path(args.out or "results/subject")
+            print(run_real(out, plan, subject, cache, args.seeds, saved, argv, args.report))
+        elif args.command == "decision":
+            from .decision import PLANS as DECISION_PLANS
+            from .decision_run import run_decision
 
-        if (args.plan or "protocol") not in MIXING_PLANS:
-            parser.error(
-                f"--plan {args.plan} is not a plan of `harmful-mixing`: use {', '.join(MIXING_PLANS)}"
+            plan = _plan(parser, args.plan, "decision", DECISION_PLANS, "decision")
+            print(
+                run_decision(
+                    Path(args.out or "results/decision"), plan, subject, cache, saved, argv, args.report
+                )
             )
-        print(
-            run_harmful_mixing(
-                Path(args.out or "results/harmful_mixing"),
-                args.plan or "protocol",
-                Path(args.subject),
-                Path(args.cache or DEFAULT_CACHE),
-                argv=argv,
-                report_only=args.report,
-                subject_source=args.source or "shared",
-            )
-        )
+        else:
+            from .harmful_mixing import PLANS as MIXING_PLANS
+            from .harmful_run import run_harmful_mixing
+
+            plan = _plan(parser, args.plan, "harmful-mixing", MIXING_PLANS, "protocol")
+            out = Path(args.out or "results/harmful_mixing")
+            print(run_harmful_mixing(out, plan, subject, cache, argv, args.report, args.source or "shared"))
         return
     from .toy import PLANS as TOY_PLANS
     from .toy import run_toy

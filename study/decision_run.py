@@ -16,7 +16,7 @@ from .distances import far_from_anchors
 from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE
 from .model import refusal_flags, refusal_rate
-from .real import TASK_SETTINGS, _setting_key, _spec_key, run_and_record
+from .real import TASK_SETTINGS, StudyInputs, _setting_key, _spec_key, run_and_record
 from .runs import load_runs, machine, study_command
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
@@ -81,6 +81,7 @@ def run_decision(
     runs = current_runs(recorded)
     other_settings = len(recorded) - len(runs)
     plan = PLANS[plan_name]
+    inputs = StudyInputs(subject_dir, data, tasks, anchors, tokens, info["fingerprint"], save_models)
     while not report_only:
         # Resolve the plan again after every run: a finished curve unlocks its family's extra seeds (and every
         # task's curves, the default's).
@@ -91,18 +92,7 @@ def run_decision(
             break
         spec = todo[0]
         tqdm.write(f"[{len(done)} done, {len(todo)} to go in the resolved plan] {spec.name}")
-        result = run_and_record(
-            spec,
-            runs_path,
-            subject_dir=subject_dir,
-            data=data,
-            task_data=tasks[spec.task],
-            anchors=anchors,
-            tokens=tokens,
-            fingerprint=info["fingerprint"],
-            save_dir=save_models,
-            validation=validation[spec.task],
-        )
+        result = run_and_record(spec, runs_path, inputs, validation[spec.task])
         runs.append(result)
         tqdm.write(
             f"{spec.task}/{spec.method}/seed {spec.seed}: val refusal {100 * result['val_refusal']:.0f} %, held-out "

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from str_hooks.testing import pad_rows
+
 from .data import Example, StudyData
-from .model import collate, encode_example, exact_match, refusal_rate
+from .model import encode_example, exact_match, refusal_rate
 
 
 def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: int) -> float:
@@ -20,7 +22,7 @@ def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: i
     with torch.no_grad():
         for i in range(0, len(examples), 32):
             rows = [encode_example(tokenizer, e.prompt, e.response, max_len) for e in examples[i : i + 32]]
-            batch = collate(rows, tokenizer.pad_token_id)
+            batch = pad_rows(rows, tokenizer.pad_token_id)
             logits = (
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 .logits[:, :-1]

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from str_hooks import mine_safety_tokens
 from str_hooks.prompts import default_texts, encode_prompt
 from str_hooks.schemas import STRConfig
+from str_hooks.testing import pad_rows
 
 from .data import Example
 from .harmful_sources import build_sources
-from .model import collate, encode_example
+from .model import encode_example
 from .subject import DEFAULT_CACHE, build_subject, load
 from .tasks import agnews_task, gsm8k_task, sst2_task
 
@@ -44,7 +45,7 @@ def safety_masses(model: Any, tokenizer: Any, ids: list[int], rows: list[Example
     out: list[list[float]] = []
     encoded = [encode_example(tokenizer, e.prompt, e.response, MAX_LEN) for e in rows]
     for start in tqdm(range(0, len(encoded), 16), desc="[gate-check] rows", unit="batch", leave=False):
-        batch = collate(encoded[start : start + 16], tokenizer.pad_token_id)
+        batch = pad_rows(encoded[start : start + 16], tokenizer.pad_token_id)
         with torch.no_grad():
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]

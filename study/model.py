@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 
 from str_hooks.probe import is_refusal
 from str_hooks.prompts import encode_prompt
-from str_hooks.testing import CHAT_TEMPLATE, train_bpe
+from str_hooks.testing import CHAT_TEMPLATE, pad_rows, train_bpe
 
 from .data import Example, StudyData
 from .tasks import task_correct
@@ -48,19 +48,6 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_len: int) -> 
     return {"input_ids": ids, "labels": labels}
 
 
-def collate(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def train_epochs(
     model: Any,
     encoded: Sequence[dict[str, list[int]]],
@@ -79,7 +66,7 @@ def train_epochs(
     for _ in range(epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
-            batch = collate([encoded[j] for j in order[i : i + batch_size]], pad_id)
+            batch = pad_rows([encoded[j] for j in order[i : i + batch_size]], pad_id)
             loss = model(**batch, use_cache=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

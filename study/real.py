@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,18 +123,22 @@ def _baseline(subject_dir: Path, data: Any, tokens: list[int], out: Path, finger
     return record
 
 
+@dataclass(frozen=True)
+class StudyInputs:
+    """What every run of one study shares: the subject, its data, the tasks' rows, the anchors, the decision
+    tokens and where adapters are kept."""
+
+    subject_dir: Path
+    data: Any
+    tasks: dict[str, Any]
+    anchors: list[str]
+    tokens: list[int]
+    fingerprint: str
+    save_dir: Path | None = None
+
+
 def run_and_record(
-    spec: RunSpec,
-    runs_path: Path,
-    *,
-    subject_dir: Path,
-    data: Any,
-    task_data: Any,
-    anchors: list[str],
-    tokens: list[int],
-    fingerprint: str,
-    save_dir: Path | None = None,
-    validation: Validation | None = None,
+    spec: RunSpec, runs_path: Path, inputs: StudyInputs, validation: Validation | None = None
 ) -> dict[str, Any]:
     """One run of a study at its task's settings (`TASK_SETTINGS`), stamped with its learning rate, the
     subject's fingerprint and its wall time, and appended to `runs_path` at once (what makes a study
@@ -143,22 +147,22 @@ def run_and_record(
     run_start = time.perf_counter()
     result = run_one(
         spec,
-        subject_dir,
-        data,
-        task_data,
+        inputs.subject_dir,
+        inputs.data,
+        inputs.tasks[spec.task],
         epochs=1.0,
         max_steps=settings["steps"],
         max_len=settings["max_len"],
         curve_every=settings["curve_every"],
         curve_prompts=40,
         recipe=replace(SUBJECT_RECIPE, lora_lr=_learning_rate(spec.task, "lora")),
-        anchors=anchors,
-        decision_tokens=tokens,
-        save_dir=save_dir,
+        anchors=inputs.anchors,
+        decision_tokens=inputs.tokens,
+        save_dir=inputs.save_dir,
         validation=validation,
     )
     result["lr"] = _learning_rate(spec.task, spec.mode)
-    append_run(runs_path, stamp_run(result, fingerprint, run_start))
+    append_run(runs_path, stamp_run(result, inputs.fingerprint, run_start))
     return result
 
 
@@ -204,18 +208,9 @@ def run_real(
     runs = load_runs(runs_path, info["fingerprint"])
     done = {_setting_key(r) for r in runs}
     todo = [] if report_only else [s for s in specs if _spec_key(s) not in done]
+    inputs = StudyInputs(subject_dir, data, tasks, anchors, tokens, info["fingerprint"], save_models)
     for spec in tqdm(todo, desc="fine-tuning runs", unit="run"):
-        result = run_and_record(
-            spec,
-            runs_path,
-            subject_dir=subject_dir,
-            data=data,
-            task_data=tasks[spec.task],
-            anchors=anchors,
-            tokens=tokens,
-            fingerprint=info["fingerprint"],
-            save_dir=save_models,
-        )
+        result = run_and_record(spec, runs_path, inputs)
         runs.append(result)
         em = result["task_exact_match"]
         tqdm.write(

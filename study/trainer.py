@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .model import collate
+from str_hooks.testing import pad_rows
 
 
 class StepTimer(TrainerCallback):
@@ -116,4 +116,4 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        return collate(rows, self.pad_id)
+        return pad_rows(rows, self.pad_id)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.configs import decision_point_only
-from str_hooks.testing import make_batch, make_lora, make_model
+from str_hooks.testing import make_batch, make_lora, make_model, pad_rows
 
 COEF = 0.7
 # The decision-point methods on top of any anchor config: the coarse KL, 3-token openings, benign anchors.
@@ -52,16 +52,7 @@ class PadCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(r["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad_rows(rows, self.pad_token_id)
 
 
 def hand_written_loss(
