@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRConfigError
+from str_hooks.openings import decode_openings
 from str_hooks.prefix import (
     PrefixSplit,
     checkpointing_active,
@@ -31,7 +32,7 @@ from str_hooks.prefix import (
     warn_not_shared,
 )
 from str_hooks.prompts import encode_prompt, read_text_list, resolve_texts
-from str_hooks.tap import ModelTap, eval_mode
+from str_hooks.tap import ModelTap, eval_mode, logits_close
 
 # Anchors per forward in the one-off passes before training (no gradient; with `logits_to_keep` only the
 # requested positions' logits are built, otherwise [32, T, V] logits for the duration of one forward).
@@ -139,6 +140,8 @@ class AnchorSet:
         # What a training forward sees: the prompt, then the opening up to its last token (teacher-forced).
         self.encoded = [list(ids) for ids in self.prompt_ids]
         self.openings: list[list[int]] = [[] for _ in self.prompts]
+        # The values `build_openings` met along its decoding (its `coarse`, per anchor), until used.
+        self._decoded: tuple[str | None, list[torch.Tensor]] | None = None
         self.points = [1] * len(self.prompts)
         self.batch_size = min(batch_size, len(self.prompts))
         self.share_prefix = (
@@ -184,7 +187,7 @@ class AnchorSet:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, point_rows, point_cols) of the given anchors, one right-padded row
         each; the points of anchor `indices[j]` are the last `points` positions of row j, in order."""
-        ids, mask = self._padded([self.encoded[i] for i in indices], device)
+        ids, mask = self.padded([self.encoded[i] for i in indices], device)
         point_rows: list[int] = []
         point_cols: list[int] = []
         for row, index in enumerate(indices):
@@ -272,7 +275,7 @@ class AnchorSet:
         parts = [self.reference[self._offsets[i] : self._offsets[i] + self.points[i]] for i in indices]
         return torch.cat(parts, dim=0)
 
-    def _batches(self) -> list[list[int]]:
+    def setup_batches(self) -> list[list[int]]:
         """Batches of the one-off no-grad passes (openings, reference values): wider than the per-step anchor
         batch, which is sized for step time (2 by default: the 180 default anchors two at a time were 450
         sequential forwards, about 80 s of a 2-core CPU before the first step on a 135M model)."""
@@ -281,83 +284,28 @@ class AnchorSet:
 
     @torch.no_grad()
     def build_openings(
-        self, tap: ModelTap, peft_model: nn.Module | None, n_tokens: int, end_ids: set[int]
+        self,
+        tap: ModelTap,
+        peft_model: nn.Module | None,
+        n_tokens: int,
+        end_ids: set[int],
+        coarse: str | None = None,
     ) -> None:
         """Greedy-generate each anchor's opening of up to `n_tokens` tokens with the model as it is now
         (adapters disabled), stopping after an end token; the anchors are then penalized at every position
-        of it. `n_tokens` = 1 keeps the decision point only (nothing is generated)."""
+        of it. `n_tokens` = 1 keeps the decision point only (nothing is generated). The values (`coarse`, as
+        in `compute_reference`) met along the decoding are kept for `compute_reference`."""
         if n_tokens <= 1:
             return
         with _adapters_off(peft_model), eval_mode(tap.causal_lm):
-            for indices in self._batches():
-                if tap.can_decode_with_cache:
-                    openings = self._greedy_with_cache(tap, indices, n_tokens, end_ids)
-                else:
-                    openings = self._greedy_full_forwards(tap, indices, n_tokens, end_ids)
-                for i in indices:
-                    self.openings[i] = openings[i]
-                    self.encoded[i] = self.prompt_ids[i] + openings[i][:-1]
-                    self.points[i] = len(openings[i])
+            decoded = decode_openings(self, tap, n_tokens, end_ids, coarse)
+        for i, (opening, _) in decoded.items():
+            self.openings[i] = opening
+            self.encoded[i] = self.prompt_ids[i] + opening[:-1]
+            self.points[i] = len(opening)
+        self._decoded = (coarse, [decoded[i][1] for i in range(len(self.encoded))])
 
-    def _greedy_with_cache(
-        self, tap: ModelTap, indices: list[int], n_tokens: int, end_ids: set[int]
-    ) -> dict[int, list[int]]:
-        """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
-        forward (positions from the attention mask, so padding moves nothing)."""
-        device = tap.device()
-        ids, mask = self._padded([self.prompt_ids[i] for i in indices], device, left=True)
-        width = ids.shape[1]
-        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        rows = torch.arange(len(indices), device=device)
-        last = torch.zeros_like(rows)
-        kwargs: dict[str, Any] = {"use_cache": True}
-        if tap.accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        tap.request_points(rows, last + width - 1)
-        sink = tap.run(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-        generated: list[list[int]] = [[] for _ in indices]
-        for step in range(n_tokens):
-            assert sink.point_logits is not None  # requested above
-            tokens = sink.point_logits.argmax(dim=-1)
-            for r, token in enumerate(tokens.tolist()):
-                if not generated[r] or generated[r][-1] not in end_ids:
-                    generated[r].append(int(token))
-            done = all(g[-1] in end_ids for g in generated)
-            if done or step == n_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            tap.request_points(rows, last)
-            sink = tap.run(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                **{str(tap.cache_argument): sink.past_key_values},
-                **kwargs,
-            )
-        return dict(zip(indices, generated, strict=True))
-
-    def _greedy_full_forwards(
-        self, tap: ModelTap, indices: list[int], n_tokens: int, end_ids: set[int]
-    ) -> dict[int, list[int]]:
-        """Greedy openings for models without a usable KV cache: one full forward per token."""
-        sequences = {i: list(self.prompt_ids[i]) for i in indices}
-        openings: dict[int, list[int]] = {i: [] for i in indices}
-        for _ in range(n_tokens):
-            active = [i for i in indices if not openings[i] or openings[i][-1] not in end_ids]
-            if not active:
-                break
-            ids, mask = self._padded([sequences[i] for i in active], tap.device())
-            rows = torch.arange(len(active), device=ids.device)
-            tap.request_points(rows, mask.sum(dim=1) - 1)
-            sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
-            assert sink.point_logits is not None  # requested above
-            for i, token in zip(active, sink.point_logits.argmax(dim=-1).tolist(), strict=True):
-                openings[i].append(int(token))
-                sequences[i].append(int(token))
-        return openings
-
-    def _padded(
+    def padded(
         self, rows: list[list[int]], device: torch.device, left: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of `rows`, padded on the right (or the left, for decoding)."""
@@ -375,17 +323,30 @@ class AnchorSet:
         self, tap: ModelTap, peft_model: nn.Module | None, coarse: str | None = None
     ) -> torch.Tensor:
         """Reference values at every point of every anchor, from the model as it is now (adapters disabled
-        if any): safety logits, or with `coarse` (a form) what that form compares."""
-        parts: list[torch.Tensor] = []
+        if any): safety logits, or with `coarse` (a form) what that form compares. After `build_openings`
+        with the same `coarse` they are the values its decoding met, once the first setup batch's full rows
+        agree with them (else, and without openings, one pass over the full rows)."""
+        batches = self.setup_batches()
+        decoded = self._decoded[1] if self._decoded is not None and self._decoded[0] == coarse else None
+        self._decoded = None
         with _adapters_off(peft_model), eval_mode(tap.causal_lm):
-            for indices in self._batches():
-                parts.append(self.policy_values(tap, indices, coarse).float().cpu())
+            parts = [self.policy_values(tap, batches[0], coarse).float().cpu()]
+            # Both pass over the same model and tokens; only their kernels (a KV cache, padding) differ.
+            if decoded is not None and self._agree(decoded, batches[0], parts[0], tap):
+                parts += [decoded[i] for batch in batches[1:] for i in batch]
+            else:
+                parts += [self.policy_values(tap, batch, coarse).float().cpu() for batch in batches[1:]]
         self.reference = torch.cat(parts, dim=0)
         offsets = [0]
         for points in self.points[:-1]:
             offsets.append(offsets[-1] + points)
         self._offsets = offsets
         return self.reference
+
+    @staticmethod
+    def _agree(decoded: list[torch.Tensor], batch: list[int], full: torch.Tensor, tap: ModelTap) -> bool:
+        along = torch.cat([decoded[i] for i in batch], dim=0)
+        return logits_close(along, full, tap.rows.weight.dtype, rtol=1e-4)[2]
 
 
 def _adapters_off(peft_model: nn.Module | None) -> contextlib.AbstractContextManager[Any]:

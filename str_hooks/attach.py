@@ -156,10 +156,11 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
             benign_prompts=settings.benign_anchors_path,
             benign_weight=settings.benign_weight,
         )
+        coarse = form if form in COARSE_FORMS else None
         if settings.anchor_tokens > 1:
             ends = end_token_ids(tokenizer, tap.causal_lm)
-            anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends)
-        anchors.compute_reference(tap, peft_model, coarse=form if form in COARSE_FORMS else None)
+            anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends, coarse)
+        anchors.compute_reference(tap, peft_model, coarse)
         anchors.share_prefix = settings.anchor_placement == "separate" and worth_sharing(
             settings.share_anchor_prefix, anchors.prefix_length, anchors.batch_size, tap.device()
         )

@@ -19,6 +19,7 @@ from helpers.factory import ARCHITECTURES, drop_logits, make_batch, make_lora, m
 from helpers.losses import assert_grads_close, ce_by_hand, grads
 
 from str_hooks import anchors as anchors_module
+from str_hooks import openings as openings_module
 from str_hooks import register_str_hook
 from str_hooks.errors import STRAttachError
 from str_hooks.penalty import coarse_logprobs
@@ -143,7 +144,8 @@ def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
 ) -> None:
     """The openings and reference values are computed once, before training, in wide batches whatever the
     per-step `anchor_batch_size`, in as few forwards as one batch of all anchors; split into several setup
-    batches (of 2) they come out the same, in the same order."""
+    batches (of 2) they come out the same, in the same order. The reference is read along the decoding: one
+    forward over the first setup batch's full rows checks it, none over the others."""
     model = make_lora(make_model("llama"))
     forwards = 0
 
@@ -164,9 +166,9 @@ def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
     (split_forwards, split_openings, split_reference), (wide_forwards, openings, reference) = built.values()
     assert split_openings == openings and all(len(o) > 1 for o in openings)
     torch.testing.assert_close(split_reference, reference)
-    # All 5 anchors at once: the projection check, one forward per opening token, the reference values.
+    # All 5 anchors at once: the projection check, one forward per opening token, the full rows' check.
     assert wide_forwards == 1 + OPENING + 1
-    assert split_forwards == 1 + 3 * (OPENING + 1)  # batches of 2, 2, 1
+    assert split_forwards == 1 + 3 * OPENING + 1  # batches of 2, 2, 1
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -183,9 +185,7 @@ def test_openings_decoded_on_a_kv_cache_equal_full_forwards(
     built = []
     for cached in (True, False):
         if not cached:
-            monkeypatch.setattr(
-                anchors_module.AnchorSet, "_greedy_with_cache", anchors_module.AnchorSet._greedy_full_forwards
-            )
+            monkeypatch.setattr(openings_module, "greedy_with_cache", openings_module.greedy_full_forwards)
         with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
             anchors = handle.anchors
             assert anchors is not None
@@ -194,6 +194,60 @@ def test_openings_decoded_on_a_kv_cache_equal_full_forwards(
     (openings, reference), (full_openings, full_reference) = built
     assert openings == full_openings and len({len(p) for p in anchors.prompt_ids}) > 1
     torch.testing.assert_close(reference, full_reference)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("form", ["mse", "kl"])
+def test_reference_read_along_the_decoding_equals_a_pass_over_the_full_rows(
+    arch: str, form: str, tmp_path: Path, tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference values kept from the openings' decoding (safety logits for mse, the coarse buckets for
+    kl) equal those of a separate no-grad pass over every anchor's full rows, in setup batches of 2 (so that
+    most of them are not the batch the attach checks)."""
+    monkeypatch.setattr(anchors_module, "SETUP_BATCH_SIZE", 2)
+    full_passes: list[list[int]] = []
+    policy_values = anchors_module.AnchorSet.policy_values
+
+    def counted(self: Any, tap: Any, indices: Any, coarse: Any) -> torch.Tensor:
+        full_passes.append(list(indices))
+        return policy_values(self, tap, indices, coarse)
+
+    monkeypatch.setattr(anchors_module.AnchorSet, "policy_values", counted)
+    model = make_lora(make_model(arch))
+    with register_str_hook(
+        model, anchor_cfg(tmp_path, form, "separate", anchor_batch_size=1), tokens=tokens, tokenizer=tokenizer
+    ) as handle:
+        anchors = handle.anchors
+        assert anchors is not None and len(anchors.setup_batches()) == 3
+        along = anchors.reference
+        assert along is not None and anchors._decoded is None  # used once, then dropped
+        assert full_passes == [[0, 1]]  # the check of the first setup batch: the others were read along
+        coarse = "kl" if form == "kl" else None
+        full = anchors.compute_reference(handle.tap, model, coarse)  # nothing decoded now: the full rows
+    assert all(len(o) > 1 for o in anchors.openings)
+    torch.testing.assert_close(along, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_that_disagrees_with_the_full_rows_is_not_the_reference(
+    tmp_path: Path, tokenizer: Any, tokens: Any
+) -> None:
+    """Where the first setup batch's full rows disagree with the values met along the decoding, every setup
+    batch is passed again over its full rows."""
+    model = make_lora(make_model("llama"))
+    with register_str_hook(
+        model, anchor_cfg(tmp_path, "mse", "separate"), tokens=tokens, tokenizer=tokenizer
+    ) as handle:
+        anchors = handle.anchors
+        assert anchors is not None and anchors.reference is not None
+        honest = anchors.reference.clone()
+        ends = anchors_module.end_token_ids(tokenizer, model)
+        anchors.build_openings(handle.tap, model, OPENING, ends)
+        assert anchors._decoded is not None
+        anchors._decoded[1][0].add_(1.0)  # the first anchor's values: the checked batch
+        torch.testing.assert_close(anchors.compute_reference(handle.tap, model), honest)
+        anchors.build_openings(handle.tap, model, OPENING, ends, coarse="kl")
+        # Values of another form than the reference's are never used (kl buckets for an mse reference).
+        torch.testing.assert_close(anchors.compute_reference(handle.tap, model), honest)
 
 
 def test_coarse_logprobs_are_a_distribution_over_k_plus_one_buckets() -> None:

@@ -1,0 +1,124 @@
+"""The anchors' openings: the aligned model's own greedy reply openings, decoded once at attach.
+
+Each decoding step's forward already holds, at the position that predicts the next opening token, the values
+the penalty compares there (safety logits, or a coarse form's values): the anchor's reference at that point.
+`decode_openings` returns them beside the openings, so that the reference needs no second pass over the
+anchors' full rows (`AnchorSet.compute_reference` checks them against one batch of full rows first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from str_hooks.prefix import point_values
+from str_hooks.tap import ModelTap, Sink
+
+if TYPE_CHECKING:
+    from str_hooks.anchors import AnchorSet
+
+# An opening (token ids, the end token included when one was reached) and its values [len(opening), C].
+Decoded = dict[int, tuple[list[int], torch.Tensor]]
+
+
+def _record(
+    decoded: dict[int, tuple[list[int], list[torch.Tensor]]],
+    anchors: list[int],
+    tokens: list[int],
+    values: torch.Tensor,
+    end_ids: set[int],
+) -> None:
+    """Append each still-open anchor's next token and the values at the point that predicted it."""
+    for row, (index, token) in enumerate(zip(anchors, tokens, strict=True)):
+        opening, kept = decoded[index]
+        if not opening or opening[-1] not in end_ids:
+            opening.append(int(token))
+            kept.append(values[row].float().cpu())
+
+
+def _finished(decoded: dict[int, tuple[list[int], list[torch.Tensor]]], anchors: list[int]) -> Decoded:
+    return {i: (decoded[i][0], torch.stack(decoded[i][1])) for i in anchors}
+
+
+def greedy_with_cache(
+    anchors: AnchorSet,
+    tap: ModelTap,
+    indices: list[int],
+    n_tokens: int,
+    end_ids: set[int],
+    coarse: str | None,
+) -> Decoded:
+    """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
+    forward (positions from the attention mask, so padding moves nothing)."""
+    device = tap.device()
+    ids, mask = anchors.padded([anchors.prompt_ids[i] for i in indices], device, left=True)
+    width = ids.shape[1]
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    rows = torch.arange(len(indices), device=device)
+    cols = torch.full_like(rows, width - 1)
+    kwargs: dict[str, Any] = {"use_cache": True}
+    if tap.accepts_logits_to_keep:
+        kwargs["logits_to_keep"] = 1
+    decoded: dict[int, tuple[list[int], list[torch.Tensor]]] = {i: ([], []) for i in indices}
+    tap.request_points(rows, cols)
+    sink: Sink = tap.run(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    for step in range(n_tokens):
+        assert sink.point_logits is not None  # requested above
+        tokens = sink.point_logits.argmax(dim=-1)
+        _record(decoded, indices, tokens.tolist(), point_values(tap, sink, rows, cols, coarse), end_ids)
+        if all(decoded[i][0][-1] in end_ids for i in indices) or step == n_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        cols = torch.zeros_like(rows)  # each later forward is one token wide
+        tap.request_points(rows, cols)
+        sink = tap.run(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            **{str(tap.cache_argument): sink.past_key_values},
+            **kwargs,
+        )
+    return _finished(decoded, indices)
+
+
+def greedy_full_forwards(
+    anchors: AnchorSet,
+    tap: ModelTap,
+    indices: list[int],
+    n_tokens: int,
+    end_ids: set[int],
+    coarse: str | None,
+) -> Decoded:
+    """Greedy openings for models without a usable KV cache: one full forward per token."""
+    decoded: dict[int, tuple[list[int], list[torch.Tensor]]] = {i: ([], []) for i in indices}
+    for _ in range(n_tokens):
+        active = [i for i in indices if not decoded[i][0] or decoded[i][0][-1] not in end_ids]
+        if not active:
+            break
+        sequences = [anchors.prompt_ids[i] + decoded[i][0] for i in active]
+        ids, mask = anchors.padded(sequences, tap.device())
+        rows = torch.arange(len(active), device=ids.device)
+        cols = mask.sum(dim=1) - 1
+        tap.request_points(rows, cols)
+        sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
+        assert sink.point_logits is not None  # requested above
+        tokens = sink.point_logits.argmax(dim=-1).tolist()
+        _record(decoded, active, tokens, point_values(tap, sink, rows, cols, coarse), end_ids)
+    return _finished(decoded, indices)
+
+
+def decode_openings(
+    anchors: AnchorSet, tap: ModelTap, n_tokens: int, end_ids: set[int], coarse: str | None
+) -> Decoded:
+    """Every anchor's greedy opening of up to `n_tokens` tokens and the values along it, in wide batches
+    (the caller disables adapters and sets eval mode)."""
+    decode = greedy_with_cache if tap.can_decode_with_cache else greedy_full_forwards
+    decoded: Decoded = {}
+    for indices in anchors.setup_batches():
+        decoded.update(decode(anchors, tap, indices, n_tokens, end_ids, coarse))
+    return decoded
+
+
+__all__ = ["Decoded", "decode_openings", "greedy_full_forwards", "greedy_with_cache"]
