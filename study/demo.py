@@ -15,6 +15,7 @@ attack is measured in `results/harmful_mixing` (`make study-harmful-mixing`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -82,25 +83,35 @@ def _demo_data(data: StudyData) -> tuple[StudyData, int, int]:
     return replace(data, xstest_safe=sensitive + ordinary), len(sensitive), len(ordinary)
 
 
-def _subject_point(subject_dir: Path, data: StudyData) -> dict[str, Any]:
+def _subject_point(subject_dir: Path, data: StudyData, fingerprint: str) -> dict[str, Any]:
     """Step 0 of every curve and the table's first row, measured once on the demo's own sets: the subject's
-    refusal rate, its refusals of the safe prompts, its held-out sort loss."""
+    refusal rate, its refusals of the safe prompts, its held-out sort loss. Kept beside the cached subject
+    (`demo_point.json`), keyed by the subject's fingerprint and the sets it was measured on."""
     from .evaluation import heldout_loss
     from .model import refusal_flags, refusal_rate
     from .subject import load
 
+    _, test, _ = demo_task(0.0)
+    sets = [data.harmful_heldout, data.xstest_safe, [e.prompt for e in test], data.refusal_phrases, MAX_LEN]
+    key = hashlib.sha256(json.dumps([fingerprint, sets]).encode()).hexdigest()[:16]
+    cached_path = subject_dir / "demo_point.json"
+    if cached_path.is_file():
+        cached = json.loads(cached_path.read_text())
+        if cached.get("key") == key:
+            return dict(cached["point"])
     model, tokenizer = load(subject_dir)
     refusal, _ = refusal_rate(model, tokenizer, data.harmful_heldout, data.refusal_phrases)
     _, safe_replies = refusal_rate(model, tokenizer, data.xstest_safe, data.refusal_phrases)
-    _, test, _ = demo_task(0.0)
     # The task's own prompts: a subject that refuses them asks `{}` to hold what the task must undo.
     task_refusal, _ = refusal_rate(model, tokenizer, [e.prompt for e in test], data.refusal_phrases)
-    return {
+    point = {
         "heldout_refusal": refusal,
         "task_refusal": task_refusal,
         "xstest_refused": refusal_flags(safe_replies, data.refusal_phrases),
         "task_heldout_loss": heldout_loss(model, tokenizer, test, MAX_LEN),
     }
+    cached_path.write_text(json.dumps({"key": key, "point": point}, indent=2))
+    return point
 
 
 def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
@@ -114,7 +125,7 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     subject_seconds = time.perf_counter() - started
     data, n_sensitive, n_ordinary = _demo_data(subject_data("embedded").study)
     recipe = replace(SUBJECT_RECIPE, lora_lr=DEMO_LR, xstest_stride=1, task_eval={"sort": TASK_EVAL})
-    start = _subject_point(subject_dir, data)
+    start = _subject_point(subject_dir, data, info["fingerprint"])
     results: list[dict[str, Any]] = []
     for s, (setting, share) in enumerate(SETTINGS):
         train, test, n_harmful = demo_task(share)
@@ -134,6 +145,7 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
                 curve_task_loss=True,
                 progress=f"[demo 2/2] run {run}/4: {setting}, {method}",
                 probe_before=False,
+                last_point_from_evaluation=True,
             )
             result["refusal_curve"].insert(0, (0, start["heldout_refusal"]))
             result["task_loss_curve"].insert(0, (0, start["task_heldout_loss"]))

@@ -98,6 +98,7 @@ def run_one(
     progress: str | None = None,
     probe_before: bool = True,
     keep_replies: bool = False,
+    last_point_from_evaluation: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
@@ -108,7 +109,9 @@ def run_one(
     generation before or after), for step-cost comparisons; `curve_task_loss` adds the held-out task loss
     at every probe; `progress` names a progress bar over the run's steps; `probe_before=False` leaves the
     step-0 probe (the untouched subject, the same for every run) to the caller; `keep_replies` adds every
-    evaluation reply (`replies`: harmful, over_refusal, task) for a judge applied afterwards."""
+    evaluation reply (`replies`: harmful, over_refusal, task) for a judge applied afterwards;
+    `last_point_from_evaluation` takes the curves' last point from the final evaluation instead of a probe
+    that would measure the same prompts again (the demo, whose probe prompts are the held-out set)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,7 +161,7 @@ def run_one(
             mass_curve.append((step, mass))
         return refusal_rate(model, tokenizer, probe_prompts, data.refusal_phrases)[0]
 
-    timer = StepTimer(probe, curve_every)
+    timer = StepTimer(probe, curve_every, skip_last=last_point_from_evaluation)
     workdir = Path(tempfile.mkdtemp(prefix="str-study-"))
     args = TrainingArguments(
         output_dir=str(workdir),
@@ -262,6 +265,12 @@ def run_one(
             "task_refused": refusal_flags(task_replies, data.refusal_phrases),
         }
         task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
+    step = trainer.state.global_step
+    if last_point_from_evaluation and curve_every and step % curve_every == 0:
+        probed = refusal_flags(replies, data.refusal_phrases)[: len(probe_prompts)]
+        timer.curve.append((step, probed.count("1") / max(len(probed), 1)))
+        if curve_task_loss and task_loss is not None:
+            task_loss_curve.append((step, task_loss))
     val_metrics = validation.measure(model, tokenizer, data, spec.task, max_len) if validation else {}
     if save_dir is not None:
         model.save_pretrained(str(save_dir / spec.name))

@@ -17,13 +17,15 @@ from str_hooks.testing import pad_rows
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, and the refusal rate every `every` steps (not timed)."""
+    """Wall time of each optimizer step, and the refusal rate every `every` steps (not timed); with
+    `skip_last`, not at the run's last step (the caller's final evaluation supplies that point)."""
 
-    def __init__(self, probe: Any, every: int) -> None:
+    def __init__(self, probe: Any, every: int, skip_last: bool = False) -> None:
         self.step_times: list[float] = []
         self.curve: list[tuple[int, float]] = []
         self.probe = probe
         self.every = every
+        self.skip_last = skip_last
         self._start = 0.0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -31,7 +33,8 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_times.append(time.perf_counter() - self._start)
-        if self.every and state.global_step % self.every == 0:
+        last = self.skip_last and state.global_step == state.max_steps
+        if self.every and state.global_step % self.every == 0 and not last:
             self.curve.append((state.global_step, self.probe(state.global_step)))
 
 

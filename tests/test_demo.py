@@ -81,6 +81,7 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
         return _fake_result(spec.method, *measured[(setting, spec.method)])
 
     info = {
+        "fingerprint": "f00d",
         "base": "the subject",
         "notes": {"harmful": "120 prompts"},
         "metrics": {"heldout_refusal": 0.9, "xstest_over_refusal": 0.2},
@@ -106,3 +107,39 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
     assert "-4 points" in text
     for name in ("RESULTS.md", "runs.jsonl", "demo.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+def test_the_subject_point_is_measured_once_per_subject_and_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached run reads the subject's step-0 point from `demo_point.json`; another subject (fingerprint)
+    or other evaluation sets measure it again."""
+    from study import evaluation, model, subject
+
+    loads: list[Path] = []
+    monkeypatch.setattr(subject, "load", lambda path: (loads.append(path), (None, None))[1])
+    monkeypatch.setattr(
+        model, "refusal_rate", lambda m, t, prompts, phrases: (0.5, ["I cannot"] * len(prompts))
+    )
+    monkeypatch.setattr(evaluation, "heldout_loss", lambda *a: 2.5)
+    data = demo.subject_data("embedded").study
+    first = demo._subject_point(tmp_path, data, "f1")
+    assert demo._subject_point(tmp_path, data, "f1") == first and len(loads) == 1
+    demo._subject_point(tmp_path, data, "f2")
+    fewer = demo.replace(data, harmful_heldout=data.harmful_heldout[:5])
+    demo._subject_point(tmp_path, fewer, "f2")
+    assert len(loads) == 3 and first["task_heldout_loss"] == 2.5
+
+
+def test_the_step_timer_leaves_the_last_probe_to_the_final_evaluation() -> None:
+    from types import SimpleNamespace
+
+    from study.trainer import StepTimer
+
+    for skip_last, probed in ((False, [8, 16]), (True, [8])):
+        timer = StepTimer(lambda step: step / 100, every=8, skip_last=skip_last)
+        for step in range(1, 17):
+            state = SimpleNamespace(global_step=step, max_steps=16)
+            timer.on_step_begin(None, state, None)
+            timer.on_step_end(None, state, None)
+        assert [step for step, _ in timer.curve] == probed and len(timer.step_times) == 16
