@@ -1,11 +1,10 @@
 """The harmful-mixing study's report: RESULTS.md (evaluation sets, one table per block, the targets), the
-progress line of a run, and the plot over p."""
+progress line of a run (its plots: study/harmful_plots.py)."""
 
 from __future__ import annotations
 
 import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -190,6 +189,12 @@ def report(
     lines += _target_lines(runs, base)
     lines += _target_lines(runs, base, "agnews", "beavertails")
     lines += _target_lines(runs, base, "agnews", "advbench")
+    lines += [
+        "Plots: `retention_over_p.png` (retention and SST-2 accuracy over p per method) and `frontier.png` (per "
+        "task and p, each method's retention against its accuracy change from plain SFT, paired by seed, with "
+        "the step-time ratio beside it and the targets dashed).",
+        "",
+    ]
     lines += _judge_lines(runs, base)
     return "\n".join(lines) + "\n"
 
@@ -232,20 +237,27 @@ def _val_goals(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
     return f"{_pm(kept)} %{_of(kept, rows)}" if kept else "n/a"
 
 
+def paired_deltas(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[list[float], int]:
+    """Accuracy minus plain SFT's per seed where plain SFT ran the same seed (a seed's rows and order move
+    accuracy more than most methods do), and how many of the rows were scored."""
+    scored = [r for r in rows if r["task_exact_match"] is not None]
+    plain_by_seed = {r["seed"]: r["task_exact_match"] for r in plain if r["task_exact_match"] is not None}
+    paired = [r["task_exact_match"] - plain_by_seed[r["seed"]] for r in scored if r["seed"] in plain_by_seed]
+    return paired, len(scored)
+
+
 def _acc_delta(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> str:
     """Accuracy minus plain SFT's in points: the mean of per-seed differences where plain SFT ran the same
     seeds, else the difference of the means; n/a without either."""
-    scored = [r for r in rows if r["task_exact_match"] is not None]
-    plain_by_seed = {r["seed"]: r["task_exact_match"] for r in plain if r["task_exact_match"] is not None}
-    if not scored or not plain_by_seed:
-        return "n/a"
-    paired = [r["task_exact_match"] - plain_by_seed[r["seed"]] for r in scored if r["seed"] in plain_by_seed]
+    paired, n_scored = paired_deltas(rows, plain)
     if paired:
         shown = f"{100 * _mean(paired):+.1f}"
-        return shown if len(paired) == len(scored) else f"{shown} ({len(paired)} of {len(scored)} seeds)"
-    return (
-        f"{100 * (_mean([r['task_exact_match'] for r in scored]) - _mean(list(plain_by_seed.values()))):+.1f}"
-    )
+        return shown if len(paired) == n_scored else f"{shown} ({len(paired)} of {n_scored} seeds)"
+    scored = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
+    plain_scores = [r["task_exact_match"] for r in plain if r["task_exact_match"] is not None]
+    if not scored or not plain_scores:
+        return "n/a"
+    return f"{100 * (_mean(scored) - _mean(plain_scores)):+.1f}"
 
 
 def _task_refused(rows: list[dict[str, Any]]) -> str:
@@ -357,39 +369,3 @@ def _target_lines(
         )
     lines.append("")
     return lines
-
-
-def plot_over_p(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) -> Path | None:
-    """Retention and accuracy over p per method (SST-2, BeaverTails rows, one epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sst2 = [r for r in runs if r["task"] == "sst2" and r["attack"] == "beavertails" and r["epochs"] == 1.0]
-    if not sst2:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in dict.fromkeys(r["method"] for r in sst2):
-        ps = sorted({r["p"] for r in sst2 if r["method"] == method})
-        rows = [[r for r in sst2 if r["method"] == method and r["p"] == p] for p in ps]
-        xs = [100 * p for p in ps]
-        left.plot(
-            xs,
-            [100 * _mean([retention(r, base, HARMFUL_SOURCES) for r in g]) for g in rows],
-            "o-",
-            label=method,
-        )
-        right.plot(xs, [100 * _mean([r["task_exact_match"] for r in g]) for g in rows], "o-", label=method)
-    left.axhline(95, color="grey", lw=0.8, ls="--")
-    left.set(
-        xlabel="harmful rows p (%)",
-        ylabel="refusals kept (% of subject's, held-out pooled)",
-        title="retention",
-    )
-    right.set(xlabel="harmful rows p (%)", ylabel="SST-2 accuracy (%)", title="task accuracy")
-    left.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

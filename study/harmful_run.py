@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from .evaluation import Validation
 from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .harmful_mixing import EVAL_STRIDE, PLANS, TASK_SETTINGS, Block
-from .harmful_report import _one_line, plot_over_p, report
+from .harmful_plots import plot_frontier, plot_over_p
+from .harmful_report import _one_line, report
 from .harmful_sources import (
     HARMFUL_SOURCES,
     OVER_REFUSAL_SOURCES,
@@ -242,9 +243,7 @@ def run_harmful_mixing(
     runs = [r for r in runs if r["eval_stride"] == stride]
     text = report(runs, base, sources, command, plan_name)
     (out / ("RESULTS.md" if plan_name == "protocol" else f"RESULTS-{plan_name}.md")).write_text(text)
-    plot_over_p(
-        runs,
-        base,
-        out / ("retention_over_p.png" if plan_name == "protocol" else f"retention_over_p-{plan_name}.png"),
-    )
+    suffix = "" if plan_name == "protocol" else f"-{plan_name}"
+    plot_over_p(runs, base, out / f"retention_over_p{suffix}.png")
+    plot_frontier(runs, base, out / f"frontier{suffix}.png")
     return text
