@@ -13,6 +13,7 @@ from .distances import FAR_JACCARD
 from .harmful_mixing import BASELINE, SHIPPED
 from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, Sources, far_mask, prompt_distances
 from .judge import agreement
+from .task_errors import label_bias_lines
 
 SOURCE_LABELS = {
     "advbench": "AdvBench held-out",
@@ -195,6 +196,7 @@ def report(
         "the step-time ratio beside it and the targets dashed).",
         "",
     ]
+    lines += label_bias_lines(runs)
     lines += _judge_lines(runs, base)
     return "\n".join(lines) + "\n"
 
