@@ -139,10 +139,12 @@ PROTOCOL_PLAN: list[Block] = [
     # Stop 42: p = 0 had one seed of plain SFT and `{}` (plain SFT's seed 0 is 4-6 points below its other SST-2
     # runs): a second seed of both, so the candidate's p = 0 cost is paired by seed, as at p = 10 %.
     Block("sst2", 0.0, PAIR, seeds=2),
+    # Stop 42: p = 20 % is where the two part most (`{}` -10.7 points over 2 seeds, the candidate -4.0 on one):
+    # its second seed first.
+    Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",), seeds=2),
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
-    Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",), seeds=2),
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
