@@ -14,6 +14,9 @@ AXOLOTL_BIN := $(AXOLOTL_VENV)/bin
 AXOLOTL_DEPS := $(AXOLOTL_VENV)/.axolotl-installed
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.str-hooks-installed
 export PYTHONUNBUFFERED := 1
+# setuptools announces every strict editable install ("be careful not to remove build/..."): the comment
+# above says it once; its other warnings still print.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision study-harmful-mixing subject clean
 
@@ -26,7 +29,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt $(SOURCES)
 	@# torch first, pinned: this machine's CPU build; an unpinned torch would pull a multi-GB CUDA build.
 	@echo "[make] installing torch 2.13.0 (CPU) and str-hooks with its dev, hf and deepspeed extras into $(VENV)"
 	@$(BIN)/pip install -q torch==2.13.0
-	@$(BIN)/pip install -q -c constraints.txt -e '.[dev,hf,deepspeed]' --config-settings editable_mode=strict
+	@$(EDITABLE) $(BIN)/pip install -q -c constraints.txt -e '.[dev,hf,deepspeed]' --config-settings editable_mode=strict
 	@touch $@
 
 install: $(STAMP)
@@ -43,18 +46,21 @@ $(SUBJECT_STAMP): $(STAMP)
 subject-deps: $(SUBJECT_STAMP)
 
 $(AXOLOTL_BIN)/python:
-	$(PYTHON) -m venv $(AXOLOTL_VENV)
-	$(AXOLOTL_BIN)/python -m pip install -q --upgrade pip
+	@echo "[make] creating $(AXOLOTL_VENV)"
+	@$(PYTHON) -m venv $(AXOLOTL_VENV)
+	@$(AXOLOTL_BIN)/python -m pip install -q --upgrade pip
 
 $(AXOLOTL_DEPS): $(AXOLOTL_BIN)/python constraints-axolotl.txt
-	# torch first, pinned (the CPU build), so that axolotl keeps it instead of pulling a CUDA build.
-	$(AXOLOTL_BIN)/pip install -q torch==2.13.0
-	$(AXOLOTL_BIN)/pip install -q -c constraints-axolotl.txt axolotl==0.19.0 deepspeed==0.19.8
-	touch $@
+	@# torch first, pinned (the CPU build), so that axolotl keeps it instead of pulling a CUDA build.
+	@echo "[make] installing torch 2.13.0 (CPU), axolotl 0.19.0 and deepspeed into $(AXOLOTL_VENV) (about 4 GB)"
+	@$(AXOLOTL_BIN)/pip install -q torch==2.13.0
+	@$(AXOLOTL_BIN)/pip install -q -c constraints-axolotl.txt axolotl==0.19.0 deepspeed==0.19.8
+	@touch $@
 
 $(AXOLOTL_STAMP): $(AXOLOTL_DEPS) pyproject.toml $(SOURCES)
-	$(AXOLOTL_BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
-	touch $@
+	@echo "[make] installing str-hooks into $(AXOLOTL_VENV) (Axolotl's pins kept)"
+	@$(EDITABLE) $(AXOLOTL_BIN)/pip install -q --no-deps -e . --config-settings editable_mode=strict
+	@touch $@
 
 axolotl-venv: $(AXOLOTL_STAMP)
 
