@@ -131,8 +131,10 @@ def run_block_spec(
     fingerprint: str,
     stride: int,
     out_dir: Path | None = None,
+    adapters: Path | None = None,
 ) -> dict[str, Any]:
-    """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards)."""
+    """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards);
+    with `adapters`, its LoRA adapter is kept below it (one folder per block), for measures written later."""
     settings = TASK_SETTINGS[block.task]
     train, test, val_task = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
     if leaked := {e.prompt for e in train} & set(sources.val_harmful_goals):
@@ -160,6 +162,7 @@ def run_block_spec(
         ),
         mix_rows=sources.mix_rows,
         keep_replies=True,
+        save_dir=None if adapters is None else adapters / _block_folder(block),
     )
     replies = result.pop("replies")
     harmful_sizes = {k: len(sources.harmful[k]) for k in HARMFUL_SOURCES}
@@ -184,7 +187,15 @@ def run_block_spec(
     stamp_run(result, fingerprint, started)
     result["config"] = METHODS[method].recorded_config
     result["replies_file"] = write_replies(result, replies, out_dir) if out_dir is not None else None
+    if adapters is not None:
+        result["adapter_dir"] = str(
+            adapters / _block_folder(block) / RunSpec(block.task, "lora", method, seed).name
+        )
     return result
+
+
+def _block_folder(block: Block) -> str:
+    return f"{block.task}-p{block.p:g}-n{block.n}-{block.attack}-e{block.epochs:g}"
 
 
 def run_harmful_mixing(
@@ -235,6 +246,9 @@ def run_harmful_mixing(
                 fingerprint=info["fingerprint"],
                 stride=stride,
                 out_dir=out,
+                # Adapters (about 21 MB each) stay out of git: a later measure (e.g. a threshold-free task
+                # score) can be taken on them without rerunning.
+                adapters=Path("runs") / out.name / "adapters" if plan_name == "protocol" else None,
             )
             runs.append(result)
             append_run(runs_path, result)
