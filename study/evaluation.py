@@ -36,6 +36,35 @@ def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: i
     return total / max(count, 1)
 
 
+def label_margins(model: Any, tokenizer: Any, prompts: list[str], labels: tuple[str, str]) -> list[float]:
+    """Per prompt, log p(labels[1]) - log p(labels[0]) for the reply's first token (each label's first
+    token): a threshold-free score of a binary task (its AUC does not move with where the label threshold
+    lands, which moves exact match by several points between runs)."""
+    from .model import left_padded_prompts
+
+    first = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
+    was_training = model.training
+    model.eval()
+    margins: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 32):
+            ids, mask = left_padded_prompts(tokenizer, prompts[i : i + 32])
+            logprobs = torch.log_softmax(
+                model(input_ids=ids, attention_mask=mask).logits[:, -1].float(), dim=-1
+            )
+            margins += (logprobs[:, first[1]] - logprobs[:, first[0]]).tolist()
+    model.train(was_training)
+    return margins
+
+
+def auc(scores: list[float], positive: list[bool]) -> float:
+    """The probability that a random positive example scores above a random negative one (ties count half)."""
+    pos = [s for s, y in zip(scores, positive, strict=True) if y]
+    neg = [s for s, y in zip(scores, positive, strict=True) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / max(len(pos) * len(neg), 1)
+
+
 @dataclass(frozen=True)
 class Validation:
     """The validation split settings are chosen on: harmful training prompts that are neither anchors nor

@@ -21,10 +21,11 @@ from str_hooks.integrations.hf import attach
 from str_hooks.schemas import STRConfig
 
 from .data import Example, StudyData
-from .evaluation import Validation, heldout_loss
+from .evaluation import Validation, heldout_loss, label_margins
 from .methods import METHODS, Method
 from .model import encode_example, refusal_flags, refusal_rate, task_outcomes
 from .subject import decision_point_mass
+from .tasks import BINARY_LABELS
 from .trainer import Collator, KLTrainer, PeakRSS, StepBar, StepTimer
 
 
@@ -251,7 +252,7 @@ def run_one(
     over_refusal, xstest_replies = refusal_rate(model, tokenizer, xstest, data.refusal_phrases)
     task_em: float | None = None
     task_loss: float | None = None
-    task_record: dict[str, str] = {}
+    task_record: dict[str, Any] = {}
     task_replies: list[str] = []
     if test:  # the attack task has no utility to measure
         n_eval, new_tokens = recipe.task_eval[spec.task]
@@ -265,6 +266,11 @@ def run_one(
             "task_refused": refusal_flags(task_replies, data.refusal_phrases),
         }
         task_loss = heldout_loss(model, tokenizer, test[:100], max_len)
+        if spec.task in BINARY_LABELS:
+            margins = label_margins(
+                model, tokenizer, [e.prompt for e in test[:n_eval]], BINARY_LABELS[spec.task]
+            )
+            task_record["task_label_margins"] = [round(m, 4) for m in margins]
     step = trainer.state.global_step
     if last_point_from_evaluation and curve_every and step % curve_every == 0:
         probed = refusal_flags(replies, data.refusal_phrases)[: len(probe_prompts)]

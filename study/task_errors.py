@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .evaluation import auc
 from .harmful_sources import mixed_task
 
 
@@ -38,11 +39,20 @@ def label_bias_lines(
         f"Every wrong answer names the other label (no run refuses the test prompts), so a run's errors split into "
         f"errors on gold `{labels[0]}` ({counts[labels[0]]} of {len(gold)}) and on gold `{labels[1]}` "
         f"({counts[labels[1]]}); their difference is the run's bias toward `{labels[1]}` (its predicted share minus "
-        "the gold share). A one-epoch run's bias lands on either side by chance, plain SFT's included: much of a "
+        "the gold share). *AUC* is threshold-free: how often a gold `"
+        + labels[1]
+        + "` example's margin log p("
+        + labels[1]
+        + ") - log p("
+        + labels[0]
+        + ") at the reply's first token exceeds a gold `"
+        + labels[0]
+        + "` example's (recorded from stop 42). A one-epoch run's bias lands on either side by chance, plain SFT's included: much of a "
         "few points' accuracy difference between two runs is where the label threshold landed, not what was learned.",
         "",
-        f"| method | p | attack | epochs | seed | accuracy | errors on {labels[0]} | errors on {labels[1]} | bias toward {labels[1]} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | p | attack | epochs | seed | accuracy | errors on {labels[0]} | errors on {labels[1]} | "
+        f"bias toward {labels[1]} | AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     biases: dict[str, list[float]] = {}
     for r in sorted(scored, key=lambda r: (r["method"], r["p"], r["attack"], r["epochs"], r["seed"])):
@@ -50,7 +60,7 @@ def label_bias_lines(
         biases.setdefault(r["method"], []).append(bias)
         lines.append(
             f"| {r['method']} | {100 * r['p']:.0f} % | {r['attack']} | {r['epochs']:g} | {r['seed']} | "
-            f"{100 * r['task_exact_match']:.1f} % | {first} | {second} | {100 * bias:+.1f} points |"
+            f"{100 * r['task_exact_match']:.1f} % | {first} | {second} | {100 * bias:+.1f} points | {_auc(r, gold, labels)} |"
         )
     spread = [
         f"{method}: {min(b) * 100:+.0f} to {max(b) * 100:+.0f} points over {len(b)} runs"
@@ -62,3 +72,10 @@ def label_bias_lines(
     mean_abs = statistics.fmean(abs(b) for bs in biases.values() for b in bs)
     lines += [f"Mean absolute bias over these runs: {100 * mean_abs:.1f} points.", ""]
     return lines
+
+
+def _auc(run: dict[str, Any], gold: list[str], labels: tuple[str, str]) -> str:
+    margins = run.get("task_label_margins")
+    if not margins:
+        return "n/a"
+    return f"{auc(margins, [g == labels[1] for g in gold]):.3f}"

@@ -73,6 +73,10 @@ def gsm8k_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]
     return read("train.jsonl", n_train), read("test.jsonl", n_test)
 
 
+# Binary tasks: (label 0, label 1) as the reply opens, for the threshold-free score (`label_margins`).
+BINARY_LABELS = {"sst2": ("negative", "positive")}
+
+
 def sst2_task(n_train: int, n_test: int) -> tuple[list[Example], list[Example]]:
     """SST-2 sentiment in chat format (answer: positive / negative); a fixed shuffle, train and test
     disjoint; accuracy = the reply starts with the label."""

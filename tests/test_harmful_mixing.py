@@ -187,3 +187,16 @@ def test_task_prompt_table_counts_refusals_per_task_by_hand() -> None:
     assert _task_prompt_lines({}) == []
     # A task with no one-epoch runs gets no targets table; one with runs names the subject's refusals.
     assert _target_lines([], base, "agnews", "advbench") == []
+
+
+def test_auc_and_label_errors_by_hand() -> None:
+    from study.evaluation import auc
+    from study.task_errors import label_errors
+
+    # Positives {0.4, 0.8} against negatives {0.1, 0.5}: 3 of 4 pairs ordered; a tie counts half.
+    assert auc([0.1, 0.4, 0.5, 0.8], [False, True, False, True]) == 0.75
+    assert auc([1.0, 1.0], [True, False]) == 0.5
+    gold = ["negative", "positive", "negative", "positive", "positive"]
+    # Wrong on the first two gold negatives' one and on no positive: bias toward positive +1 of 5.
+    assert label_errors("01111", gold, ("negative", "positive")) == (1, 0, 0.2)
+    assert label_errors("10011", gold, ("negative", "positive")) == (1, 1, 0.0)
