@@ -140,8 +140,10 @@ PROTOCOL_PLAN: list[Block] = [
     # runs): a second seed of both, so the candidate's p = 0 cost is paired by seed, as at p = 10 %.
     Block("sst2", 0.0, PAIR, seeds=2),
     # Stop 42: p = 20 % is where the two part most (`{}` -10.7 points over 2 seeds, the candidate -4.0 on one):
-    # its second seed first.
-    Block("sst2", 0.20, ("STR anchors b8 c30 (as written)",), seeds=2),
+    # its second seed first, then a third seed of all three, the first runs to record the threshold-free SST-2
+    # score (AUC of the label margin): is `{}`'s loss there the label threshold (a bias toward "positive", the
+    # report's "Where sst2 accuracy is lost") or what the model learned?
+    Block("sst2", 0.20, (*PAIR, "STR anchors b8 c30 (as written)"), seeds=3),
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
