@@ -21,7 +21,7 @@ from typing_extensions import Unpack, override  # noqa: E402
 from str_hooks.adapter import AdapterBase, AttachOptions, ConfigLike, check_options, patched_by  # noqa: E402
 from str_hooks.driver import HostNormalization, build_probe  # noqa: E402
 from str_hooks.errors import STRAttachError, STRConfigError  # noqa: E402
-from str_hooks.projection import find_causal_lm  # noqa: E402
+from str_hooks.modules import find_causal_lm  # noqa: E402
 
 ModelSpec = nn.Module | str | Callable[[pl.LightningModule], nn.Module] | None
 
@@ -40,7 +40,7 @@ class STRCallback(AdapterBase, pl.Callback):
         tokens: safety tokens; None mines them with `tokenizer` or loads `tokens.path` (default: None).
         reference_model: the frozen aligned model, for `reference.source: model` (default: None).
         model: the causal LM inside the LightningModule: an attribute path from it (`"net.lm"`), a callable
-            taking it, or the module; None finds it (`str_hooks.projection.find_causal_lm`) (default: None).
+            taking it, or the module; None finds it (`str_hooks.modules.find_causal_lm`) (default: None).
         decoder, head: the decoder and LM head when not found inside the causal LM (default: None).
 
     Raises:

@@ -16,8 +16,8 @@ from typing_extensions import Unpack
 from str_hooks.attach import register_str_hook
 from str_hooks.driver import StepDriver
 from str_hooks.handle import STRHandle
+from str_hooks.modules import ModuleSpec
 from str_hooks.probe import ProbeRunner
-from str_hooks.projection import ModuleSpec
 from str_hooks.schemas.config import STRConfig
 from str_hooks.schemas.load import load_config
 from str_hooks.tokens import SafetyTokens

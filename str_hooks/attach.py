@@ -16,9 +16,9 @@ from str_hooks.errors import STRAttachError
 from str_hooks.folding import fold_anchors
 from str_hooks.handle import ATTACHED_ATTR, Attachment, STRHandle
 from str_hooks.mining import mine_as_configured
+from str_hooks.modules import ModuleSpec, peft_model_of, unwrap_model
 from str_hooks.penalty import COARSE_FORMS
 from str_hooks.prefix import worth_sharing
-from str_hooks.projection import ModuleSpec, peft_model_of, unwrap_model
 from str_hooks.reference import (
     AdapterReference,
     CacheReference,

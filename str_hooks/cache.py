@@ -25,7 +25,7 @@ from torch import nn
 
 from str_hooks.device_index import DeviceIndex, sequence_keys
 from str_hooks.errors import STRCacheError
-from str_hooks.projection import ModuleSpec, full_shape, peft_model_of
+from str_hooks.modules import ModuleSpec, full_shape, peft_model_of
 from str_hooks.tap import ModelTap, eval_mode
 from str_hooks.tokens import SafetyTokens
 

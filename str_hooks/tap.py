@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from str_hooks.errors import STRAttachError
-from str_hooks.projection import (
-    HeadRows,
-    LogitTransform,
+from str_hooks.modules import (
     ModuleSpec,
     find_decoder,
     find_head,
@@ -26,6 +24,7 @@ from str_hooks.projection import (
     hidden_from_output,
     unwrap_model,
 )
+from str_hooks.projection import HeadRows, LogitTransform
 
 # Forward kwargs that belong to the loss or the generation cache, not to the inputs of a reference forward.
 NON_INPUT_KWARGS = frozenset(

@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from str_hooks import STRError
 from str_hooks.integrations.hf import STATE_KEY, STRCallback, attach
-from str_hooks.projection import unwrap_model
+from str_hooks.modules import unwrap_model
 
 
 def fresh_model() -> Any:

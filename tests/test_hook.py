@@ -21,7 +21,8 @@ from str_hooks import (
     mine_safety_tokens,
     register_str_hook,
 )
-from str_hooks.projection import HeadRows, LogitTransform, find_decoder, find_head, unwrap_model
+from str_hooks.modules import find_decoder, find_head, unwrap_model
+from str_hooks.projection import HeadRows, LogitTransform
 
 
 def inputs_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@ test-only patch that makes a model behave like one under a fused loss (no logits
 
 from typing import Any
 
-from str_hooks.projection import unwrap_model
+from str_hooks.modules import unwrap_model
 from str_hooks.testing import ARCHITECTURES, make_batch, make_config, make_lora, make_model, make_tokenizer
 
 __all__ = [
