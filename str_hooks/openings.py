@@ -8,6 +8,7 @@ anchors' full rows (`AnchorSet.compute_reference` checks them against one batch 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,16 +42,22 @@ def _finished(decoded: dict[int, tuple[list[int], list[torch.Tensor]]], anchors:
     return {i: (decoded[i][0], torch.stack(decoded[i][1])) for i in anchors}
 
 
-def greedy_with_cache(
-    anchors: AnchorSet,
-    tap: ModelTap,
-    indices: list[int],
-    n_tokens: int,
-    end_ids: set[int],
-    coarse: str | None,
-) -> Decoded:
+@dataclass(frozen=True)
+class Decoding:
+    """What every batch of one decoding shares: the anchors, the model's tap, the opening's length, the
+    tokens that end it and the values to keep along it (`coarse`, as in `AnchorSet.compute_reference`)."""
+
+    anchors: AnchorSet
+    tap: ModelTap
+    n_tokens: int
+    end_ids: set[int]
+    coarse: str | None
+
+
+def greedy_with_cache(run: Decoding, indices: list[int]) -> Decoded:
     """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
     forward (positions from the attention mask, so padding moves nothing)."""
+    anchors, tap, n_tokens, end_ids, coarse = run.anchors, run.tap, run.n_tokens, run.end_ids, run.coarse
     device = tap.device()
     ids, mask = anchors.padded([anchors.prompt_ids[i] for i in indices], device, left=True)
     width = ids.shape[1]
@@ -83,17 +90,11 @@ def greedy_with_cache(
     return _finished(decoded, indices)
 
 
-def greedy_full_forwards(
-    anchors: AnchorSet,
-    tap: ModelTap,
-    indices: list[int],
-    n_tokens: int,
-    end_ids: set[int],
-    coarse: str | None,
-) -> Decoded:
+def greedy_full_forwards(run: Decoding, indices: list[int]) -> Decoded:
     """Greedy openings for models without a usable KV cache: one full forward per token."""
+    anchors, tap, end_ids = run.anchors, run.tap, run.end_ids
     decoded: dict[int, tuple[list[int], list[torch.Tensor]]] = {i: ([], []) for i in indices}
-    for _ in range(n_tokens):
+    for _ in range(run.n_tokens):
         active = [i for i in indices if not decoded[i][0] or decoded[i][0][-1] not in end_ids]
         if not active:
             break
@@ -105,7 +106,7 @@ def greedy_full_forwards(
         sink = tap.run(input_ids=ids, attention_mask=mask, **tap.lean_kwargs())
         assert sink.point_logits is not None  # requested above
         tokens = sink.point_logits.argmax(dim=-1).tolist()
-        _record(decoded, active, tokens, point_values(tap, sink, rows, cols, coarse), end_ids)
+        _record(decoded, active, tokens, point_values(tap, sink, rows, cols, run.coarse), end_ids)
     return _finished(decoded, indices)
 
 
@@ -115,10 +116,11 @@ def decode_openings(
     """Every anchor's greedy opening of up to `n_tokens` tokens and the values along it, in wide batches
     (the caller disables adapters and sets eval mode)."""
     decode = greedy_with_cache if tap.can_decode_with_cache else greedy_full_forwards
+    run = Decoding(anchors, tap, n_tokens, end_ids, coarse)
     decoded: Decoded = {}
     for indices in anchors.setup_batches():
-        decoded.update(decode(anchors, tap, indices, n_tokens, end_ids, coarse))
+        decoded.update(decode(run, indices))
     return decoded
 
 
-__all__ = ["Decoded", "decode_openings", "greedy_full_forwards", "greedy_with_cache"]
+__all__ = ["Decoded", "Decoding", "decode_openings", "greedy_full_forwards", "greedy_with_cache"]
