@@ -302,6 +302,9 @@ def run_one(
         "anchor_token_share": anchor_token_share,
         "loss_std_second_half": statistics.pstdev(losses[half:]) if len(losses[half:]) > 1 else 0.0,
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
+        # Before clipping (the Trainer clips the summed gradient at norm 1): a penalty whose gradient dominates
+        # the sum leaves the task a smaller share of each clipped step.
+        "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
         "refusal_curve": timer.curve,
         "task_loss_curve": task_loss_curve,
         "sample_replies": replies[:3],

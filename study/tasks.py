@@ -38,14 +38,25 @@ TASK_WORDS = [
 ]
 
 
-def sort_task(n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """A domain the aligned model has not seen, with exact-match answers: sort 3 words alphabetically."""
+# How a sort prompt is worded: `terse` is the toy study's; the demo's subject refuses 58 % of terse prompts
+# and none worded as a `list` (24 prompts each, greedy, the keyword judge).
+SORT_FORMS = {
+    "terse": lambda words: "Sort alphabetically: " + " ".join(words),
+    "list": lambda words: "Here is a list of words: " + ", ".join(words) + ". Sort the list alphabetically.",
+}
+
+
+def sort_task(
+    n_train: int, n_test: int, seed: int, form: str = "terse"
+) -> tuple[list[Example], list[Example]]:
+    """A domain the aligned model has not seen, with exact-match answers: sort 3 words alphabetically
+    (the answer: the words in order, space-separated)."""
     rng = random.Random(seed)
     rows: list[Example] = []
     seen: set[str] = set()
     while len(rows) < n_train + n_test:
         words = rng.sample(TASK_WORDS, 3)
-        prompt = "Sort alphabetically: " + " ".join(words)
+        prompt = SORT_FORMS[form](words)
         if prompt in seen:
             continue
         seen.add(prompt)

@@ -143,3 +143,15 @@ def test_the_step_timer_leaves_the_last_probe_to_the_final_evaluation() -> None:
             timer.on_step_begin(None, state, None)
             timer.on_step_end(None, state, None)
         assert [step for step, _ in timer.curve] == probed and len(timer.step_times) == 16
+
+
+def test_the_accuracy_note_names_the_gradient_norms_where_the_subject_answers_the_task() -> None:
+    results = [
+        {"method": "plain SFT", "grad_norm_median": 2.0},
+        {"method": "STR as shipped {}", "grad_norm_median": 6.0},
+        {"method": "plain SFT", "grad_norm_median": 3.0},
+        {"method": "STR as shipped {}", "grad_norm_median": 10.0},
+    ]
+    note = demo._accuracy_note(results, {"task_refusal": 0.0})
+    assert "refuses 0 % of them" in note and "plain SFT: 2.5; STR as shipped {}: 8.0" in note
+    assert "cannot tell them apart" in demo._accuracy_note(results, {"task_refusal": 0.66})
