@@ -594,15 +594,16 @@ def test_folded_anchors_ride_in_ligers_fused_forward(work: Path, runs: Runs) -> 
 @pytest.mark.axolotl_env
 def test_zero3_two_ranks_through_axolotl(runs: Runs) -> None:
     """`deepspeed:` a ZeRO-3 JSON, two ranks on DeepSpeed's CPU accelerator, LoRA (the head frozen, its
-    safety rows gathered once): both ranks attach STR and train; the anchor term is logged every step, 0 at
-    the first (the adapter's B starts at 0) and positive once the adapter moves. The update's equality with
-    one process is tests/test_deepspeed.py's."""
+    safety rows gathered once): both ranks attach STR and train; the anchor term is logged every step, ~0 at
+    the first (the adapter's B starts at 0; the anchors' reference is read along their decoding, the full rows'
+    values within float precision) and well above it once the adapter moves. The update's equality with one
+    process is tests/test_deepspeed.py's."""
     result = runs.result("zero3")
     assert result.returncode == 0, result.stdout[-5000:]
     assert '"stage": 3' in result.stdout  # Axolotl passed the ZeRO-3 JSON on
     assert "[RANK:1] STR attached" in result.stdout
     penalties = [float(v) for v in _printed(result.stdout, "str/penalty")]
-    assert len(penalties) >= STEPS and penalties[0] == 0 and max(penalties) > 0, penalties
+    assert len(penalties) >= STEPS and penalties[0] < 1e-6 < max(penalties), penalties
 
 
 @pytest.mark.slow
