@@ -31,11 +31,12 @@ def _record(
     end_ids: set[int],
 ) -> None:
     """Append each still-open anchor's next token and the values at the point that predicted it."""
+    values = values.float().cpu()  # one copy a step, not one per anchor
     for row, (index, token) in enumerate(zip(anchors, tokens, strict=True)):
         opening, kept = decoded[index]
         if not opening or opening[-1] not in end_ids:
             opening.append(int(token))
-            kept.append(values[row].float().cpu())
+            kept.append(values[row])
 
 
 def _finished(decoded: dict[int, tuple[list[int], list[torch.Tensor]]], anchors: list[int]) -> Decoded:

@@ -246,13 +246,11 @@ def _accuracy_note(results: list[dict[str, Any]], base: dict[str, Any]) -> str:
             "tasks the subject answers). The handle warns when the aligned model opens half of the first "
             "optimizer step's rows with a safety token."
         )
-    norms = {
-        r["method"]: [
-            x["grad_norm_median"] for x in results if x["method"] == r["method"] and x.get("grad_norm_median")
-        ]
-        for r in results
-    }
-    shown = "; ".join(f"{m}: {statistics.fmean(v):.1f}" for m, v in norms.items() if v)
+    norms: dict[str, list[float]] = {}
+    for r in results:
+        if r.get("grad_norm_median"):
+            norms.setdefault(r["method"], []).append(r["grad_norm_median"])
+    shown = "; ".join(f"{m}: {statistics.fmean(v):.1f}" for m, v in norms.items())
     return (
         f"The subject answers the sort prompts (it refuses {100 * refused:.0f} % of them), so the exact-match "
         "gap is not a refusal kept. Median gradient norm before clipping, per method over both settings: "
