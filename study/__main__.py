@@ -9,6 +9,7 @@
                               [--cost-task agnews] [--attack advbench]
     python -m study anchor-prefix [--out results/harmful_mixing] [--repeats 7]
     python -m study demo [--out runs/demo] [--cache DIR]
+    python -m study demo-check [--out results/demo_check] [--cache DIR]
     python -m study run  [--plan full|sweep|folded] [--out results/study]   (the toy model)
 
 `subject` builds the real aligned subject (SmolLM2-135M-Instruct, safety-tuned; study/subject.py).
@@ -16,7 +17,8 @@
 every method and seed, and writes runs.jsonl, RESULTS.md and two plots. `decision` is issue 12's study on
 the same subject (study/decision.py): coefficient curves of the decision-point forms against training-position
 STR, settings chosen on a validation split, held-out numbers reported. `demo` is the small version on
-the project's own embedded texts only (nothing from ../shared), for `make demo`. `run` is the earlier
+the project's own embedded texts only (nothing from ../shared), for `make demo`; `demo-check` tests why
+`{}` costs the demo's task (study/demo_check.py). `run` is the earlier
 study on a 2.9M-parameter toy model trained here from nothing (kept as a labelled toy).
 """
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=[
             "run",
             "demo",
+            "demo-check",
             "subject",
             "real",
             "decision",
@@ -151,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         from .subject import DEFAULT_CACHE
 
         print(run_demo(Path(args.out or "runs/demo"), Path(args.cache or DEFAULT_CACHE)))
+        return
+    if args.command == "demo-check":
+        from .demo_check import run_demo_check
+        from .subject import DEFAULT_CACHE
+
+        print(run_demo_check(Path(args.out or "results/demo_check"), Path(args.cache or DEFAULT_CACHE), argv))
         return
     if args.command in ("real", "decision", "harmful-mixing"):
         from .subject import DEFAULT_CACHE

@@ -27,7 +27,7 @@ from typing import Any
 from str_hooks.prompts import default_texts
 
 from .data import Example, StudyData
-from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .finetune import SUBJECT_RECIPE, Recipe, RunSpec, run_one
 from .runs import write_runs
 from .subject import DEFAULT_CACHE, build_subject, subject_data
 from .tasks import sort_task
@@ -52,6 +52,7 @@ COMPLIANT_OPENINGS = (
     "Sure, here is a detailed answer:",
 )
 SETTINGS = (("sort", 0.0), ("sort + 10 % compliant rows", HARMFUL_SHARE))
+DEMO_RECIPE = replace(SUBJECT_RECIPE, lora_lr=DEMO_LR, xstest_stride=1, task_eval={"sort": TASK_EVAL})
 
 
 def compliant_rows(prompts: list[str], n: int, seed: int) -> list[Example]:
@@ -84,7 +85,16 @@ def _demo_data(data: StudyData) -> tuple[StudyData, int, int]:
     return replace(data, xstest_safe=sensitive + ordinary), len(sensitive), len(ordinary)
 
 
-def _subject_point(subject_dir: Path, data: StudyData, fingerprint: str) -> dict[str, Any]:
+def demo_subject(cache: Path) -> tuple[Path, dict[str, Any], StudyData, int, int]:
+    """The demo's subject (built on the first call, then loaded from `cache`), its build info, its
+    evaluation sets and the over-refusal set's two parts (sensitive-sounding, ordinary)."""
+    subject_dir = cache / "demo-subject"
+    info = build_subject(subject_dir, "embedded", cache, epochs=2)
+    data, n_sensitive, n_ordinary = _demo_data(subject_data("embedded").study)
+    return subject_dir, info, data, n_sensitive, n_ordinary
+
+
+def subject_point(subject_dir: Path, data: StudyData, fingerprint: str) -> dict[str, Any]:
     """Step 0 of every curve and the table's first row, measured once on the demo's own sets: the subject's
     refusal rate, its refusals of the safe prompts, its held-out sort loss. Kept beside the cached subject
     (`demo_point.json`), keyed by the subject's fingerprint and the sets it was measured on."""
@@ -121,37 +131,14 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     print("[demo 1/2] the aligned subject (built once, then cached)", flush=True)
-    subject_dir = cache / "demo-subject"
-    info = build_subject(subject_dir, "embedded", cache, epochs=2)
+    subject_dir, info, data, n_sensitive, n_ordinary = demo_subject(cache)
     subject_seconds = time.perf_counter() - started
-    data, n_sensitive, n_ordinary = _demo_data(subject_data("embedded").study)
-    recipe = replace(SUBJECT_RECIPE, lora_lr=DEMO_LR, xstest_stride=1, task_eval={"sort": TASK_EVAL})
-    start = _subject_point(subject_dir, data, info["fingerprint"])
+    start = subject_point(subject_dir, data, info["fingerprint"])
     results: list[dict[str, Any]] = []
     for s, (setting, share) in enumerate(SETTINGS):
-        train, test, n_harmful = demo_task(share)
         for m, method in enumerate(DEMO_METHODS):
-            run = 2 * s + m + 1
-            result = run_one(
-                RunSpec("sort", "lora", method, 0),
-                subject_dir,
-                data,
-                (train, test),
-                epochs=1.0,
-                max_len=MAX_LEN,
-                curve_every=PROBE_EVERY,
-                curve_prompts=len(data.harmful_heldout),
-                recipe=recipe,
-                anchors=data.harmful_train,
-                curve_task_loss=True,
-                progress=f"[demo 2/2] run {run}/4: {setting}, {method}",
-                probe_before=False,
-                last_point_from_evaluation=True,
-            )
-            result["refusal_curve"].insert(0, (0, start["heldout_refusal"]))
-            result["task_loss_curve"].insert(0, (0, start["task_heldout_loss"]))
-            result.update(setting=setting, harmful_rows=n_harmful, train_rows=len(train))
-            results.append(result)
+            progress = f"[demo 2/2] run {2 * s + m + 1}/4: {setting}, {method}"
+            results.append(demo_run(method, setting, share, subject_dir, data, DEMO_RECIPE, start, progress))
     base = {
         **start,
         "n_harmful": len(data.harmful_heldout),
@@ -164,6 +151,41 @@ def run_demo(out: Path, cache: Path = DEFAULT_CACHE) -> str:
     text = demo_report(results, base, info, time.perf_counter() - started, subject_seconds)
     (out / "RESULTS.md").write_text(text + "\n")
     return text
+
+
+def demo_run(
+    method: str,
+    setting: str,
+    share: float,
+    subject_dir: Path,
+    data: StudyData,
+    recipe: Recipe,
+    start: dict[str, Any],
+    progress: str,
+) -> dict[str, Any]:
+    """One demo run: `method` fine-tuned on the sort task with `share` compliant rows, its curves starting
+    at the subject's own point `start`."""
+    train, test, n_harmful = demo_task(share)
+    result = run_one(
+        RunSpec("sort", "lora", method, 0),
+        subject_dir,
+        data,
+        (train, test),
+        epochs=1.0,
+        max_len=MAX_LEN,
+        curve_every=PROBE_EVERY,
+        curve_prompts=len(data.harmful_heldout),
+        recipe=recipe,
+        anchors=data.harmful_train,
+        curve_task_loss=True,
+        progress=progress,
+        probe_before=False,
+        last_point_from_evaluation=True,
+    )
+    result["refusal_curve"].insert(0, (0, start["heldout_refusal"]))
+    result["task_loss_curve"].insert(0, (0, start["task_heldout_loss"]))
+    result.update(setting=setting, harmful_rows=n_harmful, train_rows=len(train))
+    return result
 
 
 def _ratio(result: dict[str, Any], plain: dict[str, Any]) -> str:
@@ -235,8 +257,8 @@ def demo_report(
 
 def _accuracy_note(results: list[dict[str, Any]], base: dict[str, Any]) -> str:
     """Why exact match differs: the subject's refusal of the task's own prompts where it refuses them, else
-    the gradient norms before the Trainer clips their sum at 1 (a penalty that dominates it leaves the task a
-    smaller share of each step, which 16 steps of a new format show)."""
+    the gradient norms (the penalty's pull against the task's) and what `python -m study demo-check` found
+    about them."""
     refused = base["task_refusal"]
     if refused >= 0.2:
         return (
@@ -254,10 +276,12 @@ def _accuracy_note(results: list[dict[str, Any]], base: dict[str, Any]) -> str:
     return (
         f"The subject answers the sort prompts (it refuses {100 * refused:.0f} % of them), so the exact-match "
         "gap is not a refusal kept. Median gradient norm before clipping, per method over both settings: "
-        f"{shown}. The Trainer clips the summed gradient at norm 1, so where the penalty's gradient dominates the "
-        "sum the task gets a smaller share of each step: the likely cause of the gap after 16 steps of a new "
-        "format at lr 1e-3 (not tested here; results/harmful_mixing: at the study's lr 2e-4 over 125 steps `{}` "
-        "keeps AG News accuracy)."
+        f"{shown}: the penalty's pull is most of each step's gradient. The Trainer's clipping (norm 1) is not why "
+        "the task learns less: with clipping off `{}` still lost to plain SFT with compliant rows, and plain SFT "
+        "itself learned less without it (results/demo_check, `python -m study demo-check`). At 16 steps of lr "
+        "1e-3 the penalty holds the model where the task moves it; 8 anchors a step at the same coef pulled with "
+        "half the norm and lost less with compliant rows (results/harmful_mixing: at the study's lr 2e-4 over "
+        "125 steps `{}` keeps AG News accuracy)."
     )
 
 

@@ -61,6 +61,8 @@ class Recipe:
         "down_proj",
         "lm_head",
     )
+    # The Trainer's clipping of the summed gradient (0: none); `python -m study demo-check` turns it off.
+    max_grad_norm: float = 1.0
     xstest_stride: int = 1  # evaluate every n-th XSTest safe prompt (its 10 types come in blocks of 25)
     task_eval: dict[str, tuple[int, int]] = field(
         default_factory=lambda: {"sort": (100, 24), "gsm8k": (50, 96)}
@@ -171,6 +173,7 @@ def run_one(
         num_train_epochs=epochs,
         max_steps=max_steps,
         learning_rate=lr,
+        max_grad_norm=recipe.max_grad_norm,
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -302,8 +305,8 @@ def run_one(
         "anchor_token_share": anchor_token_share,
         "loss_std_second_half": statistics.pstdev(losses[half:]) if len(losses[half:]) > 1 else 0.0,
         "grad_norm_std": statistics.pstdev(grad_norms) if len(grad_norms) > 1 else 0.0,
-        # Before clipping (the Trainer clips the summed gradient at norm 1): a penalty whose gradient dominates
-        # the sum leaves the task a smaller share of each clipped step.
+        # Before clipping (the Trainer clips the summed gradient at `recipe.max_grad_norm`): how hard a penalty
+        # pulls against the task (results/demo_check: the clipping itself is not what costs the task).
         "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
         "refusal_curve": timer.curve,
         "task_loss_curve": task_loss_curve,

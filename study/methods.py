@@ -251,7 +251,8 @@ METHODS = {
         ),
         # Is part of `{}`'s SST-2 cost the anchor term's sampling noise? `{}` (2 anchors a step, coef 30) logs a
         # gradient-norm spread of 4.3-7.3 against plain SFT's 0.4-1.2 and 8 anchors at coef 10's 0.46, and the
-        # Trainer clips the summed gradient at norm 1: the same coef over 8 anchors a step.
+        # Trainer clips the summed gradient at norm 1: the same coef over 8 anchors a step. (On the demo, turning
+        # clipping off did not close `{}`'s gap: results/demo_check.)
         Method(
             "STR anchors b8 c30 (as written)",
             "str",

@@ -94,7 +94,7 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
         "xstest_refused": SAFE_FLAGS,
         "task_heldout_loss": 3.0,
     }
-    monkeypatch.setattr(demo, "_subject_point", lambda *a: subject)
+    monkeypatch.setattr(demo, "subject_point", lambda *a: subject)
     text = demo.run_demo(tmp_path / "demo", tmp_path / "cache")
     assert calls == [("plain SFT", 0), ("STR as shipped {}", 0), ("plain SFT", 1), ("STR as shipped {}", 1)]
     rows = [line for line in text.splitlines() if line.startswith("| sort")]
@@ -123,11 +123,11 @@ def test_the_subject_point_is_measured_once_per_subject_and_sets(
     )
     monkeypatch.setattr(evaluation, "heldout_loss", lambda *a: 2.5)
     data = demo.subject_data("embedded").study
-    first = demo._subject_point(tmp_path, data, "f1")
-    assert demo._subject_point(tmp_path, data, "f1") == first and len(loads) == 1
-    demo._subject_point(tmp_path, data, "f2")
+    first = demo.subject_point(tmp_path, data, "f1")
+    assert demo.subject_point(tmp_path, data, "f1") == first and len(loads) == 1
+    demo.subject_point(tmp_path, data, "f2")
     fewer = demo.replace(data, harmful_heldout=data.harmful_heldout[:5])
-    demo._subject_point(tmp_path, fewer, "f2")
+    demo.subject_point(tmp_path, fewer, "f2")
     assert len(loads) == 3 and first["task_heldout_loss"] == 2.5
 
 
@@ -155,3 +155,47 @@ def test_the_accuracy_note_names_the_gradient_norms_where_the_subject_answers_th
     note = demo._accuracy_note(results, {"task_refusal": 0.0})
     assert "refuses 0 % of them" in note and "plain SFT: 2.5; STR as shipped {}: 8.0" in note
     assert "cannot tell them apart" in demo._accuracy_note(results, {"task_refusal": 0.66})
+
+
+def test_demo_check_runs_each_cell_with_its_clipping_and_reports_each_gap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`demo-check` runs its grid with the recipe's `max_grad_norm` (the Trainer's) set per cell, resumes from runs.jsonl,
+    and its readings are the held-out loss differences computed by hand here."""
+    from study import demo_check
+    from study.finetune import Recipe
+
+    calls: list[tuple[str, str, float]] = []
+    loss = {("plain SFT", 1.0): 0.4, ("STR as shipped {}", 1.0): 0.7, ("plain SFT", 0.0): 0.8}
+    loss |= {("STR as shipped {}", 0.0): 0.75, ("STR anchors b8 c30 (as written)", 1.0): 0.5}
+
+    def fake_run(method: str, setting: str, share: float, *args: Any) -> dict[str, Any]:
+        recipe: Recipe = args[2]
+        calls.append((setting, method, recipe.max_grad_norm))
+        value = loss[(method, recipe.max_grad_norm)] + (0.1 if share else 0.0)
+        return {
+            "setting": setting,
+            "method": method,
+            "heldout_refusal": 0.9,
+            "task_exact_match": 0.3,
+            "task_heldout_loss": value,
+            "grad_norm_median": 2.0,
+            "step_time_median_s": 1.0,
+        }
+
+    info = {"fingerprint": "f"}
+    monkeypatch.setattr(demo_check, "demo_subject", lambda cache: (tmp_path, info, None, 0, 0))
+    monkeypatch.setattr(demo_check, "subject_point", lambda *a: {"heldout_refusal": 0.9})
+    monkeypatch.setattr(demo_check, "demo_run", fake_run)
+    text = demo_check.run_demo_check(tmp_path / "out", tmp_path, argv=["demo-check"])
+    assert len(calls) == 2 * len(demo_check.GRID) and len(set(calls)) == len(calls)
+    assert {clip for _, _, clip in calls} == {0.0, 1.0}
+    for setting, _ in demo.SETTINGS:
+        # `{}` - plain: 0.7 - 0.4 with clipping, 0.75 - 0.8 without; 8 anchors: 0.5 - 0.4 (the same shift per setting).
+        assert (
+            f"- {setting}: `{{}}`'s held-out loss above plain SFT's +0.300 with clipping, -0.050 without; "
+            "8 anchors a step (clipping on) +0.100." in text
+        )
+    calls.clear()
+    demo_check.run_demo_check(tmp_path / "out", tmp_path, argv=["demo-check"])
+    assert calls == []  # every cell was recorded: nothing reruns
