@@ -2,7 +2,8 @@
 # The prepared GPU run of the step-cost benchmark: both docs/design.md section 4 shapes (Llama-3-8B 4x2048 and
 # Qwen2.5-1.5B 8x2048, random init, bf16, LoRA r=16 on all linear layers, gradient checkpointing), the modes
 # in MODES, 3 timed repeats after 1 warm-up round, after the host-synchronization check
-# (bench/gpu_sync_check.py): about 6 minutes on one H100/H200 (estimated: never run yet), plus model init.
+# (bench/gpu_sync_check.py), then the DeepSpeed ZeRO check (bench/gpu_zero_check.py, where deepspeed is installed):
+# about 8 minutes on one H100/H200 (estimated: never run yet), plus model init.
 # Never run it without a GPU. From the repository root:
 #
 #   bash bench/gpu.sh                     # writes bench/results/gpu_<shape>.{json,md} and _step_ratio.png
@@ -64,3 +65,12 @@ for shape in $SHAPES; do
     --note "Prepared run (bench/gpu.sh): one process per shape, modes interleaved round-robin."
   echo "$shape done after $(( $(date +%s) - start )) s"
 done
+# DeepSpeed ZeRO-2/3 on this one device (bench/gpu_zero_check.py, issue 29; about 2 minutes, estimated): one rank
+# per stage, STR's optimizer step against the plain Trainer's. Last, so a slow start cannot cost the benchmark.
+if "$PY" -c "import deepspeed" 2>/dev/null; then
+  timeout 300 "$PY" bench/gpu_zero_check.py --out "$OUT_DIR/gpu_zero_check" \
+    || echo "gpu_zero_check: a case differed, failed or ran out of time (see $OUT_DIR/gpu_zero_check.md)"
+else
+  echo "gpu_zero_check skipped: deepspeed is not installed (bench/README.md: carry its wheel in .whl/)"
+fi
+echo "zero check done after $(( $(date +%s) - start )) s"

@@ -81,3 +81,30 @@ def test_zero3_trainable_head_is_refused_with_the_alternatives(tmp_path: Path) -
     message = (launch("trainer_zero3_full_head", tmp_path) / "error.txt").read_text()
     assert "partitioned by DeepSpeed ZeRO-3 and trainable" in message
     assert "ZeRO-2" in message and "FSDP2" in message and "Freeze the head" in message
+
+
+def test_the_gpu_scripts_zero_check_runs_on_the_cpu_and_compares_the_update(tmp_path: Path) -> None:
+    """bench/gpu_zero_check.py (bench/gpu.sh's ZeRO check: one rank on one device) run as on a GPU but on
+    DeepSpeed's CPU accelerator, ZeRO-3 with `{}`: the update equals the plain Trainer's, and its comparison
+    fails an update that differs by more than its tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_zero_check.py"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "zero_check"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--cases", "1", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (case,) = json.loads(out.with_suffix(".json").read_text())["cases"]
+    assert case["case"] == "zero3 {}" and case["compared"] == "update" and case["ok"]
+    assert case["max_rel_diff"] <= 1e-5 and case["str_term"] == pytest.approx(
+        case["str_term_plain"], rel=1e-5
+    )
+    sys.path.insert(0, str(script.parent))
+    from gpu_zero_check import RTOL, compare
+
+    expected = {"w": torch.tensor([1.0, -2.0])}
+    assert compare({"w": torch.tensor([1.0, -2.0 + 1e-6])}, expected)[1]
+    assert not compare({"w": torch.tensor([1.0, -2.0 + 4 * RTOL * 2.0])}, expected)[1]
