@@ -145,11 +145,15 @@ PROTOCOL_PLAN: list[Block] = [
     # report's "Where sst2 accuracy is lost") or what the model learned?
     Block("sst2", 0.20, (*PAIR, "STR anchors b8 c30 (as written)"), seeds=3),
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
-    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
+    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",)),
+    # Stop 43: under the second attack on SST-2 the candidate kept 82 % (AdvBench 63 %, validation goals 56 %)
+    # where `{}` kept 102 % (95 %): the second attack on AG News decides whether it is out; its other
+    # BeaverTails seeds wait behind the pair's rows.
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
+    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
     Block("sst2", 0.0, (EARLIER_DEFAULT,)),
