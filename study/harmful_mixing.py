@@ -152,6 +152,9 @@ PROTOCOL_PLAN: list[Block] = [
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
+    # SST-2 p = 10 % has no run with the threshold-free score (AUC): seeds 3-4 of the pair, so that `{}`'s
+    # -3.5 points can be told apart from a label threshold.
+    Block("sst2", 0.10, PAIR, seeds=5),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),

@@ -277,6 +277,14 @@ METHODS = {
         Method(
             "STR anchors b4 c30 (as written)", "str", {"reference": {"anchor_batch_size": 4}}, as_shipped=True
         ),
+        # `{}` with its anchors folded into the training forward: the same penalty and gradient, no second
+        # forward, on the CPU in the rows' trailing padding where they fit (issue 29 item 3's step cost).
+        Method(
+            "STR anchors folded c30 (as written)",
+            "str",
+            {"reference": {"anchor_placement": "folded"}},
+            as_shipped=True,
+        ),
         Method(
             "STR adapter kl first4 c10 (as written)",
             "str",
