@@ -147,15 +147,16 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",)),
     # Stop 43: under the second attack on SST-2 the candidate kept 82 % (AdvBench 63 %, validation goals 56 %)
-    # where `{}` kept 102 % (95 %): the second attack on AG News decides whether it is out; its other
-    # BeaverTails seeds wait behind the pair's rows.
-    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
+    # where `{}` kept 102 % (95 %), and on AG News with BeaverTails rows it lost 3.5 points of accuracy paired
+    # by seed (73.0 % against plain SFT's 76.5 % on seed 0) where `{}` gained 0.5 over 3 seeds: it is out as a
+    # default; its other rows wait behind `{}`'s.
     Block("agnews", 0.20, PAIR),
     Block("agnews", 0.10, PAIR, attack="advbench", seeds=3),
     # SST-2 p = 10 % has no run with the threshold-free score (AUC): seeds 3-4 of the pair, so that `{}`'s
     # -3.5 points can be told apart from a label threshold.
     Block("sst2", 0.10, PAIR, seeds=5),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
+    Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
     Block("sst2", 0.10, (EARLIER_DEFAULT, "STR adapter kl c10 (as written)"), attack="advbench"),
