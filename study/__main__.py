@@ -7,6 +7,7 @@
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
                               [--cost-task agnews] [--attack advbench]
+    python -m study update-size [--out results/harmful_mixing] [--steps 40] [--methods ...] [--attack advbench]
     python -m study anchor-prefix [--out results/harmful_mixing] [--repeats 7]
     python -m study demo [--out runs/demo] [--cache DIR]
     python -m study demo-check [--out results/demo_check] [--cache DIR]
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             "decision",
             "harmful-mixing",
             "step-cost",
+            "update-size",
             "gate-check",
             "anchor-prefix",
         ],
@@ -122,6 +124,21 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.subject),
             repeats,
             argv if argv is not None else sys.argv[1:],
+        )
+        print(path.read_text())
+        return
+    if args.command == "update-size":
+        from .update_size import DEFAULT_METHODS, run_update_size
+
+        given = argv if argv is not None else sys.argv[1:]
+        path = run_update_size(
+            Path(args.out or "results/harmful_mixing"),
+            Path(args.subject),
+            args.methods or DEFAULT_METHODS,
+            args.steps if "--steps" in given else 40,
+            given,
+            task=args.cost_task,
+            attack=args.attack if "--attack" in given else "advbench",
         )
         print(path.read_text())
         return

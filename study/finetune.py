@@ -9,6 +9,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def run_one(
     probe_before: bool = True,
     keep_replies: bool = False,
     last_point_from_evaluation: bool = False,
+    extra_callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
@@ -114,7 +116,8 @@ def run_one(
     step-0 probe (the untouched subject, the same for every run) to the caller; `keep_replies` adds every
     evaluation reply (`replies`: harmful, over_refusal, task) for a judge applied afterwards;
     `last_point_from_evaluation` takes the curves' last point from the final evaluation instead of a probe
-    that would measure the same prompts again (the demo, whose probe prompts are the held-out set)."""
+    that would measure the same prompts again (the demo, whose probe prompts are the held-out set);
+    `extra_callbacks` are added to the Trainer's (diagnostics that watch the steps)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,6 +197,7 @@ def run_one(
         trainer_cls = KLTrainer
         extra = {"beta": method.kl_beta, "reference": reference}
     callbacks: list[Any] = [timer] if progress is None else [timer, StepBar(progress)]
+    callbacks += list(extra_callbacks)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_rows, data_collator=collator, callbacks=callbacks, **extra
     )

@@ -431,3 +431,28 @@ def test_decision_report_shows_the_provisional_default_before_the_rule_can_run(t
     # Without its extra seeds it is not shown as the default.
     text = report(runs[:4], base, tmp_path, "python -m study decision", "test", 4, [], 1.0)
     assert "No default yet: waits for" in text and "provisional" not in text
+
+
+def test_update_meter_measures_each_steps_change_and_adamws_second_moment() -> None:
+    """study update-size's meter: the L2 norm of a known change of the trainable parameters (frozen ones
+    ignored), the distance from the first step's start, and the mean sqrt of AdamW's exp_avg_sq, by hand."""
+    import torch
+
+    from study.update_size import UpdateMeter
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    meter = UpdateMeter()
+    deltas = [torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]), torch.full((2, 3), 1.0)]
+    for delta in deltas:
+        meter.on_step_begin(None, None, None, model=model)
+        with torch.no_grad():
+            model.weight.add_(delta)
+            model.bias.add_(100.0)  # frozen: not part of the update
+        meter.on_step_end(None, None, None, model=model)
+    assert meter.norms == pytest.approx([5.0, 6**0.5])
+    state = {model.weight: {"exp_avg_sq": torch.tensor([[4.0, 9.0, 16.0], [1.0, 0.0, 0.0]])}}
+    optimizer = type("Optimizer", (), {"state": state})()
+    meter.on_train_end(None, None, None, model=model, optimizer=optimizer)
+    assert meter.sqrt_v_mean == pytest.approx((2 + 3 + 4 + 1) / 6)
+    assert meter.distance == pytest.approx(float((deltas[0] + deltas[1]).norm()))
