@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' exact-step helpers
 
 from helpers.configs import training_positions
-from helpers.hf import PadCollator, common_args, examples, trainable_snapshot
+from helpers.hf import PadCollator, common_args, examples, trainable_snapshot, zero_config
 
 from str_hooks.testing import make_lora, make_model, make_tokenizer
 
@@ -45,25 +45,6 @@ CASES: tuple[tuple[str, int, bool, str], ...] = (
     ("zero3 training positions (adapter mse)", 3, False, "training_positions"),
     ("zero3 offload {}", 3, True, "defaults"),
 )
-
-
-def zero_config(stage: int, offload: bool) -> dict[str, Any]:
-    """DeepSpeed's JSON: the stage, every parameter partitioned under ZeRO-3, fp32, the Trainer's optimizer."""
-    zero: dict[str, Any] = {"stage": stage}
-    if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0
-    if offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
-    }
 
 
 def str_config(name: str) -> dict[str, Any]:

@@ -18,8 +18,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +44,38 @@ CANDIDATES = [
 WARMUP_STEPS = 3
 
 
+def cost_rows(task: str, attack: str) -> tuple[list[Any], list[Any]]:
+    """The task's p = 10 % block (its first 10 % of rows from `attack`): the train and test rows."""
+    block = Block(task, 0.10, (), attack=attack)
+    train, test, _ = mixed_task(block.task, block.n, block.p, build_sources().attacks[block.attack])
+    return train, test
+
+
+def train_only(
+    method: str,
+    task: str,
+    rows: tuple[list[Any], list[Any]],
+    subject_dir: Path,
+    data: Any,
+    steps: int,
+    extra_callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """`steps` optimizer steps of `method` on `rows` (seed 0, the study's LoRA recipe), nothing evaluated."""
+    return run_one(
+        RunSpec(task, "lora", method, 0),
+        subject_dir,
+        data,
+        rows,
+        epochs=1.0,
+        max_len=TASK_SETTINGS[task]["max_len"],
+        curve_every=0,
+        recipe=replace(SUBJECT_RECIPE, xstest_stride=1),
+        max_steps=steps,
+        evaluate=False,
+        extra_callbacks=extra_callbacks,
+    )
+
+
 def run_step_cost(
     out: Path,
     subject_dir: Path,
@@ -60,29 +94,14 @@ def run_step_cost(
     if methods[0] != BASELINE:
         methods = [BASELINE, *[m for m in methods if m != BASELINE]]
     out.mkdir(parents=True, exist_ok=True)
-    block = Block(task, 0.10, tuple(methods), attack=attack)
-    sources = build_sources()
-    train, test, _ = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    rows = cost_rows(task, attack)
     data = subject_data("shared").study
-    settings = TASK_SETTINGS[block.task]
-    recipe = replace(SUBJECT_RECIPE, xstest_stride=1)
     times: dict[str, list[float]] = {m: [] for m in methods}
     shares: dict[str, float | None] = {}
     started = time.perf_counter()
     order = [m for r in range(repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
     for method in tqdm(order, desc="step-cost", unit="run"):
-        result = run_one(
-            RunSpec(block.task, "lora", method, 0),
-            subject_dir,
-            data,
-            (train, test),
-            epochs=block.epochs,
-            max_len=settings["max_len"],
-            curve_every=0,
-            recipe=recipe,
-            max_steps=steps,
-            evaluate=False,
-        )
+        result = train_only(method, task, rows, subject_dir, data, steps)
         times[method] += result["step_times_s"][WARMUP_STEPS:]
         shares[method] = result["anchor_token_share"]
     record = {

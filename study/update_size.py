@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .finetune import SUBJECT_RECIPE, RunSpec, run_one
-from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block
-from .harmful_sources import build_sources, mixed_task
+from .harmful_mixing import BASELINE, SHIPPED
 from .methods import METHODS
 from .runs import append_run, machine
+from .step_cost import cost_rows, train_only
 
 DEFAULT_METHODS = [BASELINE, SHIPPED, "STR anchors b8 c30 (as written)"]
 SKIP_STEPS = 3  # AdamW's first steps are sign-like whatever the gradient's size
@@ -96,27 +94,13 @@ def run_update_size(
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
     out.mkdir(parents=True, exist_ok=True)
-    block = Block(task, 0.10, tuple(methods), attack=attack)
-    sources = build_sources()
-    train, test, _ = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    rows = cost_rows(task, attack)
     data = subject_data("shared").study
     started = time.perf_counter()
     per_method: dict[str, dict[str, Any]] = {}
     for method in tqdm(methods, desc="update-size", unit="run"):
         meter = UpdateMeter()
-        result = run_one(
-            RunSpec(block.task, "lora", method, 0),
-            subject_dir,
-            data,
-            (train, test),
-            epochs=block.epochs,
-            max_len=TASK_SETTINGS[block.task]["max_len"],
-            curve_every=0,
-            recipe=replace(SUBJECT_RECIPE, xstest_stride=1),
-            max_steps=steps,
-            evaluate=False,
-            extra_callbacks=[meter],
-        )
+        result = train_only(method, task, rows, subject_dir, data, steps, extra_callbacks=[meter])
         per_method[method] = {
             "update_norms": [round(n, 6) for n in meter.norms],
             "update_norm_median": statistics.median(meter.norms[SKIP_STEPS:]),

@@ -41,6 +41,7 @@ from helpers.hf import (
     examples,
     make_trainer,
     trainable_snapshot,
+    zero_config,
 )
 
 from str_hooks import mine_safety_tokens, register_str_hook
@@ -55,29 +56,6 @@ ZERO_MODES = (
     "trainer_zero3_full_head",
 )
 HF_MODES = ("trainer", "sft", "trainer_fsdp2", "trainer_folded", "trainer_folded_decision", *ZERO_MODES)
-
-
-def zero_config(mode: str) -> dict[str, object]:
-    """DeepSpeed's JSON for a ZeRO mode: the stage, CPU offload of the optimizer state for `_offload`, the
-    Trainer's own SGD (a client optimizer) and fp32 everywhere, "auto" where the Trainer fills it in."""
-    stage = 3 if "zero3" in mode else 2
-    zero: dict[str, object] = {"stage": stage}
-    if (
-        stage == 3
-    ):  # partition every parameter: by default ZeRO-3 keeps small ones (all of a tiny model) whole
-        zero["stage3_param_persistence_threshold"] = 0
-    if mode.endswith("_offload"):
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
-    }
 
 
 def hf_mode(mode: str, out: Path) -> None:
@@ -112,7 +90,7 @@ def hf_mode(mode: str, out: Path) -> None:
     before = trainable_snapshot(model)
     args = common_args(out / "run", batch=4, ga=1, ddp_backend="gloo")
     if mode in ZERO_MODES:
-        args.update(deepspeed=zero_config(mode))
+        args.update(deepspeed=zero_config(3 if "zero3" in mode else 2, mode.endswith("_offload")))
     if mode == "trainer_fsdp2":
         args.update(
             fsdp="full_shard",

@@ -140,3 +140,25 @@ def one_big_batch_lora_gradient(tokenizer: Any, tokens: Any) -> dict[str, torch.
     batch = PadCollator(tokenizer.pad_token_id)(examples(tokenizer))
     hand_written_loss(model, batch, tokens.ids, tokens.weights, per_token=True).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def zero_config(stage: int, offload: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON for ZeRO `stage` (with the optimizer state offloaded to the CPU when `offload`): the
+    Trainer's own optimizer (a client optimizer) and fp32 everywhere, "auto" where the Trainer fills it in."""
+    zero: dict[str, Any] = {"stage": stage}
+    if (
+        stage == 3
+    ):  # partition every parameter: by default ZeRO-3 keeps small ones (all of a tiny model) whole
+        zero["stage3_param_persistence_threshold"] = 0
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+    }
