@@ -135,7 +135,9 @@ class ReferenceConfig(Section):
             "SmolLM2 8 anchors cost x0.78 of their full rows, 4 x0.98, 2 would cost x1.26); not on an "
             "accelerator, where the anchor step is latency-bound (docs/design.md section 4). `yes`: whenever "
             "they share a prefix; `no`: never. Never under activation checkpointing, and off (with a warning) "
-            "where the model does not extend a passed cache or the two paths' values differ at attach."
+            "where the model does not extend a passed cache or the two paths' values differ at attach. "
+            "Decoding the anchors' openings at attach (no gradient, wide batches) runs the prefix once per "
+            "batch under `auto` and `yes` on any device; `no` runs the whole prompts there too."
         ),
     )
     fold_into_padding: FoldPadding = Field(

@@ -290,15 +290,18 @@ class AnchorSet:
         n_tokens: int,
         end_ids: set[int],
         coarse: str | None = None,
+        share_prefix: bool = True,
     ) -> None:
         """Greedy-generate each anchor's opening of up to `n_tokens` tokens with the model as it is now
         (adapters disabled), stopping after an end token; the anchors are then penalized at every position
         of it. `n_tokens` = 1 keeps the decision point only (nothing is generated). The values (`coarse`, as
-        in `compute_reference`) met along the decoding are kept for `compute_reference`."""
+        in `compute_reference`) met along the decoding are kept for `compute_reference`. `share_prefix` runs
+        the prompts' shared prefix once per decoding batch."""
         if n_tokens <= 1:
             return
+        prefix_length = self.prefix_length if share_prefix else 0
         with _adapters_off(peft_model), eval_mode(tap.causal_lm):
-            decoded = decode_openings(self, tap, n_tokens, end_ids, coarse)
+            decoded = decode_openings(self, tap, n_tokens, end_ids, coarse, prefix_length)
         for i, (opening, _) in decoded.items():
             self.openings[i] = opening
             self.encoded[i] = self.prompt_ids[i] + opening[:-1]

@@ -159,7 +159,10 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
         coarse = form if form in COARSE_FORMS else None
         if settings.anchor_tokens > 1:
             ends = end_token_ids(tokenizer, tap.causal_lm)
-            anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends, coarse)
+            # The prefix is shared at attach whatever the step does (a no-grad forward saves its tokens on
+            # any device); `no` turns every sharing off.
+            share = settings.share_anchor_prefix != "no"
+            anchors.build_openings(tap, peft_model, settings.anchor_tokens, ends, coarse, share)
         anchors.compute_reference(tap, peft_model, coarse)
         anchors.share_prefix = settings.anchor_placement == "separate" and worth_sharing(
             settings.share_anchor_prefix, anchors.prefix_length, anchors.batch_size, tap.device()

@@ -4,6 +4,10 @@ Each decoding step's forward already holds, at the position that predicts the ne
 the penalty compares there (safety logits, or a coarse form's values): the anchor's reference at that point.
 `decode_openings` returns them beside the openings, so that the reference needs no second pass over the
 anchors' full rows (`AnchorSet.compute_reference` checks them against one batch of full rows first).
+
+The prompts' first forward is most of the decoding's cost, and about half of every anchor's prompt is the chat
+template's opening that all of them share (24 of SmolLM2's ~43 prompt tokens): that prefix runs once per batch
+and its KV cache is repeated for every anchor, as the separate anchor step does (str_hooks/prefix.py).
 """
 
 from __future__ import annotations
@@ -53,24 +57,65 @@ class Decoding:
     n_tokens: int
     end_ids: set[int]
     coarse: str | None
+    # Tokens every prompt opens with, run once per batch (0: each prompt runs whole).
+    prefix_length: int = 0
+
+
+def _prefill(
+    run: Decoding, indices: list[int], kwargs: dict[str, Any]
+) -> tuple[Sink, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts' forward, left-padded so that every prompt ends in the last column: on the shared prefix's
+    repeated KV cache where there is one (the padding then sits between the prefix and each prompt's own
+    tokens, masked), else over the whole prompts. Returns the forward, its attention mask, its positions and
+    the column of each row's last token."""
+    anchors, tap = run.anchors, run.tap
+    length = run.prefix_length if len(indices) > 1 else 0  # one prompt alone shares nothing
+    device = tap.device()
+    rows = torch.arange(len(indices), device=device)
+    if length:
+        prefix_ids = torch.tensor([anchors.prompt_ids[indices[0]][:length]], dtype=torch.long, device=device)
+        prefix = tap.run(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), **kwargs)
+        cache = prefix.past_key_values
+        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(len(indices))
+            ids, own = anchors.padded([anchors.prompt_ids[i][length:] for i in indices], device, left=True)
+            mask = torch.cat([torch.ones((len(indices), length), dtype=own.dtype, device=device), own], dim=1)
+            positions = length + (own.cumsum(dim=1) - 1).clamp_min(0)
+            last = torch.full_like(rows, ids.shape[1] - 1)
+            tap.request_points(rows, last)
+            sink = tap.run(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                **{str(tap.cache_argument): cache},
+                **kwargs,
+            )
+            if cache.get_seq_length() == length + ids.shape[1]:
+                return sink, mask, positions, last
+        # A model that did not extend the cache decodes from the whole prompts (the same openings).
+    ids, mask = anchors.padded([anchors.prompt_ids[i] for i in indices], device, left=True)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    last = torch.full_like(rows, ids.shape[1] - 1)
+    tap.request_points(rows, last)
+    return (
+        tap.run(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs),
+        mask,
+        positions,
+        last,
+    )
 
 
 def greedy_with_cache(run: Decoding, indices: list[int]) -> Decoded:
-    """Greedy openings decoded on a KV cache: one forward over the left-padded prompts, then one token per
-    forward (positions from the attention mask, so padding moves nothing)."""
-    anchors, tap, n_tokens, end_ids, coarse = run.anchors, run.tap, run.n_tokens, run.end_ids, run.coarse
+    """Greedy openings decoded on a KV cache: one forward over the left-padded prompts (their shared prefix
+    once), then one token per forward (positions from the attention mask, so padding moves nothing)."""
+    tap, n_tokens, end_ids, coarse = run.tap, run.n_tokens, run.end_ids, run.coarse
     device = tap.device()
-    ids, mask = anchors.padded([anchors.prompt_ids[i] for i in indices], device, left=True)
-    width = ids.shape[1]
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    rows = torch.arange(len(indices), device=device)
-    cols = torch.full_like(rows, width - 1)
     kwargs: dict[str, Any] = {"use_cache": True}
     if tap.accepts_logits_to_keep:
         kwargs["logits_to_keep"] = 1
+    rows = torch.arange(len(indices), device=device)
     decoded: dict[int, tuple[list[int], list[torch.Tensor]]] = {i: ([], []) for i in indices}
-    tap.request_points(rows, cols)
-    sink: Sink = tap.run(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    sink, mask, positions, cols = _prefill(run, indices, kwargs)
     for step in range(n_tokens):
         assert sink.point_logits is not None  # requested above
         tokens = sink.point_logits.argmax(dim=-1)
@@ -112,12 +157,18 @@ def greedy_full_forwards(run: Decoding, indices: list[int]) -> Decoded:
 
 
 def decode_openings(
-    anchors: AnchorSet, tap: ModelTap, n_tokens: int, end_ids: set[int], coarse: str | None
+    anchors: AnchorSet,
+    tap: ModelTap,
+    n_tokens: int,
+    end_ids: set[int],
+    coarse: str | None,
+    prefix_length: int = 0,
 ) -> Decoded:
     """Every anchor's greedy opening of up to `n_tokens` tokens and the values along it, in wide batches
-    (the caller disables adapters and sets eval mode)."""
+    (the caller disables adapters and sets eval mode); the first `prefix_length` tokens, shared by every
+    prompt, run once per batch where the model decodes on a KV cache."""
     decode = greedy_with_cache if tap.can_decode_with_cache else greedy_full_forwards
-    run = Decoding(anchors, tap, n_tokens, end_ids, coarse)
+    run = Decoding(anchors, tap, n_tokens, end_ids, coarse, prefix_length)
     decoded: Decoded = {}
     for indices in anchors.setup_batches():
         decoded.update(decode(run, indices))

@@ -166,34 +166,48 @@ def test_setup_passes_do_not_run_one_anchor_batch_at_a_time(
     (split_forwards, split_openings, split_reference), (wide_forwards, openings, reference) = built.values()
     assert split_openings == openings and all(len(o) > 1 for o in openings)
     torch.testing.assert_close(split_reference, reference)
-    # All 5 anchors at once: the projection check, one forward per opening token, the full rows' check.
-    assert wide_forwards == 1 + OPENING + 1
-    assert split_forwards == 1 + 3 * OPENING + 1  # batches of 2, 2, 1
+    # All 5 anchors at once: the projection check, their shared prefix, one forward per opening token, the
+    # full rows' check.
+    assert wide_forwards == 1 + 1 + OPENING + 1
+    assert split_forwards == 1 + 2 + 3 * OPENING + 1  # batches of 2, 2 (a prefix each) and 1 (none)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_openings_decoded_on_a_kv_cache_equal_full_forwards(
     arch: str, tmp_path: Path, tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Left-padded prompts of different lengths decoded on the KV cache give the openings (and so the
-    reference values) that one full forward per token gives, the path for models without a usable cache."""
+    """Left-padded prompts of different lengths decoded on the KV cache, their shared prefix run once (the
+    default) or the whole prompts run (`share_anchor_prefix: no`), give the openings (and so the reference
+    values) that one full forward per token gives, the path for models without a usable cache."""
     model = make_lora(make_model(arch))
     if arch == "gpt2":  # absolute positions: make them decide the argmax, so wrong positions would show
         with torch.no_grad():
             model.get_base_model().transformer.wpe.weight.mul_(100.0)
-    cfg = anchor_cfg(tmp_path, "kl", "separate", anchor_tokens=5)
-    built = []
-    for cached in (True, False):
-        if not cached:
+    widths: list[tuple[int, ...]] = []  # (rows, tokens) of every forward the attach runs
+
+    def record(_: Any, args: Any, kwargs: Any) -> None:
+        widths.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+
+    model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    built = {}
+    for path, share in (("shared prefix", "auto"), ("whole prompts", "no"), ("full forwards", "no")):
+        if path == "full forwards":
             monkeypatch.setattr(openings_module, "greedy_with_cache", openings_module.greedy_full_forwards)
+        widths.clear()
+        cfg = anchor_cfg(tmp_path, "kl", "separate", anchor_tokens=5, share_anchor_prefix=share)
         with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
             anchors = handle.anchors
             assert anchors is not None
             assert handle.tap.can_decode_with_cache  # every test architecture has a cache to decode on
-            built.append((list(anchors.openings), anchors.reference))
-    (openings, reference), (full_openings, full_reference) = built
-    assert openings == full_openings and len({len(p) for p in anchors.prompt_ids}) > 1
-    torch.testing.assert_close(reference, full_reference)
+            built[path] = (list(anchors.openings), anchors.reference, list(widths))
+    (openings, reference, shared_widths) = built["shared prefix"]
+    assert len({len(p) for p in anchors.prompt_ids}) > 1 and anchors.prefix_length > 0
+    # The shared path's decoding opened with the prefix alone, one row; the whole prompts' did not.
+    assert (1, anchors.prefix_length) in shared_widths
+    assert (1, anchors.prefix_length) not in built["whole prompts"][2]
+    for path in ("whole prompts", "full forwards"):
+        assert built[path][0] == openings, path
+        torch.testing.assert_close(built[path][1], reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
