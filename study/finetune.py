@@ -241,7 +241,7 @@ def run_one(
             "seed": spec.seed,
             "steps": trainer.state.global_step,
             "step_times_s": timer.step_times,
-            "step_time_median_s": statistics.median(timer.step_times[3:] or timer.step_times),
+            "step_time_median_s": step_time(timer.step_times, method.anchor_every),
             "peak_rss_delta_mib": memory.delta_mib,
             "anchor_token_share": anchor_token_share,
         }
@@ -290,7 +290,6 @@ def run_one(
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     grad_norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
     half = len(losses) // 2
-    times = timer.step_times[3:] or timer.step_times
     return {
         "task": spec.task,
         "mode": spec.mode,
@@ -303,7 +302,7 @@ def run_one(
         "task_heldout_loss": task_loss,
         "decision_point_mass": mass_curve[-1][1] if mass_curve else None,
         "decision_point_curve": mass_curve,
-        "step_time_median_s": statistics.median(times),
+        "step_time_median_s": step_time(timer.step_times, method.anchor_every),
         "peak_rss_delta_mib": memory.delta_mib,
         "setup_seconds": setup_seconds,
         "anchor_token_share": anchor_token_share,
@@ -326,6 +325,22 @@ def run_one(
             else {}
         ),
     }
+
+
+WARMUP_STEPS = 3  # a run's first optimizer steps, left out of its step time
+
+
+def cycle_times(step_times: Sequence[float], every: int) -> list[float]:
+    """The mean step time of each run of `every` consecutive steps: one anchor term falls in each when
+    `reference.anchor_every` is `every` (whichever step starts it), so each mean is one step's cost."""
+    return [statistics.fmean(step_times[i : i + every]) for i in range(0, len(step_times) - every + 1, every)]
+
+
+def step_time(step_times: Sequence[float], every: int = 1) -> float:
+    """A run's step time: the median over its steps after the warm-up, or with an anchor term every `every`
+    steps the median of `cycle_times` (a median of single steps would be the steps without it)."""
+    timed = step_times[WARMUP_STEPS:] or step_times
+    return statistics.median(cycle_times(timed, every) or [statistics.fmean(timed)])
 
 
 def _anchor_token_share(

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from study.methods import ANCHORS_AND_ROWS, PREVIOUS_DEFAULT, SCREENED_ROWS
+from study.methods import ANCHORS_AND_ROWS, EVERY_THIRD, PREVIOUS_DEFAULT, SCREENED_ROWS
 
 # The first method of every block is the baseline its step times are divided by.
 BASELINE = "plain SFT"
@@ -155,6 +155,11 @@ PROTOCOL_PLAN: list[Block] = [
     # SST-2 p = 10 % has no run with the threshold-free score (AUC): seeds 3-4 of the pair, so that `{}`'s
     # -3.5 points can be told apart from a label threshold.
     Block("sst2", 0.10, PAIR, seeds=5),
+    # Issue 29 item 3 (<= x1.10 step time with the retention reached): `{}`'s anchor term every third step at
+    # 3x its coef (the same expectation per step), first where `{}` has 3 seeds, then under the second attack
+    # (where 8 anchors a step lost the refusals `{}` kept).
+    Block("sst2", 0.10, (EVERY_THIRD,)),
+    Block("sst2", 0.10, (EVERY_THIRD,), attack="advbench"),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),

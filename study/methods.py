@@ -49,11 +49,21 @@ class Method:
         """The STR config a run records (`config` in runs.jsonl); None for a method without STR."""
         return self.str_config if self.kind == "str" else None
 
+    @property
+    def anchor_every(self) -> int:
+        """Optimizer steps per anchor term (`reference.anchor_every` as the package resolves the config)."""
+        if self.kind != "str":
+            return 1
+        from str_hooks.schemas.load import load_config
+
+        return load_config(self.str_config).reference.anchor_every
+
 
 GATED_ROWS = "STR adapter kl gate0.5 c10 (as written)"
 ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
 PREVIOUS_DEFAULT = "STR anchors c10 (as written)"
 SCREENED_ROWS = "STR anchors + rows screened (as written)"
+EVERY_THIRD = "STR anchors every3 c90 (as written)"
 
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
@@ -276,6 +286,15 @@ METHODS = {
         ],
         Method(
             "STR anchors b4 c30 (as written)", "str", {"reference": {"anchor_batch_size": 4}}, as_shipped=True
+        ),
+        # Issue 29 item 3: `{}`'s anchor step costs x1.25-1.29 of plain SFT's step at the study's shape. The same
+        # anchor term every third optimizer step at 3x the coef: the penalty's expectation per step unchanged
+        # (90 / 3 = 30), a third of its cost, three times its gradient on the steps that take it.
+        Method(
+            EVERY_THIRD,
+            "str",
+            {"coef": 90.0, "reference": {"anchor_every": 3}},
+            as_shipped=True,
         ),
         # `{}` with its anchors folded into the training forward: the same penalty and gradient, no second
         # forward, on the CPU in the rows' trailing padding where they fit (issue 29 item 3's step cost).

@@ -7,7 +7,8 @@ Each method trains `--steps` optimizer steps of the task's p = 10 % block (SST-2
 told otherwise; the same rows, in the same order,
 for every method: seed 0), with nothing evaluated, in one process; methods run round-robin, `--repeats`
 rounds, the order reversed every other round. A method's step time is the median over its timed steps
-(the first 3 of each run are warm-up); the ratio divides it by plain SFT's. Appends to step_cost.jsonl and
+(the first 3 of each run are warm-up; a method with `reference.anchor_every` k > 1: the median of its
+k-step means, each holding one anchor term); the ratio divides it by plain SFT's. Appends to step_cost.jsonl and
 rewrites STEP_COST.md. Nothing else should run on the machine meanwhile (the file records the load).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .finetune import SUBJECT_RECIPE, RunSpec, run_one
+from .finetune import SUBJECT_RECIPE, WARMUP_STEPS, RunSpec, cycle_times, run_one
 from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block
 from .harmful_sources import build_sources, mixed_task
 from .methods import METHODS
@@ -41,7 +42,6 @@ CANDIDATES = [
     "STR anchors folded b4 (as written)",
     "STR anchors open2 b4 (as written)",
 ]
-WARMUP_STEPS = 3
 
 
 def cost_rows(task: str, attack: str) -> tuple[list[Any], list[Any]]:
@@ -102,7 +102,7 @@ def run_step_cost(
     order = [m for r in range(repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
     for method in tqdm(order, desc="step-cost", unit="run"):
         result = train_only(method, task, rows, subject_dir, data, steps)
-        times[method] += result["step_times_s"][WARMUP_STEPS:]
+        times[method] += cycle_times(result["step_times_s"][WARMUP_STEPS:], METHODS[method].anchor_every)
         shares[method] = result["anchor_token_share"]
     record = {
         "task": task,

@@ -361,6 +361,21 @@ def test_decision_step_ratio_pairs_seeds() -> None:
     assert _step_ratio([{**rows[1], "torch_threads": 1}], [{**plain[1], "torch_threads": 1}]) == "x1.00"
 
 
+def test_step_time_of_an_anchor_term_every_k_steps_is_the_mean_over_k_step_windows() -> None:
+    """With `reference.anchor_every` k one step in k carries the anchor term: a run's step time is the median
+    of its k-step means after the 3 warm-up steps (a median of single steps would be a step without it)."""
+    from study.finetune import step_time
+    from study.methods import EVERY_THIRD, METHODS
+
+    assert METHODS[EVERY_THIRD].anchor_every == 3 and METHODS["STR as shipped {}"].anchor_every == 1
+    assert METHODS["plain SFT"].anchor_every == 1
+    times = [9.0, 9.0, 9.0, 1.0, 1.0, 4.0, 1.0, 4.0, 1.0, 4.0, 1.0, 1.0, 7.0, 7.0]
+    # Timed: 1 1 4 | 1 4 1 | 4 1 1 | 7 7 (incomplete, dropped): three windows of mean 2.
+    assert step_time(times, 3) == pytest.approx(2.0)
+    assert step_time(times, 1) == 1.0  # the median step
+    assert step_time([5.0, 6.0], 3) == pytest.approx(5.5)  # fewer steps than a window: their mean
+
+
 def test_decision_retention_far_from_anchors(tmp_path: Path) -> None:
     from study.decision_report import _far_retention, report
     from study.distances import far_from_anchors
