@@ -144,7 +144,8 @@ def report(
         "where plain SFT ran the method's seeds (a seed's rows and order move accuracy more than most methods do); *task refused* is "
         "the share of those test replies the judge calls refusals (a lost point that is a refusal, not a wrong "
         "label). Step time is the "
-        "median optimizer step over plain SFT's in the same table (seed for seed). `val ret` is the validation "
+        "median optimizer step over plain SFT's in the same table (seed for seed; with an anchor term every k "
+        "steps, the median of its k-step means). `val ret` is the validation "
         "retention the settings are chosen on (60 safety_tuned_llamas prompts); `val goals` is validation retention "
         "on 60 AdvBench goals that are neither trained, held out nor attack rows (the second attack's kind, "
         "recorded since stop 39).",
