@@ -159,8 +159,8 @@ PROTOCOL_PLAN: list[Block] = [
     # 3x its coef (the same expectation per step), first where `{}` has 3 seeds, then under the second attack
     # (where 8 anchors a step lost the refusals `{}` kept).
     Block("sst2", 0.10, (EVERY_THIRD,)),
-    Block("sst2", 0.10, (EVERY_THIRD,), attack="advbench"),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
+    Block("sst2", 0.10, (EVERY_THIRD,), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
