@@ -303,6 +303,7 @@ def run_one(
         "decision_point_mass": mass_curve[-1][1] if mass_curve else None,
         "decision_point_curve": mass_curve,
         "step_time_median_s": step_time(timer.step_times, method.anchor_every),
+        "step_times_s": [round(t, 4) for t in timer.step_times],  # every step: a median hides cadences
         "peak_rss_delta_mib": memory.delta_mib,
         "setup_seconds": setup_seconds,
         "anchor_token_share": anchor_token_share,
