@@ -161,13 +161,9 @@ PROTOCOL_PLAN: list[Block] = [
     Block("sst2", 0.10, (EVERY_THIRD,)),
     Block("sst2", 0.10, (BASELINE,), epochs=5.0),
     Block("sst2", 0.10, (EVERY_THIRD,), attack="advbench"),
-    # If those hold: the rest of what a default needs (the issue's 3 seeds at p = 10 %, AG News with both
-    # attacks, p = 0 and 20 %), side by side with `{}`'s rows.
-    Block("sst2", 0.10, (EVERY_THIRD,), seeds=3),
-    Block("agnews", 0.10, (EVERY_THIRD,), attack="advbench"),
-    Block("agnews", 0.10, (EVERY_THIRD,)),
-    Block("sst2", 0.0, (EVERY_THIRD,)),
-    Block("sst2", 0.20, (EVERY_THIRD,)),
+    # Stop 44: with BeaverTails rows it kept 95 % (`{}` 105 %) at -2.5 points; under the second attack 62 %
+    # (held-out AdvBench 33 %, validation goals 24 %) where `{}` kept 102 %: the same expectation a step does
+    # not hold what the term every step holds. Out; its other rows are not queued.
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
