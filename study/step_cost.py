@@ -131,7 +131,8 @@ def write_step_cost_report(out: Path) -> Path:
         "p = 10 % (SST-2 with BeaverTails rows where a record names no task), LoRA r16, batch 8, the real",
         "subject, train-only (nothing evaluated), one process,",
         f"methods round-robin; median over each method's timed steps (the first {WARMUP_STEPS} of a run are",
-        "warm-up); ratio = the method's median / plain SFT's in the same record.",
+        "warm-up; with `reference.anchor_every` k > 1, of its k-step means, from record 8); ratio = the method's",
+        "median / plain SFT's in the same record.",
     ]
     for i, r in enumerate(records):
         base = r["medians_s"][BASELINE]
