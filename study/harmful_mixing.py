@@ -164,6 +164,8 @@ PROTOCOL_PLAN: list[Block] = [
     # Stop 44: with BeaverTails rows it kept 95 % (`{}` 105 %) at -2.5 points; under the second attack 62 %
     # (held-out AdvBench 33 %, validation goals 24 %) where `{}` kept 102 %: the same expectation a step does
     # not hold what the term every step holds. Out; its other rows are not queued.
+    # `{}`'s one SST-2 run under the second attack cost -3.0 points: a second seed of the pair.
+    Block("sst2", 0.10, PAIR, attack="advbench", seeds=2),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), attack="advbench"),
     Block("agnews", 0.10, ("STR anchors b8 c30 (as written)",), seeds=3),
     Block("agnews", 0.10, (SCREENED_ROWS,)),
