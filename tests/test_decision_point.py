@@ -210,6 +210,37 @@ def test_openings_decoded_on_a_kv_cache_equal_full_forwards(
         torch.testing.assert_close(built[path][1], reference, rtol=1e-5, atol=1e-5)
 
 
+def test_openings_fall_back_to_whole_prompts_where_the_prefix_cache_cannot_be_repeated(
+    tmp_path: Path, tokenizer: Any, tokens: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache without `batch_repeat_interleave` cannot serve every prompt: each batch then runs its whole
+    prompts, and the openings and reference are the ones sharing gives."""
+    from transformers import DynamicCache
+
+    model = make_lora(make_model("llama"))
+    widths: list[tuple[int, ...]] = []
+
+    def record(_: Any, args: Any, kwargs: Any) -> None:
+        widths.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+
+    model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    cfg = anchor_cfg(tmp_path, "kl", "separate", anchor_tokens=5)
+    built = []
+    for repeatable in (True, False):
+        widths.clear()
+        if not repeatable:
+            owner = next(c for c in DynamicCache.__mro__ if "batch_repeat_interleave" in vars(c))
+            monkeypatch.delattr(owner, "batch_repeat_interleave")
+        with register_str_hook(model, cfg, tokens=tokens, tokenizer=tokenizer) as handle:
+            anchors = handle.anchors
+            assert anchors is not None and anchors.prefix_length > 0
+            whole = (len(anchors), max(len(p) for p in anchors.prompt_ids))
+            built.append((list(anchors.openings), anchors.reference, whole in widths))
+    assert built[0][2] is False and built[1][2] is True  # whole prompts ran only without the repeat
+    assert built[0][0] == built[1][0]
+    torch.testing.assert_close(built[0][1], built[1][1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("form", ["mse", "kl"])
 def test_reference_read_along_the_decoding_equals_a_pass_over_the_full_rows(
