@@ -8,6 +8,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from str_hooks.schemas.load import load_config
+
 # The package defaults that issue 12 changed, at their values before: training positions with the adapter
 # reference and mse; at anchors, the decision point alone (one position per anchor, no benign anchors), the
 # pre-change anchor settings. `Method` pins them unless a method sets them.
@@ -54,8 +56,6 @@ class Method:
         """Optimizer steps per anchor term (`reference.anchor_every` as the package resolves the config)."""
         if self.kind != "str":
             return 1
-        from str_hooks.schemas.load import load_config
-
         return load_config(self.str_config).reference.anchor_every
 
 

@@ -33,6 +33,11 @@ def write_runs(path: Path, runs: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in runs))
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every JSON line of `path` (a benchmark's records, whatever model they ran on)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def append_run(path: Path, record: dict[str, Any]) -> None:
     """One JSON line appended to `path` as soon as a run finishes (what makes a study resumable)."""
     with path.open("a") as fh:

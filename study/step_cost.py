@@ -31,7 +31,7 @@ from .finetune import SUBJECT_RECIPE, WARMUP_STEPS, RunSpec, cycle_times, run_on
 from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block
 from .harmful_sources import build_sources, mixed_task
 from .methods import METHODS
-from .runs import append_run
+from .runs import append_run, read_records
 
 CANDIDATES = [
     BASELINE,
@@ -124,7 +124,7 @@ def run_step_cost(
 
 
 def write_step_cost_report(out: Path) -> Path:
-    records = [json.loads(line) for line in (out / "step_cost.jsonl").read_text().splitlines() if line]
+    records = read_records(out / "step_cost.jsonl")
     lines = [
         "# Step cost of candidate settings (harmful-mixing study shape)",
         "",

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from .harmful_mixing import BASELINE, SHIPPED
 from .methods import METHODS
-from .runs import append_run, machine
+from .runs import append_run, machine, read_records
 from .step_cost import cost_rows, train_only
 
 DEFAULT_METHODS = [BASELINE, SHIPPED, "STR anchors b8 c30 (as written)"]
@@ -123,7 +123,7 @@ def run_update_size(
 
 
 def write_update_size_report(out: Path) -> Path:
-    records = [json.loads(line) for line in (out / "update_size.jsonl").read_text().splitlines() if line]
+    records = read_records(out / "update_size.jsonl")
     lines = [
         "# How far each method moves the model per step (AdamW, LoRA)",
         "",
