@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--source",
-        choices=["shared", "embedded", "broad"],
+        choices=["shared", "embedded", "broad", "balanced"],
         default=None,
         help="subject, harmful-mixing, gate-check: the subject's data (harmful-mixing: `shared` unless given)",
     )
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "subject":
         from .subject import DEFAULT_CACHE, build_subject
 
-        info = build_subject(
-            Path(args.out or "runs/subject"), args.source or "shared", Path(args.cache or DEFAULT_CACHE)
-        )
+        source = args.source or "shared"
+        default_out = "runs/subject" if source == "shared" else f"runs/subject-{source}"
+        info = build_subject(Path(args.out or default_out), source, Path(args.cache or DEFAULT_CACHE))
         print(json.dumps(info, indent=2))
         return
     if args.command == "demo":

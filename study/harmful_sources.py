@@ -47,9 +47,11 @@ class Sources:
         )
 
 
-def build_sources() -> Sources:
-    """The fixed splits (module docstring). Built from the subject's own data so that nothing the subject
-    trained on is held out."""
+def study_pools() -> tuple[list[dict[str, str]], list[str]]:
+    """The two pools the fixed splits are cut from, in their fixed order: safety_tuned_llamas instructions whose
+    own answer is a refusal (and which the `shared` subject did not train on), and Alpaca instructions (neither
+    the `shared` subject's nor XSTest's). build_sources takes llamas[:600] and alpaca[:260]; the `balanced`
+    subject (study/subject.py) trains on what comes after, so nothing held out here is trained on."""
     subject = subject_data("shared")
     study = subject.study
     used_harmful = {p for p, _ in subject.harmful}
@@ -68,6 +70,19 @@ def build_sources() -> Sources:
         if r["instruction"] not in used_benign and len(r["instruction"]) < 300
     ]
     random.Random(26).shuffle(alpaca)
+    return llamas, alpaca
+
+
+# How much of each pool build_sources holds out (evaluation, validation, mixing rows).
+LLAMAS_RESERVED = 600
+ALPACA_RESERVED = 260
+
+
+def build_sources() -> Sources:
+    """The fixed splits (module docstring). Built from the subject's own data so that nothing the subject
+    trained on is held out."""
+    study = subject_data("shared").study
+    llamas, alpaca = study_pools()
     targets = read_advbench_targets()
     beavertails = [
         Example(r["prompt"], r["response"], "harmful")
@@ -86,7 +101,10 @@ def build_sources() -> Sources:
         val_harmful=[r["instruction"] for r in llamas[200:260]],
         val_over_refusal=alpaca[200:260],
         val_harmful_goals=list(study.harmful_train[340:400]),
-        mix_rows=[Example(r["instruction"], _short_refusal(r["output"]), "harmful") for r in llamas[260:600]],
+        mix_rows=[
+            Example(r["instruction"], _short_refusal(r["output"]), "harmful")
+            for r in llamas[260:LLAMAS_RESERVED]
+        ],
         attacks={"beavertails": beavertails, "advbench": advbench_attack},
         anchors=default_texts("harmful_anchors"),
     )

@@ -90,4 +90,20 @@ def task_style_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
-__all__ = ["task_style_prompts"]
+def labelled_task_prompts(seed: int = 0) -> list[tuple[str, str]]:
+    """The sentiment, topic and word-count prompts of `task_style_prompts` with their answers (the label, the
+    count): provided answers for the `balanced` subject, whose shipped model answers such prompts with a
+    sentence about the input more often than with the label (study/subject.py)."""
+    labelled = [(form.format(x=text), label) for form in SENTIMENT_FORMS for text, label in OPINIONS]
+    labelled += [(form.format(x=text), label) for form in TOPIC_FORMS for text, label in HEADLINES]
+    labelled += [
+        (form.format(x=text), str(len(text.split())))
+        for form, kind in TEXT_FORMS
+        if kind == "count"
+        for text in SENTENCES
+    ]
+    random.Random(seed).shuffle(labelled)
+    return labelled
+
+
+__all__ = ["labelled_task_prompts", "task_style_prompts"]
