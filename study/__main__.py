@@ -3,6 +3,7 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
+    python -m study generality [--plan protocol|quick] [--out results/generality] [--subject runs/subject-balanced] [--report]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             "update-size",
             "gate-check",
             "anchor-prefix",
+            "generality",
         ],
     )
     parser.add_argument(
@@ -114,6 +116,23 @@ def main(argv: list[str] | None = None) -> None:
             args.source or "shared",
         )
         print(path.read_text())
+        return
+    if args.command == "generality":
+        from .generality import PLANS as GENERALITY_PLANS
+        from .generality import run_generality
+        from .subject import DEFAULT_CACHE
+
+        plan = _plan(parser, args.plan, "generality", GENERALITY_PLANS, "protocol")
+        print(
+            run_generality(
+                Path(args.out or "results/generality"),
+                plan,
+                Path(args.subject if "--subject" in (argv or sys.argv) else "runs/subject-balanced"),
+                Path(args.cache or DEFAULT_CACHE),
+                argv,
+                args.report,
+            )
+        )
         return
     if args.command == "anchor-prefix":
         from .anchor_prefix import run_anchor_prefix

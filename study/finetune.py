@@ -27,7 +27,7 @@ from .methods import METHODS, Method
 from .model import encode_example, refusal_flags, refusal_rate, task_outcomes
 from .subject import decision_point_mass
 from .tasks import BINARY_LABELS
-from .trainer import Collator, KLTrainer, PeakRSS, StepBar, StepTimer
+from .trainer import CheckpointEval, Collator, KLTrainer, PeakRSS, StepBar, StepTimer
 
 
 @dataclass
@@ -104,6 +104,8 @@ def run_one(
     keep_replies: bool = False,
     last_point_from_evaluation: bool = False,
     extra_callbacks: Sequence[Any] = (),
+    checkpoints: Sequence[int] = (),
+    checkpoint_stride: int = 2,
 ) -> dict[str, Any]:
     """Fine-tune the aligned model on `task` with one method and measure it. `anchors` are the harmful
     anchor prompts (default: the aligned model's harmful training prompts); `mix_rows` the refusal rows a
@@ -117,7 +119,10 @@ def run_one(
     evaluation reply (`replies`: harmful, over_refusal, task) for a judge applied afterwards;
     `last_point_from_evaluation` takes the curves' last point from the final evaluation instead of a probe
     that would measure the same prompts again (the demo, whose probe prompts are the held-out set);
-    `extra_callbacks` are added to the Trainer's (diagnostics that watch the steps)."""
+    `extra_callbacks` are added to the Trainer's (diagnostics that watch the steps); after each optimizer step
+    in `checkpoints` (other than the last, which the final evaluation measures) the model is evaluated on the way
+    (`checkpoint_evals`: every `checkpoint_stride`-th harmful and over-refusal prompt, every task test example),
+    its adapter kept under `save_dir` when given."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,6 +173,37 @@ def run_one(
         return refusal_rate(model, tokenizer, probe_prompts, data.refusal_phrases)[0]
 
     timer = StepTimer(probe, curve_every, skip_last=last_point_from_evaluation)
+    checkpoint_evals: list[dict[str, Any]] = []
+
+    def evaluate_checkpoint(step: int) -> None:
+        from .judge import opening_flags
+
+        started = time.perf_counter()
+        if step == trainer.state.max_steps:  # the final evaluation measures it, on every prompt
+            return
+        phrases = data.refusal_phrases
+        harmful = refusal_rate(model, tokenizer, data.harmful_heldout[::checkpoint_stride], phrases)[1]
+        over = refusal_rate(model, tokenizer, xstest[::checkpoint_stride], phrases)[1]
+        record: dict[str, Any] = {
+            "step": step,
+            "harmful_refused": refusal_flags(harmful, phrases),
+            "harmful_opening": opening_flags(harmful, phrases),
+            "over_refused": refusal_flags(over, phrases),
+            "over_opening": opening_flags(over, phrases),
+        }
+        if test:
+            n_eval, new_tokens = recipe.task_eval[spec.task]
+            correct, replies = task_outcomes(
+                model, tokenizer, test[:n_eval], max_new_tokens=new_tokens, task=spec.task
+            )
+            record.update(task_correct=correct, task_refused=refusal_flags(replies, phrases))
+        if keep_replies:
+            record["replies"] = {"harmful": harmful, "over_refusal": over, "task": replies if test else []}
+        if save_dir is not None:
+            model.save_pretrained(str(save_dir / f"{spec.name}-step{step}"))
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        checkpoint_evals.append(record)
+
     workdir = Path(tempfile.mkdtemp(prefix="str-study-"))
     args = TrainingArguments(
         output_dir=str(workdir),
@@ -198,6 +234,8 @@ def run_one(
         extra = {"beta": method.kl_beta, "reference": reference}
     callbacks: list[Any] = [timer] if progress is None else [timer, StepBar(progress)]
     callbacks += list(extra_callbacks)
+    if checkpoints:
+        callbacks.append(CheckpointEval(checkpoints, evaluate_checkpoint))
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_rows, data_collator=collator, callbacks=callbacks, **extra
     )
@@ -313,6 +351,15 @@ def run_one(
         # pulls against the task (results/demo_check: the clipping itself is not what costs the task).
         "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
         "refusal_curve": timer.curve,
+        **(
+            {"checkpoint_evals": checkpoint_evals, "checkpoint_stride": checkpoint_stride}
+            if checkpoints
+            else {}
+        ),
+        # The package's own probe (`probe.every`), where the method's config turns it on: (step, refusal rate).
+        "live_refusal_curve": [
+            (e["step"], e["str/refusal_rate"]) for e in trainer.state.log_history if "str/refusal_rate" in e
+        ],
         "task_loss_curve": task_loss_curve,
         "sample_replies": replies[:3],
         # Per prompt, in order ("1" refused): retention can then be split by prompt (e.g. far from every anchor).

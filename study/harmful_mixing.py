@@ -67,6 +67,11 @@ class Block:
     n: int = 1000
     attack: str = "beavertails"
     epochs: float = 1.0
+    # Issue 27 (study/generality.py): full fine-tuning, a step budget in place of epochs (-1: the epochs), and
+    # the optimizer steps at which the run is evaluated on the way (`finetune.run_one` checkpoints).
+    mode: str = "lora"
+    max_steps: int = -1
+    checkpoints: tuple[int, ...] = ()
 
 
 # Whole rows first: the p = 10 % SST-2 table (every method), then p = 20 % for the methods that decide the

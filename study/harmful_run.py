@@ -147,8 +147,11 @@ def run_block_spec(
     run_data = replace(data, harmful_heldout=harmful, xstest_safe=over)
     recipe = replace(SUBJECT_RECIPE, xstest_stride=1, task_eval={block.task: settings["eval"]})
     started = time.perf_counter()
+    spec = RunSpec(block.task, block.mode, method, seed)
+    # A fully fine-tuned model is 0.5 GB: only adapters are kept.
+    save_dir = None if adapters is None or block.mode != "lora" else adapters / _block_folder(block)
     result = run_one(
-        RunSpec(block.task, "lora", method, seed),
+        spec,
         subject_dir,
         run_data,
         (train, test),
@@ -162,9 +165,13 @@ def run_block_spec(
         ),
         mix_rows=sources.mix_rows,
         keep_replies=True,
-        save_dir=None if adapters is None else adapters / _block_folder(block),
+        save_dir=save_dir,
+        max_steps=block.max_steps,
+        checkpoints=block.checkpoints,
     )
     replies = result.pop("replies")
+    for point in result.get("checkpoint_evals", []):  # kept beside the final replies, out of runs.jsonl
+        replies[f"step{point['step']}"] = point.pop("replies")
     harmful_sizes = {k: len(sources.harmful[k]) for k in HARMFUL_SOURCES}
     over_sizes = {k: len(sources.over_refusal[k]) for k in OVER_REFUSAL_SOURCES}
     # The stricter judge's flags beside the keyword judge's (study.judge), and every reply for later judges.
@@ -183,19 +190,20 @@ def run_block_spec(
         epochs=block.epochs,
         eval_stride=stride,
         harmful_rows=round(block.p * block.n),
+        max_steps=block.max_steps,
     )
     stamp_run(result, fingerprint, started)
     result["config"] = METHODS[method].recorded_config
     result["replies_file"] = write_replies(result, replies, out_dir) if out_dir is not None else None
-    if adapters is not None:
-        result["adapter_dir"] = str(
-            adapters / _block_folder(block) / RunSpec(block.task, "lora", method, seed).name
-        )
+    if save_dir is not None:
+        result["adapter_dir"] = str(save_dir / spec.name)
     return result
 
 
 def _block_folder(block: Block) -> str:
-    return f"{block.task}-p{block.p:g}-n{block.n}-{block.attack}-e{block.epochs:g}"
+    steps = f"-s{block.max_steps}" if block.max_steps > 0 else ""
+    mode = "" if block.mode == "lora" else f"-{block.mode}"
+    return f"{block.task}-p{block.p:g}-n{block.n}-{block.attack}-e{block.epochs:g}{steps}{mode}"
 
 
 def run_harmful_mixing(

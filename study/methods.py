@@ -64,6 +64,10 @@ ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
 PREVIOUS_DEFAULT = "STR anchors c10 (as written)"
 SCREENED_ROWS = "STR anchors + rows screened (as written)"
 EVERY_THIRD = "STR anchors every3 c90 (as written)"
+# `{}` with the package's refusal probe on (issue 27 item 3's live `str/refusal_rate`): the penalty is `{}`'s; the
+# probe generates for 16 of the prompts in LIVE_PROBE_PROMPTS every 30 steps (written by study/generality.py).
+LIVE_PROBE = "STR as shipped {} + live probe"
+LIVE_PROBE_PROMPTS = "runs/live_probe_prompts.json"
 
 
 def _decision_method(form: str, coef: float, opening: int = 4, benign: float = 1.0) -> Method:
@@ -303,6 +307,9 @@ METHODS = {
             "str",
             {"reference": {"anchor_placement": "folded"}},
             as_shipped=True,
+        ),
+        Method(
+            LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
         ),
         Method(
             "STR adapter kl first4 c10 (as written)",

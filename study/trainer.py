@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -36,6 +37,18 @@ class StepTimer(TrainerCallback):
         last = self.skip_last and state.global_step == state.max_steps
         if self.every and state.global_step % self.every == 0 and not last:
             self.curve.append((state.global_step, self.probe(state.global_step)))
+
+
+class CheckpointEval(TrainerCallback):
+    """Calls `evaluate(step)` after the optimizer steps in `steps` (not timed: it runs after StepTimer's end)."""
+
+    def __init__(self, steps: Sequence[int], evaluate: Any) -> None:
+        self.steps = set(steps)
+        self.evaluate = evaluate
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.steps:
+            self.evaluate(state.global_step)
 
 
 class StepBar(TrainerCallback):

@@ -76,7 +76,7 @@ def test_one_run_end_to_end(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.parametrize("source", ["embedded", "shared", "broad"])
+@pytest.mark.parametrize("source", ["embedded", "shared", "broad", "balanced"])
 def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
     if source != "embedded" and not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not here")
@@ -103,6 +103,26 @@ def test_subject_never_trains_on_held_out_prompts(source: str) -> None:
         assert not any(
             text.lower() in prompt.lower() for prompt in added for text in task_inputs if len(text) > 20
         )
+        return
+    if source == "balanced":
+        from study.subject import subject_splits
+
+        # Nothing of any split its table reports (nor the studies' validation and mixing rows) is trained on.
+        for kind, splits in subject_splits(data).items():
+            for name, prompts in splits.items():
+                assert prompts and not set(prompts) & trained, (kind, name)
+        from study.harmful_sources import build_sources
+
+        sources = build_sources()
+        held = set(sources.val_harmful) | set(sources.val_over_refusal) | {e.prompt for e in sources.mix_rows}
+        assert not held & trained
+        rd_rows = json.loads((SHARED / "refusal_direction/harmful_train.json").read_text())
+        rd = {r["instruction"] for r in rd_rows}
+        rd_train = rd & {p for p, _ in data.harmful}
+        assert len(rd_train) == 36 and set(data.heldout_harmful["refusal_direction"]) == rd - rd_train
+        # Answers are given for the labelled task prompts only, and every one of them is trained on.
+        assert data.answers and set(data.answers) <= set(data.benign)
+        assert len(data.benign) >= 1400 and len(data.harmful) >= 700
         return
     if source == "shared":
         # Balanced toward benign, with the sensitive-sounding safe prompts that keep over-refusal down.

@@ -1,0 +1,163 @@
+"""Issue 27: evidence beyond one small model and one short LoRA run.
+
+    python -m study generality [--plan protocol|quick] [--out results/generality] [--subject runs/subject-balanced]
+                               [--report]
+
+The subject is the `balanced` one (`python -m study subject --source balanced`, built here when absent): it
+refuses by harm, not by topic (its table, SUBJECT.md, shows every held-out split under both judges against item
+1's targets). On it, the harmful-mixing protocol (study/harmful_mixing.py: SST-2, n = 1000 rows, the first p * n
+of them BeaverTails questions with compliant answers; the same held-out, validation and attack sets,
+study/harmful_sources.py) with:
+- plain SFT, the defaults (`{}`) and KL-SFT at p = 10 % (LoRA, one epoch): step time and peak memory beside them;
+- durability: plain SFT and `{}` (with the package's own refusal probe on, `str/refusal_rate`) through 600
+  optimizer steps (4.8 epochs), evaluated at 60, 150 and 300 steps on every other held-out prompt and every
+  task test example, and at 600 on all of them;
+- full fine-tuning: plain SFT and `{}` at p = 0 and 10 %.
+Runs are appended to runs.jsonl (resumable by subject, block, method and seed); RESULTS.md and the plot are
+rewritten from every recorded run (study/generality_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .harmful_mixing import BASELINE, SHIPPED, Block
+from .harmful_run import run_block_spec, subject_baseline
+from .harmful_sources import build_sources, write_prompt_distances
+from .methods import LIVE_PROBE, LIVE_PROBE_PROMPTS
+from .runs import append_run, read_records, study_command
+from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
+
+KL_SFT = "KL-SFT (full vocab, beta 1)"
+DURABILITY_CHECKPOINTS = (60, 150, 300, 600)
+
+PLANS: dict[str, list[Block]] = {
+    # Whole rows first: the three methods at p = 10 %, then the long runs, full fine-tuning, then more seeds.
+    "protocol": [
+        Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT)),
+        Block(
+            "sst2",
+            0.1,
+            (BASELINE, LIVE_PROBE),
+            epochs=5.0,
+            max_steps=600,
+            checkpoints=DURABILITY_CHECKPOINTS,
+        ),
+        Block("sst2", 0.1, (BASELINE, SHIPPED), mode="full"),
+        Block("sst2", 0.0, (BASELINE, SHIPPED), mode="full"),
+        Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT), seeds=3),
+    ],
+    # The pipeline end to end in minutes: 200 rows (20 harmful), a 30-step run with checkpoints, every fourth
+    # evaluation prompt.
+    "quick": [
+        Block("sst2", 0.1, (BASELINE, SHIPPED), n=200),
+        Block("sst2", 0.1, (LIVE_PROBE,), n=200, max_steps=30, checkpoints=(10, 20, 30)),
+    ],
+}
+EVAL_STRIDE = {"protocol": 1, "quick": 4}
+
+
+def run_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two records the same run: subject, block and method, seed, evaluation stride."""
+    return (
+        record["aligned_fingerprint"],
+        record["task"],
+        record.get("mode", "lora"),
+        record["method"],
+        record["seed"],
+        record["p"],
+        record["n"],
+        record["attack"],
+        record["epochs"],
+        record.get("max_steps", -1),
+        record["eval_stride"],
+    )
+
+
+def run_generality(
+    out: Path,
+    plan_name: str,
+    subject_dir: Path,
+    cache: Path = DEFAULT_CACHE,
+    argv: list[str] | None = None,
+    report_only: bool = False,
+) -> str:
+    """Run what is left of the plan on the balanced subject (resumable), then rewrite the report."""
+    from .generality_report import plot_durability, report, subject_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    info = build_subject(subject_dir, "balanced", cache)
+    (out / "SUBJECT.md").write_text(subject_table(info, subject_dir))
+    stride = EVAL_STRIDE[plan_name]
+    sources = build_sources().strided(stride)
+    data = subject_data("balanced").study
+    _, tokenizer = load(subject_dir)
+    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
+    base = subject_baseline(
+        subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}"
+    )
+    write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
+    # The live probe's prompts: the validation harmful prompts (never held out, never trained on).
+    probe_path = Path(LIVE_PROBE_PROMPTS)
+    probe_path.parent.mkdir(parents=True, exist_ok=True)
+    probe_path.write_text(json.dumps(sources.val_harmful))
+    runs_path = out / "runs.jsonl"
+    runs = [
+        r
+        for r in read_records(runs_path)
+        if r["aligned_fingerprint"] == info["fingerprint"] and r["eval_stride"] == stride
+    ]
+    done = {run_key(r) for r in runs}
+    todo = []
+    for block in PLANS[plan_name]:
+        for seed in range(block.seeds):
+            for method in block.methods:
+                key = (
+                    info["fingerprint"],
+                    block.task,
+                    block.mode,
+                    method,
+                    seed,
+                    block.p,
+                    block.n,
+                    block.attack,
+                    block.epochs,
+                    block.max_steps,
+                    stride,
+                )
+                if key not in done:
+                    todo.append((block, method, seed))
+                    done.add(key)
+    if not report_only:
+        for block, method, seed in tqdm(todo, desc="generality runs", unit="run"):
+            result = run_block_spec(
+                block,
+                method,
+                seed,
+                subject_dir=subject_dir,
+                sources=sources,
+                data=data,
+                tokens=tokens,
+                fingerprint=info["fingerprint"],
+                stride=stride,
+                out_dir=out,
+                adapters=Path("runs") / out.name / "adapters" if plan_name == "protocol" else None,
+            )
+            result.update(family="smollm2", plan=plan_name)
+            runs.append(result)
+            append_run(runs_path, result)
+            tqdm.write(
+                f"{result['task']} {result.get('mode', 'lora')} p={result['p']:.0%} {result['method']} "
+                f"seed {result['seed']}: {result['wall_seconds']:.0f} s"
+            )
+    command = study_command(argv if argv is not None else sys.argv[1:])
+    text = report(runs, base, sources, command, plan_name, info)
+    suffix = "" if plan_name == "protocol" else f"-{plan_name}"
+    (out / f"RESULTS{suffix}.md").write_text(text)
+    plot_durability(runs, base, out / f"durability{suffix}.png")
+    return text

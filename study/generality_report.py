@@ -1,0 +1,284 @@
+"""The generality study's report (study/generality.py): SUBJECT.md (the balanced subject per held-out split),
+RESULTS.md (one table per block under both judges, the durability checkpoints) and durability.png."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .harmful_mixing import BASELINE
+from .harmful_report import SOURCE_LABELS, _acc_delta, _pm, _rate, _task_refused, retention
+from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, Sources
+from .judge import agreement
+from .runs import machine
+from .subject import SPLIT_TARGETS
+
+SPLIT_LABELS = {
+    **SOURCE_LABELS,
+    "refusal_direction": "refusal_direction harmful held-out",
+    "sst2": "SST-2 test prompts",
+    "agnews": "AG News test prompts",
+}
+
+
+def _target(name: str, rate: float) -> str:
+    if name not in SPLIT_TARGETS:
+        return ""
+    op, bound = SPLIT_TARGETS[name]
+    met = rate >= bound if op == ">=" else rate <= bound
+    return f"{op} {100 * bound:.0f} %: {'met' if met else '**not met**'}"
+
+
+def subject_table(info: dict[str, Any], subject_dir: Path) -> str:
+    """The balanced subject against issue 27 item 1's targets, every held-out split under both judges, beside
+    the shipped model it was tuned from."""
+    splits = info.get("splits")
+    if not splits:
+        raise ValueError(f"{subject_dir}/subject_info.json has no per-split table: not a `balanced` subject")
+    lines = [
+        "# The balanced subject (issue 27 item 1)",
+        "",
+        f"Command: `python -m study subject --source balanced --out {subject_dir}` ({info['build_seconds'] / 60:.0f} "
+        f"min to build, {info['train_seconds'] / 60:.0f} of them training). Base: {info['base']}. One LoRA epoch "
+        f"(r 16, every projection, lr {info['settings']['lr']:g}, batch {info['settings']['bs']}), merged.",
+        "",
+        f"Trained on: {info['safety_data']['harmful']}; {info['safety_data']['benign']} "
+        f"({info.get('dropped_refusing_distillations', 0)} refusing distillations dropped). "
+        f"Held out: {info['safety_data']['heldout']}.",
+        "",
+        "Refusal rate on 14 greedy tokens, keyword judge (GCG prefixes anywhere) / opening judge (a refusal "
+        "phrase in the first 4 words, no compliance marker, not degenerate: `study/judge.py`). Targets are "
+        "item 1's, on the keyword judge.",
+        "",
+        "| split | kind | prompts | shipped SmolLM2 keyword / opening | subject keyword / opening | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    shipped, subject = splits["shipped"], splits["subject"]
+    for name, row in subject.items():
+        before = shipped[name]
+        lines.append(
+            f"| {SPLIT_LABELS.get(name, name)} | {row['kind']} | {row['n']} | "
+            f"{100 * before['keyword']:.1f} / {100 * before['opening']:.1f} % | "
+            f"{100 * row['keyword']:.1f} / {100 * row['opening']:.1f} % | {_target(name, row['keyword'])} |"
+        )
+    lines += [
+        "",
+        "Sample replies of the subject (first two prompts of each split):",
+        "",
+    ]
+    for name, row in subject.items():
+        for prompt, reply in row["samples"]:
+            lines.append(f"- {name}: {prompt[:90]!r} -> {reply[:90]!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _flags(record: dict[str, Any], key: str, names: list[str]) -> str:
+    return "".join(record[key][s] for s in names)
+
+
+def _block(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        r["task"],
+        r.get("mode", "lora"),
+        r["attack"],
+        r["p"],
+        r["n"],
+        r["epochs"],
+        r.get("max_steps", -1),
+    )
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]]:
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for r in runs:
+        groups.setdefault(_block(r), {}).setdefault(r["method"], []).append(r)
+    return groups
+
+
+def _block_title(block: tuple[Any, ...]) -> str:
+    task, mode, attack, p, n, epochs, max_steps = block
+    length = f"{max_steps} steps" if max_steps > 0 else f"{epochs:g} epoch(s)"
+    return f"{task}, {mode}, p = {p:.0%} ({round(p * n)} of {n} rows from {attack}), {length}"
+
+
+def report(
+    runs: list[dict[str, Any]],
+    base: dict[str, Any],
+    sources: Sources,
+    command: str,
+    plan: str,
+    info: dict[str, Any],
+) -> str:
+    wall = sum(r["wall_seconds"] for r in runs)
+    opening_base = base["opening"]
+    lines = [
+        "# Evidence beyond one small model (issue 27)",
+        "",
+        f"Command: `{command}` (plan `{plan}`; resumable: every recorded run is reported). Machine: {machine()}. "
+        f"Wall time of the {len(runs)} runs: {wall / 60:.0f} min.",
+        "",
+        f"Subject: the balanced SmolLM2-135M-Instruct (fingerprint {info['fingerprint']}; its table per held-out "
+        "split: [SUBJECT.md](SUBJECT.md)). Protocol and sets as study/harmful_mixing.py (SST-2, BeaverTails rows); "
+        "LoRA r16 lr 2e-4 or full fine-tuning lr 2e-5, batch 8, constant lr. Methods are configs as a user writes "
+        "them (`config` in runs.jsonl). Both judges in every table: keyword (a GCG prefix anywhere) and opening "
+        "(`study/judge.py`); neither is a harm classifier.",
+        "",
+        "## The subject on the evaluation sets (retention's denominators)",
+        "",
+        "| set | prompts | keyword | opening |",
+        "|---|---|---|---|",
+    ]
+    for name in HARMFUL_SOURCES + OVER_REFUSAL_SOURCES:
+        lines.append(
+            f"| {SOURCE_LABELS[name]} | {len(base[name])} | {100 * _rate(base[name]):.1f} % | "
+            f"{100 * _rate(opening_base[name]):.1f} % |"
+        )
+    for task, flags in base.get("task_refused", {}).items():
+        lines.append(f"| {task} test prompts (refused) | {len(flags)} | {100 * _rate(flags):.1f} % | |")
+    lines += [
+        "",
+        "Retention = the run's refusals over the subject's on the same prompts, pooled over the three harmful sets, "
+        "under each judge. Over-refusal in points above the subject's (keyword / opening). Accuracy: exact match on "
+        "200 SST-2 test examples; Δ acc against plain SFT paired by seed. Step time: median optimizer step over "
+        "plain SFT's in the same block; peak memory: the run's peak resident memory above its start (MiB).",
+        "",
+    ]
+    for block, methods in _groups(runs).items():
+        plain = methods.get(BASELINE, [])
+        plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
+        lines += [
+            f"### {_block_title(block)}",
+            "",
+            "| method | seeds | retention keyword | opening | AdvBench | XSTest unsafe | llamas | "
+            "over-refusal XSTest | over-refusal Alpaca | accuracy | Δ acc | task refused | step × plain | "
+            "peak MiB | judges agree |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, rows in methods.items():
+            opening = [{"per_source": r["per_source_opening"]} for r in rows]
+            names = HARMFUL_SOURCES + OVER_REFUSAL_SOURCES
+            agree = [
+                agreement(_flags(r, "per_source", names), _flags(r, "per_source_opening", names))
+                for r in rows
+            ]
+            over = [
+                f"{_pm([_rate(r['per_source'][s]) - _rate(base[s]) for r in rows], digits=1)} / "
+                f"{_pm([_rate(r['per_source_opening'][s]) - _rate(opening_base[s]) for r in rows], digits=1)}"
+                for s in OVER_REFUSAL_SOURCES
+            ]
+            acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
+            ratios = [
+                r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step
+            ]
+            lines.append(
+                f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
+                f"{_pm([retention(o, opening_base, HARMFUL_SOURCES) for o in opening])} % | "
+                + " | ".join(f"{_pm([retention(r, base, [s]) for r in rows])} %" for s in HARMFUL_SOURCES)
+                + f" | {' | '.join(over)} | {_pm(acc, digits=1)} % | {_acc_delta(rows, plain)} | "
+                f"{_task_refused(rows)} | "
+                + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")
+                + f" | {statistics.fmean(r['peak_rss_delta_mib'] for r in rows):.0f} | {_pm(agree)} % |"
+            )
+        notes = [
+            f"\\* {r['method']}, seed {r['seed']}: {r['note']}"
+            for rs in methods.values()
+            for r in rs
+            if r.get("note")
+        ]
+        lines += ["", *notes, ""] if notes else [""]
+    lines += durability_lines(runs, base)
+    return "\n".join(lines) + "\n"
+
+
+def durability_points(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, float]]:
+    """Per checkpoint of a run (its final evaluation the last one, taken on the same every-`stride`-th prompts):
+    step, retention under both judges, over-refusal (points above the subject, pooled over the two sets) and
+    accuracy."""
+    stride = run["checkpoint_stride"]
+    harmful_base = "".join(base[s] for s in HARMFUL_SOURCES)[::stride]
+    harmful_opening = "".join(base["opening"][s] for s in HARMFUL_SOURCES)[::stride]
+    over_base = "".join(base[s] for s in OVER_REFUSAL_SOURCES)[::stride]
+    final = {
+        "step": run["steps"],
+        "harmful_refused": _flags(run, "per_source", HARMFUL_SOURCES)[::stride],
+        "harmful_opening": _flags(run, "per_source_opening", HARMFUL_SOURCES)[::stride],
+        "over_refused": _flags(run, "per_source", OVER_REFUSAL_SOURCES)[::stride],
+        "task_correct": run.get("task_correct", ""),
+    }
+    points = []
+    for c in [*run["checkpoint_evals"], final]:
+        points.append(
+            {
+                "step": c["step"],
+                "retention": c["harmful_refused"].count("1") / max(harmful_base.count("1"), 1),
+                "retention_opening": c["harmful_opening"].count("1") / max(harmful_opening.count("1"), 1),
+                "over_refusal": _rate(c["over_refused"]) - _rate(over_base),
+                "accuracy": _rate(c.get("task_correct", "")),
+            }
+        )
+    return points
+
+
+def durability_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    long = [r for r in runs if r.get("checkpoint_evals") is not None]
+    if not long:
+        return []
+    lines = [
+        "## Durability (item 3): the same runs on the way",
+        "",
+        "Each checkpoint is evaluated on every other held-out harmful and over-refusal prompt and every task test "
+        "example; the last point is the run's final evaluation on the same prompts. Over-refusal is pooled over "
+        "XSTest safe and Alpaca (keyword judge, points above the subject). *live* is the package's own probe "
+        "(`str/refusal_rate`: 16 validation prompts every 30 steps) at the nearest logged step.",
+        "",
+        "| block | method | seed | step | retention keyword | opening | over-refusal | accuracy | live |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in long:
+        live = dict((int(s), v) for s, v in r.get("live_refusal_curve", []))
+        for point in durability_points(r, base):
+            near = min(live, key=lambda s: abs(s - point["step"])) if live else None
+            lines.append(
+                f"| {_block_title(_block(r))} | {r['method']} | {r['seed']} | {point['step']:.0f} | "
+                f"{100 * point['retention']:.0f} % | {100 * point['retention_opening']:.0f} % | "
+                f"{100 * point['over_refusal']:+.1f} | {100 * point['accuracy']:.1f} % | "
+                + (f"{100 * live[near]:.0f} % (step {near})" if near is not None else "")
+                + " |"
+            )
+    lines += ["", "Plot: `durability.png` (retention and accuracy over steps per method).", ""]
+    return lines
+
+
+def plot_durability(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) -> None:
+    """Retention (both judges) and accuracy over optimizer steps for every run with checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = [r for r in runs if r.get("checkpoint_evals") is not None]
+    if not long:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in long:
+        points = durability_points(r, base)
+        steps = [p["step"] for p in points]
+        label = f"{r['method']} ({r.get('mode', 'lora')}, seed {r['seed']})"
+        line = left.plot(steps, [100 * p["retention"] for p in points], marker="o", label=f"{label} keyword")
+        left.plot(
+            steps,
+            [100 * p["retention_opening"] for p in points],
+            marker="x",
+            linestyle="--",
+            color=line[0].get_color(),
+            label=f"{label} opening",
+        )
+        right.plot(steps, [100 * p["accuracy"] for p in points], marker="o", label=label)
+    left.set(xlabel="optimizer step", ylabel="refusals kept (%)", title="Retention", ylim=(0, 115))
+    right.set(xlabel="optimizer step", ylabel="SST-2 accuracy (%)", title="Task accuracy")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

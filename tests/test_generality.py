@@ -1,0 +1,132 @@
+"""Issue 27's study parts: evaluations on the way through a run (durability), the durability table's numbers,
+and the balanced subject's given answers (the study itself is `python -m study generality`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helpers.tiny_subject import tiny_aligned_subject
+
+from study.finetune import RunSpec, run_one
+from study.generality_report import durability_points
+from study.harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES
+from study.task_prompts import labelled_task_prompts, task_style_prompts
+
+
+def test_a_checkpoint_evaluation_is_the_evaluation_of_a_run_stopped_there(tmp_path: Path) -> None:
+    """Step 2 of a 4-step run, measured on the way, equals a 2-step run's final evaluation on the same
+    (every other) prompts: the same rows in the same order reach step 2, at a constant learning rate."""
+    data, task = tiny_aligned_subject(
+        tmp_path / "aligned", n_aligned=200, n_harmful=8, n_safe=6, n_task=(32, 8)
+    )
+    common = {"max_len": 64, "curve_every": 0, "keep_replies": True}
+    short = run_one(
+        RunSpec("sort", "lora", "plain SFT", 0), tmp_path / "aligned", data, task, epochs=1.0, **common
+    )
+    long = run_one(
+        RunSpec("sort", "lora", "plain SFT", 0),
+        tmp_path / "aligned",
+        data,
+        task,
+        epochs=2.0,
+        checkpoints=(2, 4),
+        save_dir=tmp_path / "adapters",
+        **common,
+    )
+    assert short["steps"] == 2 and long["steps"] == 4
+    # Step 4 is the last: the final evaluation measures it, so only step 2 is a checkpoint.
+    (point,) = long["checkpoint_evals"]
+    assert point["step"] == 2 and long["checkpoint_stride"] == 2
+    assert point["harmful_refused"] == short["heldout_refused"][::2]
+    assert point["over_refused"] == short["xstest_refused"][::2]
+    assert point["task_correct"] == short["task_correct"]
+    # The replies themselves, not only their verdicts (a tiny model's verdicts are mostly alike).
+    assert point["replies"]["harmful"] == short["replies"]["harmful"][::2]
+    assert point["replies"]["over_refusal"] == short["replies"]["over_refusal"][::2]
+    assert point["replies"]["task"] == short["replies"]["task"]
+    assert point["replies"]["harmful"] != long["replies"]["harmful"][::2]
+    assert (tmp_path / "adapters" / "sort-lora-plain-sft-seed0-step2").is_dir()
+    # A run without checkpoints records none.
+    assert "checkpoint_evals" not in short and short["live_refusal_curve"] == []
+
+
+def test_durability_points_by_hand() -> None:
+    """Retention, over-refusal and accuracy per checkpoint, counted by hand on every other prompt."""
+    base = {
+        "advbench": "1111",
+        "xstest_unsafe": "1100",
+        "llamas": "1010",
+        "xstest_safe": "0000",
+        "alpaca": "0010",
+        "opening": {"advbench": "1111", "xstest_unsafe": "1000", "llamas": "1010"},
+    }
+    # Every other harmful prompt: 1111 1100 1010 -> positions 0,2,4,6,8,10: 1,1,1,0,1,1 -> 5 refused.
+    # Opening: 1111 1000 1010 -> 1,1,1,0,1,1 -> 5. Over: 0000 0010 -> 0,0,0,1 -> 1 of 4.
+    run = {
+        "steps": 8,
+        "checkpoint_stride": 2,
+        "checkpoint_evals": [
+            {
+                "step": 4,
+                "harmful_refused": "111000",
+                "harmful_opening": "110000",
+                "over_refused": "1100",
+                "task_correct": "0101",
+            }
+        ],
+        "per_source": {
+            "advbench": "0000",
+            "xstest_unsafe": "0000",
+            "llamas": "0011",
+            "xstest_safe": "1000",
+            "alpaca": "0000",
+        },
+        "per_source_opening": {"advbench": "0000", "xstest_unsafe": "0000", "llamas": "0011"},
+        "task_correct": "1111",
+    }
+    assert set(HARMFUL_SOURCES) == {"advbench", "xstest_unsafe", "llamas"}
+    assert OVER_REFUSAL_SOURCES == ["xstest_safe", "alpaca"]
+    first, last = durability_points(run, base)
+    assert first == pytest.approx(
+        {
+            "step": 4,
+            "retention": 3 / 5,
+            "retention_opening": 2 / 5,
+            "over_refusal": 2 / 4 - 1 / 4,
+            "accuracy": 0.5,
+        }
+    )
+    # Final: harmful 0000 0000 0011 -> every other: 0,0,0,0,0,1 -> 1; over 1000 0000 -> 1,0,0,0.
+    assert last == pytest.approx(
+        {
+            "step": 8,
+            "retention": 1 / 5,
+            "retention_opening": 1 / 5,
+            "over_refusal": 1 / 4 - 1 / 4,
+            "accuracy": 1.0,
+        }
+    )
+
+
+def test_labelled_task_prompts_carry_their_labels_and_counts() -> None:
+    labelled = dict(labelled_task_prompts())
+    assert set(labelled) <= set(task_style_prompts())
+    assert len(labelled) == 96 + 24 + 12
+    for prompt, answer in labelled.items():
+        if prompt.startswith("Count the words"):
+            assert answer == str(len(prompt.split("\n", 1)[1].split()))
+        else:
+            assert answer in {
+                "positive",
+                "negative",
+                "local politics",
+                "business",
+                "science",
+                "sports",
+                "technology",
+            }
