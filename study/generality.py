@@ -52,6 +52,8 @@ PLANS: dict[str, list[Block]] = {
         Block("sst2", 0.0, (BASELINE, SHIPPED), mode="full"),
         Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT), seeds=3),
     ],
+    # The second family (issue 27 item 2, `--family gemma3`): the three methods at p = 10 %.
+    "gemma3": [Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT))],
     # The pipeline end to end in minutes: 200 rows (20 harmful), a 30-step run with checkpoints, every fourth
     # evaluation prompt.
     "quick": [
@@ -59,7 +61,7 @@ PLANS: dict[str, list[Block]] = {
         Block("sst2", 0.1, (LIVE_PROBE,), n=200, max_steps=30, checkpoints=(10, 20, 30)),
     ],
 }
-EVAL_STRIDE = {"protocol": 1, "quick": 4}
+EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "quick": 4}
 
 
 def run_key(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -86,21 +88,23 @@ def run_generality(
     cache: Path = DEFAULT_CACHE,
     argv: list[str] | None = None,
     report_only: bool = False,
+    family: str = "smollm2",
 ) -> str:
-    """Run what is left of the plan on the balanced subject (resumable), then rewrite the report."""
+    """Run what is left of the plan on the balanced subject of `family` (resumable), then rewrite the report
+    from every recorded run of both families."""
     from .generality_report import plot_durability, report, subject_table
 
     out.mkdir(parents=True, exist_ok=True)
-    info = build_subject(subject_dir, "balanced", cache)
-    (out / "SUBJECT.md").write_text(subject_table(info, subject_dir))
+    info = build_subject(subject_dir, "balanced", cache, family=family)
+    (out / ("SUBJECT.md" if family == "smollm2" else f"SUBJECT-{family}.md")).write_text(
+        subject_table(info, subject_dir)
+    )
     stride = EVAL_STRIDE[plan_name]
     sources = build_sources().strided(stride)
     data = subject_data("balanced").study
     _, tokenizer = load(subject_dir)
     tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
-    base = subject_baseline(
-        subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}"
-    )
+    subject_baseline(subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}")
     write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
     # The live probe's prompts: the validation harmful prompts (never held out, never trained on).
     probe_path = Path(LIVE_PROBE_PROMPTS)
@@ -146,18 +150,22 @@ def run_generality(
                 fingerprint=info["fingerprint"],
                 stride=stride,
                 out_dir=out,
-                adapters=Path("runs") / out.name / "adapters" if plan_name == "protocol" else None,
+                adapters=Path("runs") / out.name / "adapters" if stride == 1 else None,
             )
-            result.update(family="smollm2", plan=plan_name)
+            result.update(family=family, plan=plan_name)
             runs.append(result)
             append_run(runs_path, result)
             tqdm.write(
                 f"{result['task']} {result.get('mode', 'lora')} p={result['p']:.0%} {result['method']} "
                 f"seed {result['seed']}: {result['wall_seconds']:.0f} s"
             )
+    # The report covers both families: every run at this stride, each against its own subject's baseline.
+    baselines = json.loads((out / "subject.json").read_text())
+    every = [r for r in read_records(runs_path) if r["eval_stride"] == stride]
+    bases = {r["aligned_fingerprint"]: baselines[f"{r['aligned_fingerprint']}/stride{stride}"] for r in every}
     command = study_command(argv if argv is not None else sys.argv[1:])
-    text = report(runs, base, sources, command, plan_name, info)
-    suffix = "" if plan_name == "protocol" else f"-{plan_name}"
+    text = report(every, bases, command, plan_name)
+    suffix = "" if stride == 1 else f"-{plan_name}"
     (out / f"RESULTS{suffix}.md").write_text(text)
-    plot_durability(runs, base, out / f"durability{suffix}.png")
+    plot_durability(every, bases, out / f"durability{suffix}.png")
     return text

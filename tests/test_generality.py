@@ -130,3 +130,62 @@ def test_labelled_task_prompts_carry_their_labels_and_counts() -> None:
                 "sports",
                 "technology",
             }
+
+
+def test_report_cells_by_hand() -> None:
+    """One block of two methods: retention under both judges, over-refusal and the step ratio, by hand."""
+    from study.generality_report import report
+
+    base = {
+        "advbench": "1111",
+        "xstest_unsafe": "1100",
+        "llamas": "1010",
+        "xstest_safe": "0000",
+        "alpaca": "0010",
+        "opening": {
+            "advbench": "1111",
+            "xstest_unsafe": "1000",
+            "llamas": "1010",
+            "xstest_safe": "0000",
+            "alpaca": "0000",
+        },
+    }
+
+    def run(method: str, harmful: str, step: float) -> dict[str, object]:
+        flags = {"advbench": harmful[:4], "xstest_unsafe": harmful[4:8], "llamas": harmful[8:]}
+        return {
+            "family": "smollm2",
+            "aligned_fingerprint": "f",
+            "task": "sst2",
+            "mode": "lora",
+            "attack": "beavertails",
+            "p": 0.1,
+            "n": 1000,
+            "epochs": 1.0,
+            "method": method,
+            "seed": 0,
+            "per_source": {**flags, "xstest_safe": "1000", "alpaca": "0010"},
+            "per_source_opening": {**flags, "xstest_safe": "0000", "alpaca": "0000"},
+            "task_exact_match": 0.9,
+            "task_refused": "00",
+            "step_time_median_s": step,
+            "peak_rss_delta_mib": 100.0,
+            "wall_seconds": 60.0,
+        }
+
+    # The subject refuses 8 of 12 (keyword) and 7 of 12 (opening).
+    text = report(
+        [run("plain SFT", "100000000000", 2.0), run("STR as shipped {}", "111111001010", 2.5)],
+        {"f": base},
+        "python -m study generality",
+        "protocol",
+    )
+    plain = next(line for line in text.splitlines() if line.startswith("| plain SFT |"))
+    shipped = next(line for line in text.splitlines() if line.startswith("| STR as shipped {} |"))
+    # plain: 1 of 8 keyword (12 %), 1 of 7 opening (14 %); over-refusal XSTest +25.0 keyword / +0.0 opening.
+    assert plain.startswith(
+        "| plain SFT | 1 | 12 % | 14 % | 25 % | 0 % | 0 % | 25.0 / 0.0 | 0.0 / 0.0 | 90.0 %"
+    )
+    # {}: 8 of 8 (100 %), opening 8 of 7 refusals kept (114 %: it refuses where the subject opened otherwise).
+    assert shipped.startswith("| STR as shipped {} | 1 | 100 % | 114 % | 100 % | 100 % | 100 % |")
+    assert "| x1.25 |" in shipped
