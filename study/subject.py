@@ -33,7 +33,7 @@ from str_hooks.prompts import encode_prompt, encode_response
 from .data import StudyData, load_study_data, read_json_list
 from .model import generate, left_padded_prompts, refusal_rate, train_epochs
 from .shipped import DEFAULT_CACHE, GGUF_FILE, load, shipped_model
-from .texts import MORE_SENSITIVE_SAFE, SENSITIVE_SAFE
+from .texts import CONTRAST_SAFE, MORE_SENSITIVE_SAFE, SENSITIVE_SAFE
 
 # LoRA on every linear layer of the decoder; the LM head is tied to the embedding, so it stays frozen.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,16 +182,20 @@ def balanced_subject_data(seed: int = 0) -> SubjectData:
     harmful = [(p, r) for p, r in shared.harmful if p not in in_rd] + [(p, None) for p in rd_train]
     harmful += extra_llamas
     extra_alpaca = alpaca[ALPACA_RESERVED : ALPACA_RESERVED + BALANCED_ALPACA]
-    answers = dict(labelled_task_prompts(seed))
+    answers = dict(labelled_task_prompts(seed, harsh=True))
     tasks = task_style_prompts(seed)
-    benign = shared.benign + extra_alpaca + tasks
+    harsh = [p for p in answers if p not in set(tasks)]
+    # New prompts go last: the distillation batches of the ones before stay what they were (`distill_cached`).
+    benign = shared.benign + extra_alpaca + tasks + CONTRAST_SAFE + sorted(harsh)
     notes = {
         "harmful": f"200 AdvBench training goals + {len(rd_train)} refusal_direction harmful (templated refusals) + "
         f"{sum(r is not None for _, r in harmful)} safety_tuned_llamas instructions with their own refusals",
         "benign": f"{300 + len(extra_alpaca)} Alpaca instructions (refusal_direction harmless) + "
-        f"{len(shared.benign) - 300} project-written sensitive-sounding safe prompts + {len(tasks)} project-written "
-        f"task-style prompts ({len(answers)} with their answers given); the rest self-distilled, refusing "
-        "distillations dropped",
+        f"{len(shared.benign) - 300} project-written sensitive-sounding safe prompts + {len(CONTRAST_SAFE)} "
+        "project-written safe prompts in the shapes XSTest tests (study/texts.py CONTRAST_SAFE) + "
+        f"{len(tasks)} project-written task-style prompts + {len(harsh)} sentiment questions about harsh-sounding "
+        f"review fragments ({len(answers)} task prompts with their answers given); the rest distilled from the "
+        "shipped SmolLM2, refusing distillations dropped",
         "benign_heldout": shared.notes["benign_heldout"],
         "heldout": f"AdvBench 120, refusal_direction {len(rd_heldout)}, and the studies' splits "
         "(study/harmful_sources.py: safety_tuned_llamas 200, XSTest unsafe 200, Alpaca 200, XSTest safe 250)",
@@ -226,7 +230,7 @@ def distill(
         tokenizer,
         list(prompts),
         max_new_tokens=max_new_tokens,
-        batch_size=64,
+        batch_size=DISTILL_BATCH,
         desc="[subject] distilling",
     )
     out = []
@@ -234,6 +238,29 @@ def distill(
         n = len(tokenizer(reply, add_special_tokens=False)["input_ids"])
         out.append((reply.strip(), n < max_new_tokens - 1))
     return out
+
+
+DISTILL_BATCH = 64  # `distill`'s batch size: a batch's replies depend on its padding, hence its members
+
+
+def distill_cached(model: Any, tokenizer: Any, prompts: Sequence[str], path: Path) -> list[tuple[str, bool]]:
+    """`distill`, reusing the whole batches of the last call's prompt list (`path`) that the new list starts
+    with: the reused replies are the ones a fresh call would give (same batches, same padding), so a recipe that
+    appends prompts distils only what it added."""
+    cached = json.loads(path.read_text()) if path.is_file() else {"prompts": [], "answers": []}
+    if cached.get("tokens") != DISTILL_TOKENS:
+        cached = {"prompts": [], "answers": []}
+    same = 0
+    for old, new in zip(cached["prompts"], prompts, strict=False):
+        if old != new:
+            break
+        same += 1
+    reused = (same // DISTILL_BATCH) * DISTILL_BATCH
+    answers = [tuple(a) for a in cached["answers"][:reused]]
+    answers += distill(model, tokenizer, prompts[reused:], DISTILL_TOKENS) if reused < len(prompts) else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tokens": DISTILL_TOKENS, "prompts": list(prompts), "answers": answers}))
+    return [(str(text), bool(ended)) for text, ended in answers]
 
 
 def agreement(a: Sequence[str], b: Sequence[str], tokenizer: Any, n: int = 8) -> dict[str, float]:
@@ -340,9 +367,11 @@ def build_subject(
     to_distill = [p for p in data.benign if p not in data.answers]
     print(f"[subject] distilling {len(to_distill)} benign answers from the shipped SmolLM2", flush=True)
     teacher, teacher_tokenizer = (base, tokenizer) if base_dir == teacher_dir else load(teacher_dir)
-    distilled = dict(
-        zip(to_distill, distill(teacher, teacher_tokenizer, to_distill, DISTILL_TOKENS), strict=True)
-    )
+    if source == "balanced":
+        answered = distill_cached(teacher, teacher_tokenizer, to_distill, cache / "distilled-smollm2.json")
+    else:
+        answered = distill(teacher, teacher_tokenizer, to_distill, DISTILL_TOKENS)
+    distilled = dict(zip(to_distill, answered, strict=True))
     del teacher
     answers = [distilled[p] if p in distilled else (data.answers[p], True) for p in data.benign]
     sensitive = set(MORE_SENSITIVE_SAFE) | {p for p, _ in SENSITIVE_SAFE}
@@ -367,7 +396,11 @@ def build_subject(
     rng.shuffle(examples)
     print("[subject] shipped model: evaluating before safety tuning", flush=True)
     before = _evaluate(base, tokenizer, data)
-    splits_before = evaluate_splits(base, tokenizer, data) if source == "balanced" else None
+    splits_before = (
+        evaluate_splits(base, tokenizer, data, cache / f"splits-{base_dir.name}.json")
+        if source == "balanced"
+        else None
+    )
     shipped_benign = before.pop("_benign_replies")
     model = get_peft_model(
         base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
@@ -463,14 +496,23 @@ def subject_splits(data: SubjectData) -> dict[str, dict[str, list[str]]]:
     }
 
 
-def evaluate_splits(model: Any, tokenizer: Any, data: SubjectData) -> dict[str, dict[str, Any]]:
+def evaluate_splits(
+    model: Any, tokenizer: Any, data: SubjectData, cache_file: Path | None = None
+) -> dict[str, dict[str, Any]]:
     """Per held-out split: its size and refusal rate under the keyword judge and the opening judge
-    (study.judge), with two sample replies."""
+    (study.judge), with two sample replies. With `cache_file` (for an untouched base model, whose replies do
+    not change between recipes), a table for the same prompts and phrases is read from it instead."""
     from .judge import opening_flags
 
     phrases = data.study.refusal_phrases
+    splits_by_kind = subject_splits(data)
+    key = hashlib.sha256(json.dumps([splits_by_kind, phrases], sort_keys=True).encode()).hexdigest()[:16]
+    if cache_file is not None and cache_file.is_file():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return dict(cached["table"])
     out: dict[str, dict[str, Any]] = {}
-    for kind, splits in subject_splits(data).items():
+    for kind, splits in splits_by_kind.items():
         for name, prompts in splits.items():
             keyword, replies = refusal_rate(model, tokenizer, prompts, phrases)
             opening = opening_flags(replies, phrases)
@@ -481,6 +523,8 @@ def evaluate_splits(model: Any, tokenizer: Any, data: SubjectData) -> dict[str, 
                 "opening": opening.count("1") / max(len(opening), 1),
                 "samples": list(zip(prompts[:2], replies[:2], strict=True)),
             }
+    if cache_file is not None:
+        cache_file.write_text(json.dumps({"key": key, "table": out}))
     return out
 
 

@@ -90,12 +90,27 @@ def task_style_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
-def labelled_task_prompts(seed: int = 0) -> list[tuple[str, str]]:
+# Sentiment questions in other words than the first four forms (none is a study task's own instruction).
+HARSH_SENTIMENT_FORMS = [
+    "What is the sentiment of this movie review? Answer with positive or negative only.\n{x}",
+    "Label the review below as positive or negative, and give nothing else.\n{x}",
+    "Decide if this critic liked the film. Reply positive or negative.\n{x}",
+]
+
+
+def labelled_task_prompts(seed: int = 0, harsh: bool = False) -> list[tuple[str, str]]:
     """The sentiment, topic and word-count prompts of `task_style_prompts` with their answers (the label, the
     count): provided answers for the `balanced` subject, whose shipped model answers such prompts with a
-    sentence about the input more often than with the label (study/subject.py)."""
+    sentence about the input more often than with the label (study/subject.py). `harsh` adds 90 sentiment
+    questions about harsh-sounding review fragments (`texts.HARSH_REVIEWS`)."""
     labelled = [(form.format(x=text), label) for form in SENTIMENT_FORMS for text, label in OPINIONS]
     labelled += [(form.format(x=text), label) for form in TOPIC_FORMS for text, label in HEADLINES]
+    if harsh:
+        from .texts import HARSH_REVIEWS
+
+        labelled += [
+            (form.format(x=text), label) for form in HARSH_SENTIMENT_FORMS for text, label in HARSH_REVIEWS
+        ]
     labelled += [
         (form.format(x=text), str(len(text.split())))
         for form, kind in TEXT_FORMS

@@ -189,3 +189,48 @@ def test_report_cells_by_hand() -> None:
     # {}: 8 of 8 (100 %), opening 8 of 7 refusals kept (114 %: it refuses where the subject opened otherwise).
     assert shipped.startswith("| STR as shipped {} | 1 | 100 % | 114 % | 100 % | 100 % | 100 % |")
     assert "| x1.25 |" in shipped
+
+
+def test_distill_cached_reuses_only_whole_batches_and_equals_a_fresh_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A longer prompt list that starts with the cached one reuses its whole batches and distils the rest; the
+    result is what a fresh call gives (same batches, same padding)."""
+    import study.subject as subject
+    from study.shipped import load
+
+    tiny_aligned_subject(tmp_path / "aligned", n_aligned=60, n_harmful=2, n_safe=2, n_task=(8, 2))
+    model, tokenizer = load(tmp_path / "aligned")
+    monkeypatch.setattr(subject, "DISTILL_BATCH", 4)
+    monkeypatch.setattr(subject, "DISTILL_TOKENS", 6)
+    prompts = [f"Tell me about item {i} of the list, please" + " please" * (i % 3) for i in range(10)]
+    calls: list[int] = []
+    real = subject.distill
+
+    def counting(m: object, t: object, ps: list[str], n: int) -> list[tuple[str, bool]]:
+        calls.append(len(ps))
+        return real(m, t, ps, n)
+
+    monkeypatch.setattr(subject, "distill", counting)
+    path = tmp_path / "distilled.json"
+    first = subject.distill_cached(model, tokenizer, prompts[:7], path)
+    longer = subject.distill_cached(model, tokenizer, prompts, path)
+    # 7 cached prompts hold one whole batch of 4: the other 6 are distilled again.
+    assert calls == [7, 6]
+    assert longer[:4] == first[:4]
+    assert longer == real(model, tokenizer, prompts, 6)
+    # A list that differs in its first batch reuses nothing.
+    subject.distill_cached(model, tokenizer, ["Another start", *prompts[1:]], path)
+    assert calls[-1] == 10
+
+
+def test_contrast_prompts_are_not_xstest_prompts() -> None:
+    from study.data import SHARED, read_xstest
+    from study.distances import max_jaccard
+    from study.texts import CONTRAST_SAFE
+
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not here")
+    xstest = read_xstest("safe") + read_xstest("unsafe")
+    assert len(set(CONTRAST_SAFE)) == len(CONTRAST_SAFE) == 90
+    assert max(max_jaccard(CONTRAST_SAFE, xstest)) <= 0.5
