@@ -26,11 +26,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
 from .harmful_run import run_block_spec, subject_baseline
 from .harmful_sources import build_sources, write_prompt_distances
 from .methods import LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import append_run, read_records, study_command
+from .shipped import shipped_model
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
 KL_SFT = "KL-SFT (full vocab, beta 1)"
@@ -104,17 +106,23 @@ def run_generality(
     data = subject_data("balanced").study
     _, tokenizer = load(subject_dir)
     tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
-    subject_baseline(subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}")
+    subject_baseline(
+        subject_dir,
+        sources,
+        data.refusal_phrases,
+        out,
+        f"{info['fingerprint']}/stride{stride}",
+        gemma_base(cache) if family == "gemma3" else shipped_model(cache),
+    )
     write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
     # The live probe's prompts: the validation harmful prompts (never held out, never trained on).
     probe_path = Path(LIVE_PROBE_PROMPTS)
     probe_path.parent.mkdir(parents=True, exist_ok=True)
     probe_path.write_text(json.dumps(sources.val_harmful))
     runs_path = out / "runs.jsonl"
+    recorded = read_records(runs_path) if runs_path.is_file() else []
     runs = [
-        r
-        for r in read_records(runs_path)
-        if r["aligned_fingerprint"] == info["fingerprint"] and r["eval_stride"] == stride
+        r for r in recorded if r["aligned_fingerprint"] == info["fingerprint"] and r["eval_stride"] == stride
     ]
     done = {run_key(r) for r in runs}
     todo = []

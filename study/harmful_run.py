@@ -85,7 +85,12 @@ def task_prompt_refusals(model_dir: Path, phrases: list[str]) -> dict[str, str]:
 
 
 def subject_baseline(
-    subject_dir: Path, sources: Sources, phrases: list[str], out: Path, key: str
+    subject_dir: Path,
+    sources: Sources,
+    phrases: list[str],
+    out: Path,
+    key: str,
+    untuned_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The subject's per-prompt refusals on every set (retention's denominator) under both judges, cached by
     subject and stride. A record cached before a field existed gains it; its recorded flags stay as they are
@@ -98,7 +103,8 @@ def subject_baseline(
     if "task_refused" not in record:
         record["task_refused"] = task_prompt_refusals(subject_dir, phrases)
         # The same prompts before the study's safety tuning: is a refused task the subject's doing?
-        record["shipped_task_refused"] = task_prompt_refusals(shipped_model(), phrases)
+        # (`untuned_dir`: the model it was tuned from when that is not the shipped SmolLM2)
+        record["shipped_task_refused"] = task_prompt_refusals(untuned_dir or shipped_model(), phrases)
     if {"val_refusal_goals", "opening"} <= record.keys():
         cached[key] = record
         path.write_text(json.dumps(cached, indent=2))
