@@ -145,7 +145,7 @@ def subject_data(source: str = "shared", seed: int = 0) -> SubjectData:
 
 
 # The `balanced` subject's extra data (issue 27 item 1): how much of each pool it trains on.
-BALANCED_LLAMAS = 400
+BALANCED_LLAMAS = 700
 BALANCED_ALPACA = 900
 RD_HELDOUT = 18  # of refusal_direction's 54 harmful instructions, held out (the rest trained on)
 
@@ -154,7 +154,7 @@ def balanced_subject_data(seed: int = 0) -> SubjectData:
     """A subject that refuses by harm, not by topic (issue 27 item 1): `shared`'s data with every harmful source
     it has split into train and held out, four times the ordinary requests, and task-style requests answered.
     - harmful: AdvBench training goals 0-199 (templated refusals; 200-399 stay the second attack's rows), 36 of
-      refusal_direction's 54 (templated; 18 held out), 400 safety_tuned_llamas instructions with their own
+      refusal_direction's 54 (templated; 18 held out), 700 safety_tuned_llamas instructions with their own
       refusals (after the ones the studies hold out, `harmful_sources.study_pools`);
     - ordinary: `shared`'s 300 Alpaca instructions and 900 more (after the studies' held-out 260), the 80
       project-written sensitive-sounding safe prompts, the 180 task-style prompts (`task_prompts`), the sentiment,
@@ -194,7 +194,7 @@ def balanced_subject_data(seed: int = 0) -> SubjectData:
         f"{len(shared.benign) - 300} project-written sensitive-sounding safe prompts + {len(CONTRAST_SAFE)} "
         "project-written safe prompts in the shapes XSTest tests (study/texts.py CONTRAST_SAFE) + "
         f"{len(tasks)} project-written task-style prompts + {len(harsh)} sentiment questions about harsh-sounding "
-        f"review fragments ({len(answers)} task prompts with their answers given); the rest distilled from the "
+        f"review fragments or under SST-2's own instruction ({len(answers)} task prompts with their answers given); the rest distilled from the "
         "shipped SmolLM2, refusing distillations dropped",
         "benign_heldout": shared.notes["benign_heldout"],
         "heldout": f"AdvBench 120, refusal_direction {len(rd_heldout)}, and the studies' splits "

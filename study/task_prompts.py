@@ -98,11 +98,18 @@ HARSH_SENTIMENT_FORMS = [
 ]
 
 
+# SST-2's own instruction (every one of its rows has it), over project-written inputs only: the second balanced
+# build answered 0 of 40 SST-2 inputs asked in the forms above and refused 31 of 40 asked with this instruction
+# ("I'm sorry, but as an AI language model, I cannot provide ..."), 34 of 40 of the bare inputs.
+SST2_INSTRUCTION_FORM = "Analyze the sentiment of the input, and respond only positive or negative\n{x}"
+
+
 def labelled_task_prompts(seed: int = 0, harsh: bool = False) -> list[tuple[str, str]]:
     """The sentiment, topic and word-count prompts of `task_style_prompts` with their answers (the label, the
     count): provided answers for the `balanced` subject, whose shipped model answers such prompts with a
     sentence about the input more often than with the label (study/subject.py). `harsh` adds 90 sentiment
-    questions about harsh-sounding review fragments (`texts.HARSH_REVIEWS`)."""
+    questions about harsh-sounding review fragments (`texts.HARSH_REVIEWS`) and 54 with SST-2's instruction
+    over the project's own inputs (`SST2_INSTRUCTION_FORM`)."""
     labelled = [(form.format(x=text), label) for form in SENTIMENT_FORMS for text, label in OPINIONS]
     labelled += [(form.format(x=text), label) for form in TOPIC_FORMS for text, label in HEADLINES]
     if harsh:
@@ -110,6 +117,9 @@ def labelled_task_prompts(seed: int = 0, harsh: bool = False) -> list[tuple[str,
 
         labelled += [
             (form.format(x=text), label) for form in HARSH_SENTIMENT_FORMS for text, label in HARSH_REVIEWS
+        ]
+        labelled += [
+            (SST2_INSTRUCTION_FORM.format(x=text), label) for text, label in OPINIONS + HARSH_REVIEWS
         ]
     labelled += [
         (form.format(x=text), str(len(text.split())))

@@ -234,3 +234,22 @@ def test_contrast_prompts_are_not_xstest_prompts() -> None:
     xstest = read_xstest("safe") + read_xstest("unsafe")
     assert len(set(CONTRAST_SAFE)) == len(CONTRAST_SAFE) == 90
     assert max(max_jaccard(CONTRAST_SAFE, xstest)) <= 0.5
+
+
+def test_harsh_and_task_instruction_prompts_carry_no_sst2_input() -> None:
+    """The balanced subject's sentiment questions under SST-2's own instruction use the project's inputs only."""
+    from study.data import SHARED
+    from study.task_prompts import SST2_INSTRUCTION_FORM
+    from study.tasks import sst2_task
+
+    harsh = dict(labelled_task_prompts(harsh=True))
+    added = set(harsh) - set(labelled_task_prompts())
+    assert len(added) == 90 + 54
+    under_instruction = [p for p in added if p.startswith(SST2_INSTRUCTION_FORM.split("\n")[0])]
+    assert len(under_instruction) == 54
+    assert {harsh[p] for p in added} == {"positive", "negative"}
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not here")
+    train, test = sst2_task(4800, 200)
+    inputs = {e.prompt.split("\n", 1)[1].strip().lower() for e in train + test}
+    assert not {p.split("\n", 1)[1].strip().lower() for p in added} & inputs
