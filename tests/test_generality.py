@@ -243,7 +243,7 @@ def test_harsh_and_task_instruction_prompts_carry_no_sst2_input() -> None:
     from study.tasks import sst2_task
 
     harsh = dict(labelled_task_prompts(harsh=True))
-    added = set(harsh) - set(labelled_task_prompts())
+    added = set(harsh) - set(dict(labelled_task_prompts()))
     assert len(added) == 90 + 54
     under_instruction = [p for p in added if p.startswith(SST2_INSTRUCTION_FORM.split("\n")[0])]
     assert len(under_instruction) == 54
