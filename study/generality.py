@@ -24,14 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
-from .harmful_run import run_block_spec, subject_baseline
+from .harmful_run import pending_runs, run_pending, subject_baseline
 from .harmful_sources import build_sources, write_prompt_distances
 from .methods import LIVE_PROBE, LIVE_PROBE_PROMPTS
-from .runs import append_run, read_records, study_command
+from .runs import read_records, study_command
 from .shipped import shipped_model
 from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
@@ -124,56 +122,35 @@ def run_generality(
     runs = [
         r for r in recorded if r["aligned_fingerprint"] == info["fingerprint"] and r["eval_stride"] == stride
     ]
-    done = {run_key(r) for r in runs}
-    todo = []
-    for block in PLANS[plan_name]:
-        for seed in range(block.seeds):
-            for method in block.methods:
-                key = (
-                    info["fingerprint"],
-                    block.task,
-                    block.mode,
-                    method,
-                    seed,
-                    block.p,
-                    block.n,
-                    block.attack,
-                    block.epochs,
-                    block.max_steps,
-                    stride,
-                )
-                if key not in done:
-                    todo.append((block, method, seed))
-                    done.add(key)
+    todo = pending_runs(
+        PLANS[plan_name], runs, run_key, aligned_fingerprint=info["fingerprint"], eval_stride=stride
+    )
     if not report_only:
-        for block, method, seed in tqdm(todo, desc="generality runs", unit="run"):
-            result = run_block_spec(
-                block,
-                method,
-                seed,
-                subject_dir=subject_dir,
-                sources=sources,
-                data=data,
-                tokens=tokens,
-                fingerprint=info["fingerprint"],
-                stride=stride,
-                out_dir=out,
-                adapters=Path("runs") / out.name / "adapters" if stride == 1 else None,
-            )
-            result.update(family=family, plan=plan_name)
-            runs.append(result)
-            append_run(runs_path, result)
-            tqdm.write(
-                f"{result['task']} {result.get('mode', 'lora')} p={result['p']:.0%} {result['method']} "
-                f"seed {result['seed']}: {result['wall_seconds']:.0f} s"
-            )
+        run_pending(
+            todo,
+            "generality runs",
+            runs_path,
+            describe=lambda r: (
+                f"{r['task']} {r.get('mode', 'lora')} p={r['p']:.0%} {r['method']} seed {r['seed']}: "
+                f"{r['wall_seconds']:.0f} s"
+            ),
+            extra={"family": family, "plan": plan_name},
+            subject_dir=subject_dir,
+            sources=sources,
+            data=data,
+            tokens=tokens,
+            fingerprint=info["fingerprint"],
+            stride=stride,
+            out_dir=out,
+            adapters=Path("runs") / out.name / "adapters" if stride == 1 else None,
+        )
     # The report covers both families: every run at this stride, each against its own subject's baseline.
     baselines = json.loads((out / "subject.json").read_text())
     every = [r for r in read_records(runs_path) if r["eval_stride"] == stride]
     bases = {r["aligned_fingerprint"]: baselines[f"{r['aligned_fingerprint']}/stride{stride}"] for r in every}
     command = study_command(argv if argv is not None else sys.argv[1:])
-    text = report(every, bases, command, plan_name)
     suffix = "" if stride == 1 else f"-{plan_name}"
+    text = report(every, bases, command, plan_name, plot_name=f"durability{suffix}.png")
     (out / f"RESULTS{suffix}.md").write_text(text)
     plot_durability(every, bases, out / f"durability{suffix}.png")
     return text

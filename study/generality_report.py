@@ -102,7 +102,13 @@ def _block_title(block: tuple[Any, ...]) -> str:
     return f"{task}, {mode}, p = {p:.0%} ({round(p * n)} of {n} rows from {attack}), {length}"
 
 
-def report(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]], command: str, plan: str) -> str:
+def report(
+    runs: list[dict[str, Any]],
+    bases: dict[str, dict[str, Any]],
+    command: str,
+    plan: str,
+    plot_name: str = "durability.png",
+) -> str:
     """RESULTS.md: per family, the subject on the evaluation sets and one table per block; then durability.
     `bases` maps a subject's fingerprint to its baseline (`harmful_run.subject_baseline`)."""
     wall = sum(r["wall_seconds"] for r in runs)
@@ -135,7 +141,7 @@ def report(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]], command
             lines += _subject_lines(bases[fingerprint])
         for block, methods in _groups(family_runs).items():
             lines += _block_lines(block, methods, bases)
-    lines += durability_lines(runs, bases)
+    lines += durability_lines(runs, bases, plot_name)
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +232,9 @@ def durability_points(run: dict[str, Any], base: dict[str, Any]) -> list[dict[st
     return points
 
 
-def durability_lines(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> list[str]:
+def durability_lines(
+    runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]], plot_name: str = "durability.png"
+) -> list[str]:
     long = [r for r in runs if r.get("checkpoint_evals") is not None]
     if not long:
         return []
@@ -252,7 +260,7 @@ def durability_lines(runs: list[dict[str, Any]], bases: dict[str, dict[str, Any]
                 + (f"{100 * live[near]:.0f} % (step {near})" if near is not None else "")
                 + " |"
             )
-    lines += ["", "Plot: `durability.png` (retention and accuracy over steps per method).", ""]
+    lines += ["", f"Plot: `{plot_name}` (retention and accuracy over steps per method).", ""]
     return lines
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,59 @@ def run_block_spec(
     return result
 
 
+def pending_runs(
+    blocks: list[Block],
+    recorded: list[dict[str, Any]],
+    run_key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    **fixed: Any,
+) -> list[tuple[Block, str, int]]:
+    """The plan's (block, method, seed) runs that `recorded` lacks, in plan order, each once. `run_key` says
+    which record fields make a run; `fixed` holds the ones the plan does not vary (stride, subject)."""
+    done = {run_key(r) for r in recorded}
+    todo = []
+    for block in blocks:
+        for seed in range(block.seeds):
+            for method in block.methods:
+                key = run_key(
+                    {
+                        "task": block.task,
+                        "mode": block.mode,
+                        "method": method,
+                        "seed": seed,
+                        "p": block.p,
+                        "n": block.n,
+                        "attack": block.attack,
+                        "epochs": block.epochs,
+                        "max_steps": block.max_steps,
+                        **fixed,
+                    }
+                )
+                if key not in done:
+                    todo.append((block, method, seed))
+                    done.add(key)
+    return todo
+
+
+def run_pending(
+    todo: list[tuple[Block, str, int]],
+    desc: str,
+    runs_path: Path,
+    describe: Callable[[dict[str, Any]], str],
+    extra: dict[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Run each pending run (`run_block_spec` with `run_kwargs`), appending each record to `runs_path` as it
+    lands (so that a stopped study resumes after its last whole run); `extra` fields are added to each record."""
+    results = []
+    for block, method, seed in tqdm(todo, desc=desc, unit="run"):
+        result = run_block_spec(block, method, seed, **run_kwargs)
+        result.update(extra or {})
+        results.append(result)
+        append_run(runs_path, result)
+        tqdm.write(describe(result))
+    return results
+
+
 def _block_folder(block: Block) -> str:
     steps = f"-s{block.max_steps}" if block.max_steps > 0 else ""
     mode = "" if block.mode == "lora" else f"-{block.mode}"
@@ -238,35 +292,25 @@ def run_harmful_mixing(
     write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
     runs_path = out / "runs.jsonl"
     runs = load_runs(runs_path, info["fingerprint"])
-    done = {_run_key(r) for r in runs}
-    todo = []
-    for block in PLANS[plan_name]:
-        for seed in range(block.seeds):
-            for method in block.methods:
-                key = (block.task, method, seed, block.p, block.n, block.attack, block.epochs, stride)
-                if key not in done:
-                    todo.append((block, method, seed))
-                    done.add(key)
+    todo = pending_runs(PLANS[plan_name], runs, _run_key, eval_stride=stride)
     if not report_only:
-        for block, method, seed in tqdm(todo, desc="harmful-mixing runs", unit="run"):
-            result = run_block_spec(
-                block,
-                method,
-                seed,
-                subject_dir=subject_dir,
-                sources=sources,
-                data=data,
-                tokens=tokens,
-                fingerprint=info["fingerprint"],
-                stride=stride,
-                out_dir=out,
-                # Adapters (about 21 MB each) stay out of git: a later measure (e.g. a threshold-free task
-                # score) can be taken on them without rerunning.
-                adapters=Path("runs") / out.name / "adapters" if plan_name == "protocol" else None,
-            )
-            runs.append(result)
-            append_run(runs_path, result)
-            tqdm.write(_one_line(result, base))
+        # Adapters (about 21 MB each) stay out of git: a later measure (e.g. a threshold-free task score) can be
+        # taken on them without rerunning.
+        adapters = Path("runs") / out.name / "adapters" if plan_name == "protocol" else None
+        runs += run_pending(
+            todo,
+            "harmful-mixing runs",
+            runs_path,
+            describe=lambda result: _one_line(result, base),
+            subject_dir=subject_dir,
+            sources=sources,
+            data=data,
+            tokens=tokens,
+            fingerprint=info["fingerprint"],
+            stride=stride,
+            out_dir=out,
+            adapters=adapters,
+        )
     command = "python -m study harmful-mixing " + " ".join(sys.argv[2:] if argv is None else argv[1:])
     runs = [r for r in runs if r["eval_stride"] == stride]
     text = report(runs, base, sources, command, plan_name)

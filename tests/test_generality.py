@@ -253,3 +253,51 @@ def test_harsh_and_task_instruction_prompts_carry_no_sst2_input() -> None:
     train, test = sst2_task(4800, 200)
     inputs = {e.prompt.split("\n", 1)[1].strip().lower() for e in train + test}
     assert not {p.split("\n", 1)[1].strip().lower() for p in added} & inputs
+
+
+def test_pending_runs_skips_recorded_runs_in_plan_order_for_both_studies() -> None:
+    """Resuming: a recorded run is not run again, a record from another subject or stride does not count,
+    and the same (block, method, seed) listed twice in a plan runs once."""
+    from study import generality
+    from study.harmful_mixing import Block
+    from study.harmful_run import _run_key, pending_runs
+
+    lora = Block("sst2", 0.1, ("plain SFT", "{}"), seeds=2)
+    long = Block("sst2", 0.1, ("plain SFT",), epochs=5.0, max_steps=600, checkpoints=(60,))
+    again = Block("sst2", 0.1, ("plain SFT",))  # seed 0 of `lora`'s first method again
+
+    def record(block: Block, method: str, seed: int, fingerprint: str = "f1", stride: int = 1) -> dict:
+        return {
+            "aligned_fingerprint": fingerprint,
+            "task": block.task,
+            "mode": block.mode,
+            "method": method,
+            "seed": seed,
+            "p": block.p,
+            "n": block.n,
+            "attack": block.attack,
+            "epochs": block.epochs,
+            "max_steps": block.max_steps,
+            "eval_stride": stride,
+        }
+
+    recorded = [
+        record(lora, "{}", 0),
+        record(lora, "plain SFT", 1, fingerprint="other subject"),
+        record(long, "plain SFT", 0, stride=4),
+    ]
+    todo = pending_runs(
+        [lora, long, again], recorded, generality.run_key, aligned_fingerprint="f1", eval_stride=1
+    )
+    assert [(b, m, s) for b, m, s in todo] == [
+        (lora, "plain SFT", 0),
+        (lora, "plain SFT", 1),
+        (lora, "{}", 1),
+        (long, "plain SFT", 0),
+    ]
+    # The harmful-mixing study's key has no subject and no step budget: its records are filtered by subject
+    # before, and a 600-step block is told apart by its epochs.
+    todo = pending_runs(
+        [lora], [r for r in recorded if r["aligned_fingerprint"] == "f1"], _run_key, eval_stride=1
+    )
+    assert todo == [(lora, "plain SFT", 0), (lora, "plain SFT", 1), (lora, "{}", 1)]
