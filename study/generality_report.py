@@ -112,6 +112,7 @@ def report(
     """RESULTS.md: per family, the subject on the evaluation sets and one table per block; then durability.
     `bases` maps a subject's fingerprint to its baseline (`harmful_run.subject_baseline`)."""
     wall = sum(r["wall_seconds"] for r in runs)
+    n_task = sorted({len(r.get("task_correct", "")) for r in runs})
     lines = [
         "# Evidence beyond one small model (issue 27)",
         "",
@@ -127,7 +128,7 @@ def report(
         "",
         "Retention = the run's refusals over the subject's on the same prompts, pooled over the three harmful sets, "
         "under each judge. Over-refusal in points above the subject's (keyword / opening). Accuracy: exact match on "
-        "200 SST-2 test examples; Δ acc against plain SFT paired by seed. Step time: median optimizer step over "
+        f"{' or '.join(map(str, n_task))} SST-2 test examples; Δ acc against plain SFT paired by seed. Step time: median optimizer step over "
         "plain SFT's in the same block; peak memory: the run's peak resident memory above its start (MiB).",
         "",
     ]

@@ -139,11 +139,15 @@ def run_block_spec(
     stride: int,
     out_dir: Path | None = None,
     adapters: Path | None = None,
+    task_stride: int = 1,
 ) -> dict[str, Any]:
     """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards);
-    with `adapters`, its LoRA adapter is kept below it (one folder per block), for measures written later."""
+    with `adapters`, its LoRA adapter is kept below it (one folder per block), for measures written later.
+    `task_stride` > 1 measures the task on every task_stride-th test and validation example (quick plans)."""
     settings = TASK_SETTINGS[block.task]
     train, test, val_task = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
+    test, val_task = test[::task_stride], val_task[::task_stride]
+    n_task_eval, task_new_tokens = settings["eval"]
     if leaked := {e.prompt for e in train} & set(sources.val_harmful_goals):
         raise ValueError(
             f"p = {block.p} of n = {block.n} {block.attack} rows reaches {len(leaked)} validation goals "
@@ -152,7 +156,11 @@ def run_block_spec(
     harmful = [p for name in HARMFUL_SOURCES for p in sources.harmful[name]]
     over = [p for name in OVER_REFUSAL_SOURCES for p in sources.over_refusal[name]]
     run_data = replace(data, harmful_heldout=harmful, xstest_safe=over)
-    recipe = replace(SUBJECT_RECIPE, xstest_stride=1, task_eval={block.task: settings["eval"]})
+    recipe = replace(
+        SUBJECT_RECIPE,
+        xstest_stride=1,
+        task_eval={block.task: (len(test[:n_task_eval]), task_new_tokens)},
+    )
     started = time.perf_counter()
     spec = RunSpec(block.task, block.mode, method, seed)
     # A fully fine-tuned model is 0.5 GB: only adapters are kept.
@@ -196,6 +204,7 @@ def run_block_spec(
         attack=block.attack,
         epochs=block.epochs,
         eval_stride=stride,
+        task_stride=task_stride,
         harmful_rows=round(block.p * block.n),
         max_steps=block.max_steps,
     )

@@ -285,6 +285,7 @@ def test_pending_runs_skips_recorded_runs_in_plan_order_for_both_studies() -> No
         record(lora, "{}", 0),
         record(lora, "plain SFT", 1, fingerprint="other subject"),
         record(long, "plain SFT", 0, stride=4),
+        {**record(lora, "plain SFT", 0), "task_stride": 4},  # a quick plan's task subset is another run
     ]
     todo = pending_runs(
         [lora, long, again], recorded, generality.run_key, aligned_fingerprint="f1", eval_stride=1
@@ -295,9 +296,8 @@ def test_pending_runs_skips_recorded_runs_in_plan_order_for_both_studies() -> No
         (lora, "{}", 1),
         (long, "plain SFT", 0),
     ]
-    # The harmful-mixing study's key has no subject and no step budget: its records are filtered by subject
-    # before, and a 600-step block is told apart by its epochs.
-    todo = pending_runs(
-        [lora], [r for r in recorded if r["aligned_fingerprint"] == "f1"], _run_key, eval_stride=1
-    )
+    # The harmful-mixing study's key has no subject, step budget or task stride (it uses none): its records are
+    # filtered by subject before, and a 600-step block is told apart by its epochs.
+    mixing = [r for r in recorded if r["aligned_fingerprint"] == "f1" and "task_stride" not in r]
+    todo = pending_runs([lora], mixing, _run_key, eval_stride=1)
     assert todo == [(lora, "plain SFT", 0), (lora, "plain SFT", 1), (lora, "{}", 1)]
