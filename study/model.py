@@ -58,14 +58,37 @@ def train_epochs(
     batch_size: int,
     seed: int,
     desc: str,
-) -> None:
-    """Plain supervised epochs over `encoded` rows in a seeded order, gradient norm clipped to 1."""
+    state_path: Path | None = None,
+    save_every: int = 50,
+) -> int:
+    """Plain supervised epochs over `encoded` rows in a seeded order, gradient norm clipped to 1.
+
+    With `state_path`, the trainable parameters, optimizer and schedule are saved there every `save_every`
+    steps, and a run that finds the file resumes after its step: the batches before it are skipped in the same
+    seeded order, so a stopped and resumed run takes the same steps as one that was never stopped (a build of
+    several CPU hours, such as the Gemma subject's, then spans sessions). Returns the step it resumed after
+    (0 for a fresh run)."""
     generator = torch.Generator().manual_seed(seed)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    done = 0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        done = int(state["step"])
+        print(f"[train] {desc}: resuming after step {done} ({state_path})", flush=True)
     model.train()
-    bar = tqdm(total=epochs * math.ceil(len(encoded) / batch_size), desc=desc, unit="step")
+    bar = tqdm(total=epochs * math.ceil(len(encoded) / batch_size), desc=desc, unit="step", initial=done)
+    step = 0
     for _ in range(epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
+            step += 1
+            if step <= done:
+                continue
             batch = pad_rows([encoded[j] for j in order[i : i + batch_size]], pad_id)
             loss = model(**batch, use_cache=False).loss
             loss.backward()
@@ -75,7 +98,26 @@ def train_epochs(
             optimizer.zero_grad()
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if state_path is not None and step % save_every == 0:
+                _save_training_state(state_path, step, trainable, optimizer, schedule)
     bar.close()
+    return done
+
+
+def _save_training_state(
+    path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, schedule: Any
+) -> None:
+    """Write the resumable state whole or not at all (a run stopped mid-write keeps the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".writing")
+    state = {
+        "step": step,
+        "trainable": {name: p.detach().clone() for name, p in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+    }
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def _fingerprint(data: StudyData, extra: dict[str, Any]) -> str:

@@ -356,7 +356,10 @@ def build_subject(
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     if info_path.is_file() and json.loads(info_path.read_text()).get("data_key") == key:
         return dict(json.loads(info_path.read_text()))
-    if out.is_dir() and any(out.iterdir()) and not info_path.is_file():
+    # A build that was stopped keeps its training state and its base model's evaluation in out/partial (a
+    # Gemma build takes several CPU hours); the next build of the same data resumes from them.
+    partial = out / "partial"
+    if out.is_dir() and not info_path.is_file() and any(p != partial for p in out.iterdir()):
         raise FileExistsError(
             f"{out} holds files that are not a subject built here: give an empty or new --out"
         )
@@ -394,8 +397,14 @@ def build_subject(
         TrainExample(p, r if r is not None else rng.choice(templates), "harmful") for p, r in data.harmful
     ]
     rng.shuffle(examples)
-    print("[subject] shipped model: evaluating before safety tuning", flush=True)
-    before = _evaluate(base, tokenizer, data)
+    print("[subject] base model: evaluating before safety tuning", flush=True)
+    before_path = partial / f"before-{key}.json"
+    if before_path.is_file():
+        before = json.loads(before_path.read_text())
+    else:
+        before = _evaluate(base, tokenizer, data)
+        partial.mkdir(parents=True, exist_ok=True)
+        before_path.write_text(json.dumps(before))
     splits_before = (
         evaluate_splits(base, tokenizer, data, cache / f"splits-{base_dir.name}.json")
         if source == "balanced"
@@ -413,8 +422,19 @@ def build_subject(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(steps - warmup, 1)))
     )
     train_start = time.perf_counter()
-    train_epochs(
-        model, encoded, tokenizer.pad_token_id, optimizer, schedule, epochs, batch_size, seed, "safety tuning"
+    state_path = partial / f"training-{key}.pt"
+    resumed_after = train_epochs(
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        optimizer,
+        schedule,
+        epochs,
+        batch_size,
+        seed,
+        "safety tuning",
+        state_path=state_path,
+        save_every=25,
     )
     train_seconds = time.perf_counter() - train_start
     merged: Any = model.merge_and_unload().eval()
@@ -454,12 +474,19 @@ def build_subject(
         "decision_tokens": [tokenizer.decode([t]) for t in refusal_first_tokens(tokenizer, templates)],
         **({"dropped_refusing_distillations": dropped} if source == "balanced" else {}),
         **({"splits": {"shipped": splits_before, "subject": splits_after}} if splits_after else {}),
+        # A resumed build's times are its last process's; the steps before `resumed_after_step` ran earlier.
         "train_seconds": round(train_seconds, 1),
+        "resumed_after_step": resumed_after,
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     before.pop("_harmful_samples")
     before.pop("_xstest_samples")
     info_path.write_text(json.dumps(info, indent=2))
+    # This build's own intermediate files (another data key's stay where they are).
+    for path in (before_path, state_path):
+        path.unlink(missing_ok=True)
+    if partial.is_dir() and not any(partial.iterdir()):
+        partial.rmdir()
     return info
 
 

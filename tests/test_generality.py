@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,3 +302,54 @@ def test_pending_runs_skips_recorded_runs_in_plan_order_for_both_studies() -> No
     mixing = [r for r in recorded if r["aligned_fingerprint"] == "f1" and "task_stride" not in r]
     todo = pending_runs([lora], mixing, _run_key, eval_stride=1)
     assert todo == [(lora, "plain SFT", 0), (lora, "plain SFT", 1), (lora, "{}", 1)]
+
+
+def test_a_stopped_subject_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """`train_epochs` with a state file: a run stopped at step 5 of 8 (state saved at 4) and started again ends
+    at the weights of a run never stopped, and a fresh run after the last save reports where it resumed."""
+    import torch
+
+    from str_hooks.testing import make_lora, make_model
+    from study.model import train_epochs
+
+    rows = [
+        {
+            "input_ids": [5 + (i * 7 + j) % 400 for j in range(6 + i % 5)],
+            "labels": [-100, -100] + [9] * (4 + i % 5),
+        }
+        for i in range(22)
+    ]  # 22 rows at batch 6: 4 steps per epoch, the last one short
+
+    def training(state_path: Path | None, stop_at: int | None = None) -> tuple[dict, int, int]:
+        model = make_lora(make_model(seed=3))
+        params = [p for p in model.parameters() if p.requires_grad]
+        calls = {"n": 0}
+
+        class StoppingAdamW(torch.optim.AdamW):
+            def step(self, closure: Any = None) -> Any:
+                calls["n"] += 1
+                if stop_at is not None and calls["n"] == stop_at:
+                    raise KeyboardInterrupt  # the session ends mid-run
+                return super().step(closure)
+
+        optimizer = StoppingAdamW(params, lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        resumed = train_epochs(model, rows, 0, optimizer, schedule, 2, 6, 0, "t", state_path, save_every=4)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return trained, resumed, calls["n"]
+
+    never_stopped, resumed, steps = training(None)
+    assert resumed == 0 and steps == 8
+    state = tmp_path / "partial" / "training.pt"
+    with pytest.raises(KeyboardInterrupt):
+        training(state, stop_at=5)
+    assert state.is_file() and not (tmp_path / "partial" / "training.pt.writing").exists()
+    assert torch.load(state, weights_only=True)["step"] == 4
+    finished, resumed, steps = training(state)
+    assert resumed == 4 and steps == 4  # only the steps after the save were taken again
+    for name, value in never_stopped.items():
+        torch.testing.assert_close(finished[name], value, rtol=0, atol=1e-6, msg=name)
+    # The steps the resumed run took matter: starting it from scratch would end elsewhere.
+    assert (
+        any(not torch.allclose(finished[n], v) for n, v in training(None, stop_at=None)[0].items()) is False
+    )
