@@ -353,3 +353,28 @@ def test_a_stopped_subject_training_resumes_to_the_same_weights(tmp_path: Path) 
     assert (
         any(not torch.allclose(finished[n], v) for n, v in training(None, stop_at=None)[0].items()) is False
     )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_labelled_loss_equals_the_models_own_loss_and_gradients(arch: str) -> None:
+    """The head projected only where a label is predicted: the same loss and gradients as the full forward."""
+    import torch
+
+    from str_hooks.testing import make_model, pad_rows
+    from study.model import labelled_loss
+
+    model = make_model(arch, seed=2)
+    rows = [
+        {"input_ids": list(range(10, 10 + n)), "labels": [-100] * (n - k) + list(range(40, 40 + k))}
+        for n, k in ((9, 4), (6, 6), (12, 1))
+    ]
+    batch = pad_rows(rows, 0)
+    expected = model(**batch, use_cache=False).loss
+    expected.backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = labelled_loss(model, batch)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for name, grad in full.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
