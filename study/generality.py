@@ -26,12 +26,11 @@ from typing import Any
 
 from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
-from .harmful_run import pending_runs, run_pending, subject_baseline
-from .harmful_sources import build_sources, write_prompt_distances
+from .harmful_run import pending_runs, prepare_study, run_pending
 from .methods import LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import read_records, study_command
 from .shipped import shipped_model
-from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
+from .subject import DEFAULT_CACHE, build_subject
 
 KL_SFT = "KL-SFT (full vocab, beta 1)"
 DURABILITY_CHECKPOINTS = (60, 150, 300, 600)
@@ -103,23 +102,12 @@ def run_generality(
         subject_table(info, subject_dir)
     )
     stride = EVAL_STRIDE[plan_name]
-    sources = build_sources().strided(stride)
-    data = subject_data("balanced").study
-    _, tokenizer = load(subject_dir)
-    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
-    subject_baseline(
-        subject_dir,
-        sources,
-        data.refusal_phrases,
-        out,
-        f"{info['fingerprint']}/stride{stride}",
-        gemma_base(cache) if family == "gemma3" else shipped_model(cache),
-    )
-    write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
+    untuned = gemma_base(cache) if family == "gemma3" else shipped_model(cache)
+    setup = prepare_study(out, subject_dir, info["fingerprint"], "balanced", stride, untuned)
     # The live probe's prompts: the validation harmful prompts (never held out, never trained on).
     probe_path = Path(LIVE_PROBE_PROMPTS)
     probe_path.parent.mkdir(parents=True, exist_ok=True)
-    probe_path.write_text(json.dumps(sources.val_harmful))
+    probe_path.write_text(json.dumps(setup.sources.val_harmful))
     runs_path = out / "runs.jsonl"
     recorded = read_records(runs_path) if runs_path.is_file() else []
     runs = [
@@ -142,14 +130,8 @@ def run_generality(
                 f"{r['task']} {r.get('mode', 'lora')} p={r['p']:.0%} {r['method']} seed {r['seed']}: "
                 f"{r['wall_seconds']:.0f} s"
             ),
+            setup=setup,
             extra={"family": family, "plan": plan_name},
-            subject_dir=subject_dir,
-            sources=sources,
-            data=data,
-            tokens=tokens,
-            fingerprint=info["fingerprint"],
-            stride=stride,
-            out_dir=out,
             adapters=Path("runs") / out.name / "adapters" if stride == 1 else None,
             task_stride=TASK_STRIDE[plan_name],
         )

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,55 @@ def run_block_spec(
     return result
 
 
+@dataclass(frozen=True)
+class StudySetup:
+    """What every run of a study on one subject shares: the subject, the evaluation sets at the plan's stride,
+    the subject's data and decision tokens, and its baseline (retention's denominator)."""
+
+    subject_dir: Path
+    fingerprint: str
+    stride: int
+    sources: Sources
+    data: Any
+    tokens: list[int]
+    base: dict[str, Any]
+
+    def run_kwargs(self, out: Path) -> dict[str, Any]:
+        """`run_block_spec`'s arguments that come from the setup."""
+        return {
+            "subject_dir": self.subject_dir,
+            "sources": self.sources,
+            "data": self.data,
+            "tokens": self.tokens,
+            "fingerprint": self.fingerprint,
+            "stride": self.stride,
+            "out_dir": out,
+        }
+
+
+def prepare_study(
+    out: Path,
+    subject_dir: Path,
+    fingerprint: str,
+    data_source: str,
+    stride: int,
+    untuned_dir: Path | None = None,
+) -> StudySetup:
+    """The sets at `stride`, the subject's baseline on them (cached in out/subject.json) and every held-out
+    prompt's distance to the anchors and attack rows (out/prompts*.json)."""
+    from .subject import refusal_first_tokens
+
+    sources = build_sources().strided(stride)
+    data = subject_data(data_source).study
+    _, tokenizer = load(subject_dir)
+    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
+    base = subject_baseline(
+        subject_dir, sources, data.refusal_phrases, out, f"{fingerprint}/stride{stride}", untuned_dir
+    )
+    write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
+    return StudySetup(subject_dir, fingerprint, stride, sources, data, tokens, base)
+
+
 def pending_runs(
     blocks: list[Block],
     recorded: list[dict[str, Any]],
@@ -254,14 +303,16 @@ def run_pending(
     desc: str,
     runs_path: Path,
     describe: Callable[[dict[str, Any]], str],
+    setup: StudySetup,
     extra: dict[str, Any] | None = None,
     **run_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Run each pending run (`run_block_spec` with `run_kwargs`), appending each record to `runs_path` as it
-    lands (so that a stopped study resumes after its last whole run); `extra` fields are added to each record."""
+    """Run each pending run (`run_block_spec` on `setup`, with `run_kwargs`), appending each record to
+    `runs_path` as it lands (so that a stopped study resumes after its last whole run); `extra` fields are
+    added to each record."""
     results = []
     for block, method, seed in tqdm(todo, desc=desc, unit="run"):
-        result = run_block_spec(block, method, seed, **run_kwargs)
+        result = run_block_spec(block, method, seed, **setup.run_kwargs(runs_path.parent), **run_kwargs)
         result.update(extra or {})
         results.append(result)
         append_run(runs_path, result)
@@ -289,16 +340,8 @@ def run_harmful_mixing(
     out.mkdir(parents=True, exist_ok=True)
     info = build_subject(subject_dir, subject_source, cache)
     stride = EVAL_STRIDE[plan_name]
-    sources = build_sources().strided(stride)
-    data = subject_data("shared").study
-    from .subject import refusal_first_tokens
-
-    _, tokenizer = load(subject_dir)
-    tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
-    base = subject_baseline(
-        subject_dir, sources, data.refusal_phrases, out, f"{info['fingerprint']}/stride{stride}"
-    )
-    write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
+    setup = prepare_study(out, subject_dir, info["fingerprint"], "shared", stride)
+    base, sources = setup.base, setup.sources
     runs_path = out / "runs.jsonl"
     runs = load_runs(runs_path, info["fingerprint"])
     todo = pending_runs(PLANS[plan_name], runs, _run_key, eval_stride=stride)
@@ -311,13 +354,7 @@ def run_harmful_mixing(
             "harmful-mixing runs",
             runs_path,
             describe=lambda result: _one_line(result, base),
-            subject_dir=subject_dir,
-            sources=sources,
-            data=data,
-            tokens=tokens,
-            fingerprint=info["fingerprint"],
-            stride=stride,
-            out_dir=out,
+            setup=setup,
             adapters=adapters,
         )
     command = "python -m study harmful-mixing " + " ".join(sys.argv[2:] if argv is None else argv[1:])
