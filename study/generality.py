@@ -36,9 +36,11 @@ KL_SFT = "KL-SFT (full vocab, beta 1)"
 DURABILITY_CHECKPOINTS = (60, 150, 300, 600)
 
 PLANS: dict[str, list[Block]] = {
-    # Whole rows first: the three methods at p = 10 %, then the long runs, full fine-tuning, then more seeds.
+    # Whole rows first: the three methods at p = 10 %, full fine-tuning at 10 % (two ~25-min runs: a row that
+    # fits the end of a session), the long runs (~65 min each), full fine-tuning at p = 0, then more seeds.
     "protocol": [
         Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT)),
+        Block("sst2", 0.1, (BASELINE, SHIPPED), mode="full"),
         Block(
             "sst2",
             0.1,
@@ -47,7 +49,6 @@ PLANS: dict[str, list[Block]] = {
             max_steps=600,
             checkpoints=DURABILITY_CHECKPOINTS,
         ),
-        Block("sst2", 0.1, (BASELINE, SHIPPED), mode="full"),
         Block("sst2", 0.0, (BASELINE, SHIPPED), mode="full"),
         Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT), seeds=3),
     ],

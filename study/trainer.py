@@ -3,6 +3,9 @@ and the batch collator."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -105,6 +108,11 @@ class PeakRSS:
     statistics like torch.cuda.max_memory_allocated; this is coarse)."""
 
     def __enter__(self) -> PeakRSS:
+        # Freed memory a previous run left in the heap would absorb this run's growth (the first run of a
+        # process then reports more than the next ones): hand it back to the OS before taking the base.
+        gc.collect()
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.process = psutil.Process()
         self.base = self.process.memory_info().rss
         self.peak = self.base
