@@ -47,6 +47,10 @@ SHAPES = {
         # Many thin layers: per-op overhead dominates, the CPU analog of a launch-bound GPU step (run it
         # with --gc on, as the GPU shapes are), where a separate anchor forward costs its op count.
         Shape("deep-narrow", "llama", 64, 32, 4, 2, 128, 16384, False, 4, 128, gpu=False),
+        # Gemma 3 270M's dimensions (hidden 640, 18 layers, 4 heads, 1 KV head, MLP 2048, tied 262k vocabulary)
+        # as a Llama, at the generality study's batch (8 x 128): issue 27's second family, where [B, T, V] is
+        # 8x SmolLM2's.
+        Shape("gemma3-270m", "llama", 640, 18, 4, 1, 2048, 262144, True, 8, 128, gpu=False),
         # docs/design.md section 4: real dims, random init; 4 x 2048 and 8 x 2048 tokens per step.
         Shape("llama3-8b", "llama", 4096, 32, 32, 8, 14336, 128256, False, 4, 2048, gpu=True),
         Shape("qwen2.5-1.5b", "qwen2", 1536, 28, 12, 2, 8960, 151936, True, 8, 2048, gpu=True),
