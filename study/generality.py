@@ -104,7 +104,8 @@ def run_generality(
     )
     stride = EVAL_STRIDE[plan_name]
     untuned = gemma_base(cache) if family == "gemma3" else shipped_model(cache)
-    setup = prepare_study(out, subject_dir, info["fingerprint"], "balanced", stride, untuned)
+    tasks = sorted({block.task for block in PLANS[plan_name]})
+    setup = prepare_study(out, subject_dir, info["fingerprint"], "balanced", stride, untuned, tasks)
     # The live probe's prompts: the validation harmful prompts (never held out, never trained on).
     probe_path = Path(LIVE_PROBE_PROMPTS)
     probe_path.parent.mkdir(parents=True, exist_ok=True)

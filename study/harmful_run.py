@@ -8,7 +8,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,15 +71,19 @@ def _split_flags(flags: str, sizes: dict[str, int]) -> dict[str, str]:
     return out
 
 
-def task_prompt_refusals(model_dir: Path, phrases: list[str]) -> dict[str, str]:
+def task_prompt_refusals(
+    model_dir: Path, phrases: list[str], tasks: Sequence[str] = tuple(TASK_SETTINGS)
+) -> dict[str, str]:
     """Per task, which of the test prompts every run is scored on (`TASK_SETTINGS` eval count) a model
     refuses, judged as the harmful sets are (14 greedy tokens, keyword judge). A task the aligned model
     itself refuses asks fine-tuning to undo refusals, as harmful rows do, and a penalty that keeps the
     refusals pays for it in accuracy."""
     model, tokenizer = load(model_dir)
     flags = {}
-    for task, settings in TASK_SETTINGS.items():
-        test = mixed_task(task, 1000, 0.0, [])[1][: settings["eval"][0]]  # the test split ignores n
+    for task in tasks:
+        test = mixed_task(task, 1000, 0.0, [])[1][
+            : TASK_SETTINGS[task]["eval"][0]
+        ]  # the test split ignores n
         _, replies = refusal_rate(model, tokenizer, [e.prompt for e in test], phrases)
         flags[task] = refusal_flags(replies, phrases)
     return flags
@@ -92,20 +96,39 @@ def subject_baseline(
     out: Path,
     key: str,
     untuned_dir: Path | None = None,
+    tasks: Sequence[str] = tuple(TASK_SETTINGS),
 ) -> dict[str, Any]:
     """The subject's per-prompt refusals on every set (retention's denominator) under both judges, cached by
-    subject and stride. A record cached before a field existed gains it; its recorded flags stay as they are
-    (the denominators of the runs already reported)."""
+    subject and stride (`key`: "<fingerprint>/stride<k>"). A record cached before a field existed gains it;
+    its recorded flags stay as they are (the denominators of the runs already reported). The task prompts'
+    refusals (`tasks` only) do not depend on the stride: another stride's record of the subject lends them."""
     path = out / "subject.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     record: dict[str, Any] = dict(cached.get(key, {}))
     if {"val_refusal_goals", "opening", "task_refused", "shipped_task_refused"} <= record.keys():
         return record
     if "task_refused" not in record:
-        record["task_refused"] = task_prompt_refusals(subject_dir, phrases)
-        # The same prompts before the study's safety tuning: is a refused task the subject's doing?
-        # (`untuned_dir`: the model it was tuned from when that is not the shipped SmolLM2)
-        record["shipped_task_refused"] = task_prompt_refusals(untuned_dir or shipped_model(), phrases)
+        subject = key.split("/")[0]
+        lender = next(
+            (
+                other
+                for name, other in cached.items()
+                if name.split("/")[0] == subject
+                and set(tasks) <= other.get("task_refused", {}).keys()
+                and set(tasks) <= other.get("shipped_task_refused", {}).keys()
+            ),
+            None,
+        )
+        if lender is not None:
+            record["task_refused"] = {t: lender["task_refused"][t] for t in tasks}
+            record["shipped_task_refused"] = {t: lender["shipped_task_refused"][t] for t in tasks}
+        else:
+            record["task_refused"] = task_prompt_refusals(subject_dir, phrases, tasks)
+            # The same prompts before the study's safety tuning: is a refused task the subject's doing?
+            # (`untuned_dir`: the model it was tuned from when that is not the shipped SmolLM2)
+            record["shipped_task_refused"] = task_prompt_refusals(
+                untuned_dir or shipped_model(), phrases, tasks
+            )
     if {"val_refusal_goals", "opening"} <= record.keys():
         cached[key] = record
         path.write_text(json.dumps(cached, indent=2))
@@ -249,6 +272,7 @@ def prepare_study(
     data_source: str,
     stride: int,
     untuned_dir: Path | None = None,
+    tasks: Sequence[str] = tuple(TASK_SETTINGS),
 ) -> StudySetup:
     """The sets at `stride`, the subject's baseline on them (cached in out/subject.json) and every held-out
     prompt's distance to the anchors and attack rows (out/prompts*.json)."""
@@ -259,7 +283,7 @@ def prepare_study(
     _, tokenizer = load(subject_dir)
     tokens = refusal_first_tokens(tokenizer, data.refusal_templates)
     base = subject_baseline(
-        subject_dir, sources, data.refusal_phrases, out, f"{fingerprint}/stride{stride}", untuned_dir
+        subject_dir, sources, data.refusal_phrases, out, f"{fingerprint}/stride{stride}", untuned_dir, tasks
     )
     write_prompt_distances(sources, out / ("prompts.json" if stride == 1 else f"prompts-stride{stride}.json"))
     return StudySetup(subject_dir, fingerprint, stride, sources, data, tokens, base)

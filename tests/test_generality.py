@@ -378,3 +378,31 @@ def test_labelled_loss_equals_the_models_own_loss_and_gradients(arch: str) -> No
     torch.testing.assert_close(got, expected)
     for name, grad in full.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_a_subjects_task_prompt_refusals_are_lent_across_strides(tmp_path: Path) -> None:
+    """The task prompts do not depend on the evaluation stride: a quick plan's baseline takes them from the
+    protocol's record of the same subject instead of generating 2 x 200 replies again, and only those asked."""
+    import json
+
+    from study.harmful_run import subject_baseline
+
+    protocol = {
+        "task_refused": {"sst2": "0010", "agnews": "0000"},
+        "shipped_task_refused": {"sst2": "1111", "agnews": "0000"},
+        "opening": {},
+        "val_refusal_goals": 1.0,
+    }
+    quick = {"opening": {}, "val_refusal_goals": 0.5}  # recorded before the task fields existed
+    other_subject = {"task_refused": {"sst2": "1"}, "shipped_task_refused": {"sst2": "1"}}
+    (tmp_path / "subject.json").write_text(
+        json.dumps({"abc/stride1": protocol, "abc/stride8": quick, "xyz/stride8": other_subject})
+    )
+    missing = tmp_path / "no model here"  # nothing is loaded when the fields can be lent
+    record = subject_baseline(missing, None, [], tmp_path, "abc/stride8", missing, tasks=("sst2",))  # type: ignore[arg-type]
+    assert record["task_refused"] == {"sst2": "0010"} and record["shipped_task_refused"] == {"sst2": "1111"}
+    assert json.loads((tmp_path / "subject.json").read_text())["abc/stride8"] == record
+    # A task no record of this subject has is measured, not lent (here: there is no model to load).
+    (tmp_path / "subject.json").write_text(json.dumps({"abc/stride1": protocol, "abc/stride8": quick}))
+    with pytest.raises((OSError, ValueError)):
+        subject_baseline(missing, None, [], tmp_path, "abc/stride8", missing, tasks=("gsm8k",))  # type: ignore[arg-type]
