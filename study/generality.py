@@ -54,12 +54,12 @@ PLANS: dict[str, list[Block]] = {
     ],
     # The second family (issue 27 item 2, `--family gemma3`): the three methods at p = 10 %.
     "gemma3": [Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT))],
-    # The pipeline end to end in minutes (issue 27: < 20): 160 rows (16 harmful, 20 steps), a 20-step run with
-    # a checkpoint, every eighth held-out prompt and every fourth task example. At 200 rows, strides 4 and 1
-    # and a baseline that replied to every task's prompts the plan took 29.6 min.
+    # The pipeline end to end in minutes (issue 27: < 20): 160 rows (16 harmful, 20 steps), a 30-step run with
+    # a checkpoint (the live probe reads at step 30), every eighth held-out prompt and every fourth task
+    # example. At 200 rows, strides 4 and 1 and a baseline that replied to every task's prompts: 29.6 min.
     "quick": [
         Block("sst2", 0.1, (BASELINE, SHIPPED), n=160),
-        Block("sst2", 0.1, (LIVE_PROBE,), n=160, max_steps=20, checkpoints=(10, 20)),
+        Block("sst2", 0.1, (LIVE_PROBE,), n=160, max_steps=30, checkpoints=(15, 30)),
     ],
 }
 EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "quick": 8}
