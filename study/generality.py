@@ -37,14 +37,15 @@ DURABILITY_CHECKPOINTS = (60, 150, 300, 600)
 
 PLANS: dict[str, list[Block]] = {
     # Whole rows first: the three methods at p = 10 %, full fine-tuning at 10 % (two ~25-min runs: a row that
-    # fits the end of a session), the long runs (~65 min each), full fine-tuning at p = 0, then more seeds.
+    # fits the end of a session), the long runs (~65 min each; the defaults first, since a decay there is what
+    # item 3 asks to find and fix), full fine-tuning at p = 0, then more seeds.
     "protocol": [
         Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT)),
         Block("sst2", 0.1, (BASELINE, SHIPPED), mode="full"),
         Block(
             "sst2",
             0.1,
-            (BASELINE, LIVE_PROBE),
+            (LIVE_PROBE, BASELINE),
             epochs=5.0,
             max_steps=600,
             checkpoints=DURABILITY_CHECKPOINTS,
