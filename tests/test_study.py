@@ -491,3 +491,39 @@ def test_update_meter_measures_each_steps_change_and_adamws_second_moment() -> N
     meter.on_train_end(None, None, None, model=model, optimizer=optimizer)
     assert meter.sqrt_v_mean == pytest.approx((2 + 3 + 4 + 1) / 6)
     assert meter.distance == pytest.approx(float((deltas[0] + deltas[1]).norm()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_heldout_loss_equals_the_full_logits_loss_under_lora_and_an_attached_hook(arch: str) -> None:
+    """heldout_loss projects the head only where a response token is predicted: the same mean cross-entropy as
+    the full `[B, T, V]` logits, written here by hand, on a LoRA model with the package's defaults attached
+    (the demo's probe measures it between training steps)."""
+    import torch
+    import torch.nn.functional as F
+
+    from str_hooks import register_str_hook
+    from str_hooks.testing import make_lora, make_model, make_tokenizer, pad_rows
+    from study.data import Example
+    from study.evaluation import heldout_loss
+    from study.model import encode_example
+
+    tokenizer = make_tokenizer()
+    model = make_lora(make_model(arch, seed=3))
+    examples = [
+        Example(f"sort: pear {i} fig {3 * i}", f"fig pear {i}" * (1 + i % 3), "benign") for i in range(37)
+    ]
+    rows = [encode_example(tokenizer, e.prompt, e.response, 48) for e in examples]
+    with register_str_hook(model, {}, tokenizer=tokenizer):
+        got = heldout_loss(model, tokenizer, examples, 48)
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(rows), 32):  # the same padding groups as heldout_loss's batches
+                batch = pad_rows(rows[i : i + 32], tokenizer.pad_token_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                target = batch["labels"][:, 1:]
+                labelled = target != -100
+                total += float(F.cross_entropy(logits[:, :-1][labelled], target[labelled], reduction="sum"))
+                count += int(labelled.sum())
+    assert count > len(examples)  # several response tokens per row
+    assert got == pytest.approx(total / count, rel=1e-5)
