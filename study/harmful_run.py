@@ -51,8 +51,15 @@ def _run_key(record: dict[str, Any]) -> tuple[Any, ...]:
 
 def write_replies(record: dict[str, Any], replies: dict[str, list[str]], out: Path) -> str:
     """Every evaluation reply of one run, gzipped beside runs.jsonl (`replies/`), so that a judge written later
-    can be applied without rerunning; returns the path relative to `out`. A run key names the file."""
-    key = "-".join(str(v) for v in _run_key(record))
+    can be applied without rerunning; returns the path relative to `out`. A run key names the file, with the
+    fields the generality study varies beyond it where they are not the defaults (a full fine-tuning run had
+    overwritten the LoRA run of the same method, seed and block)."""
+    extra = [
+        f"{name}{record[name]}"
+        for name, default in (("mode", "lora"), ("max_steps", -1), ("task_stride", 1))
+        if record.get(name, default) != default
+    ]
+    key = "-".join([*(str(v) for v in _run_key(record)), *extra])
     name = re.sub(r"[^A-Za-z0-9.]+", "_", key).strip("_") + ".json.gz"
     path = out / "replies" / name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -406,3 +406,23 @@ def test_a_subjects_task_prompt_refusals_are_lent_across_strides(tmp_path: Path)
     (tmp_path / "subject.json").write_text(json.dumps({"abc/stride1": protocol, "abc/stride8": quick}))
     with pytest.raises((OSError, ValueError)):
         subject_baseline(missing, None, [], tmp_path, "abc/stride8", missing, tasks=("gsm8k",))  # type: ignore[arg-type]
+
+
+def test_replies_files_differ_where_the_generality_runs_differ(tmp_path: Path) -> None:
+    """A full fine-tuning run, a 600-step run and a task-stride-4 run of the same method, seed and block each
+    keep their own replies file (the full run had overwritten the LoRA run's), and a LoRA run keeps the name
+    the recorded runs already point to."""
+    import gzip
+    import json
+
+    from study.harmful_run import write_replies
+
+    lora = {"task": "sst2", "method": "plain SFT", "seed": 0, "p": 0.1, "n": 1000, "attack": "beavertails"}
+    lora |= {"epochs": 1.0, "eval_stride": 1, "mode": "lora", "max_steps": -1, "task_stride": 1}
+    variants = [lora, {**lora, "mode": "full"}, {**lora, "max_steps": 600}, {**lora, "task_stride": 4}]
+    paths = [write_replies(r, {"harmful": [str(i)]}, tmp_path) for i, r in enumerate(variants)]
+    assert paths[0] == "replies/sst2_plain_SFT_0_0.1_1000_beavertails_1.0_1.json.gz"
+    assert len(set(paths)) == len(variants)
+    for i, path in enumerate(paths):
+        with gzip.open(tmp_path / path, "rt") as handle:
+            assert json.load(handle) == {"harmful": [str(i)]}
