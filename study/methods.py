@@ -300,6 +300,18 @@ METHODS = {
             {"coef": 90.0, "reference": {"anchor_every": 3}},
             as_shipped=True,
         ),
+        # The two halvings of `{}`'s anchor tokens per step: every other step at twice the coef (the expectation
+        # per step unchanged), or one anchor a step (harmful or benign as the package's fixed shuffle gives them,
+        # each visited half as often).
+        Method(
+            "STR anchors every2 c60 (as written)",
+            "str",
+            {"coef": 60.0, "reference": {"anchor_every": 2}},
+            as_shipped=True,
+        ),
+        Method(
+            "STR anchors b1 (as written)", "str", {"reference": {"anchor_batch_size": 1}}, as_shipped=True
+        ),
         # `{}` with its anchors folded into the training forward: the same penalty and gradient, no second
         # forward, on the CPU in the rows' trailing padding where they fit (issue 29 item 3's step cost).
         Method(
