@@ -93,6 +93,12 @@ def run_step_cost(
         raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(METHODS)}")
     if methods[0] != BASELINE:
         methods = [BASELINE, *[m for m in methods if m != BASELINE]]
+    if not (subject_dir / "config.json").is_file():
+        # A missing folder would reach from_pretrained as a hub id and fail on the network, minutes later.
+        raise SystemExit(
+            f"--subject {subject_dir}: no built subject there; build it (`python -m study subject --out "
+            f"{subject_dir}`) or pass a built one (e.g. --subject runs/subject-balanced)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     rows = cost_rows(task, attack)
     data = subject_data("shared").study

@@ -527,3 +527,13 @@ def test_heldout_loss_equals_the_full_logits_loss_under_lora_and_an_attached_hoo
                 count += int(labelled.sum())
     assert count > len(examples)  # several response tokens per row
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_step_cost_names_a_missing_subject_before_loading_anything(tmp_path: Path) -> None:
+    """A subject folder that is not there fails at once with the command that builds it (from_pretrained had
+    taken the path for a hub id and failed on the network after its retries)."""
+    from study.step_cost import run_step_cost
+
+    with pytest.raises(SystemExit, match="no built subject there; build it"):
+        run_step_cost(tmp_path / "out", tmp_path / "no subject", ["plain SFT"], 2, 1, [])
+    assert not (tmp_path / "out").exists()
