@@ -7,18 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from str_hooks.testing import pad_rows
 
 from .data import Example, StudyData
-from .model import encode_example, exact_match, refusal_rate
+from .model import encode_example, exact_match, labelled_loss, refusal_rate
 
 
 def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: int) -> float:
-    """Mean cross-entropy over the examples' response tokens. The head is projected only at the positions
-    that predict one (boolean `logits_to_keep`): a sort row's answer is a fifth of its tokens, and the full
-    `[32, T, V]` fp32 logits it skips were most of this call's memory traffic."""
+    """Mean cross-entropy over the examples' response tokens, the head projected only where one is predicted
+    (`labelled_loss`; the body's forward over the prompts is most of the call's cost)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -26,17 +24,9 @@ def heldout_loss(model: Any, tokenizer: Any, examples: list[Example], max_len: i
         for i in range(0, len(examples), 32):
             rows = [encode_example(tokenizer, e.prompt, e.response, max_len) for e in examples[i : i + 32]]
             batch = pad_rows(rows, tokenizer.pad_token_id)
-            target = batch["labels"][:, 1:]
-            keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            keep[:, :-1] = target != -100
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                logits_to_keep=keep,
-                use_cache=False,
-            ).logits
-            total += float(F.cross_entropy(logits.float(), target[keep[:, :-1]], reduction="sum"))
-            count += int(keep.sum())
+            labelled = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(labelled_loss(model, batch)) * labelled
+            count += labelled
     model.train(was_training)
     return total / max(count, 1)
 
