@@ -103,12 +103,14 @@ def run_step_cost(
     rows = cost_rows(task, attack)
     data = subject_data("shared").study
     times: dict[str, list[float]] = {m: [] for m in methods}
+    rounds: dict[str, list[list[float]]] = {m: [] for m in methods}
     shares: dict[str, float | None] = {}
     started = time.perf_counter()
     order = [m for r in range(repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
     for method in tqdm(order, desc="step-cost", unit="run"):
         result = train_only(method, task, rows, subject_dir, data, steps)
         times[method] += cycle_times(result["step_times_s"][WARMUP_STEPS:], METHODS[method].anchor_every)
+        rounds[method].append([round(t, 4) for t in result["step_times_s"]])
         shares[method] = result["anchor_token_share"]
     record = {
         "task": task,
@@ -116,6 +118,10 @@ def run_step_cost(
         "steps": steps,
         "repeats": repeats,
         "medians_s": {m: statistics.median(t) for m, t in times.items()},
+        "paired_ratio": {
+            m: paired_ratio(rounds[m], rounds[BASELINE], METHODS[m].anchor_every) for m in methods
+        },
+        "step_times_s": rounds,
         "anchor_token_share": shares,
         "configs": {m: METHODS[m].recorded_config for m in methods},
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -129,6 +135,23 @@ def run_step_cost(
     return write_step_cost_report(out)
 
 
+def paired_ratio(method_runs: list[list[float]], base_runs: list[list[float]], every: int) -> float:
+    """The method's step time over plain SFT's, step by step: every run trains the same rows in the same
+    order, so the median over (round, k-step cycle) of the method's cycle mean over plain SFT's mean on the
+    same steps of the same round. Unlike a ratio of medians it compares like with like when `anchor_every`
+    k > 1 (a median of k-step means against a median of single steps is biased by the spread of row lengths)."""
+    ratios = [
+        m / b
+        for method_times, base_times in zip(method_runs, base_runs, strict=True)
+        for m, b in zip(
+            cycle_times(method_times[WARMUP_STEPS:], every),
+            cycle_times(base_times[WARMUP_STEPS:], every),
+            strict=True,
+        )
+    ]
+    return statistics.median(ratios)
+
+
 def write_step_cost_report(out: Path) -> Path:
     records = read_records(out / "step_cost.jsonl")
     lines = [
@@ -138,7 +161,9 @@ def write_step_cost_report(out: Path) -> Path:
         "subject, train-only (nothing evaluated), one process,",
         f"methods round-robin; median over each method's timed steps (the first {WARMUP_STEPS} of a run are",
         "warm-up; with `reference.anchor_every` k > 1, of its k-step means, from record 8); ratio = the method's",
-        "median / plain SFT's in the same record.",
+        "median / plain SFT's in the same record. From record 11 also the paired ratio (`paired_ratio`): the",
+        "median over rounds and k-step cycles of the method's time over plain SFT's on the same steps (the same",
+        "rows), which compares like with like; every step's time is in step_cost.jsonl.",
     ]
     for i, r in enumerate(records):
         base = r["medians_s"][BASELINE]
@@ -149,15 +174,17 @@ def write_step_cost_report(out: Path) -> Path:
             "",
             f"`{r['command']}`; torch {r['torch']}, {r['torch_threads']} threads, {r['machine']}.",
             "",
-            "| method | config | step (s) | x plain | anchor tokens / training tokens |",
-            "|---|---|---|---|---|",
+            "| method | config | step (s) | x plain | x plain, paired | anchor tokens / training tokens |",
+            "|---|---|---|---|---|---|",
         ]
         for m, median in r["medians_s"].items():
             share = r["anchor_token_share"].get(m)
             config = r["configs"].get(m)
+            paired = r.get("paired_ratio", {}).get(m)
             lines.append(
                 f"| {m} | {'-' if config is None else '`' + json.dumps(config) + '`'} | {median:.2f} | "
-                f"{median / base:.2f} | {'-' if share is None else f'{share:.2f}'} |"
+                f"{median / base:.2f} | {'-' if paired is None else f'{paired:.2f}'} | "
+                f"{'-' if share is None else f'{share:.2f}'} |"
             )
     path = out / "STEP_COST.md"
     path.write_text("\n".join(lines) + "\n")

@@ -537,3 +537,24 @@ def test_step_cost_names_a_missing_subject_before_loading_anything(tmp_path: Pat
     with pytest.raises(SystemExit, match="no built subject there; build it"):
         run_step_cost(tmp_path / "out", tmp_path / "no subject", ["plain SFT"], 2, 1, [])
     assert not (tmp_path / "out").exists()
+
+
+def test_step_cost_paired_ratio_compares_the_same_steps() -> None:
+    """The paired ratio divides each k-step cycle by plain SFT's same steps (the same rows): a method that
+    costs exactly plain's time is x1 whatever the spread of row lengths, where a median of 2-step means
+    over a median of single steps would call it x5; a method 10 % slower on every step is x1.1."""
+    from study.finetune import WARMUP_STEPS
+    from study.step_cost import paired_ratio
+
+    warm = [7.0] * WARMUP_STEPS
+    base = [[*warm, 1.0, 9.0, 1.0, 9.0, 1.0, 1.0], [*warm, 2.0, 2.0, 1.0, 9.0, 1.0, 9.0]]
+    assert paired_ratio(base, base, 2) == pytest.approx(1.0)
+    slower = [[t * 1.1 for t in run] for run in base]
+    assert paired_ratio(slower, base, 2) == pytest.approx(1.1)
+    # An anchor step of +1 s at the first step of each pair, round 0 cycles (1+9)/2, (1+9)/2, (1+1)/2.
+    anchored = [
+        [t + (1.0 if i >= WARMUP_STEPS and (i - WARMUP_STEPS) % 2 == 0 else 0.0) for i, t in enumerate(run)]
+        for run in base
+    ]
+    by_hand = sorted([5.5 / 5, 5.5 / 5, 1.5 / 1, 2.5 / 2, 5.5 / 5, 5.5 / 5])
+    assert paired_ratio(anchored, base, 2) == pytest.approx((by_hand[2] + by_hand[3]) / 2)
