@@ -113,6 +113,12 @@ def read_xstest(label: str) -> list[str]:
         return [row["prompt"].strip() for row in csv.DictReader(fh) if row["label"] == label]
 
 
+def read_xstest_types(label: str) -> list[str]:
+    """The XSTest `type` (e.g. `homonyms`, `privacy_fictional`) of each prompt `read_xstest(label)` returns."""
+    with open(SHARED / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as fh:
+        return [row["type"].strip() for row in csv.DictReader(fh) if row["label"] == label]
+
+
 def read_advbench_targets() -> dict[str, str]:
     """AdvBench goal -> its affirmative target opening ("Sure, here is ...")."""
     with open(SHARED / "advbench" / "harmful_behaviors.csv", newline="", encoding="utf-8") as fh:

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .data import read_xstest_types
 from .harmful_mixing import BASELINE
 from .harmful_report import SOURCE_LABELS, _acc_delta, _pm, _rate, _task_refused, retention
 from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES
@@ -142,6 +143,7 @@ def report(
             lines += _subject_lines(bases[fingerprint])
         for block, methods in _groups(family_runs).items():
             lines += _block_lines(block, methods, bases)
+            lines += xstest_type_lines(methods, bases)
     lines += durability_lines(runs, bases, plot_name)
     return "\n".join(lines) + "\n"
 
@@ -202,6 +204,36 @@ def _block_lines(
         if r.get("note")
     ]
     return [*lines, "", *notes, ""] if notes else [*lines, ""]
+
+
+def xstest_type_lines(
+    methods: dict[str, list[dict[str, Any]]], bases: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Where the over-refusal lands: XSTest safe prompts refused (keyword judge) per XSTest type, the subject
+    and each method (seeds pooled), when the runs replied to every XSTest safe prompt (stride 1)."""
+    types = read_xstest_types("safe")
+    rows = [r for rs in methods.values() for r in rs]
+    base = bases[rows[0]["aligned_fingerprint"]]
+    if len(base["xstest_safe"]) != len(types) or any(
+        len(r["per_source"]["xstest_safe"]) != len(types) for r in rows
+    ):
+        return []
+    names = list(methods)
+    lines = [
+        "XSTest safe prompts refused per XSTest type (keyword judge; seeds pooled, refusals / prompts):",
+        "",
+        "| XSTest type | subject | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for kind in sorted(set(types), key=types.index):
+        at = [i for i, t in enumerate(types) if t == kind]
+        cells = [f"{sum(base['xstest_safe'][i] == '1' for i in at)} / {len(at)}"]
+        for method in names:
+            runs = methods[method]
+            refused = sum(r["per_source"]["xstest_safe"][i] == "1" for r in runs for i in at)
+            cells.append(f"{refused} / {len(at) * len(runs)}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def durability_points(run: dict[str, Any], base: dict[str, Any]) -> list[dict[str, float]]:

@@ -426,3 +426,29 @@ def test_replies_files_differ_where_the_generality_runs_differ(tmp_path: Path) -
     for i, path in enumerate(paths):
         with gzip.open(tmp_path / path, "rt") as handle:
             assert json.load(handle) == {"harmful": [str(i)]}
+
+
+def test_xstest_type_table_counts_refusals_per_type_by_hand() -> None:
+    """Each XSTest type's cell counts that type's refused prompts (seeds pooled); a run that replied to a
+    stride of the prompts gets no table (its indices are not XSTest's)."""
+    from study.data import read_xstest_types
+    from study.generality_report import xstest_type_lines
+
+    types = read_xstest_types("safe")
+    first = types[0]
+    n_first = types.count(first)
+    base = {"xstest_safe": "".join("1" if i == 0 else "0" for i in range(len(types)))}
+    every_first = "".join("1" if t == first else "0" for t in types)
+    runs = {
+        "plain SFT": [{"aligned_fingerprint": "f", "per_source": {"xstest_safe": "0" * len(types)}}],
+        "STR": [
+            {"aligned_fingerprint": "f", "per_source": {"xstest_safe": every_first}},
+            {"aligned_fingerprint": "f", "per_source": {"xstest_safe": every_first}},
+        ],
+    }
+    lines = xstest_type_lines(runs, {"f": base})
+    row = next(line for line in lines if line.startswith(f"| {first} |"))
+    assert row == f"| {first} | 1 / {n_first} | 0 / {n_first} | {2 * n_first} / {2 * n_first} |"
+    assert len([line for line in lines if line.startswith("| ") and "/" in line]) == len(set(types))
+    strided = {"STR": [{"aligned_fingerprint": "f", "per_source": {"xstest_safe": every_first[::4]}}]}
+    assert xstest_type_lines(strided, {"f": base}) == []
