@@ -56,6 +56,18 @@ class PenaltyConfig(Section):
         "results/harmful_mixing). The sum still divides by the same normalizer (every penalized-position "
         "candidate, or the host's). None: every position of `positions`. In (0, 1]."
     )
+    head_gradient: bool = Field(
+        default=True,
+        description=(
+            "Whether the penalty's gradient reaches a trainable LM head (full fine-tuning, where the head is "
+            "often tied to the input embeddings, or LoRA on the head). The head is shared by every prompt: "
+            "under Adam a small but steady pull on the safety tokens' head rows moves them by the full learning "
+            "rate each step, raising those tokens everywhere, not only at the anchors. false: the penalty "
+            "uses the head's current weights without a gradient to them and moves the model through its "
+            "hidden states only (as under LoRA on the body, where the head is frozen); the task's own loss "
+            "still trains the head. Needs an nn.Linear or PEFT LoRA Linear head when the head is trainable."
+        ),
+    )
     on_nonfinite: NonFiniteAction = Field(
         default="raise",
         description=(

@@ -99,7 +99,7 @@ def register_str_hook(
             f"a reference_model was given but `reference.source` is {source!r}: set source 'model' to use it."
         )
     resolved = _resolve_tokens(cfg, model, peft_model, tokens, tokenizer)
-    tap = ModelTap(model, resolved.ids, decoder=decoder, head=head)
+    tap = ModelTap(model, resolved.ids, decoder=decoder, head=head, head_gradient=cfg.penalty.head_gradient)
     parts = Attachment(config=cfg, tokens=resolved, tap=tap, peft_model=peft_model)
     tap.attach()
     try:
@@ -127,6 +127,13 @@ def _build_reference(parts: Attachment, tokenizer: Any, reference_model: nn.Modu
             f"{type(tap.causal_lm).__name__}'s forward builds no logits (a fused cross-entropy kernel?): use form 'mse' or 'hinge', which project from "
             f"hidden states, or source 'anchors', which takes the {form!r} softmax at the anchors' positions "
             "only."
+        )
+    if full_softmax_at_training_positions and not config.penalty.head_gradient and tap.rows.is_trainable():
+        raise STRAttachError(
+            f"`penalty.head_gradient` is false but `penalty.form` {form!r} at training positions"
+            f"{' (`reference.rows`)' if rows else ''} takes its values from the training forward's own logits, "
+            "whose head the task trains: set `penalty.head_gradient: true`, or use form 'mse' or 'hinge' there "
+            "(projected from hidden states), or freeze the head."
         )
     if source == "adapter":
         assert peft_model is not None  # checked by register_str_hook

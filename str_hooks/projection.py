@@ -63,9 +63,14 @@ class HeadRows:
     is honoured.
     """
 
-    def __init__(self, head: nn.Module, token_ids: list[int], transform: LogitTransform) -> None:
+    def __init__(
+        self, head: nn.Module, token_ids: list[int], transform: LogitTransform, head_gradient: bool = True
+    ) -> None:
         self.head = head
         self.transform = transform
+        # False: the penalty's values use the head's current weights without a gradient to them, so the
+        # penalty moves the model only through its hidden states (`penalty.head_gradient`).
+        self.head_gradient = head_gradient
         self._ids = DeviceCopies(torch.tensor(token_ids, dtype=torch.long))
         self._frozen_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         lora_layer: Any = head if hasattr(head, "lora_A") and hasattr(head, "lora_B") else None
@@ -74,6 +79,17 @@ class HeadRows:
                 "DoRA on the LM head is not supported by str-hooks; use plain LoRA on the head."
             )
         self.lora_layer = lora_layer
+        if (
+            not head_gradient
+            and self.is_trainable()
+            and lora_layer is None
+            and not isinstance(head, nn.Linear)
+        ):
+            raise STRAttachError(
+                f"`penalty.head_gradient` is false but the trainable LM head is a {type(head).__name__}, which "
+                "str-hooks can evaluate without a gradient only as an nn.Linear or a PEFT LoRA Linear: set "
+                "`penalty.head_gradient: true`, or freeze the head."
+            )
         head_params = [p for p in head.parameters() if isinstance(p, torch.Tensor)]
         if any(zero3_partitioned(p) for p in head_params) and self.is_trainable():
             # Under ZeRO-3 a partitioned weight has data only inside its module's forward and backward; the
@@ -141,7 +157,7 @@ class HeadRows:
         weight = self.weight
         bias = getattr(self.head, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) else None
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if self.head_gradient and (weight.requires_grad or (bias is not None and bias.requires_grad)):
             ids = self.ids_on(weight.device)
             return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
         return self._frozen_rows(weight, bias)
@@ -156,6 +172,35 @@ class HeadRows:
         if self.lora_layer is not None:
             out = out + self._lora_delta(hidden).float()
         return self.transform(out)
+
+    def _param(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.head_gradient else tensor.detach()
+
+    def _linear(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """`layer(x)` for a Linear layer, its weights detached unless `head_gradient`."""
+        if self.head_gradient:
+            return layer(x)
+        bias = getattr(layer, "bias", None)
+        return nn.functional.linear(x, layer.weight.detach(), None if bias is None else bias.detach())
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's full-vocabulary output for `hidden` [N, d] (before the logit transform), as its forward
+        computes it (adapters included), with no gradient to its weights unless `head_gradient`."""
+        if self.head_gradient or not self.is_trainable():
+            return self.head(hidden)
+        if self.lora_layer is None:
+            return self._linear(self.head, hidden)
+        layer: Any = self.lora_layer
+        out = self._linear(layer.get_base_layer(), hidden)
+        if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+            return out
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            x = layer.lora_dropout[name](hidden.to(layer.lora_A[name].weight.dtype))
+            delta = self._linear(layer.lora_B[name], self._linear(layer.lora_A[name], x))
+            out = out + (delta * float(layer.scaling[name])).to(out.dtype)
+        return out
 
     def _lora_delta(self, hidden: torch.Tensor) -> torch.Tensor:
         # PEFT's LoRA Linear exposes only the base weight; add scaling * B[S] (A dropout(h)) ourselves.
@@ -172,9 +217,9 @@ class HeadRows:
             dropout = layer.lora_dropout[name]
             x = dropout(hidden.to(lora_a.weight.dtype))
             ids = self.ids_on(lora_b.weight.device)
-            b_rows = lora_b.weight.index_select(0, ids)
-            part = lora_a(x) @ b_rows.T
+            b_rows = self._param(lora_b.weight).index_select(0, ids)
+            part = self._linear(lora_a, x) @ b_rows.T
             if getattr(lora_b, "bias", None) is not None:
-                part = part + lora_b.bias.index_select(0, ids)
+                part = part + self._param(lora_b.bias).index_select(0, ids)
             delta = delta + part.float() * float(layer.scaling[name])
         return delta

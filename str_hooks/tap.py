@@ -115,13 +115,19 @@ class ModelTap:
         model: the model as the user holds it (plain, PEFT-wrapped, or DDP/FSDP-wrapped).
         token_ids: safety token ids.
         decoder, head: optional overrides (module, attribute path from the causal LM, or callable).
+        head_gradient: whether the safety values it computes carry a gradient to a trainable head's weights.
 
     Raises:
         STRAttachError: the decoder or head cannot be found, or the head is not a Linear-like module.
     """
 
     def __init__(
-        self, model: nn.Module, token_ids: list[int], decoder: ModuleSpec = None, head: ModuleSpec = None
+        self,
+        model: nn.Module,
+        token_ids: list[int],
+        decoder: ModuleSpec = None,
+        head: ModuleSpec = None,
+        head_gradient: bool = True,
     ) -> None:
         self.model = model
         self.causal_lm = unwrap_model(model)
@@ -136,7 +142,7 @@ class ModelTap:
                 "the tokens were mined for another tokenizer; mine them with this model's tokenizer."
             )
         self.transform = LogitTransform.from_config(getattr(self.causal_lm, "config", None))
-        self.rows = HeadRows(self.head, token_ids, self.transform)
+        self.rows = HeadRows(self.head, token_ids, self.transform, head_gradient)
         self.sink = Sink()
         # (rows, cols) whose full logits the next forward computes; consumed by that forward.
         self._point_request: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -206,8 +212,9 @@ class ModelTap:
 
     def point_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [N, V] in float32 from hidden states [N, d], through the head module as the
-        forward calls it (adapters on the head included) and the logit transform."""
-        return self.transform(self.head(hidden).float())
+        forward calls it (adapters on the head included) and the logit transform; no gradient to the head's
+        weights under `penalty.head_gradient: false`."""
+        return self.transform(self.rows.full_logits(hidden).float())
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", None)

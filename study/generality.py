@@ -27,7 +27,7 @@ from typing import Any
 from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
 from .harmful_run import pending_runs, prepare_study, run_pending
-from .methods import LIVE_PROBE, LIVE_PROBE_PROMPTS
+from .methods import HEAD_GRADIENT_OFF, LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import read_records, study_command
 from .shipped import shipped_model
 from .subject import DEFAULT_CACHE, build_subject
@@ -53,6 +53,12 @@ PLANS: dict[str, list[Block]] = {
         Block("sst2", 0.0, (BASELINE, SHIPPED), mode="full"),
         Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT), seeds=3),
     ],
+    # Item 4's over-refusal under full fine-tuning: the defaults with no penalty gradient to the (tied) head,
+    # beside the protocol plan's full fine-tuning rows.
+    "head": [
+        Block("sst2", 0.1, (HEAD_GRADIENT_OFF,), mode="full"),
+        Block("sst2", 0.0, (HEAD_GRADIENT_OFF,), mode="full"),
+    ],
     # The second family (issue 27 item 2, `--family gemma3`): the three methods at p = 10 %.
     "gemma3": [Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT))],
     # The pipeline end to end in minutes (issue 27: < 20): 160 rows (16 harmful, 20 steps), a 30-step run with
@@ -63,8 +69,8 @@ PLANS: dict[str, list[Block]] = {
         Block("sst2", 0.1, (LIVE_PROBE,), n=160, max_steps=30, checkpoints=(15, 30)),
     ],
 }
-EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "quick": 8}
-TASK_STRIDE = {"protocol": 1, "gemma3": 1, "quick": 4}
+EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "quick": 8}
+TASK_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "quick": 4}
 
 
 def run_key(record: dict[str, Any]) -> tuple[Any, ...]:

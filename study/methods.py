@@ -64,6 +64,7 @@ ANCHORS_AND_ROWS = "STR anchors + rows (as written)"
 PREVIOUS_DEFAULT = "STR anchors c10 (as written)"
 SCREENED_ROWS = "STR anchors + rows screened (as written)"
 EVERY_THIRD = "STR anchors every3 c90 (as written)"
+HEAD_GRADIENT_OFF = "STR no head gradient (as written)"
 # `{}` with the package's refusal probe on (issue 27 item 3's live `str/refusal_rate`): the penalty is `{}`'s; the
 # probe generates for 16 of the prompts in LIVE_PROBE_PROMPTS every 30 steps (written by study/generality.py).
 LIVE_PROBE = "STR as shipped {} + live probe"
@@ -320,6 +321,10 @@ METHODS = {
             {"reference": {"anchor_placement": "folded"}},
             as_shipped=True,
         ),
+        # The defaults with the penalty acting through hidden states only (no gradient to a trainable head):
+        # under full fine-tuning `{}` over-refused (+22.8 points on XSTest safe, results/generality), the shared
+        # head being the one place a steady pull raises the safety tokens on every prompt.
+        Method(HEAD_GRADIENT_OFF, "str", {"penalty": {"head_gradient": False}}, as_shipped=True),
         Method(
             LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
         ),

@@ -97,6 +97,7 @@ def test_defaults() -> None:
         "positions": "supervised",
         "first_n": 1,
         "min_reference_mass": None,
+        "head_gradient": True,
         "on_nonfinite": "raise",
     }
     assert cfg.reference.model_dump() == {
