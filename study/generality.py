@@ -57,8 +57,8 @@ PLANS: dict[str, list[Block]] = {
     # beside the protocol plan's full fine-tuning rows.
     "head": [
         Block("sst2", 0.1, (HEAD_GRADIENT_OFF,), mode="full"),
-        # p = 0: the defaults, this, plain SFT (the protocol plan counts these runs as its own).
-        Block("sst2", 0.0, (SHIPPED, HEAD_GRADIENT_OFF, BASELINE), mode="full"),
+        # p = 0: the defaults and plain SFT (the protocol plan counts these runs as its own), then this.
+        Block("sst2", 0.0, (SHIPPED, BASELINE, HEAD_GRADIENT_OFF), mode="full"),
     ],
     # The second family (issue 27 item 2, `--family gemma3`): the three methods at p = 10 %.
     "gemma3": [Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT))],

@@ -323,7 +323,9 @@ METHODS = {
         ),
         # The defaults with the penalty acting through hidden states only (no gradient to a trainable head):
         # under full fine-tuning `{}` over-refused (+22.8 points on XSTest safe, results/generality), the shared
-        # head being the one place a steady pull raises the safety tokens on every prompt.
+        # head being one place a steady pull raises the safety tokens on every prompt. Measured (one seed, p = 10 %):
+        # XSTest +14.4 against +22.8, Alpaca +11.5 against +12.0, validation over-refusal 30 % both: not the main
+        # path; the default stays.
         Method(HEAD_GRADIENT_OFF, "str", {"penalty": {"head_gradient": False}}, as_shipped=True),
         Method(
             LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
