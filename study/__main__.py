@@ -3,7 +3,7 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
-    python -m study generality [--plan protocol|quick|gemma3|head] [--family smollm2|gemma3] [--out results/generality] [--report]
+    python -m study generality [--plan protocol|quick|gemma3|head|benign] [--family smollm2|gemma3] [--out results/generality] [--report]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]
@@ -76,23 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="override the plan's seeds per block")
-    parser.add_argument(
-        "--plan",
-        choices=[
-            "full",
-            "sweep",
-            "folded",
-            "demo",
-            "subject",
-            "quick",
-            "decision",
-            "default-first",
-            "protocol",
-            "gemma3",
-            "head",
-        ],
-        default=None,
-    )
+    # Each command checks its own plans (`_plan`), so a new plan needs no second list here.
+    parser.add_argument("--plan", default=None, help="the command's plan (see the usage above)")
     parser.add_argument(
         "--subject", default="runs/subject", help="the aligned subject's folder (built if absent)"
     )

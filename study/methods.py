@@ -65,6 +65,7 @@ PREVIOUS_DEFAULT = "STR anchors c10 (as written)"
 SCREENED_ROWS = "STR anchors + rows screened (as written)"
 EVERY_THIRD = "STR anchors every3 c90 (as written)"
 HEAD_GRADIENT_OFF = "STR no head gradient (as written)"
+BENIGN_WEIGHT_3 = "STR benign weight 3 (as written)"
 # `{}` with the package's refusal probe on (issue 27 item 3's live `str/refusal_rate`): the penalty is `{}`'s; the
 # probe generates for 16 of the prompts in LIVE_PROBE_PROMPTS every 30 steps (written by study/generality.py).
 LIVE_PROBE = "STR as shipped {} + live probe"
@@ -327,6 +328,10 @@ METHODS = {
         # XSTest +14.4 against +22.8, Alpaca +11.5 against +12.0, validation over-refusal 30 % both: not the main
         # path; the default stays.
         Method(HEAD_GRADIENT_OFF, "str", {"penalty": {"head_gradient": False}}, as_shipped=True),
+        # The defaults with the benign anchors' points weighted 3 (their 60 then outweigh the 120 harmful ones):
+        # under full fine-tuning `{}` refused ordinary generative requests ("Write a recipe for lemon cake")
+        # at p = 0 too (Alpaca +13.5), which the benign anchors' pinned answer openings are there to prevent.
+        Method(BENIGN_WEIGHT_3, "str", {"reference": {"benign_weight": 3.0}}, as_shipped=True),
         Method(
             LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
         ),

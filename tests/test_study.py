@@ -558,3 +558,22 @@ def test_step_cost_paired_ratio_compares_the_same_steps() -> None:
     ]
     by_hand = sorted([5.5 / 5, 5.5 / 5, 1.5 / 1, 2.5 / 2, 5.5 / 5, 5.5 / 5])
     assert paired_ratio(anchored, base, 2) == pytest.approx((by_hand[2] + by_hand[3]) / 2)
+
+
+def test_every_generality_plan_is_accepted_and_an_unknown_plan_is_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--plan` is checked by each command against its own plans (the CLI once kept a second list of choices,
+    which lacked `gemma3`): the command line takes every generality plan (parsing stops at the bad `--seeds`
+    that follows it, so nothing runs), and a wrong plan fails naming the command's plans."""
+    from study.__main__ import main
+    from study.generality import PLANS
+
+    for name in PLANS:
+        with pytest.raises(SystemExit):
+            main(["generality", "--plan", name, "--seeds", "x"])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error: argument --seeds: invalid int value" in error, error
+    with pytest.raises(SystemExit):
+        main(["generality", "--plan", "nope", "--report"])
+    assert "--plan nope is not a plan of `generality`: use protocol" in capsys.readouterr().err
