@@ -331,6 +331,7 @@ METHODS = {
         # The defaults with the benign anchors' points weighted 3 (their 60 then outweigh the 120 harmful ones):
         # under full fine-tuning `{}` refused ordinary generative requests ("Write a recipe for lemon cake")
         # at p = 0 too (Alpaca +13.5), which the benign anchors' pinned answer openings are there to prevent.
+        # Measured (one seed, p = 10 %): worse, Alpaca +24.5 against +12.0, validation over-refusal 40 % against 30 %.
         Method(BENIGN_WEIGHT_3, "str", {"reference": {"benign_weight": 3.0}}, as_shipped=True),
         Method(
             LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
