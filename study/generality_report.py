@@ -211,7 +211,10 @@ def xstest_type_lines(
 ) -> list[str]:
     """Where the over-refusal lands: XSTest safe prompts refused (keyword judge) per XSTest type, the subject
     and each method (seeds pooled), when the runs replied to every XSTest safe prompt (stride 1)."""
-    types = read_xstest_types("safe")
+    try:
+        types = read_xstest_types("safe")
+    except FileNotFoundError:  # ../shared/data absent (a clean clone in CI): no types to group by
+        return []
     rows = [r for rs in methods.values() for r in rs]
     base = bases[rows[0]["aligned_fingerprint"]]
     if len(base["xstest_safe"]) != len(types) or any(
