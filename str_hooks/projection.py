@@ -170,7 +170,9 @@ class HeadRows:
             out = out + bias_rows.to(out.device)
         out = out.float()
         if self.lora_layer is not None:
-            out = out + self._lora_delta(hidden).float()
+            delta = self._lora_delta(hidden, self.ids_on(hidden.device))
+            if delta is not None:
+                out = out + delta
         return self.transform(out)
 
     def _param(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -190,36 +192,32 @@ class HeadRows:
             return self.head(hidden)
         if self.lora_layer is None:
             return self._linear(self.head, hidden)
-        layer: Any = self.lora_layer
-        out = self._linear(layer.get_base_layer(), hidden)
-        if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-            return out
-        for name in layer.active_adapters:
-            if name not in layer.lora_A:
-                continue
-            x = layer.lora_dropout[name](hidden.to(layer.lora_A[name].weight.dtype))
-            delta = self._linear(layer.lora_B[name], self._linear(layer.lora_A[name], x))
-            out = out + (delta * float(layer.scaling[name])).to(out.dtype)
-        return out
+        out = self._linear(self.lora_layer.get_base_layer(), hidden)
+        delta = self._lora_delta(hidden, ids=None)
+        return out if delta is None else out + delta.to(out.dtype)
 
-    def _lora_delta(self, hidden: torch.Tensor) -> torch.Tensor:
-        # PEFT's LoRA Linear exposes only the base weight; add scaling * B[S] (A dropout(h)) ourselves.
+    def _lora_delta(self, hidden: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """`scaling * B (A dropout(h))` in float32 summed over the active adapters, on B's rows `ids` (every row
+        when None); None when the adapters are off. PEFT's LoRA Linear exposes only the base weight, and the
+        safety rows need B[S] without the full B."""
         layer: Any = self.lora_layer
-        delta = torch.zeros(
-            (*hidden.shape[:-1], self._ids.host.numel()), device=hidden.device, dtype=torch.float32
-        )
         if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
-            return delta
+            return None
+        total: torch.Tensor | None = None
         for name in layer.active_adapters:
             if name not in layer.lora_A:
                 continue
             lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-            dropout = layer.lora_dropout[name]
-            x = dropout(hidden.to(lora_a.weight.dtype))
-            ids = self.ids_on(lora_b.weight.device)
-            b_rows = self._param(lora_b.weight).index_select(0, ids)
-            part = self._linear(lora_a, x) @ b_rows.T
-            if getattr(lora_b, "bias", None) is not None:
-                part = part + self._param(lora_b.bias).index_select(0, ids)
-            delta = delta + part.float() * float(layer.scaling[name])
-        return delta
+            x = layer.lora_dropout[name](hidden.to(lora_a.weight.dtype))
+            b_weight = self._param(lora_b.weight)
+            b_bias = getattr(lora_b, "bias", None)
+            b_bias = None if b_bias is None else self._param(b_bias)
+            if ids is not None:
+                rows = ids.to(b_weight.device)
+                b_weight = b_weight.index_select(0, rows)
+                b_bias = None if b_bias is None else b_bias.index_select(0, rows)
+            part = nn.functional.linear(self._linear(lora_a, x), b_weight, b_bias).float() * float(
+                layer.scaling[name]
+            )
+            total = part if total is None else total + part
+        return total
