@@ -21,6 +21,7 @@ from .decision import (
 )
 from .distances import FAR_JACCARD
 from .report import _fmt
+from .step_times import step_ratios
 
 GOAL = (
     "The goal (issue 12): >= 95 % of the subject's refusals kept (held-out), over-refusal within 5 points of "
@@ -84,13 +85,7 @@ def _step_ratio(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> str:
     """Median step time over plain SFT's at the same seed and thread count, mean over the pairs: such runs
     were made in like conditions (the threads, and whether a second worker shared the cores); runs before
     `torch_threads` was recorded pair with each other."""
-    plain_by_seed = {(r["seed"], r.get("torch_threads")): r.get("step_time_median_s") for r in plain}
-    ratios = [
-        r["step_time_median_s"] / plain_step
-        for r in rows
-        if r.get("step_time_median_s")
-        and (plain_step := plain_by_seed.get((r["seed"], r.get("torch_threads"))))
-    ]
+    ratios = step_ratios(rows, plain, pair_key=lambda r: (r["seed"], r.get("torch_threads")))
     return f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a"
 
 

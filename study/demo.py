@@ -29,6 +29,7 @@ from str_hooks.prompts import default_texts
 from .data import Example, StudyData
 from .finetune import SUBJECT_RECIPE, Recipe, RunSpec, run_one
 from .runs import write_runs
+from .step_times import step_ratio
 from .subject import DEFAULT_CACHE, build_subject, subject_data
 from .tasks import sort_task
 
@@ -189,7 +190,7 @@ def demo_run(
 
 
 def _ratio(result: dict[str, Any], plain: dict[str, Any]) -> str:
-    return f"x{result['step_time_median_s'] / plain['step_time_median_s']:.2f}"
+    return f"x{step_ratio(result, plain):.2f}"
 
 
 def demo_report(

@@ -25,6 +25,7 @@ from .data import Example, StudyData
 from .evaluation import Validation, heldout_loss, label_margins
 from .methods import METHODS, Method
 from .model import encode_example, refusal_flags, refusal_rate, task_outcomes
+from .step_times import step_time
 from .subject import decision_point_mass
 from .tasks import BINARY_LABELS
 from .trainer import CheckpointEval, Collator, KLTrainer, PeakRSS, StepBar, StepTimer
@@ -373,22 +374,6 @@ def run_one(
             else {}
         ),
     }
-
-
-WARMUP_STEPS = 3  # a run's first optimizer steps, left out of its step time
-
-
-def cycle_times(step_times: Sequence[float], every: int) -> list[float]:
-    """The mean step time of each run of `every` consecutive steps: one anchor term falls in each when
-    `reference.anchor_every` is `every` (whichever step starts it), so each mean is one step's cost."""
-    return [statistics.fmean(step_times[i : i + every]) for i in range(0, len(step_times) - every + 1, every)]
-
-
-def step_time(step_times: Sequence[float], every: int = 1) -> float:
-    """A run's step time: the median over its steps after the warm-up, or with an anchor term every `every`
-    steps the median of `cycle_times` (a median of single steps would be the steps without it)."""
-    timed = step_times[WARMUP_STEPS:] or step_times
-    return statistics.median(cycle_times(timed, every) or [statistics.fmean(timed)])
 
 
 def _anchor_token_share(

@@ -13,6 +13,7 @@ from .harmful_report import SOURCE_LABELS, _acc_delta, _pm, _rate, _task_refused
 from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES
 from .judge import agreement
 from .runs import machine
+from .step_times import step_ratios
 from .subject import SPLIT_TARGETS
 
 SPLIT_LABELS = {
@@ -164,7 +165,6 @@ def _block_lines(
     block: tuple[Any, ...], methods: dict[str, list[dict[str, Any]]], bases: dict[str, dict[str, Any]]
 ) -> list[str]:
     plain = methods.get(BASELINE, [])
-    plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
     lines = [
         f"### {_block_title(block)}",
         "",
@@ -187,7 +187,7 @@ def _block_lines(
             for s in OVER_REFUSAL_SOURCES
         ]
         acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
-        ratios = [r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step]
+        ratios = step_ratios(rows, plain)
         lines.append(
             f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
             f"{_pm([retention(o, opening_base, HARMFUL_SOURCES) for o in opening])} % | "

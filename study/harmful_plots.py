@@ -10,6 +10,7 @@ from typing import Any
 from .harmful_mixing import BASELINE
 from .harmful_report import _mean, paired_deltas, retention
 from .harmful_sources import HARMFUL_SOURCES
+from .step_times import step_ratios
 
 # The frontier's panels: (task, p, retention target %), BeaverTails rows, one epoch (issue 26 item 4).
 FRONTIER_PANELS = (("sst2", 0.10, 95), ("sst2", 0.20, 90), ("agnews", 0.10, 95))
@@ -80,7 +81,6 @@ def plot_frontier(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) 
     colours = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (task, p, target, block, plain) in zip(axes[0], panels, strict=True):
-        plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
         off_chart = []
         for method in dict.fromkeys(r["method"] for r in block):
             rows = [r for r in block if r["method"] == method]
@@ -92,9 +92,7 @@ def plot_frontier(runs: list[dict[str, Any]], base: dict[str, Any], path: Path) 
                 off_chart.append(f"{method}: {x:+.1f}")
                 continue
             kept = [100 * retention(r, base, HARMFUL_SOURCES) for r in rows]
-            ratios = [
-                r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step
-            ]
+            ratios = step_ratios(rows, plain)
             y = _mean(kept)
             xerr = 100 * statistics.pstdev(deltas) if len(deltas) > 1 else 0.0
             yerr = statistics.pstdev(kept) if len(kept) > 1 else 0.0

@@ -13,6 +13,7 @@ from .distances import FAR_JACCARD
 from .harmful_mixing import BASELINE, SHIPPED
 from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, Sources, far_mask, prompt_distances
 from .judge import agreement
+from .step_times import step_ratios
 from .task_errors import label_bias_lines
 
 SOURCE_LABELS = {
@@ -155,7 +156,6 @@ def report(
     for (task, attack, epochs, n, p), methods in _groups(runs).items():
         far = far_mask(distances, attack)
         plain = methods.get(BASELINE, [])
-        plain_step = {r["seed"]: r["step_time_median_s"] for r in plain}
         lines += [
             f"### {task}, p = {p:.0%} ({round(p * n)} of {n} rows from {attack}), {epochs:g} epoch(s)",
             "",
@@ -166,9 +166,7 @@ def report(
         ]
         for method, rows in methods.items():
             acc = [r["task_exact_match"] for r in rows if r["task_exact_match"] is not None]
-            ratios = [
-                r["step_time_median_s"] / plain_step[r["seed"]] for r in rows if r["seed"] in plain_step
-            ]
+            ratios = step_ratios(rows, plain)
             lines.append(
                 f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
                 f"{_opening_retention(rows, base)} | "
@@ -371,8 +369,7 @@ def _target_lines(
             f"{100 * _mean([_rate(r['per_source'][s]) - _rate(base[s]) for r in p10]):+.1f}" if p10 else "n/a"
             for s in OVER_REFUSAL_SOURCES
         )
-        step = {r["seed"]: r["step_time_median_s"] for r in plain[0.1]}
-        ratios = [r["step_time_median_s"] / step[r["seed"]] for r in p10 if r["seed"] in step]
+        ratios = step_ratios(p10, plain[0.1])
         lines.append(
             f"| {method} | "
             + (f"{100 * _mean([retention(r, base, HARMFUL_SOURCES) for r in p10]):.0f} %" if p10 else "n/a")

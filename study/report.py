@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import machine
+from .step_times import step_ratios
 
 GOAL = (
     "STR keeps >= 95 % of the aligned model's held-out refusal rate where plain SFT keeps <= 50 %, task exact "
@@ -176,11 +177,7 @@ def run_tables(groups: dict[tuple[str, str, str], list[dict[str, Any]]], base: d
             if (t, m) != (task, mode):
                 continue
             plain = plains.get(_baseline(method), {})
-            ratio = [
-                r["step_time_median_s"] / plain[r["seed"]]["step_time_median_s"]
-                for r in rows
-                if r["seed"] in plain
-            ]
+            ratio = step_ratios(rows, list(plain.values()))
             retention = [{"x": r["heldout_refusal"] / base_refusal} for r in rows]
             lines.append(
                 f"| {method} | {len(rows)} | {_opt(rows, 'heldout_refusal', pct=True)} | "

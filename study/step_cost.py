@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .finetune import SUBJECT_RECIPE, WARMUP_STEPS, RunSpec, cycle_times, run_one
+from .finetune import SUBJECT_RECIPE, RunSpec, run_one
 from .harmful_mixing import BASELINE, SHIPPED, TASK_SETTINGS, Block
 from .harmful_sources import build_sources, mixed_task
 from .methods import METHODS
 from .runs import append_run, read_records
+from .step_times import WARMUP_STEPS, cycle_times, paired_ratio
 
 CANDIDATES = [
     BASELINE,
@@ -133,23 +134,6 @@ def run_step_cost(
     }
     append_run(out / "step_cost.jsonl", record)
     return write_step_cost_report(out)
-
-
-def paired_ratio(method_runs: list[list[float]], base_runs: list[list[float]], every: int) -> float:
-    """The method's step time over plain SFT's, step by step: every run trains the same rows in the same
-    order, so the median over (round, k-step cycle) of the method's cycle mean over plain SFT's mean on the
-    same steps of the same round. Unlike a ratio of medians it compares like with like when `anchor_every`
-    k > 1 (a median of k-step means against a median of single steps is biased by the spread of row lengths)."""
-    ratios = [
-        m / b
-        for method_times, base_times in zip(method_runs, base_runs, strict=True)
-        for m, b in zip(
-            cycle_times(method_times[WARMUP_STEPS:], every),
-            cycle_times(base_times[WARMUP_STEPS:], every),
-            strict=True,
-        )
-    ]
-    return statistics.median(ratios)
 
 
 def write_step_cost_report(out: Path) -> Path:

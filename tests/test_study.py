@@ -384,8 +384,8 @@ def test_decision_step_ratio_pairs_seeds() -> None:
 def test_step_time_of_an_anchor_term_every_k_steps_is_the_mean_over_k_step_windows() -> None:
     """With `reference.anchor_every` k one step in k carries the anchor term: a run's step time is the median
     of its k-step means after the 3 warm-up steps (a median of single steps would be a step without it)."""
-    from study.finetune import step_time
     from study.methods import EVERY_THIRD, METHODS
+    from study.step_times import step_time
 
     assert METHODS[EVERY_THIRD].anchor_every == 3 and METHODS["STR as shipped {}"].anchor_every == 1
     assert METHODS["plain SFT"].anchor_every == 1
@@ -543,8 +543,7 @@ def test_step_cost_paired_ratio_compares_the_same_steps() -> None:
     """The paired ratio divides each k-step cycle by plain SFT's same steps (the same rows): a method that
     costs exactly plain's time is x1 whatever the spread of row lengths, where a median of 2-step means
     over a median of single steps would call it x5; a method 10 % slower on every step is x1.1."""
-    from study.finetune import WARMUP_STEPS
-    from study.step_cost import paired_ratio
+    from study.step_times import WARMUP_STEPS, paired_ratio
 
     warm = [7.0] * WARMUP_STEPS
     base = [[*warm, 1.0, 9.0, 1.0, 9.0, 1.0, 1.0], [*warm, 2.0, 2.0, 1.0, 9.0, 1.0, 9.0]]
@@ -558,6 +557,30 @@ def test_step_cost_paired_ratio_compares_the_same_steps() -> None:
     ]
     by_hand = sorted([5.5 / 5, 5.5 / 5, 1.5 / 1, 2.5 / 2, 5.5 / 5, 5.5 / 5])
     assert paired_ratio(anchored, base, 2) == pytest.approx((by_hand[2] + by_hand[3]) / 2)
+
+
+def test_report_step_ratio_pairs_a_runs_steps_with_plain_sfts_same_steps() -> None:
+    """Every report's `step × plain` (study/step_times.step_ratios): a run of an every-2 method that costs
+    plain SFT's time plus 1 s on each anchor step is paired step by step with the plain run of its seed (the
+    same rows); the ratio of medians would read the spread of row lengths instead. Records that did not keep
+    every step fall back to the ratio of step times; runs without a plain run of their seed are left out."""
+    from study.step_times import WARMUP_STEPS, step_ratio, step_ratios
+
+    every2 = "STR anchors every2 c60 (as written)"
+    base = [7.0] * WARMUP_STEPS + [1.0, 9.0, 1.0, 9.0, 1.0, 1.0]
+    anchored = [
+        t + (1.0 if i >= WARMUP_STEPS and (i - WARMUP_STEPS) % 2 == 0 else 0.0) for i, t in enumerate(base)
+    ]
+    plain = {"method": "plain SFT", "seed": 0, "step_times_s": base, "step_time_median_s": 1.0}
+    run = {"method": every2, "seed": 0, "step_times_s": anchored, "step_time_median_s": 5.5}
+    # Cycles (2+9)/(1+9), (2+9)/(1+9), (2+1)/(1+1): median 1.1; the medians' ratio says 5.5.
+    assert step_ratio(run, plain) == pytest.approx(1.1)
+    old = {"method": every2, "seed": 0, "step_time_median_s": 5.5}
+    assert step_ratio(old, plain) == pytest.approx(5.5)
+    other_seed = {**run, "seed": 1}
+    assert step_ratios([run, other_seed, {**run, "step_time_median_s": None}], [plain]) == [
+        pytest.approx(1.1)
+    ]
 
 
 def test_every_generality_plan_is_accepted_and_an_unknown_plan_is_named(
@@ -577,3 +600,22 @@ def test_every_generality_plan_is_accepted_and_an_unknown_plan_is_named(
     with pytest.raises(SystemExit):
         main(["generality", "--plan", "nope", "--report"])
     assert "--plan nope is not a plan of `generality`: use protocol" in capsys.readouterr().err
+
+
+def test_report_without_a_built_subject_says_so_and_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--report` rewrites a report from its records: with no subject at `--subject` it stops with the fix
+    instead of building one (the harmful-mixing report once started a 30-min distillation)."""
+    import study.generality as generality
+    import study.harmful_run as harmful_run
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        pytest.fail("a report built a subject")
+
+    monkeypatch.setattr(harmful_run, "build_subject", no_build)
+    monkeypatch.setattr(generality, "build_subject", no_build)
+    with pytest.raises(SystemExit, match=r"harmful-mixing --report: no built subject at .*--subject DIR"):
+        harmful_run.run_harmful_mixing(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
+    with pytest.raises(SystemExit, match=r"generality --report: no built subject"):
+        generality.run_generality(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
