@@ -305,6 +305,17 @@ def _fingerprint(settings: dict[str, Any], examples: Sequence[TrainExample]) -> 
     return h.hexdigest()[:16]
 
 
+def require_built(subject_dir: Path, command: str) -> None:
+    """`--report` rewrites a study's report from its records and never trains: it needs the subject the
+    records were measured on (its fingerprint and baseline), and building one takes CPU hours."""
+    if not (subject_dir / "subject_info.json").is_file():
+        raise SystemExit(
+            f"{command} --report: no built subject at {subject_dir} (no subject_info.json). A report needs the "
+            "subject its runs were measured on: pass --subject DIR, or build it first with "
+            "`python -m study subject` (hours on 2 cores)."
+        )
+
+
 def build_subject(
     out: Path,
     source: str = "shared",
