@@ -619,3 +619,12 @@ def test_report_without_a_built_subject_says_so_and_trains_nothing(
         harmful_run.run_harmful_mixing(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
     with pytest.raises(SystemExit, match=r"generality --report: no built subject"):
         generality.run_generality(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
+    import study.decision_run as decision_run
+    import study.real as real
+
+    monkeypatch.setattr(decision_run, "build_subject", no_build)
+    monkeypatch.setattr(real, "build_subject", no_build)
+    with pytest.raises(SystemExit, match=r"decision --report: no built subject"):
+        decision_run.run_decision(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
+    with pytest.raises(SystemExit, match=r"real --report: no built subject"):
+        real.run_real(tmp_path / "out", "subject", tmp_path / "absent", report_only=True)
