@@ -3,7 +3,7 @@
     python -m study subject --out DIR [--source shared|embedded] [--cache DIR]
     python -m study real [--plan subject|quick] [--out results/subject] [--subject DIR] [--save-models DIR]
     python -m study decision [--plan decision|default-first|quick] [--out results/decision] [--subject DIR] [--save-models DIR]
-    python -m study generality [--plan protocol|quick|gemma3|head|benign] [--family smollm2|gemma3] [--out results/generality] [--report]
+    python -m study generality [--plan protocol|quick|gemma3|head|benign|coef] [--family smollm2|gemma3] [--out results/generality] [--report]
     python -m study harmful-mixing [--plan protocol|quick] [--out results/harmful_mixing] [--subject DIR] [--source shared|broad] [--report]
     python -m study gate-check [--out results/harmful_mixing] [--subject DIR] [--source shared|broad]
     python -m study step-cost [--out results/harmful_mixing] [--steps 16] [--repeats 2] [--methods ...]

@@ -1,6 +1,6 @@
 """Issue 27: evidence beyond one small model and one short LoRA run.
 
-    python -m study generality [--plan protocol|quick] [--out results/generality] [--subject runs/subject-balanced]
+    python -m study generality [--plan protocol|quick|gemma3|head|benign|coef] [--out results/generality] [--subject runs/subject-balanced]
                                [--report]
 
 The subject is the `balanced` one (`python -m study subject --source balanced`, built here when absent): it
@@ -27,7 +27,7 @@ from typing import Any
 from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
 from .harmful_run import pending_runs, prepare_study, run_pending
-from .methods import BENIGN_WEIGHT_3, HEAD_GRADIENT_OFF, LIVE_PROBE, LIVE_PROBE_PROMPTS
+from .methods import BENIGN_WEIGHT_3, COEF_3, HEAD_GRADIENT_OFF, LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import read_records, study_command
 from .shipped import shipped_model
 from .subject import DEFAULT_CACHE, build_subject, require_built
@@ -62,6 +62,8 @@ PLANS: dict[str, list[Block]] = {
     ],
     # The full fine-tuning over-refusal, second candidate: benign anchors weighted 3.
     "benign": [Block("sst2", 0.1, (BENIGN_WEIGHT_3,), mode="full")],
+    # Third candidate: the defaults at coef 3, p = 10 % then p = 0 (retention against over-refusal).
+    "coef": [Block("sst2", 0.1, (COEF_3,), mode="full"), Block("sst2", 0.0, (COEF_3,), mode="full")],
     # The second family (issue 27 item 2, `--family gemma3`): the three methods at p = 10 %.
     "gemma3": [Block("sst2", 0.1, (BASELINE, SHIPPED, KL_SFT))],
     # The pipeline end to end in minutes (issue 27: < 20): 160 rows (16 harmful, 20 steps), a 30-step run with
@@ -72,8 +74,8 @@ PLANS: dict[str, list[Block]] = {
         Block("sst2", 0.1, (LIVE_PROBE,), n=160, max_steps=30, checkpoints=(15, 30)),
     ],
 }
-EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "benign": 1, "quick": 8}
-TASK_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "benign": 1, "quick": 4}
+EVAL_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "benign": 1, "coef": 1, "quick": 8}
+TASK_STRIDE = {"protocol": 1, "gemma3": 1, "head": 1, "benign": 1, "coef": 1, "quick": 4}
 
 
 def run_key(record: dict[str, Any]) -> tuple[Any, ...]:

@@ -66,6 +66,7 @@ SCREENED_ROWS = "STR anchors + rows screened (as written)"
 EVERY_THIRD = "STR anchors every3 c90 (as written)"
 HEAD_GRADIENT_OFF = "STR no head gradient (as written)"
 BENIGN_WEIGHT_3 = "STR benign weight 3 (as written)"
+COEF_3 = "STR coef 3 (as written)"
 # `{}` with the package's refusal probe on (issue 27 item 3's live `str/refusal_rate`): the penalty is `{}`'s; the
 # probe generates for 16 of the prompts in LIVE_PROBE_PROMPTS every 30 steps (written by study/generality.py).
 LIVE_PROBE = "STR as shipped {} + live probe"
@@ -333,6 +334,11 @@ METHODS = {
         # at p = 0 too (Alpaca +13.5), which the benign anchors' pinned answer openings are there to prevent.
         # Measured (one seed, p = 10 %): worse, Alpaca +24.5 against +12.0, validation over-refusal 40 % against 30 %.
         Method(BENIGN_WEIGHT_3, "str", {"reference": {"benign_weight": 3.0}}, as_shipped=True),
+        # The defaults at a tenth of their coef. Under full fine-tuning the anchor term is 1.0-1.3 (LoRA: ~0.06)
+        # even at p = 0, where plain SFT keeps 98 % of the refusals: the coarse KL there reads changes among the
+        # safety tokens and the answer openings, not lost refusals, and at coef 30 it outweighs the task's loss,
+        # so the update is mostly "reproduce the anchors' openings". Third full fine-tuning candidate.
+        Method(COEF_3, "str", {"coef": 3.0}, as_shipped=True),
         Method(
             LIVE_PROBE, "str", {"probe": {"every": 30, "prompts_path": LIVE_PROBE_PROMPTS}}, as_shipped=True
         ),
