@@ -18,7 +18,7 @@ from .finetune import SUBJECT_RECIPE
 from .model import refusal_flags, refusal_rate
 from .real import TASK_SETTINGS, StudyInputs, _setting_key, _spec_key, run_and_record
 from .runs import load_runs, machine, study_command
-from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, require_built, subject_data
+from .subject import DEFAULT_CACHE, build_subject, load, refusal_first_tokens, subject_data
 
 
 def _baseline(
@@ -68,9 +68,9 @@ def run_decision(
     """Run what is left of the plan, then rewrite the report from every recorded run."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if report_only:
-        require_built(subject_dir, "python -m study decision")
-    info = build_subject(subject_dir, "shared", cache)
+    info = build_subject(
+        subject_dir, "shared", cache, report_for="python -m study decision" if report_only else None
+    )
     data = subject_data("shared").study
     _, tokenizer = load(subject_dir)
     tokens = refusal_first_tokens(tokenizer, data.refusal_templates)

@@ -30,7 +30,7 @@ from .harmful_run import pending_runs, prepare_study, run_pending
 from .methods import BENIGN_WEIGHT_3, COEF_3, HEAD_GRADIENT_OFF, LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import read_records, study_command
 from .shipped import shipped_model
-from .subject import DEFAULT_CACHE, build_subject, require_built
+from .subject import DEFAULT_CACHE, build_subject
 
 KL_SFT = "KL-SFT (full vocab, beta 1)"
 DURABILITY_CHECKPOINTS = (60, 150, 300, 600)
@@ -110,9 +110,13 @@ def run_generality(
     from .generality_report import plot_durability, report, subject_table
 
     out.mkdir(parents=True, exist_ok=True)
-    if report_only:
-        require_built(subject_dir, "python -m study generality")
-    info = build_subject(subject_dir, "balanced", cache, family=family)
+    info = build_subject(
+        subject_dir,
+        "balanced",
+        cache,
+        family=family,
+        report_for="python -m study generality" if report_only else None,
+    )
     (out / ("SUBJECT.md" if family == "smollm2" else f"SUBJECT-{family}.md")).write_text(
         subject_table(info, subject_dir)
     )

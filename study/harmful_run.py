@@ -33,7 +33,7 @@ from .methods import METHODS
 from .model import refusal_flags, refusal_rate
 from .runs import append_run, load_runs, stamp_run
 from .shipped import shipped_model
-from .subject import DEFAULT_CACHE, build_subject, load, require_built, subject_data
+from .subject import DEFAULT_CACHE, build_subject, load, subject_data
 
 
 def _run_key(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -369,9 +369,12 @@ def run_harmful_mixing(
     """Run what is left of the plan (resumable), then rewrite RESULTS.md and the plots from every run.
     `subject_source` is the subject's data (`python -m study subject --source`): `shared`, or `broad`."""
     out.mkdir(parents=True, exist_ok=True)
-    if report_only:
-        require_built(subject_dir, "python -m study harmful-mixing")
-    info = build_subject(subject_dir, subject_source, cache)
+    info = build_subject(
+        subject_dir,
+        subject_source,
+        cache,
+        report_for="python -m study harmful-mixing" if report_only else None,
+    )
     stride = EVAL_STRIDE[plan_name]
     setup = prepare_study(out, subject_dir, info["fingerprint"], "shared", stride)
     base, sources = setup.base, setup.sources

@@ -31,7 +31,6 @@ from .subject import (
     decision_point_mass,
     load,
     refusal_first_tokens,
-    require_built,
     subject_data,
 )
 from .tasks import attack_task, gsm8k_task, sst2_task
@@ -181,9 +180,9 @@ def run_real(
     every run of the plan in runs.jsonl."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if report_only:
-        require_built(subject_dir, "python -m study real")
-    info = build_subject(subject_dir, "shared", cache)
+    info = build_subject(
+        subject_dir, "shared", cache, report_for="python -m study real" if report_only else None
+    )
     sdata = subject_data("shared")
     data = sdata.study
     _, tokenizer = load(subject_dir)

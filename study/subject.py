@@ -305,17 +305,6 @@ def _fingerprint(settings: dict[str, Any], examples: Sequence[TrainExample]) -> 
     return h.hexdigest()[:16]
 
 
-def require_built(subject_dir: Path, command: str) -> None:
-    """`--report` rewrites a study's report from its records and never trains: it needs the subject the
-    records were measured on (its fingerprint and baseline), and building one takes CPU hours."""
-    if not (subject_dir / "subject_info.json").is_file():
-        raise SystemExit(
-            f"{command} --report: no built subject at {subject_dir} (no subject_info.json). A report needs the "
-            "subject its runs were measured on: pass --subject DIR, or build it first with "
-            "`python -m study subject` (hours on 2 cores)."
-        )
-
-
 def build_subject(
     out: Path,
     source: str = "shared",
@@ -328,13 +317,16 @@ def build_subject(
     seed: int = 0,
     family: str = "smollm2",
     system_prompt: bool = True,
+    report_for: str | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse, when `out` holds one built from the same data and settings) the aligned subject.
     Returns its info (settings, data notes, metrics, fingerprint). `family` `gemma3` tunes Gemma 3 270M
     (study/gemma.py) on the `balanced` data, its ordinary answers distilled from the shipped SmolLM2, for
     GEMMA_EPOCHS epochs (a base model learns the turn format and the answers as well as the refusals).
     `system_prompt=False` builds SmolLM2 with a chat template that adds no default system turn: every prompt
-    about half as long, for the demo's minutes (the teacher still distills under its own template)."""
+    about half as long, for the demo's minutes (the teacher still distills under its own template).
+    `report_for` (the study's command) is a `--report`'s call: it returns a subject built here from the same
+    data and settings and never builds one (a build takes CPU hours; the records need the one they measured)."""
     if family not in ("smollm2", "gemma3"):
         raise ValueError(f"family {family!r}: use smollm2 or gemma3")
     if family == "gemma3" and not system_prompt:
@@ -346,13 +338,13 @@ def build_subject(
     from peft import LoraConfig, get_peft_model
 
     started = time.perf_counter()
-    teacher_dir = shipped_model(cache)
-    if family == "gemma3":
-        from .gemma import gemma_base
-
-        base_dir = gemma_base(cache)
-    else:
-        base_dir = teacher_dir
+    info_path = out / "subject_info.json"
+    if report_for is not None and not info_path.is_file():
+        raise SystemExit(
+            f"{report_for} --report: no built subject at {out} (no subject_info.json). A report needs the "
+            "subject its runs were measured on: pass --subject DIR, or build it first with "
+            "`python -m study subject` (hours on 2 cores)."
+        )
     data = subject_data(source, seed)
     settings = {
         "lr": lr,
@@ -365,7 +357,6 @@ def build_subject(
         **({"family": family} if family != "smollm2" else {}),
         **({} if system_prompt else {"system_prompt": False}),
     }
-    info_path = out / "subject_info.json"
     # The data fingerprint covers the prompts; distilled answers are a deterministic function of them.
     keyed: list[Any] = [settings, data.harmful, data.benign, data.benign_heldout]
     if data.answers:  # only `balanced` has any: the other subjects' keys stay what they were
@@ -373,6 +364,19 @@ def build_subject(
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     if info_path.is_file() and json.loads(info_path.read_text()).get("data_key") == key:
         return dict(json.loads(info_path.read_text()))
+    if report_for is not None:
+        raise SystemExit(
+            f"{report_for} --report: the subject at {out} was built from other data or settings than this "
+            "study's (its data_key is not this build's); a report never rebuilds one: pass the --subject DIR "
+            "its runs were measured on."
+        )
+    teacher_dir = shipped_model(cache)
+    if family == "gemma3":
+        from .gemma import gemma_base
+
+        base_dir = gemma_base(cache)
+    else:
+        base_dir = teacher_dir
     # A build that was stopped keeps its training state and its base model's evaluation in out/partial (a
     # Gemma build takes several CPU hours); the next build of the same data resumes from them.
     partial = out / "partial"

@@ -605,29 +605,42 @@ def test_every_generality_plan_is_accepted_and_an_unknown_plan_is_named(
 def test_report_without_a_built_subject_says_so_and_trains_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--report` rewrites a report from its records: with no subject at `--subject` it stops with the fix
-    instead of building one (the harmful-mixing report once started a 30-min distillation)."""
+    """`--report` rewrites a report from its records: with no subject at `--subject`, or one built from other
+    data or settings, it stops with the fix instead of building one (the harmful-mixing report once started a
+    30-min distillation). The rule lives in `build_subject`; each study's report reaches it."""
+    import study.decision_run as decision_run
     import study.generality as generality
     import study.harmful_run as harmful_run
+    import study.real as real
+    import study.subject as subject
 
     def no_build(*args: object, **kwargs: object) -> None:
-        pytest.fail("a report built a subject")
+        pytest.fail("a report started building a subject")
 
-    monkeypatch.setattr(harmful_run, "build_subject", no_build)
-    monkeypatch.setattr(generality, "build_subject", no_build)
-    with pytest.raises(SystemExit, match=r"harmful-mixing --report: no built subject at .*--subject DIR"):
-        harmful_run.run_harmful_mixing(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
-    with pytest.raises(SystemExit, match=r"generality --report: no built subject"):
-        generality.run_generality(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
-    import study.decision_run as decision_run
-    import study.real as real
-
-    monkeypatch.setattr(decision_run, "build_subject", no_build)
-    monkeypatch.setattr(real, "build_subject", no_build)
-    with pytest.raises(SystemExit, match=r"decision --report: no built subject"):
-        decision_run.run_decision(tmp_path / "out", "protocol", tmp_path / "absent", report_only=True)
-    with pytest.raises(SystemExit, match=r"real --report: no built subject"):
-        real.run_real(tmp_path / "out", "subject", tmp_path / "absent", report_only=True)
+    monkeypatch.setattr(subject, "shipped_model", no_build)
+    absent = tmp_path / "absent"
+    reports = [
+        (
+            "harmful-mixing",
+            lambda: harmful_run.run_harmful_mixing(tmp_path / "o", "protocol", absent, report_only=True),
+        ),
+        (
+            "generality",
+            lambda: generality.run_generality(tmp_path / "o", "protocol", absent, report_only=True),
+        ),
+        ("decision", lambda: decision_run.run_decision(tmp_path / "o", "protocol", absent, report_only=True)),
+        ("real", lambda: real.run_real(tmp_path / "o", "subject", absent, report_only=True)),
+    ]
+    for command, report in reports:
+        with pytest.raises(
+            SystemExit, match=rf"study {command} --report: no built subject at .*--subject DIR"
+        ):
+            report()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "subject_info.json").write_text(json.dumps({"data_key": "not this build's"}))
+    with pytest.raises(SystemExit, match=r"built from other data or settings.*never rebuilds"):
+        subject.build_subject(other, "embedded", tmp_path / "cache", report_for="python -m study demo")
 
 
 # SmolLM2-135M-Instruct's chat template as the GGUF ships it (its tokenizer's `chat_template`).
