@@ -90,8 +90,7 @@ def demo_subject(cache: Path) -> tuple[Path, dict[str, Any], StudyData, int, int
     """The demo's subject (built on the first call, then loaded from `cache`), its build info, its
     evaluation sets and the over-refusal set's two parts (sensitive-sounding, ordinary)."""
     subject_dir = cache / "demo-subject"
-    # No default system turn: it was half of every sequence the demo trains, generates and anchors on.
-    info = build_subject(subject_dir, "embedded", cache, epochs=2, system_prompt=False)
+    info = build_subject(subject_dir, "embedded", cache, epochs=2)
     data, n_sensitive, n_ordinary = _demo_data(subject_data("embedded").study)
     return subject_dir, info, data, n_sensitive, n_ordinary
 
@@ -206,12 +205,7 @@ def demo_report(
     subject_refusal = base["heldout_refusal"]
     n_test = TASK_EVAL[0]
     lines = [
-        f"Subject: {info['base']}, safety-tuned on the package's own texts ({info['notes']['harmful']})"
-        + (
-            ", under SmolLM2's chat template without its default system turn (every sequence half as long)."
-            if info.get("settings", {}).get("system_prompt") is False
-            else "."
-        ),
+        f"Subject: {info['base']}, safety-tuned on the package's own texts ({info['notes']['harmful']}).",
         f"Fine-tuning: {DEMO_STEPS} LoRA steps (r16, lr {DEMO_LR:g}) of {BATCH} rows on the sort task "
         "('Here is a list of words: ... Sort the list alphabetically.'); the second setting replaces the first 10 % of the rows by compliant rows "
         "(a harmful training prompt answered by a bare compliant opening, no harmful content).",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -71,24 +70,6 @@ def shipped_model(cache: Path = DEFAULT_CACHE) -> Path:
     dequantize_gguf(source, out)
     stamp.write_text(json.dumps(expected))
     return out
-
-
-# SmolLM2's template opens every conversation that has no system turn with this one (~20 tokens): half of a
-# short prompt's length, and so of its prefill, training and anchor-reference cost.
-DEFAULT_SYSTEM_BLOCK = re.compile(
-    r"\{% if loop\.first and messages\[0\]\['role'\] != 'system' %\}.*?\{% endif %\}", re.S
-)
-
-
-def without_default_system(template: str) -> str:
-    """SmolLM2's chat template without the system turn it adds to every conversation that has none."""
-    stripped, found = DEFAULT_SYSTEM_BLOCK.subn("", template)
-    if found != 1:
-        raise ValueError(
-            f"the chat template has {found} default-system blocks, not 1: it is not SmolLM2's "
-            "(build the subject with its system prompt)"
-        )
-    return stripped
 
 
 def load(path: Path) -> tuple[Any, Any]:

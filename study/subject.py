@@ -32,7 +32,7 @@ from str_hooks.prompts import encode_prompt, encode_response
 
 from .data import StudyData, load_study_data, read_json_list
 from .model import generate, left_padded_prompts, refusal_rate, train_epochs
-from .shipped import DEFAULT_CACHE, GGUF_FILE, load, shipped_model, without_default_system
+from .shipped import DEFAULT_CACHE, GGUF_FILE, load, shipped_model
 from .texts import CONTRAST_SAFE, MORE_SENSITIVE_SAFE, SENSITIVE_SAFE
 
 # LoRA on every linear layer of the decoder; the LM head is tied to the embedding, so it stays frozen.
@@ -316,21 +316,16 @@ def build_subject(
     max_len: int = 128,
     seed: int = 0,
     family: str = "smollm2",
-    system_prompt: bool = True,
     report_for: str | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse, when `out` holds one built from the same data and settings) the aligned subject.
     Returns its info (settings, data notes, metrics, fingerprint). `family` `gemma3` tunes Gemma 3 270M
     (study/gemma.py) on the `balanced` data, its ordinary answers distilled from the shipped SmolLM2, for
     GEMMA_EPOCHS epochs (a base model learns the turn format and the answers as well as the refusals).
-    `system_prompt=False` builds SmolLM2 with a chat template that adds no default system turn: every prompt
-    about half as long, for the demo's minutes (the teacher still distills under its own template).
     `report_for` (the study's command) is a `--report`'s call: it returns a subject built here from the same
     data and settings and never builds one (a build takes CPU hours; the records need the one they measured)."""
     if family not in ("smollm2", "gemma3"):
         raise ValueError(f"family {family!r}: use smollm2 or gemma3")
-    if family == "gemma3" and not system_prompt:
-        raise ValueError("system_prompt=False applies to SmolLM2's template; Gemma 3's adds no system turn")
     if family == "gemma3":
         if source != "balanced":
             raise ValueError(f"--family gemma3 is built on the balanced data, not --source {source}")
@@ -355,7 +350,6 @@ def build_subject(
         "source": source,
         # Only a second family adds the key: the SmolLM2 subjects' fingerprints stay what they were.
         **({"family": family} if family != "smollm2" else {}),
-        **({} if system_prompt else {"system_prompt": False}),
     }
     # The data fingerprint covers the prompts; distilled answers are a deterministic function of them.
     keyed: list[Any] = [settings, data.harmful, data.benign, data.benign_heldout]
@@ -397,8 +391,6 @@ def build_subject(
         answered = distill(teacher, teacher_tokenizer, to_distill, DISTILL_TOKENS)
     distilled = dict(zip(to_distill, answered, strict=True))
     del teacher
-    if not system_prompt:
-        tokenizer.chat_template = without_default_system(tokenizer.chat_template)
     answers = [distilled[p] if p in distilled else (data.answers[p], True) for p in data.benign]
     sensitive = set(MORE_SENSITIVE_SAFE) | {p for p, _ in SENSITIVE_SAFE}
     examples = [

@@ -87,8 +87,7 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
         "metrics": {"heldout_refusal": 0.9, "xstest_over_refusal": 0.2},
     }
     monkeypatch.setattr(demo, "run_one", fake_run_one)
-    built: list[dict[str, Any]] = []
-    monkeypatch.setattr(demo, "build_subject", lambda *a, **k: (built.append(k), info)[1])
+    monkeypatch.setattr(demo, "build_subject", lambda *a, **k: info)
     subject = {
         "heldout_refusal": 0.9,
         "task_refusal": 0.66,
@@ -98,7 +97,6 @@ def test_run_demo_reports_what_the_runs_measured(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(demo, "subject_point", lambda *a: subject)
     text = demo.run_demo(tmp_path / "demo", tmp_path / "cache")
     assert calls == [("plain SFT", 0), ("STR as shipped {}", 0), ("plain SFT", 1), ("STR as shipped {}", 1)]
-    assert built == [{"epochs": 2, "system_prompt": False}]  # the demo's subject: no default system turn
     rows = [line for line in text.splitlines() if line.startswith("| sort")]
     # refusals kept = run / subject (0.3 / 0.9 = 33 %), over-refusal 1/14 = 7 % + 2/30 = 7 %, step 2.5 / 2.0.
     assert rows[2] == "| sort + 10 % compliant rows | plain SFT | 33 % | 7 % + 7 % | 48 % | x1.00 |"

@@ -641,33 +641,3 @@ def test_report_without_a_built_subject_says_so_and_trains_nothing(
     (other / "subject_info.json").write_text(json.dumps({"data_key": "not this build's"}))
     with pytest.raises(SystemExit, match=r"built from other data or settings.*never rebuilds"):
         subject.build_subject(other, "embedded", tmp_path / "cache", report_for="python -m study demo")
-
-
-# SmolLM2-135M-Instruct's chat template as the GGUF ships it (its tokenizer's `chat_template`).
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def test_the_template_without_the_default_system_turn_renders_the_rest_unchanged() -> None:
-    """The demo's subject drops SmolLM2's default system turn and nothing else: a rendered conversation is
-    the original with that turn cut, and a template without one (not SmolLM2's) is refused, not passed."""
-    from jinja2 import Template
-
-    from study.shipped import without_default_system
-
-    messages = [{"role": "user", "content": "Sort: b, a."}, {"role": "assistant", "content": "a b"}]
-    system_turn = (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    )
-    full = Template(SMOLLM2_TEMPLATE).render(messages=messages, add_generation_prompt=True)
-    short = Template(without_default_system(SMOLLM2_TEMPLATE)).render(
-        messages=messages, add_generation_prompt=True
-    )
-    assert full.startswith(system_turn) and short == full[len(system_turn) :]
-    assert short.startswith("<|im_start|>user\nSort: b, a.<|im_end|>\n") and short.endswith("assistant\n")
-    with pytest.raises(ValueError, match="not SmolLM2's"):
-        without_default_system(without_default_system(SMOLLM2_TEMPLATE))
