@@ -83,8 +83,8 @@ def _verdict(rows: list[dict[str, Any]], plain: list[dict[str, Any]], base: dict
 
 def _step_ratio(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> str:
     """Step time over plain SFT's at the same seed and thread count (`step_ratios`: paired step by step where
-    both kept every step), mean over the pairs: such runs were made in like conditions (the threads, and whether a second worker shared the cores); runs before
-    `torch_threads` was recorded pair with each other."""
+    both kept every step), mean over the pairs: such runs were made in like conditions (the threads, and
+    whether a second worker shared the cores); runs before `torch_threads` was recorded pair with each other."""
     ratios = step_ratios(rows, plain, pair_key=lambda r: (r["seed"], r.get("torch_threads")))
     return f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a"
 

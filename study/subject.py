@@ -356,8 +356,9 @@ def build_subject(
     if data.answers:  # only `balanced` has any: the other subjects' keys stay what they were
         keyed.append(data.answers)
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
-    if info_path.is_file() and json.loads(info_path.read_text()).get("data_key") == key:
-        return dict(json.loads(info_path.read_text()))
+    built = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if built.get("data_key") == key:
+        return dict(built)
     if report_for is not None:
         raise SystemExit(
             f"{report_for} --report: the subject at {out} was built from other data or settings than this "
