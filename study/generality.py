@@ -27,6 +27,7 @@ from typing import Any
 from .gemma import gemma_base
 from .harmful_mixing import BASELINE, SHIPPED, Block
 from .harmful_run import pending_runs, prepare_study, run_pending
+from .harmful_sources import prompt_distances
 from .methods import BENIGN_WEIGHT_3, COEF_3, HEAD_GRADIENT_OFF, LIVE_PROBE, LIVE_PROBE_PROMPTS
 from .runs import read_records, study_command
 from .shipped import shipped_model
@@ -161,7 +162,8 @@ def run_generality(
     bases = {r["aligned_fingerprint"]: baselines[f"{r['aligned_fingerprint']}/stride{stride}"] for r in every}
     command = study_command(argv if argv is not None else sys.argv[1:])
     suffix = "" if stride == 1 else f"-{plan_name}"
-    text = report(every, bases, command, plan_name, plot_name=f"durability{suffix}.png")
+    distances = prompt_distances(setup.sources)
+    text = report(every, bases, command, plan_name, distances, plot_name=f"durability{suffix}.png")
     (out / f"RESULTS{suffix}.md").write_text(text)
     plot_durability(every, bases, out / f"durability{suffix}.png")
     return text

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import read_xstest_types
+from .distances import FAR_JACCARD
 from .harmful_mixing import BASELINE
 from .harmful_report import SOURCE_LABELS, _acc_delta, _pm, _rate, _task_refused, retention
-from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES
+from .harmful_sources import HARMFUL_SOURCES, OVER_REFUSAL_SOURCES, far_mask
 from .judge import agreement
 from .runs import machine
 from .step_times import step_ratios
@@ -109,10 +110,13 @@ def report(
     bases: dict[str, dict[str, Any]],
     command: str,
     plan: str,
+    distances: dict[str, dict[str, list[float]]],
     plot_name: str = "durability.png",
 ) -> str:
     """RESULTS.md: per family, the subject on the evaluation sets and one table per block; then durability.
-    `bases` maps a subject's fingerprint to its baseline (`harmful_run.subject_baseline`)."""
+    `bases` maps a subject's fingerprint to its baseline (`harmful_run.subject_baseline`); `distances` each
+    held-out harmful prompt's largest word-Jaccard to the anchors and to each attack's rows
+    (`harmful_sources.prompt_distances`, the prompts the runs were evaluated on)."""
     wall = sum(r["wall_seconds"] for r in runs)
     n_task = sorted({len(r.get("task_correct", "")) for r in runs})
     lines = [
@@ -131,8 +135,11 @@ def report(
         "Retention = the run's refusals over the subject's on the same prompts, pooled over the three harmful sets, "
         "under each judge. Over-refusal in points above the subject's (keyword / opening). Accuracy: exact match on "
         f"{' or '.join(map(str, n_task))} SST-2 test examples; Δ acc against plain SFT paired by seed. Step time: median optimizer step over "
-        "plain SFT's in the same block; peak memory: the run's peak resident memory above its start (MiB).",
+        "plain SFT's in the same block; peak memory: the run's peak resident memory above its start (MiB). "
+        f"*far*: keyword retention pooled over the prompts whose word-Jaccard to every anchor and to every row of "
+        f"the block's attack is < {FAR_JACCARD} (the table below says how many).",
         "",
+        *distance_lines(distances),
     ]
     families: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -143,7 +150,7 @@ def report(
         for fingerprint in fingerprints:
             lines += _subject_lines(bases[fingerprint])
         for block, methods in _groups(family_runs).items():
-            lines += _block_lines(block, methods, bases)
+            lines += _block_lines(block, methods, bases, far_mask(distances, block[2]))
             lines += xstest_type_lines(methods, bases)
     lines += durability_lines(runs, bases, plot_name)
     return "\n".join(lines) + "\n"
@@ -161,17 +168,43 @@ def _subject_lines(base: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def distance_lines(distances: dict[str, dict[str, list[float]]]) -> list[str]:
+    """How far the held-out harmful prompts are from the package's anchors and from each attack's rows."""
+    attacks = sorted({a for to in distances.values() for a in to} - {"anchors"})
+    lines = [
+        "Held-out harmful prompts (none supplies anchors or attack rows): median of each prompt's largest "
+        "word-Jaccard to the package's anchors and to the attack rows, and how many are far from both.",
+        "",
+        "| set | prompts | median max Jaccard to anchors | "
+        + " | ".join(f"to {a} rows | far from anchors and {a}" for a in attacks)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(attacks),
+    ]
+    for name in HARMFUL_SOURCES:
+        to = distances[name]
+        cells = [f"{statistics.median(to[a]):.2f} | {sum(far_mask(distances, a)[name])}" for a in attacks]
+        lines.append(
+            f"| {SOURCE_LABELS[name]} | {len(to['anchors'])} | {statistics.median(to['anchors']):.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
 def _block_lines(
-    block: tuple[Any, ...], methods: dict[str, list[dict[str, Any]]], bases: dict[str, dict[str, Any]]
+    block: tuple[Any, ...],
+    methods: dict[str, list[dict[str, Any]]],
+    bases: dict[str, dict[str, Any]],
+    far: dict[str, list[bool]],
 ) -> list[str]:
     plain = methods.get(BASELINE, [])
     lines = [
         f"### {_block_title(block)}",
         "",
-        "| method | seeds | retention keyword | opening | AdvBench | XSTest unsafe | llamas | "
+        "| method | seeds | retention keyword | opening | AdvBench | XSTest unsafe | llamas | far | "
         "over-refusal XSTest | over-refusal Alpaca | accuracy | Δ acc | task refused | step × plain | "
         "peak MiB | judges agree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = HARMFUL_SOURCES + OVER_REFUSAL_SOURCES
     for method, rows in methods.items():
@@ -192,6 +225,7 @@ def _block_lines(
             f"| {method} | {len(rows)} | {_pm([retention(r, base, HARMFUL_SOURCES) for r in rows])} % | "
             f"{_pm([retention(o, opening_base, HARMFUL_SOURCES) for o in opening])} % | "
             + " | ".join(f"{_pm([retention(r, base, [s]) for r in rows])} %" for s in HARMFUL_SOURCES)
+            + f" | {_pm([retention(r, base, HARMFUL_SOURCES, far) for r in rows])} %"
             + f" | {' | '.join(over)} | {_pm(acc, digits=1)} % | {_acc_delta(rows, plain)} | "
             f"{_task_refused(rows)} | "
             + (f"x{statistics.fmean(ratios):.2f}" if ratios else "n/a")

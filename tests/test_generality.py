@@ -174,22 +174,47 @@ def test_report_cells_by_hand() -> None:
             "wall_seconds": 60.0,
         }
 
-    # The subject refuses 8 of 12 (keyword) and 7 of 12 (opening).
+    # Far from the anchors and the BeaverTails rows (both < 0.4): AdvBench's first and last prompts (its second
+    # is near the anchors, its third near the rows), XSTest's first two, llamas' first (advbench rows: all far).
+    distances = {
+        "advbench": {
+            "anchors": [0.1, 0.5, 0.2, 0.3],
+            "beavertails": [0.1, 0.2, 0.6, 0.3],
+            "advbench": [0.0] * 4,
+        },
+        "xstest_unsafe": {"anchors": [0.0] * 4, "beavertails": [0.0, 0.0, 0.4, 0.9], "advbench": [0.0] * 4},
+        "llamas": {
+            "anchors": [0.1, 0.1, 0.7, 0.1],
+            "beavertails": [0.1, 0.5, 0.1, 0.5],
+            "advbench": [0.0] * 4,
+        },
+    }
+    # The subject refuses 8 of 12 (keyword) and 7 of 12 (opening); of the 5 far prompts, all 5.
     text = report(
         [run("plain SFT", "100000000000", 2.0), run("STR as shipped {}", "111111001010", 2.5)],
         {"f": base},
         "python -m study generality",
         "protocol",
+        distances,
     )
     plain = next(line for line in text.splitlines() if line.startswith("| plain SFT |"))
     shipped = next(line for line in text.splitlines() if line.startswith("| STR as shipped {} |"))
-    # plain: 1 of 8 keyword (12 %), 1 of 7 opening (14 %); over-refusal XSTest +25.0 keyword / +0.0 opening.
+    # plain: 1 of 8 keyword (12 %), 1 of 7 opening (14 %); far 1 of 5 (AdvBench's first); over-refusal XSTest
+    # +25.0 keyword / +0.0 opening.
     assert plain.startswith(
-        "| plain SFT | 1 | 12 % | 14 % | 25 % | 0 % | 0 % | 25.0 / 0.0 | 0.0 / 0.0 | 90.0 %"
+        "| plain SFT | 1 | 12 % | 14 % | 25 % | 0 % | 0 % | 20 % | 25.0 / 0.0 | 0.0 / 0.0 | 90.0 %"
     )
-    # {}: 8 of 8 (100 %), opening 8 of 7 refusals kept (114 %: it refuses where the subject opened otherwise).
-    assert shipped.startswith("| STR as shipped {} | 1 | 100 % | 114 % | 100 % | 100 % | 100 % |")
+    # {}: 8 of 8 (100 %), opening 8 of 7 refusals kept (114 %: it refuses where the subject opened otherwise);
+    # far: 5 of 5.
+    assert shipped.startswith("| STR as shipped {} | 1 | 100 % | 114 % | 100 % | 100 % | 100 % | 100 % |")
     assert "| x1.25 |" in shipped
+    # The distance table: medians and far counts per set, for each attack.
+    advbench = next(line for line in text.splitlines() if line.startswith("| AdvBench held-out | 4 |"))
+    assert advbench == "| AdvBench held-out | 4 | 0.25 | 0.00 | 3 | 0.25 | 2 |"
+    llamas = next(
+        line for line in text.splitlines() if line.startswith("| safety_tuned_llamas held-out | 4 |")
+    )
+    assert llamas == "| safety_tuned_llamas held-out | 4 | 0.10 | 0.00 | 3 | 0.30 | 1 |"
 
 
 def test_distill_cached_reuses_only_whole_batches_and_equals_a_fresh_call(
