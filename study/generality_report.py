@@ -139,7 +139,7 @@ def report(
         f"*far*: keyword retention pooled over the prompts whose word-Jaccard to every anchor and to every row of "
         f"the block's attack is < {FAR_JACCARD} (the table below says how many).",
         "",
-        *distance_lines(distances),
+        *distance_lines(distances, sorted({r["attack"] for r in runs})),
     ]
     families: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -168,9 +168,9 @@ def _subject_lines(base: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def distance_lines(distances: dict[str, dict[str, list[float]]]) -> list[str]:
-    """How far the held-out harmful prompts are from the package's anchors and from each attack's rows."""
-    attacks = sorted({a for to in distances.values() for a in to} - {"anchors"})
+def distance_lines(distances: dict[str, dict[str, list[float]]], attacks: list[str]) -> list[str]:
+    """How far the held-out harmful prompts are from the package's anchors and from the rows of each of
+    `attacks` (those the runs used)."""
     lines = [
         "Held-out harmful prompts (none supplies anchors or attack rows): median of each prompt's largest "
         "word-Jaccard to the package's anchors and to the attack rows, and how many are far from both.",

@@ -208,13 +208,13 @@ def test_report_cells_by_hand() -> None:
     # far: 5 of 5.
     assert shipped.startswith("| STR as shipped {} | 1 | 100 % | 114 % | 100 % | 100 % | 100 % | 100 % |")
     assert "| x1.25 |" in shipped
-    # The distance table: medians and far counts per set, for each attack.
+    # The distance table: medians and far counts per set, for the attack the runs used only.
     advbench = next(line for line in text.splitlines() if line.startswith("| AdvBench held-out | 4 |"))
-    assert advbench == "| AdvBench held-out | 4 | 0.25 | 0.00 | 3 | 0.25 | 2 |"
+    assert advbench == "| AdvBench held-out | 4 | 0.25 | 0.25 | 2 |"
     llamas = next(
         line for line in text.splitlines() if line.startswith("| safety_tuned_llamas held-out | 4 |")
     )
-    assert llamas == "| safety_tuned_llamas held-out | 4 | 0.10 | 0.00 | 3 | 0.30 | 1 |"
+    assert llamas == "| safety_tuned_llamas held-out | 4 | 0.10 | 0.30 | 1 |"
 
 
 def test_distill_cached_reuses_only_whole_batches_and_equals_a_fresh_call(
