@@ -34,17 +34,25 @@ def _target(name: str, rate: float) -> str:
 
 
 def subject_table(info: dict[str, Any], subject_dir: Path) -> str:
-    """The balanced subject against issue 27 item 1's targets, every held-out split under both judges, beside
-    the shipped model it was tuned from."""
+    """A balanced subject (SmolLM2's, item 1, or Gemma 3's, item 2) against item 1's targets, every held-out
+    split under both judges, beside the untuned model it was tuned from."""
     splits = info.get("splits")
     if not splits:
         raise ValueError(f"{subject_dir}/subject_info.json has no per-split table: not a `balanced` subject")
+    family = info.get("family", "smollm2")
+    gemma = family == "gemma3"
+    epochs = info["settings"]["epochs"]
     lines = [
-        "# The balanced subject (issue 27 item 1)",
+        "# The Gemma 3 270M subject (issue 27 item 2)"
+        if gemma
+        else "# The balanced subject (issue 27 item 1)",
         "",
-        f"Command: `python -m study subject --source balanced --out {subject_dir}` ({info['build_seconds'] / 60:.0f} "
-        f"min to build, {info['train_seconds'] / 60:.0f} of them training). Base: {info['base']}. One LoRA epoch "
-        f"(r 16, every projection, lr {info['settings']['lr']:g}, batch {info['settings']['bs']}), merged.",
+        "Command: `python -m study subject "
+        + ("--family gemma3" if gemma else "--source balanced")
+        + f" --out {subject_dir}` ({info['build_seconds'] / 60:.0f} min to build, "
+        f"{info['train_seconds'] / 60:.0f} of them training). Base: {info['base']}. "
+        + ("One LoRA epoch" if epochs == 1 else f"{epochs} LoRA epochs")
+        + f" (r 16, every projection, lr {info['settings']['lr']:g}, batch {info['settings']['bs']}), merged.",
         "",
         f"Trained on: {info['safety_data']['harmful']}; {info['safety_data']['benign']} "
         f"({info.get('dropped_refusing_distillations', 0)} refusing distillations dropped). "
@@ -54,7 +62,8 @@ def subject_table(info: dict[str, Any], subject_dir: Path) -> str:
         "phrase in the first 4 words, no compliance marker, not degenerate: `study/judge.py`). Targets are "
         "item 1's, on the keyword judge.",
         "",
-        "| split | kind | prompts | shipped SmolLM2 keyword / opening | subject keyword / opening | target |",
+        f"| split | kind | prompts | {'Gemma 3 base (untuned)' if gemma else 'shipped SmolLM2'} keyword / opening | "
+        "subject keyword / opening | target |",
         "|---|---|---|---|---|---|",
     ]
     shipped, subject = splits["shipped"], splits["subject"]

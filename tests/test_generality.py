@@ -479,3 +479,36 @@ def test_xstest_type_table_counts_refusals_per_type_by_hand() -> None:
     assert len([line for line in lines if line.startswith("| ") and "/" in line]) == len(set(types))
     strided = {"STR": [{"aligned_fingerprint": "f", "per_source": {"xstest_safe": every_first[::4]}}]}
     assert xstest_type_lines(strided, {"f": base}) == []
+
+
+@pytest.mark.parametrize("family", ["smollm2", "gemma3"])
+def test_subject_table_names_the_family_its_command_and_its_untuned_model(family: str) -> None:
+    """SUBJECT.md for each family: its own command, epochs and untuned column, the targets judged per split."""
+    from study.generality_report import subject_table
+
+    def split(kind: str, keyword: float) -> dict[str, object]:
+        return {"kind": kind, "n": 10, "keyword": keyword, "opening": keyword, "samples": [["p", "r"]]}
+
+    info = {
+        "family": family,
+        "settings": {"epochs": 2 if family == "gemma3" else 1, "lr": 1e-3, "bs": 8},
+        "build_seconds": 600.0,
+        "train_seconds": 300.0,
+        "base": "the base",
+        "safety_data": {"harmful": "h", "benign": "b", "heldout": "o"},
+        "splits": {
+            "shipped": {"advbench": split("harmful", 0.0), "alpaca": split("ordinary", 0.0)},
+            "subject": {"advbench": split("harmful", 0.9), "alpaca": split("ordinary", 0.1)},
+        },
+    }
+    text = subject_table(info, Path("runs/s"))
+    if family == "gemma3":
+        assert text.startswith("# The Gemma 3 270M subject (issue 27 item 2)")
+        assert "`python -m study subject --family gemma3 --out runs/s` (10 min to build, 5 of them" in text
+        assert "2 LoRA epochs (r 16" in text and "| Gemma 3 base (untuned) keyword / opening |" in text
+    else:
+        assert text.startswith("# The balanced subject (issue 27 item 1)")
+        assert "`python -m study subject --source balanced --out runs/s`" in text
+        assert "One LoRA epoch (r 16" in text and "| shipped SmolLM2 keyword / opening |" in text
+    assert "| AdvBench held-out | harmful | 10 | 0.0 / 0.0 % | 90.0 / 90.0 % | >= 90 %: met |" in text
+    assert "| Alpaca held-out | ordinary | 10 | 0.0 / 0.0 % | 10.0 / 10.0 % | <= 5 %: **not met** |" in text
