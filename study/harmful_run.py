@@ -53,10 +53,10 @@ def write_replies(record: dict[str, Any], replies: dict[str, list[str]], out: Pa
     """Every evaluation reply of one run, gzipped beside runs.jsonl (`replies/`), so that a judge written later
     can be applied without rerunning; returns the path relative to `out`. A run key names the file, with the
     fields the generality study varies beyond it where they are not the defaults (a full fine-tuning run had
-    overwritten the LoRA run of the same method, seed and block)."""
+    overwritten the LoRA run of the same method, seed and block; a Gemma run, the SmolLM2 run's)."""
     extra = [
         f"{name}{record[name]}"
-        for name, default in (("mode", "lora"), ("max_steps", -1), ("task_stride", 1))
+        for name, default in (("mode", "lora"), ("max_steps", -1), ("task_stride", 1), ("family", "smollm2"))
         if record.get(name, default) != default
     ]
     key = "-".join([*(str(v) for v in _run_key(record)), *extra])
@@ -170,10 +170,12 @@ def run_block_spec(
     out_dir: Path | None = None,
     adapters: Path | None = None,
     task_stride: int = 1,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One fine-tuning run of the protocol, measured on every held-out set (split by source afterwards);
     with `adapters`, its LoRA adapter is kept below it (one folder per block), for measures written later.
-    `task_stride` > 1 measures the task on every task_stride-th test and validation example (quick plans)."""
+    `task_stride` > 1 measures the task on every task_stride-th test and validation example (quick plans).
+    `extra` fields are added to the record before its replies file is named (`family` is part of the name)."""
     settings = TASK_SETTINGS[block.task]
     train, test, val_task = mixed_task(block.task, block.n, block.p, sources.attacks[block.attack])
     test, val_task = test[::task_stride], val_task[::task_stride]
@@ -240,6 +242,7 @@ def run_block_spec(
     )
     stamp_run(result, fingerprint, started)
     result["config"] = METHODS[method].recorded_config
+    result.update(extra or {})
     result["replies_file"] = write_replies(result, replies, out_dir) if out_dir is not None else None
     if save_dir is not None:
         result["adapter_dir"] = str(save_dir / spec.name)
@@ -343,8 +346,9 @@ def run_pending(
     added to each record."""
     results = []
     for block, method, seed in tqdm(todo, desc=desc, unit="run"):
-        result = run_block_spec(block, method, seed, **setup.run_kwargs(runs_path.parent), **run_kwargs)
-        result.update(extra or {})
+        result = run_block_spec(
+            block, method, seed, **setup.run_kwargs(runs_path.parent), extra=extra, **run_kwargs
+        )
         results.append(result)
         append_run(runs_path, result)
         tqdm.write(describe(result))

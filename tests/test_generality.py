@@ -434,9 +434,9 @@ def test_a_subjects_task_prompt_refusals_are_lent_across_strides(tmp_path: Path)
 
 
 def test_replies_files_differ_where_the_generality_runs_differ(tmp_path: Path) -> None:
-    """A full fine-tuning run, a 600-step run and a task-stride-4 run of the same method, seed and block each
-    keep their own replies file (the full run had overwritten the LoRA run's), and a LoRA run keeps the name
-    the recorded runs already point to."""
+    """A full fine-tuning run, a 600-step run, a task-stride-4 run and a Gemma run of the same method, seed and
+    block each keep their own replies file (the full run had overwritten the LoRA run's, the Gemma run the
+    SmolLM2 run's), and a SmolLM2 LoRA run keeps the name the recorded runs already point to."""
     import gzip
     import json
 
@@ -445,10 +445,13 @@ def test_replies_files_differ_where_the_generality_runs_differ(tmp_path: Path) -
     lora = {"task": "sst2", "method": "plain SFT", "seed": 0, "p": 0.1, "n": 1000, "attack": "beavertails"}
     lora |= {"epochs": 1.0, "eval_stride": 1, "mode": "lora", "max_steps": -1, "task_stride": 1}
     variants = [lora, {**lora, "mode": "full"}, {**lora, "max_steps": 600}, {**lora, "task_stride": 4}]
+    variants += [{**lora, "family": "smollm2"}, {**lora, "family": "gemma3"}]
     paths = [write_replies(r, {"harmful": [str(i)]}, tmp_path) for i, r in enumerate(variants)]
-    assert paths[0] == "replies/sst2_plain_SFT_0_0.1_1000_beavertails_1.0_1.json.gz"
-    assert len(set(paths)) == len(variants)
-    for i, path in enumerate(paths):
+    assert paths[0] == paths[4] == "replies/sst2_plain_SFT_0_0.1_1000_beavertails_1.0_1.json.gz"
+    assert paths[5] == "replies/sst2_plain_SFT_0_0.1_1000_beavertails_1.0_1_familygemma3.json.gz"
+    assert len(set(paths)) == len(variants) - 1
+    # Where two records share a name (the first and the fifth), the later write holds.
+    for path, i in {path: i for i, path in enumerate(paths)}.items():
         with gzip.open(tmp_path / path, "rt") as handle:
             assert json.load(handle) == {"harmful": [str(i)]}
 
