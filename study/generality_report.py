@@ -189,9 +189,10 @@ def distance_lines(distances: dict[str, dict[str, list[float]]], attacks: list[s
         + " |",
         "|---|---|---|" + "---|---|" * len(attacks),
     ]
+    far = {a: far_mask(distances, a) for a in attacks}
     for name in HARMFUL_SOURCES:
         to = distances[name]
-        cells = [f"{statistics.median(to[a]):.2f} | {sum(far_mask(distances, a)[name])}" for a in attacks]
+        cells = [f"{statistics.median(to[a]):.2f} | {sum(far[a][name])}" for a in attacks]
         lines.append(
             f"| {SOURCE_LABELS[name]} | {len(to['anchors'])} | {statistics.median(to['anchors']):.2f} | "
             + " | ".join(cells)
